@@ -1,0 +1,40 @@
+# Two commands do everything on a fresh clone: `make run` (the demo study) and `make test` (the test suite).
+# Both create or refresh the virtual environment in .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.drift-installed
+
+.PHONY: run smoke test lint bench-gpu bench-cpu asv-quick clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[test]"
+	@touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/drift run --config configs/demo.toml
+
+smoke: $(STAMP)
+	$(VENV)/bin/drift run --config configs/smoke.toml --fresh
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check drift kernels bench tests
+
+# On a GPU machine: pytest-benchmark timings of the hot paths, written under results/.
+bench-gpu: $(STAMP)
+	$(PY) -m pytest tests/benchmarks -q --benchmark-enable --benchmark-json=results/pytest-benchmark-gpu.json
+	$(PY) bench/gpu_kernels.py --json results/gpu_kernels.json
+
+bench-cpu: $(STAMP)
+	$(PY) -m pytest tests/benchmarks -q --benchmark-enable --benchmark-json=results/pytest-benchmark-cpu.json
+
+asv-quick: $(STAMP)
+	$(VENV)/bin/asv run -E existing:$(PY) --quick --show-stderr
+
+clean:
+	rm -rf runs .pytest_cache .hypothesis

@@ -1,0 +1,270 @@
+"""Run configuration: one typed object passed down, loaded from TOML, overridable with ``key=value``.
+
+The defaults are the demo study (synthetic data, the three study backbones, sized for a 2-core CPU), so
+``drift run`` with no config runs it; ``configs/demo.toml`` spells the same values out. An unknown key in a
+file or an override is an error naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    out: str = "runs/demo"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    archs: list[str] = field(default_factory=lambda: ["densenet201", "resnetv2_50", "inception_v3"])
+    threads: int = 0  # torch CPU threads; 0 keeps torch's default
+    progress: bool = True
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # synthetic | folder | csv
+    path: str = ""  # class-folder root or CSV manifest for real data
+    image_size: int = 128
+    n_train: int = 300
+    n_val: int = 100
+    n_test: int = 150
+    difficulty: float = 0.5
+    confounder: float = 0.0  # correlation of a class marker outside the lungs; 0 = off
+    val_fraction: float = 0.15
+    test_fraction: float = 0.2
+    skip_bad: bool = False
+
+
+@dataclass
+class ModelConfig:
+    weights: str = "synthetic-source"  # synthetic-source | imagenet | none | <checkpoint path>
+    weights_file: str = ""  # local ImageNet weights file (imagenet)
+    cache_dir: str = ".cache/drift"  # synthetic-source weights are cached here
+    dropout: float = 0.2
+
+
+@dataclass
+class SourceConfig:
+    """Pretraining on the synthetic source task (stand-in for ImageNet when no weights are at hand)."""
+
+    n_train: int = 400
+    epochs: int = 2
+    lr: float = 1e-3
+    batch_size: int = 32
+
+
+@dataclass
+class StageConfig:
+    epochs: int = 10
+    lr: float = 1e-3
+    batch_size: int = 32
+    patience: int = 3
+    weight_decay: float = 0.0
+    optimizer: str = "adam"  # adam | adamw | sgd
+    bn_frozen: bool = True  # BatchNorm in inference mode (always so in the transfer stage)
+
+
+@dataclass
+class TrainConfig:
+    transfer: StageConfig = field(default_factory=lambda: StageConfig(epochs=15, lr=1e-3, patience=4))
+    finetune: StageConfig = field(default_factory=lambda: StageConfig(epochs=3, lr=1e-4, patience=2))
+
+
+@dataclass
+class AttributionConfig:
+    methods: list[str] = field(default_factory=lambda: ["gradcam++", "layercam"])
+    target: str = "true"  # true | predicted
+    eps: float = 0.0  # Grad-CAM++ denominator epsilon (pytorch-grad-cam uses 1e-6)
+    batch_size: int = 16
+
+
+@dataclass
+class MetricsConfig:
+    sample_set: str = "tp_both"  # tp_both | all | tp_either
+    fractions: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.3])
+    n_boot: int = 1000
+    ranking_metrics: list[str] = field(default_factory=lambda: ["iou@20", "centroid_shift", "pearson"])
+
+
+@dataclass
+class FisherConfig:
+    enabled: bool = True
+    head: str = "softmax"  # softmax | sigmoid
+    n_spectrum: int = 0  # test samples with eigenvalues; 0 = all
+    n_components: int = 24  # test samples with components and perturbation curves
+    energy: float = 0.9
+    eps_grid: list[float] = field(default_factory=lambda: [0.005, 0.01, 0.02, 0.05, 0.1])
+    alphas: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
+    n_draws: int = 2
+    batch_size: int = 8
+
+
+@dataclass
+class ReportConfig:
+    enabled: bool = True
+    n_examples: int = 4
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    source: SourceConfig = field(default_factory=SourceConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    attribution: AttributionConfig = field(default_factory=AttributionConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    fisher: FisherConfig = field(default_factory=FisherConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        return dumps_toml(self.to_dict())
+
+    def science_hash(self) -> str:
+        """Hash of everything that changes results (not output folder, progress bars or thread count)."""
+        d = self.to_dict()
+        for k in ("out", "progress", "threads"):
+            d["run"].pop(k)
+        d.pop("report")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _merge(obj: Any, values: dict[str, Any], where: str) -> None:
+    """Set the dataclass fields of ``obj`` from ``values``, recursing; unknown keys and bad types raise."""
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    for key, value in values.items():
+        path = f"{where}.{key}" if where else key
+        if key not in fields:
+            raise ConfigError(f"unknown config key {path!r}; valid keys here: {', '.join(sorted(fields))}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key {path!r} is a table, got {value!r}")
+            _merge(current, value, path)
+            continue
+        setattr(obj, key, _coerce(current, value, path))
+
+
+def _coerce(current: Any, value: Any, path: str) -> Any:
+    if isinstance(current, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key {path!r} must be true or false, got {value!r}")
+        return value
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(current, list):
+        if not isinstance(value, list):
+            raise ConfigError(f"config key {path!r} must be a list, got {value!r}")
+        return value
+    if current is not None and not isinstance(value, type(current)):
+        raise ConfigError(f"config key {path!r} must be {type(current).__name__}, got {value!r}")
+    return value
+
+
+def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the TOML file (if any), then ``key=value`` overrides (values parsed as TOML)."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            values = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+        _merge(cfg, values, "")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.finetune.lr=1e-5)")
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw  # a bare string such as run.device=cpu
+        nested: dict[str, Any] = {}
+        cursor = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            cursor = cursor.setdefault(part, {})
+        cursor[parts[-1]] = value
+        _merge(cfg, nested, "")
+    validate(cfg)
+    return cfg
+
+
+def from_toml_text(text: str) -> Config:
+    cfg = Config()
+    _merge(cfg, tomllib.loads(text), "")
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    from .models import REGISTRY
+
+    for arch in cfg.run.archs:
+        if arch not in REGISTRY:
+            raise ConfigError(f"run.archs: unknown architecture {arch!r}; registered: {', '.join(sorted(REGISTRY))}")
+    if not cfg.run.archs:
+        raise ConfigError("run.archs is empty")
+    if cfg.data.source not in ("synthetic", "folder", "csv"):
+        raise ConfigError(f"data.source must be synthetic, folder or csv, got {cfg.data.source!r}")
+    if cfg.data.source != "synthetic" and not cfg.data.path:
+        raise ConfigError(f"data.source = {cfg.data.source!r} needs data.path")
+    if not 32 <= cfg.data.image_size <= 1024:
+        raise ConfigError(f"data.image_size must be in [32, 1024], got {cfg.data.image_size}")
+    if cfg.attribution.target not in ("true", "predicted"):
+        raise ConfigError(f"attribution.target must be 'true' or 'predicted', got {cfg.attribution.target!r}")
+    if cfg.metrics.sample_set not in ("tp_both", "all", "tp_either"):
+        raise ConfigError(f"metrics.sample_set must be tp_both, all or tp_either, got {cfg.metrics.sample_set!r}")
+    for f in cfg.metrics.fractions:
+        if not 0 < f <= 1:
+            raise ConfigError(f"metrics.fractions: {f} is outside (0, 1]")
+    if cfg.fisher.head not in ("softmax", "sigmoid"):
+        raise ConfigError(f"fisher.head must be softmax or sigmoid, got {cfg.fisher.head!r}")
+    for name in ("transfer", "finetune"):
+        st = getattr(cfg.train, name)
+        if st.optimizer not in ("adam", "adamw", "sgd"):
+            raise ConfigError(f"train.{name}.optimizer must be adam, adamw or sgd, got {st.optimizer!r}")
+        if st.epochs < 1 or st.batch_size < 1 or st.lr <= 0:
+            raise ConfigError(f"train.{name}: epochs, batch_size and lr must be positive")
+
+
+def dumps_toml(d: dict[str, Any], prefix: str = "") -> str:
+    """A minimal TOML writer for the config's own shapes (tables of scalars and lists of scalars)."""
+    lines, tables = [], []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            tables.append((k, v))
+        else:
+            lines.append(f"{k} = {_toml_value(v)}")
+    out = ""
+    if lines:
+        out += (f"[{prefix}]\n" if prefix else "") + "\n".join(lines) + "\n\n"
+    for k, v in tables:
+        out += dumps_toml(v, f"{prefix}.{k}" if prefix else k)
+    return out
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {v!r} as TOML")

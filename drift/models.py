@@ -1,0 +1,289 @@
+"""Backbone registry, the classifier wrapper, CAM target layers, freezing and weights.
+
+Every classifier in drift takes a grayscale (or RGB) image in [0, 1], shape (B, 1|3, H, W); the model itself
+expands grayscale to the three channels the backbone expects and applies the backbone's normalisation. So the
+Fisher analysis and the attribution maps live in the image's own pixel space, not in a normalised copy.
+
+The head is the study's: global average pool -> dropout -> linear to C classes, on the backbone's last feature
+map (``forward_features``). The CAM target layer of each study backbone is that last convolutional block,
+post-activation -- the equivalent of the Keras layers ``relu`` (DenseNet201), ``post_relu`` (ResNet50V2) and
+``mixed10`` (InceptionV3).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+INCEPTION_MEAN = (0.5, 0.5, 0.5)
+INCEPTION_STD = (0.5, 0.5, 0.5)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What drift needs to know about a backbone.
+
+    Attributes:
+        timm_name: name passed to ``timm.create_model``.
+        cam_layer: dotted name of the CAM target layer inside the backbone (last block, post-activation).
+        input_size: the backbone's native input size in pixels.
+        min_size: smallest input the backbone accepts.
+        cam_min_size: smallest input whose target-layer map is larger than 1 x 1.
+        mean, std: per-channel normalisation of its pretrained weights.
+        study: one of the study's three architectures (False: small models for tests and smoke runs).
+    """
+
+    timm_name: str
+    cam_layer: str
+    input_size: int
+    min_size: int
+    cam_min_size: int
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    study: bool = False
+
+
+REGISTRY: dict[str, BackboneSpec] = {
+    "densenet201": BackboneSpec("densenet201", "features.norm5", 224, 32, 64, study=True),
+    "resnetv2_50": BackboneSpec("resnetv2_50", "norm", 224, 32, 64, study=True),
+    "inception_v3": BackboneSpec(
+        "inception_v3", "Mixed_7c", 299, 75, 128, INCEPTION_MEAN, INCEPTION_STD, study=True
+    ),
+    "resnet18": BackboneSpec("resnet18", "layer4", 224, 32, 64),
+    "resnet10t": BackboneSpec("resnet10t", "layer4", 176, 32, 64),
+}
+
+STUDY_ARCHS = tuple(name for name, spec in REGISTRY.items() if spec.study)
+
+
+def get_spec(arch: str) -> BackboneSpec:
+    """The registry entry of ``arch``; an unknown name is an error listing the registered ones."""
+    try:
+        return REGISTRY[arch]
+    except KeyError:
+        raise ValueError(f"unknown architecture {arch!r}; registered: {', '.join(sorted(REGISTRY))}") from None
+
+
+def resolve_layer(model: nn.Module, name: str) -> nn.Module:
+    """The submodule of ``model`` called ``name`` (dotted), also accepted relative to ``model.backbone``.
+
+    Raises:
+        ValueError: naming the layer, the closest valid names and how to list them all.
+    """
+    modules = dict(model.named_modules())
+    if name in modules and name:
+        return modules[name]
+    backbone = getattr(model, "backbone", None)
+    if isinstance(backbone, nn.Module):
+        inner = dict(backbone.named_modules())
+        if name in inner and name:
+            return inner[name]
+        modules.update({k: v for k, v in inner.items() if k})
+    names = [k for k in modules if k]
+    close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
+    top = [k for k in names if "." not in k]
+    raise ValueError(
+        f"no layer named {name!r} in {type(model).__name__}; closest valid names: {close or 'none'}; "
+        f"top-level layers: {top[:20]}{' ...' if len(top) > 20 else ''} "
+        f"(all {len(names)} names: dict(model.named_modules()).keys())"
+    )
+
+
+class Classifier(nn.Module):
+    """A timm backbone with the study's head; input (B, 1|3, H, W) in [0, 1], output logits (B, C).
+
+    Args:
+        arch: registry name.
+        num_classes: C.
+        dropout: dropout rate before the linear layer.
+    """
+
+    def __init__(self, arch: str, num_classes: int, dropout: float = 0.2):
+        super().__init__()
+        self.arch = arch
+        self.spec = get_spec(arch)
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        self.backbone = timm.create_model(self.spec.timm_name, pretrained=False, num_classes=0, global_pool="")
+        width = self.backbone.num_features
+        self.head = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Dropout(dropout), nn.Linear(width, num_classes)
+        )
+        self.register_buffer("mean", torch.tensor(self.spec.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(self.spec.std).view(1, 3, 1, 1), persistent=False)
+        # Keras practice: BatchNorm stays in inference mode while the backbone is adapted. Honoured by train().
+        self.bn_frozen = False
+
+    @property
+    def num_classes(self) -> int:
+        return self.head[-1].out_features
+
+    @property
+    def cam_layer(self) -> nn.Module:
+        """The registry's CAM target layer (last convolutional block, post-activation)."""
+        return resolve_layer(self.backbone, self.spec.cam_layer)
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1|3, H, W) in [0, 1] -> normalised (B, 3, H, W)."""
+        if x.ndim != 4 or x.shape[1] not in (1, 3):
+            raise ValueError(f"{self.arch}: expected input (B, 1 or 3, H, W), got shape {tuple(x.shape)}")
+        if min(x.shape[-2:]) < self.spec.min_size:
+            raise ValueError(
+                f"{self.arch}: input {tuple(x.shape[-2:])} is below its minimum size {self.spec.min_size} px"
+            )
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        return (x - self.mean) / self.std
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The backbone's last feature map (B, F, h, w): the CAM target layer's output."""
+        return self.backbone.forward_features(self.prepare(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    def train(self, mode: bool = True) -> Classifier:
+        super().train(mode)
+        if mode and self.bn_frozen:
+            set_bn_eval(self.backbone)
+        return self
+
+
+def set_bn_eval(module: nn.Module) -> None:
+    """Put every BatchNorm layer of ``module`` in inference mode (running statistics used and not updated)."""
+    for m in module.modules():
+        if isinstance(m, _BatchNorm):
+            m.eval()
+
+
+def freeze_backbone(model: Classifier) -> None:
+    """Stage 1 (transfer learning): no backbone parameter trains and BatchNorm stays in inference mode."""
+    for prm in model.backbone.parameters():
+        prm.requires_grad_(False)
+    model.bn_frozen = True
+    model.train(model.training)
+
+
+def unfreeze(model: Classifier, bn_frozen: bool) -> None:
+    """Stage 2 (full fine-tuning): every parameter trains; BatchNorm mode as configured."""
+    for prm in model.parameters():
+        prm.requires_grad_(True)
+    model.bn_frozen = bn_frozen
+    model.train(model.training)
+
+
+def build(arch: str, num_classes: int, dropout: float = 0.2) -> Classifier:
+    """A randomly initialised :class:`Classifier` (weights are loaded separately)."""
+    return Classifier(arch, num_classes, dropout)
+
+
+# --------------------------------------------------------------------------------------------------- weights
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_checkpoint(model: Classifier, path: str | os.PathLike, meta: dict | None = None) -> str:
+    """Write the model's state (tensors and plain metadata only) atomically; returns the file's sha256."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    payload = {"arch": model.arch, "num_classes": model.num_classes, "state_dict": model.state_dict()}
+    payload["meta"] = {k: str(v) for k, v in (meta or {}).items()}
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return sha256_file(path)
+
+
+def load_state(path: str | os.PathLike) -> dict:
+    """Read a checkpoint or weights file without unpickling arbitrary objects (safetensors or weights_only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return {"state_dict": load_file(str(path))}
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt file, or pickled objects that weights_only refuses
+        raise ValueError(f"cannot read weights from {path}: {exc}") from exc
+    if isinstance(obj, dict) and "state_dict" in obj:
+        return obj
+    if isinstance(obj, dict):
+        return {"state_dict": obj}
+    raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict")
+
+
+def load_checkpoint(path: str | os.PathLike, arch: str, num_classes: int, dropout: float = 0.2) -> Classifier:
+    """A :class:`Classifier` restored from :func:`save_checkpoint`'s file; arch and C must match."""
+    obj = load_state(path)
+    if obj.get("arch", arch) != arch or int(obj.get("num_classes", num_classes)) != num_classes:
+        raise ValueError(
+            f"checkpoint {path} is {obj.get('arch')} with {obj.get('num_classes')} classes, "
+            f"expected {arch} with {num_classes}"
+        )
+    model = build(arch, num_classes, dropout)
+    model.load_state_dict(obj["state_dict"])
+    return model
+
+
+def load_backbone_weights(model: Classifier, state: dict, source: str) -> None:
+    """Load a backbone state dict (timm names, optionally prefixed ``backbone.``); classifier keys are dropped."""
+    sd = state.get("state_dict", state)
+    sd = {k.removeprefix("backbone."): v for k, v in sd.items()}
+    own = model.backbone.state_dict()
+    kept = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
+    missing = [k for k in own if k not in kept]
+    if missing:
+        raise ValueError(
+            f"{source}: {len(missing)} backbone tensors of {model.arch} missing or of another shape "
+            f"(first: {missing[:3]}); is this a {model.spec.timm_name} checkpoint?"
+        )
+    model.backbone.load_state_dict(kept)
+
+
+def load_imagenet(model: Classifier, weights_file: str | None = None) -> str:
+    """ImageNet weights from a local file, or from timm's local cache only; never downloads.
+
+    Returns a description of where the weights came from.
+    """
+    if weights_file:
+        load_backbone_weights(model, load_state(weights_file), weights_file)
+        return str(weights_file)
+    name = model.spec.timm_name
+    cfg = timm.models.get_pretrained_cfg(name)
+    hub = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    old = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TIMM_OFFLINE")}
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        ref = timm.create_model(name, pretrained=True, num_classes=0, global_pool="")
+    except Exception as exc:
+        raise FileNotFoundError(
+            f"no local ImageNet weights for {name}: looked in timm's cache (hub id {hub!r}, "
+            f"HF_HOME={os.environ.get('HF_HOME', '~/.cache/huggingface')}) with downloads disabled ({exc}). "
+            f"Put the weights in that cache, or set model.weights_file to a .safetensors/.pth file of {name}."
+        ) from None
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    model.backbone.load_state_dict(ref.state_dict())
+    return f"timm cache ({hub})"

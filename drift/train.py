@@ -1,0 +1,255 @@
+"""The two-stage protocol: transfer learning (frozen backbone, new head), then full fine-tuning.
+
+Stage 1 freezes every backbone parameter and keeps BatchNorm in inference mode, so the backbone is a fixed
+function of the image: its pooled features are computed once and the head (dropout + linear) is trained on
+them. That is exactly the frozen-backbone optimisation -- same losses, same gradients of the head -- at the
+cost of one forward pass instead of one per epoch. Stage 2 unfreezes everything (BatchNorm mode from the
+config) and trains end to end. Both keep the best epoch by validation macro AUC with early stopping.
+
+The loop holds no global state: the sampler and the writer are the caller's, so a data-parallel wrapper can
+be added around :func:`fit` later without rewriting it.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import confusion_matrix, f1_score, roc_auc_score
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+from tqdm.auto import tqdm
+
+from .config import StageConfig
+from .models import Classifier, freeze_backbone, unfreeze
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when available (queried here, at run time, never at import)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"run.device = {name!r} but no CUDA device is available")
+    return dev
+
+
+@dataclass
+class Evaluation:
+    """Test-set evaluation of one checkpoint. logits (N, C); f1 (C,); confusion (C, C) rows = true class."""
+
+    logits: np.ndarray
+    labels: np.ndarray
+    accuracy: float
+    macro_auc: float
+    f1: np.ndarray
+    confusion: np.ndarray
+
+    @property
+    def predictions(self) -> np.ndarray:
+        return self.logits.argmax(1)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def macro_auc(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Macro one-vs-rest ROC AUC over the classes present in ``labels`` (NaN with fewer than two)."""
+    present = np.unique(labels)
+    if len(present) < 2:
+        return float("nan")
+    aucs = [roc_auc_score(labels == c, probs[:, c]) for c in present]
+    return float(np.mean(aucs))
+
+
+def evaluation_from_logits(logits: np.ndarray, labels: np.ndarray) -> Evaluation:
+    n_classes = logits.shape[1]
+    probs = torch.softmax(torch.as_tensor(logits, dtype=torch.float64), 1).numpy()
+    pred = logits.argmax(1)
+    return Evaluation(
+        logits=logits.astype(np.float32),
+        labels=labels.astype(np.int64),
+        accuracy=float((pred == labels).mean()) if len(labels) else float("nan"),
+        macro_auc=macro_auc(probs, labels),
+        f1=f1_score(labels, pred, labels=np.arange(n_classes), average=None, zero_division=0).astype(np.float32),
+        confusion=confusion_matrix(labels, pred, labels=np.arange(n_classes)).astype(np.int64),
+    )
+
+
+@torch.no_grad()
+def predict(model: nn.Module, data: Dataset, device: torch.device, batch_size: int = 64,
+            progress: bool = False, desc: str = "predict") -> tuple[np.ndarray, np.ndarray]:
+    """Logits (N, C) and labels (N,) of ``data`` in order, model in eval mode (its mode restored after)."""
+    was_training = model.training
+    model.eval()
+    logits, labels = [], []
+    try:
+        for x, y in tqdm(DataLoader(data, batch_size=batch_size), desc=desc, disable=not progress, leave=False):
+            logits.append(model(x.to(device)).float().cpu())
+            labels.append(torch.as_tensor(y))
+    finally:
+        model.train(was_training)
+    return torch.cat(logits).numpy(), torch.cat(labels).numpy()
+
+
+def evaluate(model: nn.Module, data: Dataset, device: torch.device, batch_size: int = 64,
+             progress: bool = False) -> Evaluation:
+    logits, labels = predict(model, data, device, batch_size, progress, "evaluate")
+    return evaluation_from_logits(logits, labels)
+
+
+@dataclass
+class StageResult:
+    history: dict[str, list[float]] = field(default_factory=dict)
+    best_epoch: int = -1
+    best_val_auc: float = float("nan")
+    seconds: float = 0.0
+
+
+def _optimizer(params, cfg: StageConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+
+
+def fit(module: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], train: Dataset, val: Dataset | None,
+        cfg: StageConfig, device: torch.device, seed: int, progress: bool = True, desc: str = "train",
+        keep: nn.Module | None = None) -> StageResult:
+    """Train ``module``'s trainable parameters with cross-entropy through ``forward``.
+
+    Keeps the state of ``keep`` (default ``module``) at the epoch with the best validation macro AUC and
+    restores it at the end; stops after ``cfg.patience`` epochs without improvement.
+    """
+    keep = keep or module
+    gen = torch.Generator().manual_seed(seed)
+    loader = DataLoader(train, batch_size=cfg.batch_size, shuffle=True, generator=gen, drop_last=False)
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"{desc}: no trainable parameters")
+    opt = _optimizer(params, cfg)
+    hist: dict[str, list[float]] = {k: [] for k in
+                                    ("epoch", "train_loss", "val_loss", "val_accuracy", "val_auc", "seconds")}
+    best, best_state, since = -np.inf, None, 0
+    result = StageResult(history=hist)
+    t_start = time.perf_counter()
+    for epoch in range(cfg.epochs):
+        t0 = time.perf_counter()
+        module.train()
+        total, count = 0.0, 0
+        bar = tqdm(loader, desc=f"{desc} epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
+        for x, y in bar:
+            x, y = x.to(device), torch.as_tensor(y).to(device)
+            loss = F.cross_entropy(forward(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(y)
+            count += len(y)
+            bar.set_postfix(loss=f"{total / count:.3f}")
+        module.eval()
+        val_loss = val_acc = val_auc = float("nan")
+        if val is not None and len(val):
+            with torch.no_grad():
+                vl, vy = [], []
+                for x, y in DataLoader(val, batch_size=max(64, cfg.batch_size)):
+                    vl.append(forward(x.to(device)).float().cpu())
+                    vy.append(torch.as_tensor(y))
+                logits, labels = torch.cat(vl), torch.cat(vy)
+            val_loss = F.cross_entropy(logits, labels).item()
+            ev = evaluation_from_logits(logits.numpy(), labels.numpy())
+            val_acc, val_auc = ev.accuracy, ev.macro_auc
+        for k, v in zip(hist, (epoch, total / max(count, 1), val_loss, val_acc, val_auc, time.perf_counter() - t0)):
+            hist[k].append(float(v))
+        score = val_auc if np.isfinite(val_auc) else -(val_loss if np.isfinite(val_loss) else total)
+        if score > best:
+            best, since, result.best_epoch = score, 0, epoch
+            best_state = copy.deepcopy(keep.state_dict())
+        else:
+            since += 1
+            if since >= cfg.patience:
+                break
+    if best_state is not None:
+        keep.load_state_dict(best_state)
+    result.best_val_auc = float(best) if val is not None else float("nan")
+    result.seconds = time.perf_counter() - t_start
+    return result
+
+
+@torch.no_grad()
+def pooled_features(model: Classifier, data: Dataset, device: torch.device, batch_size: int = 64,
+                    progress: bool = False) -> TensorDataset:
+    """The frozen backbone's globally pooled features (N, F) with labels, for stage-1 training."""
+    model.eval()
+    feats, labels = [], []
+    for x, y in tqdm(DataLoader(data, batch_size=batch_size), desc="features", disable=not progress, leave=False):
+        feats.append(model.head[:2](model.features(x.to(device))).float())
+        labels.append(torch.as_tensor(y))
+    return TensorDataset(torch.cat(feats), torch.cat(labels).to(device))
+
+
+class _DeviceTensors(Dataset):
+    def __init__(self, ds: TensorDataset):
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        return self.ds[i]
+
+
+def train_transfer(model: Classifier, train: Dataset, val: Dataset, cfg: StageConfig, device: torch.device,
+                   seed: int, progress: bool = True, desc: str = "transfer") -> StageResult:
+    """Stage 1: freeze the backbone (parameters and BatchNorm statistics) and train the new head."""
+    freeze_backbone(model)
+    model.to(device)
+    t0 = time.perf_counter()
+    ftrain = pooled_features(model, train, device, progress=progress)
+    fval = pooled_features(model, val, device, progress=progress) if val is not None else None
+    head_tail = model.head[2:]  # dropout -> linear, on pooled features
+    torch.manual_seed(seed)
+    res = fit(head_tail, head_tail, _DeviceTensors(ftrain), fval, cfg, device, seed, progress, desc, keep=model.head)
+    res.seconds = time.perf_counter() - t0
+    model.eval()
+    return res
+
+
+def train_finetune(model: Classifier, train: Dataset, val: Dataset, cfg: StageConfig, device: torch.device,
+                   seed: int, progress: bool = True, desc: str = "finetune") -> StageResult:
+    """Stage 2: every parameter trains (BatchNorm mode from ``cfg.bn_frozen``), from the stage-1 weights."""
+    unfreeze(model, cfg.bn_frozen)
+    model.to(device)
+    torch.manual_seed(seed)
+    res = fit(model, model, train, val, cfg, device, seed, progress, desc)
+    model.eval()
+    return res
+
+
+def pretrain_source(model: Classifier, source: Dataset, n_classes: int, cfg: StageConfig, device: torch.device,
+                    seed: int, progress: bool = True) -> StageResult:
+    """Train the whole backbone on the synthetic source task with a temporary head (ImageNet stand-in)."""
+    unfreeze(model, bn_frozen=False)
+    temp = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(model.backbone.num_features, n_classes))
+    temp.to(device)
+    model.to(device)
+
+    class _Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model, self.temp = model, temp
+
+        def forward(self, x):
+            return self.temp(self.model.features(x))
+
+    torch.manual_seed(seed)
+    net = _Net()
+    res = fit(net, net, source, None, cfg, device, seed, progress, "source pretraining")
+    model.eval()
+    return res

@@ -1,0 +1,35 @@
+"""drift_kernels: fused reductions of the drift suite, with torch references and one dispatch layer.
+
+Public entries (each validates its inputs and dispatches):
+
+* :func:`fisher_gram` -- K = G G^T and G x of the input-Fisher factor G, G never materialised.
+* :func:`fisher_project` -- G^T W for a small W.
+* :func:`topk_iou` -- intersections, unions and IoU of top-k pixel sets, for T fractions at once.
+
+Dispatch: the Triton kernel for CUDA tensors; the torch reference for CPU tensors; the kernel itself
+through Triton's interpreter when ``TRITON_INTERPRET=1``. ``DRIFT_KERNELS=reference`` forces the
+reference everywhere. Nothing here touches CUDA at import time.
+"""
+
+from .dispatch import backend, fisher_gram, fisher_project, topk_iou
+from .reference import (
+    fisher_factor,
+    fisher_gram_reference,
+    fisher_project_reference,
+    topk_count,
+    topk_iou_reference,
+    topk_masks_reference,
+)
+
+__all__ = [
+    "backend",
+    "fisher_factor",
+    "fisher_gram",
+    "fisher_gram_reference",
+    "fisher_project",
+    "fisher_project_reference",
+    "topk_count",
+    "topk_iou",
+    "topk_iou_reference",
+    "topk_masks_reference",
+]
