@@ -53,8 +53,8 @@ class ModelConfig:
 class SourceConfig:
     """Pretraining on the synthetic source task (stand-in for ImageNet when no weights are at hand)."""
 
-    n_train: int = 400
-    epochs: int = 2
+    n_train: int = 300
+    epochs: int = 1
     lr: float = 1e-3
     batch_size: int = 32
 
@@ -73,7 +73,7 @@ class StageConfig:
 @dataclass
 class TrainConfig:
     transfer: StageConfig = field(default_factory=lambda: StageConfig(epochs=15, lr=1e-3, patience=4))
-    finetune: StageConfig = field(default_factory=lambda: StageConfig(epochs=3, lr=1e-4, patience=2))
+    finetune: StageConfig = field(default_factory=lambda: StageConfig(epochs=2, lr=3e-4, patience=2))
 
 
 @dataclass
@@ -96,12 +96,12 @@ class MetricsConfig:
 class FisherConfig:
     enabled: bool = True
     head: str = "softmax"  # softmax | sigmoid
-    n_spectrum: int = 0  # test samples with eigenvalues; 0 = all
-    n_components: int = 24  # test samples with components and perturbation curves
+    n_spectrum: int = 48  # test samples with eigenvalues; 0 = all
+    n_components: int = 12  # test samples with components and perturbation curves
     energy: float = 0.9
-    eps_grid: list[float] = field(default_factory=lambda: [0.005, 0.01, 0.02, 0.05, 0.1])
-    alphas: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
-    n_draws: int = 2
+    eps_grid: list[float] = field(default_factory=lambda: [0.01, 0.02, 0.05, 0.1])
+    alphas: list[float] = field(default_factory=lambda: [0.5, 1.0])
+    n_draws: int = 1
     batch_size: int = 8
 
 

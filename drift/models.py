@@ -215,7 +215,7 @@ def load_state(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
-    if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors" or path.name.endswith("model.safetensors"):
         from safetensors.torch import load_file
 
         return {"state_dict": load_file(str(path))}
@@ -258,6 +258,14 @@ def load_backbone_weights(model: Classifier, state: dict, source: str) -> None:
     model.backbone.load_state_dict(kept)
 
 
+def _hub_cache_dir() -> Path:
+    """timm's (Hugging Face's) local model cache, read from the environment at call time."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
+    return Path(home) / "hub"
+
+
 def load_imagenet(model: Classifier, weights_file: str | None = None) -> str:
     """ImageNet weights from a local file, or from timm's local cache only; never downloads.
 
@@ -266,24 +274,22 @@ def load_imagenet(model: Classifier, weights_file: str | None = None) -> str:
     if weights_file:
         load_backbone_weights(model, load_state(weights_file), weights_file)
         return str(weights_file)
+    from huggingface_hub import try_to_load_from_cache
+
     name = model.spec.timm_name
     cfg = timm.models.get_pretrained_cfg(name)
     hub = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
-    old = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TIMM_OFFLINE")}
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    try:
-        ref = timm.create_model(name, pretrained=True, num_classes=0, global_pool="")
-    except Exception as exc:
-        raise FileNotFoundError(
-            f"no local ImageNet weights for {name}: looked in timm's cache (hub id {hub!r}, "
-            f"HF_HOME={os.environ.get('HF_HOME', '~/.cache/huggingface')}) with downloads disabled ({exc}). "
-            f"Put the weights in that cache, or set model.weights_file to a .safetensors/.pth file of {name}."
-        ) from None
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    model.backbone.load_state_dict(ref.state_dict())
-    return f"timm cache ({hub})"
+    cache = _hub_cache_dir()
+    looked = []
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        if not hub:
+            break
+        looked.append(f"{hub}/{filename}")
+        found = try_to_load_from_cache(hub, filename, cache_dir=str(cache))
+        if isinstance(found, str) and os.path.isfile(found):
+            load_backbone_weights(model, load_state(Path(found)), found)
+            return f"timm cache ({hub})"
+    raise FileNotFoundError(
+        f"no local ImageNet weights for {name}: looked for {looked or 'a hub id'} in {cache} (downloads are "
+        f"disabled). Put the weights in that cache, or set model.weights_file to a .safetensors/.pth file of {name}."
+    )

@@ -1,0 +1,92 @@
+"""The headline tables of an archive, as plain text (printed at the end of ``drift run``)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from .archive import ArchiveReader
+
+HEADLINE = (("iou@20", "IoU@20%"), ("centroid_shift", "centroid shift"), ("pearson", "Pearson r"),
+            ("entropy_change", "entropy change"))
+
+
+def _fmt(x, nd: int = 3) -> str:
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return "-"
+    return "nan" if not np.isfinite(x) else f"{x:.{nd}f}"
+
+
+def interval(summary: dict, metric: str) -> str:
+    s = summary.get(metric)
+    if not isinstance(s, dict) or "mean" not in s:
+        return "-"
+    return f"{_fmt(s['mean'])} [{_fmt(s.get('lo'))}, {_fmt(s.get('hi'))}]"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def summary_text(path: str | os.PathLike) -> str:
+    r = ArchiveReader(path)
+    out: list[str] = []
+    rows = []
+    for arch in r.archs():
+        for stage in ("transfer", "finetune"):
+            if r.has(f"models/{arch}/{stage}/test"):
+                ev = r.evaluation(arch, stage)
+                meta = r.read(f"models/{arch}/{stage}")
+                rows.append([arch, stage, _fmt(ev["accuracy"]), _fmt(ev["macro_auc"]),
+                             str(int(meta.get("best_epoch", -1)) + 1), f"{float(meta.get('seconds', 0)):.0f}"])
+    if rows:
+        out += ["Classification (test set)", table(["architecture", "stage", "accuracy", "macro AUC", "best epoch",
+                                                    "train s"], rows), ""]
+    rows = []
+    for arch in r.archs():
+        if not r.has(f"drift/{arch}"):
+            continue
+        n_sel = r.read(f"drift/{arch}").get("n_selected", "?")
+        for method in r.methods(arch):
+            s = r.drift_summary(arch, method)
+            rows.append([arch, method, str(n_sel), *[interval(s, m) for m, _ in HEADLINE]])
+    if rows:
+        out += ["Drift TL -> FT (macro mean over classes, 95% bootstrap interval)",
+                table(["architecture", "method", "n", *[h for _, h in HEADLINE]], rows), ""]
+    rank = r.ranking()
+    if rank:
+        rows = []
+        for metric, rr in rank.items():
+            rankings = rr.get("rankings", "{}")
+            rankings = json.loads(rankings) if isinstance(rankings, str) else rankings
+            rk = "; ".join(f"{m}: {' > '.join(v) if isinstance(v, list) else v}" for m, v in rankings.items())
+            tau = rr.get("kendall_tau")
+            tau = _fmt(tau if np.ndim(tau) == 0 else np.asarray(tau).ravel()[0], 2)
+            rows.append([metric, rk, tau, str(rr.get("reverses", "-")), _fmt(rr.get("p_reverse"), 2)])
+        out += ["Stability ranking of architectures (most stable first)",
+                table(["metric", "rankings", "Kendall tau", "reverses", "P(reverse)"], rows), ""]
+    rows = []
+    for arch in r.archs():
+        for stage in ("transfer", "finetune"):
+            if not r.has(f"fisher/{arch}/{stage}"):
+                continue
+            f = r.read(f"fisher/{arch}/{stage}")
+            share = np.asarray(f["eigen_share"])[:, 0]
+            summ = f.get("summary", {})
+            gap = summ.get("confidence_gap", summ.get("gap", float("nan")))
+            p = summ.get("wilcoxon_p", summ.get("p_value", float("nan")))
+            rows.append([arch, stage, _fmt(np.nanmean(share)), _fmt(np.mean(f["rank"]), 1), _fmt(gap, 4), _fmt(p, 4)])
+    if rows:
+        out += ["iFIM: top eigenvalue share, rank, and confidence change high-sensitivity minus complement",
+                table(["architecture", "stage", "top share", "mean rank", "conf. gap", "Wilcoxon p"], rows), ""]
+    return "\n".join(out)
+
+
+def print_summary(path: str | os.PathLike) -> None:
+    print("\n" + summary_text(path))

@@ -1,0 +1,112 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from drift.archive import Archive, ArchiveError, ArchiveReader, open_archive, read_tree, write_tree
+
+
+def test_tree_round_trip(tmp_path, rng):
+    n = int(torch.randint(3, 40, (1,), generator=rng))
+    tree = {"a": torch.rand(n, 7, generator=rng).numpy(), "b": {"c": np.arange(n), "s": "text", "x": 1.5,
+            "ids": np.asarray([f"id{i}" for i in range(n)])}, "big": np.random.default_rng(0).random((300, 20))}
+    a = Archive(tmp_path / "a.h5", "seed = 1\n", "h")
+    with a.stage("one") as f:
+        write_tree(f, tree)
+    back = ArchiveReader(tmp_path / "a.h5").read("/")
+    np.testing.assert_array_equal(back["a"], tree["a"])
+    np.testing.assert_array_equal(back["b"]["c"], tree["b"]["c"])
+    assert back["b"]["s"] == "text" and back["b"]["x"] == 1.5
+    assert list(back["b"]["ids"]) == list(tree["b"]["ids"])
+    np.testing.assert_array_equal(back["big"], tree["big"])
+    with h5py.File(tmp_path / "a.h5") as f:
+        assert f["big"].compression == "gzip"
+
+
+def test_failed_stage_leaves_previous_version(tmp_path):
+    a = Archive(tmp_path / "a.h5", "", "h")
+    with a.stage("one") as f:
+        write_tree(f, {"g": {"v": np.ones(3)}})
+    with pytest.raises(RuntimeError):
+        with a.stage("two") as f:
+            write_tree(f, {"h": np.zeros(3)})
+            raise RuntimeError("crash inside a stage")
+    r = open_archive(tmp_path / "a.h5")
+    assert [s["name"] for s in r.stages] == ["one"] and not r.has("h") and r.has("g/v")
+    assert not (tmp_path / "a.h5.tmp").exists()
+
+
+def test_resume_refuses_other_config(tmp_path):
+    Archive(tmp_path / "a.h5", "", "hash-one")
+    Archive(tmp_path / "a.h5", "", "hash-one")
+    with pytest.raises(ArchiveError, match="another configuration"):
+        Archive(tmp_path / "a.h5", "", "hash-two")
+
+
+@pytest.mark.parametrize("content", [b"", b"definitely not hdf5" * 100])
+def test_unreadable_files_are_named(tmp_path, content):
+    p = tmp_path / "bad.h5"
+    p.write_bytes(content)
+    with pytest.raises(ArchiveError, match="bad.h5"):
+        open_archive(p)
+    with pytest.raises(ArchiveError, match="missing.h5"):
+        open_archive(tmp_path / "missing.h5")
+
+
+def test_hdf5_without_schema_is_refused(tmp_path):
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f["x"] = 1
+    with pytest.raises(ArchiveError, match="schema_version"):
+        open_archive(tmp_path / "other.h5")
+
+
+WRITER = r"""
+import sys, numpy as np
+from drift.archive import Archive, write_tree
+a = Archive(sys.argv[1], "", "h")
+rng = np.random.default_rng(0)
+i = len(a.stages())
+while True:
+    with a.stage(f"s{i}") as f:
+        for j in range(20):
+            write_tree(f, {f"s{i}": {f"part{j}": rng.random((200, 200))}})
+    print(i, flush=True)
+    i += 1
+"""
+
+
+def test_kill_during_writes_never_corrupts(tmp_path):
+    """SIGKILL a writer at random moments: the archive always opens and each committed stage is complete."""
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    path = tmp_path / "run.h5"
+    rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    kills = 0
+    for _ in range(4):
+        proc = subprocess.Popen([sys.executable, str(script), str(path)], stdout=subprocess.PIPE, env=env)
+        proc.stdout.readline()  # at least one stage committed by this writer
+        time.sleep(float(rng.uniform(0.0, 0.4)))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += 1
+        r = open_archive(path)
+        names = [s["name"] for s in r.stages]
+        assert names == [f"s{i}" for i in range(len(names))]
+        for name in names:
+            grp = r.read(name)
+            assert sorted(grp) == sorted(f"part{j}" for j in range(20)), f"stage {name} incomplete"
+        assert set(r.keys("/")) == set(names), "a stage's data is present without its commit record"
+    assert kills == 4
+
+
+def test_read_tree_of_dataset(tmp_path):
+    with h5py.File(tmp_path / "x.h5", "w") as f:
+        f["d"] = np.arange(5)
+        np.testing.assert_array_equal(read_tree(f["d"]), np.arange(5))

@@ -1,0 +1,161 @@
+import pytest
+import torch
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.data import TensorDataset
+
+from drift import models
+from drift.config import StageConfig
+from drift.train import evaluate, train_finetune, train_transfer
+
+
+@pytest.mark.parametrize("arch, size, fmap", [("densenet201", 96, 3), ("resnetv2_50", 96, 3),
+                                              ("inception_v3", 139, 3), ("resnet10t", 67, 3)])
+def test_cam_layer_is_the_last_feature_map(arch, size, fmap):
+    """The registry's CAM layer produces exactly the feature map the head pools (last block, post-activation)."""
+    torch.manual_seed(0)
+    m = models.build(arch, 5).eval()
+    seen = {}
+    h = m.cam_layer.register_forward_hook(lambda mod, i, o: seen.setdefault("a", o))
+    x = torch.rand(2, 1, size, size)
+    with torch.no_grad():
+        feats = m.features(x)
+        logits = m(x)
+    h.remove()
+    assert torch.equal(seen["a"], feats)
+    assert feats.shape[-1] == fmap and logits.shape == (2, 5)
+    ref = m.head[-1](feats.mean((2, 3)))
+    torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
+    if arch != "resnet10t":
+        assert (feats >= 0).all(), "post-activation layer must be non-negative"
+
+
+def test_gray_input_equals_three_equal_channels():
+    m = models.build("resnet10t", 3).eval()
+    x = torch.rand(3, 1, 65, 71)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), m(x.repeat(1, 3, 1, 1)))
+
+
+def test_wrong_layer_and_arch_names_list_valid_ones():
+    m = models.build("resnet10t", 3)
+    with pytest.raises(ValueError, match="layer4"):
+        models.resolve_layer(m, "layer44")
+    with pytest.raises(ValueError, match="densenet201"):
+        models.build("densenet999", 3)
+    with pytest.raises(ValueError, match="minimum size"):
+        m(torch.rand(1, 1, 20, 20))
+
+
+def _tiny(rng, n=24, size=64, c=3):
+    x = torch.rand(n, 1, size, size, generator=rng)
+    y = torch.arange(n) % c
+    x[y == 1, :, :20] += 0.5  # a learnable signal
+    return TensorDataset(x, y)
+
+
+def _bn_stats(module):
+    return {n: b.clone() for n, b in module.named_buffers() if "running" in n or "num_batches" in n}
+
+
+def test_transfer_stage_changes_no_backbone_parameter_or_bn_statistic(rng):
+    torch.manual_seed(0)
+    m = models.build("resnet10t", 3)
+    before = {k: v.clone() for k, v in m.backbone.state_dict().items()}
+    head_before = m.head[-1].weight.clone()
+    train_transfer(m, _tiny(rng), _tiny(rng, 9), StageConfig(epochs=2, batch_size=8), torch.device("cpu"), 0,
+                   progress=False)
+    after = m.backbone.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not torch.equal(head_before, m.head[-1].weight)
+    assert all(not p.requires_grad for p in m.backbone.parameters())
+    m.train()
+    assert all(not mod.training for mod in m.backbone.modules() if isinstance(mod, _BatchNorm))
+
+
+@pytest.mark.parametrize("bn_frozen", [True, False])
+def test_finetune_stage_trains_backbone_and_honours_bn_mode(rng, bn_frozen):
+    torch.manual_seed(0)
+    m = models.build("resnet10t", 3)
+    models.freeze_backbone(m)
+    w0 = m.backbone.conv1[0].weight.clone()
+    stats0 = _bn_stats(m.backbone)
+    train_finetune(m, _tiny(rng), _tiny(rng, 9), StageConfig(epochs=1, batch_size=8, lr=1e-3, bn_frozen=bn_frozen),
+                   torch.device("cpu"), 0, progress=False)
+    assert not torch.equal(w0, m.backbone.conv1[0].weight)
+    stats1 = _bn_stats(m.backbone)
+    changed = any(not torch.equal(stats0[k], stats1[k]) for k in stats0)
+    assert changed is (not bn_frozen)
+
+
+def test_training_is_deterministic_for_a_seed(rng):
+    data, val = _tiny(rng), _tiny(rng, 9)
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        m = models.build("resnet10t", 3)
+        train_transfer(m, data, val, StageConfig(epochs=1, batch_size=8), torch.device("cpu"), 3, progress=False)
+        train_finetune(m, data, val, StageConfig(epochs=1, batch_size=8, lr=1e-3), torch.device("cpu"), 4,
+                       progress=False)
+        outs.append(evaluate(m, val, torch.device("cpu")).logits)
+    assert (outs[0] == outs[1]).all()
+
+
+def test_checkpoint_round_trip_and_refusals(tmp_path):
+    torch.manual_seed(1)
+    m = models.build("resnet10t", 4).eval()
+    sha = models.save_checkpoint(m, tmp_path / "c.pt", {"stage": "transfer"})
+    assert sha == models.sha256_file(tmp_path / "c.pt")
+    m2 = models.load_checkpoint(tmp_path / "c.pt", "resnet10t", 4)
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(m(x), m2.eval()(x))
+    with pytest.raises(ValueError, match="expected resnet18"):
+        models.load_checkpoint(tmp_path / "c.pt", "resnet18", 4)
+
+    import argparse  # any class outside the weights-only allow-list stands for an arbitrary pickled object
+
+    torch.save({"state_dict": {}, "payload": argparse.Namespace(a=1)}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match="evil.pt"):
+        models.load_state(tmp_path / "evil.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="junk.pt"):
+        models.load_state(tmp_path / "junk.pt")
+
+
+def test_imagenet_weights_never_download(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    m = models.build("resnet10t", 3)
+    with pytest.raises(FileNotFoundError, match="resnet10t"):
+        models.load_imagenet(m)
+    with pytest.raises(FileNotFoundError, match="nothere"):
+        models.load_imagenet(m, str(tmp_path / "nothere.pth"))
+
+
+def test_backbone_weights_file_loads_and_wrong_one_is_named(tmp_path):
+    src = models.build("resnet10t", 3)
+    torch.save(src.backbone.state_dict(), tmp_path / "w.pth")
+    dst = models.build("resnet10t", 3)
+    models.load_backbone_weights(dst, models.load_state(tmp_path / "w.pth"), "w.pth")
+    assert torch.equal(dst.backbone.conv1[0].weight, src.backbone.conv1[0].weight)
+    with pytest.raises(ValueError, match="w.pth"):
+        models.load_backbone_weights(models.build("resnet18", 3), models.load_state(tmp_path / "w.pth"), "w.pth")
+
+
+def test_imagenet_weights_come_from_a_local_hub_cache(tmp_path, monkeypatch):
+    """A cache laid out as the hub lays it out (refs/main -> snapshots/<rev>/model.safetensors) is used offline."""
+    import timm
+    from safetensors.torch import save_file
+
+    src = models.build("resnet10t", 3)
+    hub = timm.models.get_pretrained_cfg("resnet10t").hf_hub_id
+    repo = tmp_path / "hub" / ("models--" + hub.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    snap = repo / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in src.backbone.state_dict().items()}, str(snap / "model.safetensors"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    dst = models.build("resnet10t", 3)
+    origin = models.load_imagenet(dst)
+    assert hub in origin
+    assert torch.equal(dst.backbone.conv1[0].weight, src.backbone.conv1[0].weight)
