@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.drift-installed
 
-.PHONY: run smoke test lint bench-gpu bench-cpu asv-quick clean
+.PHONY: run smoke test browser lint bench-gpu bench-cpu asv-quick clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,8 +19,15 @@ run: $(STAMP)
 smoke: $(STAMP)
 	$(VENV)/bin/drift run --config configs/smoke.toml --fresh
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -q
+
+# The report's browser test needs headless Chromium: installed from Debian's packages where the machine
+# allows it (root with apt-get); elsewhere that one test says why it cannot run.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1; } || \
+	  echo "note: chromium not installed; the browser test will say so"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check drift kernels bench tests

@@ -428,11 +428,9 @@ class Pipeline:
                                        f"available: {sorted(k for k in per if k not in ('ids', 'labels'))}")
                     use = per["selected"].astype(bool) & per["valid"].astype(bool)
                     values[arch][method] = (np.where(use, per[metric], np.nan), per["labels"])
-            direction = stats.STABILITY_DIRECTION.get(metric.split("@")[0] if "@" in metric else metric, True)
-            if "@" in metric:
-                direction = stats.STABILITY_DIRECTION.get("iou", True)
-            rr = stats.rank_reversal(values, len(self.class_names), higher_is_stable=direction,
-                                     n_boot=self.cfg.metrics.n_boot, seed=self.cfg.run.seed)
+            higher, absolute = stats.stability(metric)
+            rr = stats.rank_reversal(values, len(self.class_names), higher_is_stable=higher,
+                                     n_boot=self.cfg.metrics.n_boot, seed=self.cfg.run.seed, absolute=absolute)
             tree[metric.replace("/", "_")] = _as_tree(rr)
         with self.archive.stage("stats", replace=("stats",)) as f:
             write_tree(f.require_group("stats/ranking"), tree)
@@ -455,6 +453,7 @@ def _as_tree(obj) -> dict:
     if isinstance(obj, dict):
         out = {}
         for k, v in obj.items():
+            k = " vs ".join(map(str, k)) if isinstance(k, tuple) else k
             if isinstance(v, dict) or dataclasses.is_dataclass(v):
                 out[str(k)] = _as_tree(v)
             elif isinstance(v, (list, tuple)) and v and isinstance(v[0], str):

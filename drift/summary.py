@@ -63,12 +63,12 @@ def summary_text(path: str | os.PathLike) -> str:
     if rank:
         rows = []
         for metric, rr in rank.items():
-            rankings = rr.get("rankings", "{}")
-            rankings = json.loads(rankings) if isinstance(rankings, str) else rankings
-            rk = "; ".join(f"{m}: {' > '.join(v) if isinstance(v, list) else v}" for m, v in rankings.items())
-            tau = rr.get("kendall_tau")
-            tau = _fmt(tau if np.ndim(tau) == 0 else np.asarray(tau).ravel()[0], 2)
-            rows.append([metric, rk, tau, str(rr.get("reverses", "-")), _fmt(rr.get("p_reverse"), 2)])
+            rankings = rr.get("rankings", {})
+            rk = "; ".join(f"{m}: {' > '.join(json.loads(v)) if isinstance(v, str) else v}"
+                           for m, v in rankings.items())
+            first = lambda d: next(iter(d.values())) if isinstance(d, dict) and d else d  # noqa: E731
+            rows.append([metric, rk, _fmt(first(rr.get("kendall_tau")), 2), str(first(rr.get("reverses", "-"))),
+                         _fmt(first(rr.get("p_reverse")), 2)])
         out += ["Stability ranking of architectures (most stable first)",
                 table(["metric", "rankings", "Kendall tau", "reverses", "P(reverse)"], rows), ""]
     rows = []
