@@ -367,7 +367,7 @@ class Pipeline:
         name = f"fisher/{arch}"
         if not self._todo(name, "fisher"):
             return
-        from .fisher import ifim
+        from .fisher import decompose, ifim
         from .perturb import run_perturbations
 
         fc = self.cfg.fisher
@@ -396,11 +396,20 @@ class Pipeline:
                            "rank": torch.cat(rank).numpy(), "probs": torch.cat(probs).numpy(),
                            "ids": np.asarray(test.ids[:n]), "perturbation": pert.to_arrays(),
                            "summary": _as_tree(pert.summary())}
-            comps = getattr(pert, "components", None)
-            if comps:
-                tree[stage]["components"] = {k: (v.cpu().numpy() if torch.is_tensor(v) else v)
-                                             for k, v in comps.items()}
-                tree[stage]["components"]["ids"] = np.asarray([test.ids[i] for i in comp_idx])
+            xs, highs, ks, shares = [], [], [], []
+            for lo in range(0, m, fc.batch_size):
+                x = self.test_images(comp_idx[lo:lo + fc.batch_size]).to(self.device)
+                x_high, _, info = decompose(model, x, energy=fc.energy, head=fc.head)
+                xs.append(x.cpu())
+                highs.append(x_high.detach().float().cpu())
+                ks.append(info.k.cpu())
+                shares.append(info.energy_share.cpu())
+            x_all, high_all = torch.cat(xs), torch.cat(highs)
+            tree[stage]["components"] = {"ids": np.asarray([test.ids[i] for i in comp_idx]),
+                                         "x": x_all.numpy().astype(np.float16),
+                                         "x_high": high_all.numpy().astype(np.float32),
+                                         "x_low": (x_all - high_all).numpy().astype(np.float32),
+                                         "k": torch.cat(ks).numpy(), "energy_share": torch.cat(shares).numpy()}
         with self.archive.stage(name, replace=(name,)) as f:
             write_tree(f.require_group(name), tree)
         self.timings[name] = time.perf_counter() - t0
@@ -429,9 +438,14 @@ class Pipeline:
                     use = per["selected"].astype(bool) & per["valid"].astype(bool)
                     values[arch][method] = (np.where(use, per[metric], np.nan), per["labels"])
             higher, absolute = stats.stability(metric)
-            rr = stats.rank_reversal(values, len(self.class_names), higher_is_stable=higher,
-                                     n_boot=self.cfg.metrics.n_boot, seed=self.cfg.run.seed, absolute=absolute)
-            tree[metric.replace("/", "_")] = _as_tree(rr)
+            try:
+                rr = _as_tree(stats.rank_reversal(values, len(self.class_names), higher_is_stable=higher,
+                                                  n_boot=self.cfg.metrics.n_boot, seed=self.cfg.run.seed,
+                                                  absolute=absolute))
+            except ValueError as exc:  # e.g. no selected sample of an architecture: record why, keep the rest
+                warnings.warn(f"ranking by {metric}: {exc}", stacklevel=2)
+                rr = {"unranked": str(exc)}
+            tree[metric.replace("/", "_")] = rr
         with self.archive.stage("stats", replace=("stats",)) as f:
             write_tree(f.require_group("stats/ranking"), tree)
 

@@ -63,6 +63,9 @@ def summary_text(path: str | os.PathLike) -> str:
     if rank:
         rows = []
         for metric, rr in rank.items():
+            if "unranked" in rr:
+                rows.append([metric, f"not ranked: {rr['unranked']}", "-", "-", "-"])
+                continue
             rankings = rr.get("rankings", {})
             rk = "; ".join(f"{m}: {' > '.join(json.loads(v)) if isinstance(v, str) else v}"
                            for m, v in rankings.items())
@@ -79,12 +82,15 @@ def summary_text(path: str | os.PathLike) -> str:
             f = r.read(f"fisher/{arch}/{stage}")
             share = np.asarray(f["eigen_share"])[:, 0]
             summ = f.get("summary", {})
-            gap = summ.get("confidence_gap", summ.get("gap", float("nan")))
-            p = summ.get("wilcoxon_p", summ.get("p_value", float("nan")))
-            rows.append([arch, stage, _fmt(np.nanmean(share)), _fmt(np.mean(f["rank"]), 1), _fmt(gap, 4), _fmt(p, 4)])
+            area = np.asarray(summ.get("area_abs_conf_change", [np.nan] * 3), dtype=float)
+            ratio = area[0] / area[1] if area[1] > 0 else float("nan")
+            rows.append([arch, stage, _fmt(np.nanmean(share)), _fmt(np.mean(f["rank"]), 1), _fmt(area[0], 4),
+                         _fmt(area[1], 4), _fmt(area[2], 4), _fmt(ratio, 1), _fmt(summ.get("wilcoxon_pvalue"), 4)])
     if rows:
-        out += ["iFIM: top eigenvalue share, rank, and confidence change high-sensitivity minus complement",
-                table(["architecture", "stage", "top share", "mean rank", "conf. gap", "Wilcoxon p"], rows), ""]
+        out += ["iFIM: top eigenvalue share, numerical rank, and |confidence change| under equal-norm perturbations "
+                "(area over eps) inside the high-sensitivity subspace, its complement and a random direction",
+                table(["architecture", "stage", "top share", "mean rank", "high", "complement", "random",
+                       "high/compl.", "Wilcoxon p"], rows), ""]
     return "\n".join(out)
 
 
