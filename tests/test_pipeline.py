@@ -101,7 +101,8 @@ def test_resume_after_interruption_gives_the_same_results(full_run, tmp_path):
     resumed = ArchiveReader(Pipeline(tiny(out)).run(("data", "train", "attributions", "drift", "stats")))
     for arch in cfg.run.archs:
         for stage in ("transfer", "finetune"):
-            np.testing.assert_array_equal(resumed.evaluation(arch, stage)["logits"], ref.evaluation(arch, stage)["logits"])
+            np.testing.assert_array_equal(resumed.evaluation(arch, stage)["logits"],
+                                          ref.evaluation(arch, stage)["logits"])
         for method in cfg.attribution.methods:
             a, b = resumed.drift(arch, method), ref.drift(arch, method)
             np.testing.assert_array_equal(a["iou@20"], b["iou@20"])
