@@ -48,11 +48,10 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
-from torch import nn
-
 import drift_kernels
+import torch
 from drift_kernels.reference import fisher_gram_reference, fisher_project_reference
+from torch import nn
 
 __all__ = [
     "IFIM",
@@ -71,18 +70,19 @@ __all__ = [
 
 HEADS = ("softmax", "sigmoid")
 
-# Relative eigenvalue tolerance by Jacobian dtype. An eigenvalue of K counts as zero below rtol * lambda_max.
-# float32: K accumulated in fp32 over D elements carries relative errors of a few 1e-7 to 1e-6 of its norm
-# (measured: spurious eigenvalues of an exactly rank-deficient head reach ~1e-7 lambda_max at D ~ 1e4), so
-# 1e-6 sits above that floor. float64: 1e-10 leaves room for the Jacobian's own rounding. Half precisions:
-# J's entries carry 1e-3 (fp16) / 4e-3 (bf16) relative error.
-_DEFAULT_RTOL = {torch.float64: 1e-10, torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+# Relative eigenvalue tolerance by Jacobian dtype: an eigenvalue of K counts as zero at or below rtol * lambda_max.
+# float32: K accumulated in fp32 over D elements carries rounding of a few 1e-7 of its norm. Measured on a CNN
+# whose head has rank 3 of 10 classes (so eigenvalues 4.. are exactly zero), fp32 J and K: spurious eigenvalues
+# reached 1.2e-7 lambda_max at 32 px, 1.3e-7 at 64 px, 3.9e-7 at 128 px, so 1e-5 keeps a 25x margin over that
+# floor; a true eigenvalue below it carries under 1e-5 of any KL. float64 (fp32 J rounding alone gives ~1.5e-14;
+# float64 J far less): 1e-10. Half precisions: the fp32 floor scaled by the rounding of J's entries.
+_DEFAULT_RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 
 def default_rtol(dtype: torch.dtype) -> float:
     """Relative eigenvalue tolerance used when ``rtol`` is None, for a Jacobian of this dtype.
 
-    float64: 1e-10, float32: 1e-6, float16: 1e-3, bfloat16: 1e-2 (see the table's comment for why).
+    float64: 1e-10, float32: 1e-5, float16: 1e-3, bfloat16: 1e-2 (measurements behind them: see the source).
     """
     if dtype not in _DEFAULT_RTOL:
         raise TypeError(f"no default eigenvalue tolerance for Jacobian dtype {dtype}; pass rtol explicitly")
@@ -110,9 +110,13 @@ def _check_model_and_input(model: nn.Module, x: torch.Tensor) -> None:
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
     if x.dim() < 2 or x.shape[0] == 0:
-        raise ValueError(f"x must have shape (B, ...) with B >= 1 and at least one input dimension, got {tuple(x.shape)}")
+        raise ValueError(
+            f"x must have shape (B, ...) with B >= 1 and at least one input dimension, got {tuple(x.shape)}"
+        )
     if not torch.isfinite(x).all():
         raise ValueError("x contains non-finite values (NaN or inf)")
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("input_jacobian needs autograd: call it outside torch.inference_mode() (no_grad is fine)")
 
 
 def _check_logits(z: object, batch: int) -> torch.Tensor:
@@ -137,7 +141,7 @@ def _jacobian_loop(model: nn.Module, x: torch.Tensor, chunk: int) -> tuple[torch
         J = torch.empty(B, C, D, dtype=x.dtype, device=x.device)
         for c in range(C):
             (g,) = torch.autograd.grad(z[:, c].sum(), xg, retain_graph=c < C - 1, materialize_grads=True)
-            J[:, c] = g.reshape(B, D)
+            J[:, c] = g.detach().reshape(B, D)
     return J, z.detach()
 
 
@@ -161,7 +165,7 @@ def _jacobian_vmap(model: nn.Module, x: torch.Tensor, chunk: int) -> tuple[torch
         for start in range(0, C, chunk):
             stop = min(C, start + chunk)
             (g,) = vmap(vjp_fn)(_onehot_cotangents(z, start, stop))
-            J[:, start:stop] = g.reshape(stop - start, B, D).transpose(0, 1)
+            J[:, start:stop] = g.detach().reshape(stop - start, B, D).transpose(0, 1)
     return J, z.detach()
 
 
@@ -178,7 +182,7 @@ def _jacobian_batched_grad(model: nn.Module, x: torch.Tensor, chunk: int) -> tup
             (g,) = torch.autograd.grad(
                 z, xg, _onehot_cotangents(z, start, stop), retain_graph=stop < C, is_grads_batched=True
             )
-            J[:, start:stop] = g.reshape(stop - start, B, D).transpose(0, 1)
+            J[:, start:stop] = g.detach().reshape(stop - start, B, D).transpose(0, 1)
     return J, z.detach()
 
 
@@ -204,7 +208,7 @@ def _jacobian_replicate(model: nn.Module, x: torch.Tensor, chunk: int) -> tuple[
             go = torch.zeros_like(z).view(-1, B, C)
             go[torch.arange(n, device=z.device), :, torch.arange(start, stop, device=z.device)] = 1
             (g,) = torch.autograd.grad(z, xr, go.view_as(z), materialize_grads=True)
-            J[:, start:stop] = g.reshape(-1, B, D)[:n].transpose(0, 1)
+            J[:, start:stop] = g.detach().reshape(-1, B, D)[:n].transpose(0, 1)
             start = stop
     return J, z0
 
@@ -240,12 +244,15 @@ def input_jacobian(
     Raises:
         ValueError: model not in eval mode, bad shapes, non-finite x, unknown route or bad chunk.
         TypeError: model, x or the model's output of the wrong type.
+        RuntimeError: called inside ``torch.inference_mode()``, where autograd cannot run.
     """
     _check_model_and_input(model, x)
     if route not in JACOBIAN_ROUTES:
         raise ValueError(f"route must be one of {sorted(JACOBIAN_ROUTES)}, got {route!r}")
     if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
         raise ValueError(f"chunk must be a positive int or None, got {chunk!r}")
+    # A tensor made under inference_mode cannot join a graph; a copy can.
+    x = x.clone() if x.is_inference() else x
     return JACOBIAN_ROUTES[route](model, x, chunk or 8)
 
 
@@ -288,8 +295,13 @@ def _check_jp(J: torch.Tensor, p: torch.Tensor, head: str) -> tuple[int, int, in
         raise ValueError(f"J and p must be on one device, got {J.device} and {p.device}")
     if head == "softmax" and C < 2:
         raise ValueError(f"the softmax head needs C >= 2 classes, got C = {C}")
-    if not torch.isfinite(p).all() or (p < 0).any() or (p > 1).any():
-        raise ValueError("p must hold probabilities in [0, 1] (got values outside it or non-finite)")
+    if not torch.isfinite(p).all():
+        raise ValueError("p contains non-finite values (NaN or inf)")
+    if (p < 0).any() or (p > 1).any():
+        raise ValueError(
+            f"p must hold probabilities in [0, 1], got values in [{float(p.min()):.4g}, {float(p.max()):.4g}]; "
+            "pass probabilities, not logits"
+        )
     if head == "softmax":
         sums = p.sum(1, dtype=torch.float64)
         bad = (sums - 1).abs() > 1e-3
@@ -306,7 +318,9 @@ def _flat_batch(t: torch.Tensor, B: int, D: int, name: str) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
     if t.shape[0] != B or t[0].numel() != D:
-        raise ValueError(f"{name} must have shape (B, ...) with B = {B} and {D} elements per sample, got {tuple(t.shape)}")
+        raise ValueError(
+            f"{name} must have shape (B, ...) with B = {B} and {D} elements per sample, got {tuple(t.shape)}"
+        )
     return t.reshape(B, D)
 
 
@@ -602,7 +616,9 @@ def decompose_from_jacobian(
     x_low = x - x_high
 
     total = lam.sum(1)
-    energy_share = torch.where(total > 0, (lam * in_k).sum(1) / total.clamp_min(1e-300), torch.full_like(total, math.nan))
+    energy_share = torch.where(
+        total > 0, (lam * in_k).sum(1) / total.clamp_min(1e-300), torch.full_like(total, math.nan)
+    )
     xx = xf.double().pow(2).sum(1)
     norm_share = torch.where(xx > 0, (coef.pow(2) * in_k).sum(1) / xx.clamp_min(1e-300), torch.full_like(xx, math.nan))
     info = Components(k=kk, coefficients=coef, eigenvalues=lam, energy_share=energy_share, norm_share=norm_share)

@@ -1,0 +1,166 @@
+"""Accuracy-stability record across commits: the headline numbers of the smoke study.
+
+``setup_cache`` runs ``configs/smoke.toml`` once per commit (seed 0, into a temporary folder that is deleted
+afterwards; the report stage off) and keeps only the numbers; every ``track_*`` below reads one of them. A
+commit whose study changes these numbers without meaning to shows as a step in asv's graphs.
+
+Tracked, per architecture of the smoke config:
+
+* stage-1 (``transfer``) and stage-2 (``finetune``) test accuracy and macro AUC;
+* per CAM method: top-20 % IoU between the TL and FT maps and the centroid shift (class-macro means over the
+  selected samples, as in the archive's ``drift/<arch>/<method>/summary``);
+* per stage: the share of the iFIM trace held by the top eigenvalue (mean over the spectrum samples) and the
+  confidence gap of the perturbation experiment: the mean absolute change of predicted-class confidence under an
+  equal-norm perturbation along the high-sensitivity subspace minus that along its complement, at the largest
+  eps of the config.
+
+If the commit cannot run the study (a module missing, another config schema), every track is skipped.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import tomllib
+from pathlib import Path
+
+from ._support import need, need_attr
+
+SMOKE = Path(__file__).resolve().parents[2] / "configs" / "smoke.toml"
+
+
+def _smoke_axes() -> tuple[list[str], list[str]]:
+    """Architectures and CAM methods of the smoke config (read as TOML at discovery: no drift import)."""
+    try:
+        cfg = tomllib.loads(SMOKE.read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        cfg = {}
+    archs = cfg.get("run", {}).get("archs", ["resnet10t", "resnet18"])
+    methods = cfg.get("attribution", {}).get("methods", ["gradcam++", "layercam"])
+    return list(archs), list(methods)
+
+
+ARCHS, METHODS = _smoke_axes()
+STAGES = ["transfer", "finetune"]
+
+
+def _finite_mean(values) -> float:
+    np = need("numpy")
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    v = v[np.isfinite(v)]
+    return float(v.mean()) if v.size else math.nan
+
+
+def confidence_gap(fisher: dict) -> float:
+    """High-minus-complement mean absolute confidence change |p_pred(x) - p_pred(x + d)| at the largest eps.
+
+    Reads ``fisher/<arch>/<stage>``: ``summary/abs_confidence_gap`` (E,) over ``perturbation/eps`` (E,), written by
+    ``drift.perturb.PerturbationResult.summary``. The absolute change is that module's primary statistic (the
+    signed change of a random direction averages out to first order).
+    """
+    np = need("numpy")
+    eps = np.asarray(fisher["perturbation"]["eps"], dtype=np.float64).reshape(-1)
+    gap = np.asarray(fisher["summary"]["abs_confidence_gap"], dtype=np.float64).reshape(-1)
+    return float(gap[int(np.argmax(eps))])
+
+
+def _numbers(reader, archs, methods) -> dict:
+    out: dict = {}
+    for arch in archs:
+        for stage in STAGES:
+            ev = reader.evaluation(arch, stage)
+            out[("accuracy", arch, stage)] = float(ev["accuracy"])
+            out[("macro_auc", arch, stage)] = float(ev["macro_auc"])
+            fisher = reader.fisher(arch, stage)
+            share = need("numpy").asarray(fisher["eigen_share"], dtype="float64")
+            out[("top_eigen_share", arch, stage)] = _finite_mean(share[:, 0])
+            out[("confidence_gap", arch, stage)] = confidence_gap(fisher)
+        for method in methods:
+            summary = reader.drift_summary(arch, method)
+            out[("iou@20", arch, method)] = float(summary["iou@20"]["mean"])
+            out[("centroid_shift", arch, method)] = float(summary["centroid_shift"]["mean"])
+    return out
+
+
+def setup_cache() -> dict:
+    """Run the smoke study once; {(quantity, arch, stage or method): value}, or {"skip": reason}."""
+    try:
+        config = need("drift.config")
+        pipeline = need("drift.pipeline")
+        archive = need("drift.archive")
+        if not SMOKE.is_file():
+            raise NotImplementedError(f"{SMOKE} not found")
+        with tempfile.TemporaryDirectory(prefix="drift-asv-smoke-") as tmp:
+            cfg = need_attr(config, "load")(str(SMOKE), [f'run.out="{tmp}"', "run.progress=false",
+                                                         "report.enabled=false"])
+            path = need_attr(pipeline, "Pipeline")(cfg, fresh=True).run()
+            return _numbers(need_attr(archive, "ArchiveReader")(path), ARCHS, METHODS)
+    except (NotImplementedError, ImportError) as exc:  # an older commit without a module or function
+        return {"skip": f"{type(exc).__name__}: {exc}"}
+    except Exception as exc:
+        # A config this commit does not know (older schema) is a skip; anything else is a failure to report.
+        if type(exc).__name__ == "ConfigError":
+            return {"skip": f"configs/smoke.toml does not load in this commit: {exc}"}
+        raise
+
+
+setup_cache.timeout = 1800
+
+
+def setup(numbers: dict, *params) -> None:
+    if "skip" in numbers:
+        raise NotImplementedError(f"the smoke study did not run in this commit: {numbers['skip']}")
+
+
+def track_test_accuracy(numbers: dict, arch: str, stage: str) -> float:
+    return numbers[("accuracy", arch, stage)]
+
+
+track_test_accuracy.params = (ARCHS, STAGES)
+track_test_accuracy.param_names = ["arch", "stage"]
+track_test_accuracy.unit = "accuracy"
+
+
+def track_test_macro_auc(numbers: dict, arch: str, stage: str) -> float:
+    return numbers[("macro_auc", arch, stage)]
+
+
+track_test_macro_auc.params = (ARCHS, STAGES)
+track_test_macro_auc.param_names = ["arch", "stage"]
+track_test_macro_auc.unit = "AUC"
+
+
+def track_iou20(numbers: dict, arch: str, method: str) -> float:
+    return numbers[("iou@20", arch, method)]
+
+
+track_iou20.params = (ARCHS, METHODS)
+track_iou20.param_names = ["arch", "method"]
+track_iou20.unit = "IoU"
+
+
+def track_centroid_shift(numbers: dict, arch: str, method: str) -> float:
+    return numbers[("centroid_shift", arch, method)]
+
+
+track_centroid_shift.params = (ARCHS, METHODS)
+track_centroid_shift.param_names = ["arch", "method"]
+track_centroid_shift.unit = "image diagonals"
+
+
+def track_top_eigen_share(numbers: dict, arch: str, stage: str) -> float:
+    return numbers[("top_eigen_share", arch, stage)]
+
+
+track_top_eigen_share.params = (ARCHS, STAGES)
+track_top_eigen_share.param_names = ["arch", "stage"]
+track_top_eigen_share.unit = "share of trace"
+
+
+def track_confidence_gap(numbers: dict, arch: str, stage: str) -> float:
+    return numbers[("confidence_gap", arch, stage)]
+
+
+track_confidence_gap.params = (ARCHS, STAGES)
+track_confidence_gap.param_names = ["arch", "stage"]
+track_confidence_gap.unit = "confidence"

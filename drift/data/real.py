@@ -1,0 +1,557 @@
+"""Real chest X-ray data: a folder of class sub-folders or a CSV manifest, split by class and by patient.
+
+Layouts:
+
+- ``root/<class>/...`` (files found recursively): split here into train / val / test, stratified by class.
+- ``root/{train,val,test}/<class>/...``: already split; ``val`` may be absent, then it is carved from ``train``.
+- a CSV manifest with columns ``path,label`` and optional ``split`` (train / val / test) and ``patient_id``;
+  paths are relative to the manifest's folder unless ``root`` is given. With ``patient_id``, no patient ever lands
+  in two splits.
+
+Every file is fully decoded once when the splits are built (so corrupt and truncated files fail early, naming the
+file) and then read lazily, one image per `ImageSet.__getitem__`. Supported formats: PNG (8 and 16 bit), JPEG,
+anything else Pillow decodes, and DICOM when pydicom is installed (``pip install drift-cxr[dicom]``).
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import os
+import warnings
+from collections import Counter
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+from drift.data.base import DataError, ImageSet, Splits
+from drift.data.synthetic import _check_int
+
+SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
+_SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                  "test": "test", "testing": "test"}
+_PIL_TO_GRAY = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
+_MAX_LISTED = 5
+
+
+class DataWarning(UserWarning):
+    """An input file was skipped (``skip_bad=True``) or a data layout looks suspicious."""
+
+
+# -- decoding ----------------------------------------------------------------------------------------------------
+
+def _is_dicom(path: Path) -> bool:
+    """DICOM by suffix, or by the ``DICM`` magic at byte 128 (DICOM files often have no suffix)."""
+    if path.suffix.lower() in (".dcm", ".dicom"):
+        return True
+    try:
+        with open(path, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _pil_to_gray(im: Image.Image, path: Path) -> np.ndarray:
+    """One grayscale channel in [0, 1] from a decoded PIL image (see `decode_image`)."""
+    mode = im.mode
+    if mode.startswith("I;16"):
+        return np.asarray(im).astype(np.float32) / np.float32(65535.0)
+    if mode == "I":
+        arr = np.asarray(im)
+        if arr.size and (arr.min() < 0 or arr.max() > 65535):
+            raise DataError(f"{path}: 32-bit integer image with values in [{arr.min()}, {arr.max()}] outside the "
+                            f"16-bit range [0, 65535]; convert it to 8- or 16-bit PNG")
+        return arr.astype(np.float32) / np.float32(65535.0)
+    if mode == "F":
+        arr = np.asarray(im, dtype=np.float32)
+        if arr.size and (not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1):
+            raise DataError(f"{path}: floating-point image must hold finite values in [0, 1]")
+        return arr.copy()
+    if mode in _PIL_TO_GRAY:
+        # PIL's own luma for colour (ITU-R 601-2: L = 0.299 R + 0.587 G + 0.114 B); alpha is ignored, as PIL does.
+        gray = im if mode == "L" else im.convert("L")
+        return np.asarray(gray).astype(np.float32) / np.float32(255.0)
+    raise DataError(f"{path}: unsupported image mode {mode!r}")
+
+
+def _decode_dicom(path: Path) -> np.ndarray:
+    try:
+        import pydicom
+    except ImportError:
+        raise DataError(f"{path}: reading DICOM files needs pydicom; install it with "
+                        f"`pip install drift-cxr[dicom]`") from None
+    try:
+        ds = pydicom.dcmread(str(path))
+        arr = np.asarray(ds.pixel_array, dtype=np.float64)
+    except Exception as e:  # pydicom raises many types for broken files; name the file whatever it was
+        raise DataError(f"{path}: cannot decode DICOM ({type(e).__name__}: {e})") from e
+    photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    if arr.ndim == 3 and arr.shape[-1] == 3 and photometric.startswith(("RGB", "YBR")):
+        # pixel_array is RGB for colour DICOM; reduce it with the same luma weights as for PNG and JPEG.
+        arr = arr @ np.array([0.299, 0.587, 0.114])
+    if arr.ndim != 2:
+        raise DataError(f"{path}: DICOM pixel data has shape {arr.shape}; only single-frame 2-D images are "
+                        f"supported")
+    slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
+    intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
+    arr = arr * slope + intercept
+    lo, hi = float(arr.min()), float(arr.max())
+    if not (np.isfinite(lo) and np.isfinite(hi)) or hi <= lo:
+        raise DataError(f"{path}: DICOM image is constant or non-finite (range [{lo}, {hi}])")
+    arr = (arr - lo) / (hi - lo)
+    if photometric == "MONOCHROME1":  # MONOCHROME1 displays low values bright
+        arr = 1.0 - arr
+    return arr.astype(np.float32)
+
+
+def decode_image(path: str | os.PathLike) -> np.ndarray:
+    """Fully decode one image file to a single grayscale channel ``(H, W)`` float32 in [0, 1], at full size.
+
+    - 8-bit images (``L``, ``P``, ``1``): ``value / 255``.
+    - 16-bit images (``I;16*``, and ``I`` holding values in [0, 65535]): ``value / 65535``.
+    - colour (RGB, RGBA, LA, CMYK, ...): PIL's ``convert("L")``, i.e. ``0.299 R + 0.587 G + 0.114 B`` rounded to
+      8 bit; alpha is ignored. Then ``/ 255``.
+    - DICOM: ``pixel * RescaleSlope + RescaleIntercept``, then min-max scaled to [0, 1] over the image, inverted
+      (``1 - x``) for MONOCHROME1.
+
+    Args:
+        path: Image file.
+
+    Returns:
+        ``(H, W)`` float32 in [0, 1].
+
+    Raises:
+        DataError: If the file is missing, not an image, corrupt or truncated, multi-frame, of an unsupported mode,
+            or DICOM without pydicom installed. The message names the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found" if not path.exists() else f"{path}: not a regular file")
+    if _is_dicom(path):
+        return _decode_dicom(path)
+    try:
+        with Image.open(path) as im:
+            if getattr(im, "n_frames", 1) > 1:
+                raise DataError(f"{path}: image has {im.n_frames} frames; only single-frame images are supported")
+            im.load()  # full decode: truncated or corrupt data fails here, not at training time
+            arr = _pil_to_gray(im, path)
+    except DataError:
+        raise
+    except UnidentifiedImageError:
+        raise DataError(f"{path}: not an image file (Pillow cannot identify its format)") from None
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+        raise DataError(f"{path}: corrupt or truncated image ({type(e).__name__}: {e})") from e
+    if arr.ndim != 2 or arr.size == 0:
+        raise DataError(f"{path}: decoded to shape {arr.shape}, expected a non-empty 2-D image")
+    return arr
+
+
+def resize_image(image: np.ndarray, size: int) -> np.ndarray:
+    """Resize ``(H, W)`` to ``(size, size)`` with antialiased bilinear interpolation (a triangle filter whose support
+    widens with the downscale factor, as in PIL), pixel centres aligned (``align_corners=False``).
+
+    Non-square images are stretched, not cropped. An image already ``(size, size)`` is returned unchanged.
+    """
+    if image.shape == (size, size):
+        return image
+    t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+    out = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return out[0, 0].clamp_(0.0, 1.0).numpy()
+
+
+def read_image(path: str | os.PathLike, size: int) -> np.ndarray:
+    """`decode_image` then `resize_image`: ``(size, size)`` float32 in [0, 1]."""
+    return resize_image(decode_image(path), size)
+
+
+def _validate(paths: Sequence[Path]) -> list[str | None]:
+    """Fully decode every file; the error message per file, None where it decoded. Threads: decoding drops the GIL."""
+
+    def check(path: Path) -> str | None:
+        try:
+            decode_image(path)
+        except DataError as e:
+            return str(e)
+        return None
+
+    if len(paths) < 16:
+        return [check(p) for p in paths]
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return list(pool.map(check, paths))
+
+
+def _drop_bad(paths: Sequence[Path], names: Sequence[str], skip_bad: bool,
+              skipped: list[tuple[str, str]]) -> np.ndarray:
+    """Validate ``paths``; raise listing the bad ones, or warn, record and return a keep-mask under ``skip_bad``."""
+    errors = _validate(paths)
+    bad = [(name, err) for name, err in zip(names, errors) if err is not None]
+    if bad and not skip_bad:
+        listed = "; ".join(err for _, err in bad[:_MAX_LISTED])
+        more = f" (and {len(bad) - _MAX_LISTED} more)" if len(bad) > _MAX_LISTED else ""
+        raise DataError(f"{len(bad)} bad input file(s): {listed}{more}. Fix or remove them, or pass skip_bad=True")
+    for name, err in bad:
+        warnings.warn(f"skipping {err}", DataWarning, stacklevel=3)
+        skipped.append((name, err))
+    return np.array([err is None for err in errors], dtype=bool)
+
+
+# -- splitting ---------------------------------------------------------------------------------------------------
+
+def _check_fractions(val_fraction, test_fraction) -> tuple[float, float]:
+    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+            raise TypeError(f"{name} must be a number in (0, 1), got {type(value).__name__}")
+        if not 0.0 < float(value) < 1.0:
+            raise ValueError(f"{name} must lie in (0, 1), got {value}")
+    if float(val_fraction) + float(test_fraction) >= 1.0:
+        raise ValueError(f"val_fraction + test_fraction must be < 1 so that train is not empty; got "
+                         f"{val_fraction} + {test_fraction}")
+    return float(val_fraction), float(test_fraction)
+
+
+def assign_splits(labels: np.ndarray, groups: Sequence[str] | None, fractions: Sequence[float], seed: int,
+                  class_names: Sequence[str], split_names: Sequence[str] = SPLIT_NAMES) -> np.ndarray:
+    """Assign samples to splits, stratified by class and grouped (a group never straddles two splits), seeded.
+
+    Deterministic greedy assignment: each group is stratified by its primary label (its most frequent label, ties
+    to the lowest index). Within a class, groups are shuffled with ``seed`` and, when there are at least as many
+    groups as splits, the smallest ones seed every split (smallest split first) so each split sees the class; the
+    rest go, largest first, to the split ``s`` with the largest deficit ``sum_c h_c (f_s n_c - a_sc)``, where
+    ``h`` is the group's label histogram, ``n_c`` the class total and ``a_sc`` what split ``s`` already holds.
+
+    Args:
+        labels: ``(N,)`` int class indices.
+        groups: ``N`` group (patient) ids, or None for one group per sample.
+        fractions: ``(S,)`` target fractions of the splits, summing to 1.
+        seed: Seed for the shuffles.
+        class_names: Names of the classes, for error messages.
+        split_names: Names of the ``S`` splits, for error messages.
+
+    Returns:
+        ``(N,)`` int64 split index per sample.
+
+    Raises:
+        DataError: If some split ends up without a class (too few images or patients in that class), naming both.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    n, n_cls, n_split = len(labels), len(class_names), len(fractions)
+    if groups is None:
+        group_of = np.arange(n)
+        n_groups = n
+    else:
+        _, group_of = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)
+        n_groups = int(group_of.max()) + 1 if n else 0
+    hist = np.zeros((n_groups, n_cls), dtype=np.int64)
+    np.add.at(hist, (group_of, labels), 1)
+    sizes = hist.sum(1)
+    primary = hist.argmax(1)
+    target = np.asarray(fractions, dtype=np.float64)[:, None] * hist.sum(0)[None, :]
+    held = np.zeros((n_split, n_cls), dtype=np.float64)
+    split_of_group = np.full(n_groups, -1, dtype=np.int64)
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(0x5917,)))
+    smallest_first = np.argsort(fractions, kind="stable")
+    for c in range(n_cls):
+        members = rng.permutation(np.flatnonzero(primary == c))
+        members = members[np.argsort(sizes[members], kind="stable")]  # ascending size, random among equal sizes
+        if len(members) >= n_split:
+            for s, g in zip(smallest_first, members[:n_split]):
+                split_of_group[g] = s
+                held[s] += hist[g]
+            members = members[n_split:]
+        for g in members[::-1]:
+            s = int(np.argmax((target - held) @ hist[g]))
+            split_of_group[g] = s
+            held[s] += hist[g]
+    split = split_of_group[group_of]
+    for s, name in enumerate(split_names):
+        for c in range(n_cls):
+            if held[s, c] == 0 and hist[:, c].sum() > 0:
+                what = "patients" if groups is not None else "images"
+                count = int((hist[:, c] > 0).sum())
+                raise DataError(f"class {class_names[c]!r} has only {count} {what}, too few to appear in every split "
+                                f"({', '.join(split_names)}); split {name!r} would have none")
+    return split
+
+
+def _make_set(class_names, labels, ids, paths, size, patient_ids=None) -> ImageSet:
+    return ImageSet(class_names, labels, ids, size=size, paths=paths,
+                    reader=functools.partial(read_image, size=size), patient_ids=patient_ids)
+
+
+def _check_split_classes(split_labels: dict[str, np.ndarray], class_names: Sequence[str]) -> None:
+    for name, labels in split_labels.items():
+        present = set(np.unique(labels).tolist())
+        missing = [class_names[c] for c in range(len(class_names)) if c not in present]
+        if missing:
+            raise DataError(f"split {name!r} has no images of class(es) {', '.join(map(repr, missing))}")
+
+
+def _build(class_names, labels, ids, paths, patients, split_of, size, seed, val_fraction, test_fraction,
+           skipped) -> Splits:
+    """Split (where ``split_of`` lacks assignments) and wrap into `Splits`.
+
+    ``split_of`` is None (split everything), or ``(N,)`` with values 0/1/2 for train/val/test and -1 for none given;
+    if no sample is in val, val is carved out of train with fraction ``val_fraction`` of train.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    if split_of is None:
+        split_of = assign_splits(labels, patients, (1 - val_fraction - test_fraction, val_fraction, test_fraction),
+                                 seed, class_names)
+    elif not (split_of == 1).any():
+        train = np.flatnonzero(split_of == 0)
+        sub = assign_splits(labels[train], None if patients is None else [patients[i] for i in train],
+                            (1 - val_fraction, val_fraction), seed, class_names, ("train", "val"))
+        split_of = split_of.copy()
+        split_of[train[sub == 1]] = 1
+    _check_split_classes({name: labels[split_of == s] for s, name in enumerate(SPLIT_NAMES)}, class_names)
+    sets = []
+    for s in range(3):
+        idx = np.flatnonzero(split_of == s)
+        sets.append(_make_set(class_names, labels[idx], [ids[i] for i in idx], [paths[i] for i in idx], size,
+                              None if patients is None else [patients[i] for i in idx]))
+    return Splits(*sets, skipped=skipped)
+
+
+def _check_classes(class_names: Sequence[str], labels: np.ndarray, where: str) -> None:
+    if len(class_names) < 2:
+        raise DataError(f"{where}: found only {len(class_names)} class ({', '.join(map(repr, class_names))}); "
+                        f"a classifier needs at least 2")
+    counts = np.bincount(labels, minlength=len(class_names))
+    empty = [class_names[c] for c in np.flatnonzero(counts == 0)]
+    if empty:
+        raise DataError(f"{where}: class(es) {', '.join(map(repr, empty))} have no usable images")
+
+
+# -- folders -----------------------------------------------------------------------------------------------------
+
+def _visible(p: Path | str) -> bool:
+    """False for hidden entries (``.DS_Store``, ``.git``) and tool folders such as ``__MACOSX``."""
+    return not (p if isinstance(p, str) else p.name).startswith((".", "__"))
+
+
+def _class_folders(folder: Path) -> dict[str, list[Path]]:
+    """``{class name: sorted files under folder/<class>/ (recursive, hidden entries skipped)}``."""
+    dirs = sorted(p for p in folder.iterdir() if p.is_dir() and _visible(p))
+    if not dirs:
+        raise DataError(f"{folder}: no class sub-folders found; expected {folder}/<class>/<image files>")
+    stray = [p.name for p in folder.iterdir() if p.is_file() and _visible(p)]
+    if stray:
+        warnings.warn(f"{folder}: ignoring {len(stray)} file(s) outside class folders ({', '.join(stray[:3])})",
+                      DataWarning, stacklevel=3)
+    out = {}
+    for d in dirs:
+        files = sorted(p for p in d.rglob("*") if p.is_file()
+                       and all(_visible(part) for part in p.relative_to(d).parts))
+        if not files:
+            raise DataError(f"class folder {d} is empty: class {d.name!r} has no image files")
+        out[d.name] = files
+    return out
+
+
+def load_folder(root: str | os.PathLike, size: int, seed: int, val_fraction: float = 0.15,
+                test_fraction: float = 0.2, skip_bad: bool = False) -> Splits:
+    """Load ``root/<class>/*`` (split here) or ``root/{train,val,test}/<class>/*`` (already split).
+
+    Class names are the sorted class folder names (of ``train`` when pre-split). Without a split layout the
+    images are split stratified by class with target fractions ``(1 - val - test, val, test)`` (see
+    `assign_splits`; each image is its own group, as folders carry no patient ids: use `load_csv` with a
+    ``patient_id`` column to keep patients together). In a pre-split layout the fractions are ignored, except
+    that a missing ``val`` folder is carved from ``train`` with fraction ``val_fraction``. Sample ids are paths
+    relative to ``root``, with ``/`` separators.
+
+    Args:
+        root: Data folder.
+        size: Images are resized to ``(size, size)``.
+        seed: Seed for the split assignment.
+        val_fraction: Target validation fraction, in (0, 1).
+        test_fraction: Target test fraction, in (0, 1); ``val_fraction + test_fraction < 1``.
+        skip_bad: Skip unreadable files with a `DataWarning`, recording them in `Splits.skipped`, instead of
+            raising. Structural problems (an empty class, a single class, a split without some class) still raise.
+
+    Returns:
+        `Splits` of lazily loaded `ImageSet` items ``(1, size, size)`` float32 in [0, 1].
+
+    Raises:
+        DataError: Missing root, no or empty class folders, fewer than two classes, a split missing a class,
+            bad files (unless ``skip_bad``), a mix of split and class folders at the top level.
+        TypeError, ValueError: Bad ``size``, ``seed`` or fractions.
+    """
+    size = _check_int(size, "size", 1, 4096)
+    seed = _check_int(seed, "seed", 0)
+    val_fraction, test_fraction = _check_fractions(val_fraction, test_fraction)
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"data root {root} does not exist")
+    if not root.is_dir():
+        raise DataError(f"data root {root} is not a folder")
+    top = sorted(p.name for p in root.iterdir() if p.is_dir() and _visible(p))
+    split_dirs = [name for name in top if name in SPLIT_NAMES]
+    skipped: list[tuple[str, str]] = []
+    if not split_dirs:
+        by_class = _class_folders(root)
+        layout = {None: by_class}
+    else:
+        others = [name for name in top if name not in SPLIT_NAMES]
+        if others:
+            raise DataError(f"{root}: mixes split folders ({', '.join(split_dirs)}) with other folders "
+                            f"({', '.join(others[:5])}); use either root/<class>/ or root/{{train,val,test}}/<class>/")
+        for required in ("train", "test"):
+            if required not in split_dirs:
+                raise DataError(f"{root}: pre-split layout has no {required!r} folder (found {', '.join(split_dirs)})")
+        layout = {name: _class_folders(root / name) for name in SPLIT_NAMES if name in split_dirs}
+        class_set = set(layout["train"])
+        for name, by_class in layout.items():
+            missing, extra = sorted(class_set - set(by_class)), sorted(set(by_class) - class_set)
+            if missing:
+                raise DataError(f"split {name!r} ({root / name}) has no folder for class(es) "
+                                f"{', '.join(map(repr, missing))}")
+            if extra:
+                raise DataError(f"split {name!r} ({root / name}) has class(es) {', '.join(map(repr, extra))} "
+                                f"that train lacks")
+    class_names = tuple(sorted(next(iter(layout.values()))))
+    _check_classes(class_names, np.arange(len(class_names)), str(root))
+    paths, labels, split_of = [], [], []
+    for s, by_class in layout.items():
+        for c, name in enumerate(class_names):
+            paths += by_class[name]
+            labels += [c] * len(by_class[name])
+            split_of += [-1 if s is None else SPLIT_NAMES.index(s)] * len(by_class[name])
+    ids = [p.relative_to(root).as_posix() for p in paths]
+    keep = _drop_bad(paths, ids, skip_bad, skipped)
+    paths = [p for p, k in zip(paths, keep) if k]
+    ids = [i for i, k in zip(ids, keep) if k]
+    labels = np.asarray(labels, dtype=np.int64)[keep]
+    split_arr = np.asarray(split_of, dtype=np.int64)[keep]
+    for s in layout:
+        where = str(root if s is None else root / s)
+        sel = np.ones(len(labels), dtype=bool) if s is None else split_arr == SPLIT_NAMES.index(s)
+        _check_classes(class_names, labels[sel], where)
+    return _build(class_names, labels, ids, paths, None, split_arr if split_dirs else None, size, seed,
+                  val_fraction, test_fraction, skipped)
+
+
+# -- CSV manifests -----------------------------------------------------------------------------------------------
+
+def load_csv(manifest: str | os.PathLike, size: int, seed: int, val_fraction: float = 0.15,
+             test_fraction: float = 0.2, skip_bad: bool = False, root: str | os.PathLike | None = None, *,
+             classes: Sequence[str] | None = None) -> Splits:
+    """Load the images listed in a CSV manifest with columns ``path,label`` and optional ``split``, ``patient_id``.
+
+    Header names are matched case-insensitively. ``path`` is relative to ``root`` when given, else to the
+    manifest's folder (absolute paths are used as they are). ``split`` takes train / val / test (also training,
+    valid, validation, testing); with a ``split`` column every row needs one, and a missing val split is carved
+    from train. Without it, rows are split with target fractions ``(1 - val - test, val, test)`` stratified by
+    class and grouped by ``patient_id`` (see `assign_splits`); with both columns, a patient in two splits is an
+    error. Class names are ``classes`` when given (labels outside it are errors), else the sorted distinct labels.
+    Sample ids are the manifest's paths.
+
+    Args:
+        manifest: CSV file.
+        size: Images are resized to ``(size, size)``.
+        seed: Seed for the split assignment.
+        val_fraction: Target validation fraction, in (0, 1).
+        test_fraction: Target test fraction, in (0, 1); ``val_fraction + test_fraction < 1``.
+        skip_bad: Skip missing or unreadable files with a `DataWarning`, recording them in `Splits.skipped`.
+        root: Folder the paths are relative to (default: the manifest's folder).
+        classes: The expected class names, in label order.
+
+    Returns:
+        `Splits` of lazily loaded `ImageSet` items ``(1, size, size)`` float32 in [0, 1], with ``patient_ids``
+        when the manifest has them.
+
+    Raises:
+        DataError: Missing manifest or root, missing columns, empty or duplicate rows, unknown labels or split
+            names, a patient in two splits, missing or bad files (unless ``skip_bad``), fewer than two classes,
+            a class without images, a split missing a class.
+        TypeError, ValueError: Bad ``size``, ``seed`` or fractions.
+    """
+    size = _check_int(size, "size", 1, 4096)
+    seed = _check_int(seed, "seed", 0)
+    val_fraction, test_fraction = _check_fractions(val_fraction, test_fraction)
+    manifest = Path(manifest)
+    if not manifest.is_file():
+        raise DataError(f"manifest {manifest} does not exist" if not manifest.exists()
+                        else f"manifest {manifest} is not a file")
+    base = manifest.parent if root is None else Path(root)
+    if not base.is_dir():
+        raise DataError(f"data root {base} does not exist or is not a folder")
+    try:
+        with open(manifest, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.reader(f))
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"manifest {manifest}: cannot be read as UTF-8 CSV ({e})") from e
+    if not rows:
+        raise DataError(f"manifest {manifest} is empty; expected a header with columns path,label")
+    header = [h.strip().lower() for h in rows[0]]
+    for required in ("path", "label"):
+        if required not in header:
+            raise DataError(f"manifest {manifest} has no {required!r} column (columns: {', '.join(rows[0])})")
+    dup = [h for h, k in Counter(header).items() if k > 1 and h]
+    if dup:
+        raise DataError(f"manifest {manifest} repeats column(s) {', '.join(dup)}")
+    col = {name: header.index(name) for name in ("path", "label", "split", "patient_id") if name in header}
+    records = []
+    seen: dict[str, int] = {}
+    for line, row in enumerate(rows[1:], start=2):
+        if not any(cell.strip() for cell in row):
+            continue
+        if len(row) != len(header):
+            raise DataError(f"{manifest} line {line}: {len(row)} fields, header has {len(header)}")
+        rec = {name: row[i].strip() for name, i in col.items()}
+        for name, value in rec.items():
+            if not value:
+                raise DataError(f"{manifest} line {line}: empty {name!r}")
+        if rec["path"] in seen:
+            raise DataError(f"{manifest} line {line}: path {rec['path']!r} already listed on line {seen[rec['path']]}")
+        seen[rec["path"]] = line
+        if "split" in rec:
+            alias = _SPLIT_ALIASES.get(rec["split"].lower())
+            if alias is None:
+                raise DataError(f"{manifest} line {line}: unknown split {rec['split']!r}; expected train, val or test")
+            rec["split"] = alias
+        rec["line"] = line
+        records.append(rec)
+    if not records:
+        raise DataError(f"manifest {manifest} lists no images")
+    if classes is not None:
+        class_names = tuple(str(c) for c in classes)
+        if len(set(class_names)) != len(class_names):
+            raise ValueError(f"classes has duplicate names: {class_names}")
+        for rec in records:
+            if rec["label"] not in class_names:
+                raise DataError(f"{manifest} line {rec['line']}: unknown label {rec['label']!r}; expected one of "
+                                f"{', '.join(class_names)}")
+    else:
+        class_names = tuple(sorted({rec["label"] for rec in records}))
+    _check_classes(class_names, np.unique([class_names.index(r["label"]) for r in records]), str(manifest))
+    has_split, has_patient = "split" in col, "patient_id" in col
+    if has_split and has_patient:
+        where: dict[str, tuple[str, int]] = {}
+        for rec in records:
+            first = where.setdefault(rec["patient_id"], (rec["split"], rec["line"]))
+            if first[0] != rec["split"]:
+                raise DataError(f"{manifest}: patient {rec['patient_id']!r} is in split {first[0]!r} (line {first[1]}) "
+                                f"and in split {rec['split']!r} (line {rec['line']})")
+    paths = [Path(r["path"]) if Path(r["path"]).is_absolute() else base / r["path"] for r in records]
+    ids = [Path(r["path"]).as_posix() for r in records]
+    skipped: list[tuple[str, str]] = []
+    keep = _drop_bad(paths, ids, skip_bad, skipped)
+    records = [r for r, k in zip(records, keep) if k]
+    paths = [p for p, k in zip(paths, keep) if k]
+    ids = [i for i, k in zip(ids, keep) if k]
+    labels = np.array([class_names.index(r["label"]) for r in records], dtype=np.int64)
+    _check_classes(class_names, labels, str(manifest))
+    patients = [r["patient_id"] for r in records] if has_patient else None
+    split_of = np.array([SPLIT_NAMES.index(r["split"]) for r in records], dtype=np.int64) if has_split else None
+    if split_of is not None:
+        for s in ("train", "test"):
+            if not (split_of == SPLIT_NAMES.index(s)).any():
+                raise DataError(f"manifest {manifest}: split column lists no {s!r} images")
+    return _build(class_names, labels, ids, paths, patients, split_of, size, seed, val_fraction, test_fraction,
+                  skipped)

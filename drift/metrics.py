@@ -1,0 +1,543 @@
+"""Drift metrics between two attribution maps of the same image and class, and single-map localisation metrics.
+
+Every function takes batched maps (B, H, W) on any device and returns one value per map or pair, shape (B,),
+float64 (metrics are reductions over many pixels; float64 keeps them exact to the last reported digit). By
+convention ``a`` is the transfer-learning (TL) map and ``b`` the fine-tuned (FT) map. Maps are compared at the
+same size: the caller upsamples layer-resolution maps to the input (mask) size first
+(:func:`drift.attribution.upsample`).
+
+Mass-based metrics (centroid, entropy, Gini, top mass, mass fraction) treat a map as a non-negative mass
+distribution; negative values are an error. A map without mass (all zero) gives NaN there, never a number.
+:func:`pair_metrics` computes everything for a batch of pairs, flags degenerate maps (:func:`degenerate`) and
+reports NaN for those pairs instead of scoring them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from drift_kernels import topk_count
+from drift_kernels import topk_iou as _topk_iou_kernel
+
+DEFAULT_FRACTIONS = (0.05, 0.1, 0.2, 0.3)
+
+DEGENERATE_NAMES = ("ok", "non-finite", "all zero", "constant")
+"""Meaning of the codes returned by :func:`degenerate`, indexed by code."""
+
+SSIM_WINDOW = 11
+SSIM_SIGMA = 1.5
+
+
+# --------------------------------------------------------------------------------------------------- checks
+
+
+def _check_maps(a: torch.Tensor, name: str = "a") -> None:
+    if not isinstance(a, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor (B, H, W), got {type(a).__name__}")
+    if a.ndim != 3:
+        raise ValueError(f"{name} must have shape (B, H, W), got {tuple(a.shape)}")
+    if not a.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got dtype {a.dtype}")
+
+
+def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
+    _check_maps(a, "a")
+    _check_maps(b, "b")
+    if a.shape != b.shape:
+        raise ValueError(f"a and b must have the same shape (B, H, W), got {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.device != b.device:
+        raise ValueError(f"a and b must be on the same device, got {a.device} and {b.device}")
+
+
+def _check_nonnegative(a: torch.Tensor, name: str) -> None:
+    neg = a < 0  # NaN compares False: non-finite maps pass here and yield NaN downstream
+    if neg.any():
+        i = int(neg.flatten(1).any(1).nonzero()[0, 0])
+        raise ValueError(
+            f"{name}[{i}] has negative values (min {float(a[i].min()):.4g}); mass-based metrics need non-negative "
+            "maps (CAMs after ReLU)"
+        )
+
+
+def _check_mask(mask: torch.Tensor, like: torch.Tensor, name: str) -> torch.Tensor:
+    """A mask (B, H, W) or (H, W), bool or weights in [0, 1], as float64 (B, H, W) on ``like``'s device."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor (B, H, W) or (H, W), got {type(mask).__name__}")
+    if mask.shape != like.shape and mask.shape != like.shape[1:]:
+        raise ValueError(
+            f"{name} must have shape {tuple(like.shape)} or {tuple(like.shape[1:])} (the maps' size), "
+            f"got {tuple(mask.shape)}"
+        )
+    m = mask.to(device=like.device, dtype=torch.float64)
+    if mask.dtype != torch.bool and ((m < 0) | (m > 1) | m.isnan()).any():
+        raise ValueError(f"{name} must be boolean or hold weights in [0, 1]")
+    return m.expand(like.shape)
+
+
+def _f64(a: torch.Tensor) -> torch.Tensor:
+    return a.to(torch.float64).flatten(1)
+
+
+def _finite(a: torch.Tensor) -> torch.Tensor:
+    return torch.isfinite(a).flatten(1).all(1)
+
+
+def _nan_where(ok: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return torch.where(ok, v, torch.full_like(v, math.nan))
+
+
+def _diagonal(h: int, w: int) -> float:
+    return math.sqrt(h * h + w * w)
+
+
+# -------------------------------------------------------------------------------------------- displacement
+
+
+def _centroids(a: torch.Tensor) -> torch.Tensor:
+    """(B, 2) mass-weighted (row, column) centroid in pixel units; NaN for a massless map."""
+    m = a.to(torch.float64)
+    _, h, w = m.shape
+    mass = m.sum(dim=(1, 2))
+    rows = torch.arange(h, dtype=torch.float64, device=m.device)
+    cols = torch.arange(w, dtype=torch.float64, device=m.device)
+    cy = (m.sum(2) * rows).sum(1) / mass
+    cx = (m.sum(1) * cols).sum(1) / mass
+    return _nan_where((mass > 0)[:, None], torch.stack([cy, cx], 1))
+
+
+def centroid_shift(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Distance between the mass-weighted centroids of a and b, over the image diagonal.
+
+    c(m) = (sum_ij m_ij i, sum_ij m_ij j) / sum_ij m_ij with pixel indices (i, j);
+    shift = ||c(a) - c(b)||_2 / sqrt(H^2 + W^2), in [0, 1).
+
+    Args:
+        a, b: non-negative maps (B, H, W).
+
+    Returns:
+        (B,) float64; NaN where either map has no mass or is non-finite.
+    """
+    _check_pair(a, b)
+    _check_nonnegative(a, "a")
+    _check_nonnegative(b, "b")
+    d = torch.linalg.vector_norm(_centroids(a) - _centroids(b), dim=1)
+    return d / _diagonal(*a.shape[1:])
+
+
+def _peaks(a: torch.Tensor) -> torch.Tensor:
+    """(B, 2) (row, column) of the first maximum in row-major order, float64; NaN for non-finite maps."""
+    w = a.shape[2]
+    idx = a.flatten(1).argmax(dim=1)  # torch returns the first occurrence of the maximum
+    rc = torch.stack([idx // w, idx % w], 1).to(torch.float64)
+    return _nan_where(_finite(a)[:, None], rc)
+
+
+def peak_shift(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Distance between the peaks of a and b, over the image diagonal.
+
+    peak(m) = (i, j) of the first maximum of m in row-major order; shift = ||peak(a) - peak(b)|| / sqrt(H^2 + W^2).
+
+    Args:
+        a, b: maps (B, H, W).
+
+    Returns:
+        (B,) float64; NaN where either map is non-finite. (A constant map peaks at (0, 0): screen such maps with
+        :func:`degenerate`.)
+    """
+    _check_pair(a, b)
+    d = torch.linalg.vector_norm(_peaks(a) - _peaks(b), dim=1)
+    return d / _diagonal(*a.shape[1:])
+
+
+# ----------------------------------------------------------------------------------------------- overlap
+
+
+def topk_iou(a: torch.Tensor, b: torch.Tensor, fractions: Sequence[float] = DEFAULT_FRACTIONS) -> torch.Tensor:
+    """IoU of the top-k pixel sets of a and b, for every fraction f: |S_a ∩ S_b| / |S_a ∪ S_b|.
+
+    S_m holds exactly k = ceil(f H W) pixels of m (at least 1): pixels in order of value descending, ties broken
+    by the lower flat (row-major) index first. Computed by ``drift_kernels.topk_iou`` on float32 maps.
+
+    Args:
+        a, b: maps (B, H, W).
+        fractions: T fractions in (0, 1].
+
+    Returns:
+        (B, T) float64; rows of pairs with a non-finite map are NaN (those maps never reach the kernel).
+    """
+    _check_pair(a, b)
+    fr = _check_fractions(fractions)
+    bsz = a.shape[0]
+    out = torch.full((bsz, len(fr)), math.nan, dtype=torch.float64, device=a.device)
+    ok = _finite(a) & _finite(b)
+    if ok.any():
+        sel = ok.nonzero()[:, 0]
+        fa = a[sel].to(torch.float32).contiguous()
+        fb = b[sel].to(torch.float32).contiguous()
+        inter, union, _ = _topk_iou_kernel(fa, fb, fr)
+        out[sel] = inter.to(torch.float64) / union.to(torch.float64)
+    return out
+
+
+def _check_fractions(fractions: Sequence[float]) -> tuple[float, ...]:
+    fr = tuple(float(f) for f in fractions)
+    if not fr or any(not (0 < f <= 1) for f in fr):
+        raise ValueError(f"fractions must be a non-empty sequence of values in (0, 1], got {fractions!r}")
+    return fr
+
+
+# ----------------------------------------------------------------------------------------------- pattern
+
+
+def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation of the pixel values of a and b: cov(a, b) / (std(a) std(b)).
+
+    Args:
+        a, b: maps (B, H, W).
+
+    Returns:
+        (B,) float64; NaN where a map is constant (zero variance) or non-finite, as scipy.stats.pearsonr.
+    """
+    _check_pair(a, b)
+    return _pearson_rows(_f64(a), _f64(b))
+
+
+def _pearson_rows(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    x = x - x.mean(1, keepdim=True)
+    y = y - y.mean(1, keepdim=True)
+    sxx, syy = (x * x).sum(1), (y * y).sum(1)
+    r = (x * y).sum(1) / torch.sqrt(sxx * syy)
+    # Rounding can push |r| a hair above 1 for near-identical maps.
+    return r.clamp(-1, 1)
+
+
+def _average_ranks(x: torch.Tensor) -> torch.Tensor:
+    """Ranks 1..n along dim 1, ties receiving the mean of their positions (scipy.stats.rankdata 'average')."""
+    n = x.shape[1]
+    v, order = torch.sort(x, dim=1, stable=True)
+    pos = torch.arange(n, device=x.device).expand_as(v)
+    starts = torch.ones_like(v, dtype=torch.bool)
+    starts[:, 1:] = v[:, 1:] != v[:, :-1]
+    ends = torch.ones_like(starts)
+    ends[:, :-1] = starts[:, 1:]
+    first = torch.where(starts, pos, torch.zeros_like(pos)).cummax(dim=1).values
+    last = torch.where(ends, pos, torch.full_like(pos, n)).flip(1).cummin(dim=1).values.flip(1)
+    avg = (first + last).to(torch.float64) / 2 + 1
+    return torch.empty_like(avg).scatter_(1, order, avg)
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Spearman rank correlation: Pearson correlation of the average ranks (ties share their mean rank).
+
+    Args:
+        a, b: maps (B, H, W).
+
+    Returns:
+        (B,) float64; NaN where a map is constant or non-finite, as scipy.stats.spearmanr.
+    """
+    _check_pair(a, b)
+    x, y = _f64(a), _f64(b)
+    r = _pearson_rows(_average_ranks(x), _average_ranks(y))
+    return _nan_where(_finite(a) & _finite(b), r)
+
+
+def _gaussian_window(device: torch.device) -> torch.Tensor:
+    r = (SSIM_WINDOW - 1) // 2
+    x = torch.arange(-r, r + 1, dtype=torch.float64, device=device)
+    k = torch.exp(-0.5 * (x / SSIM_SIGMA) ** 2)
+    return k / k.sum()
+
+
+def _minmax(m: torch.Tensor) -> torch.Tensor:
+    lo = m.amin(dim=(1, 2), keepdim=True)
+    span = m.amax(dim=(1, 2), keepdim=True) - lo
+    out = (m - lo) / span
+    return torch.where(span == 0, torch.zeros_like(out), out)
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean structural similarity of the min-max normalised maps (Wang et al. 2004).
+
+    Both maps are rescaled to [0, 1] per map (a constant map becomes zeros), then with Gaussian-weighted local
+    statistics (window 11, sigma 1.5, population covariance), C1 = (0.01 L)^2, C2 = (0.03 L)^2, L = 1:
+
+        S = (2 mu_a mu_b + C1)(2 s_ab + C2) / ((mu_a^2 + mu_b^2 + C1)(s_a^2 + s_b^2 + C2)),
+
+    averaged over the positions whose window lies inside the image (a 5-pixel border is excluded), which equals
+    ``skimage.metrics.structural_similarity(a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+    data_range=1)``.
+
+    Args:
+        a, b: maps (B, H, W) with H, W >= 11.
+
+    Returns:
+        (B,) float64; NaN where either map is non-finite.
+    """
+    _check_pair(a, b)
+    h, w = a.shape[1:]
+    if h < SSIM_WINDOW or w < SSIM_WINDOW:
+        raise ValueError(
+            f"ssim needs maps of at least {SSIM_WINDOW} x {SSIM_WINDOW} pixels, got {h} x {w}: upsample the maps "
+            "to the input size first"
+        )
+    x, y = _minmax(a.to(torch.float64)), _minmax(b.to(torch.float64))
+    stack = torch.stack([x, y, x * x, y * y, x * y], dim=1)  # (B, 5, H, W)
+    k = _gaussian_window(a.device)
+    # Separable filter without padding: exactly the positions skimage keeps after cropping its border.
+    stack = F.conv2d(stack, k.view(1, 1, -1, 1).expand(5, 1, -1, 1), groups=5)
+    mu_x, mu_y, xx, yy, xy = F.conv2d(stack, k.view(1, 1, 1, -1).expand(5, 1, 1, -1), groups=5).unbind(1)
+    vx, vy, vxy = xx - mu_x * mu_x, yy - mu_y * mu_y, xy - mu_x * mu_y
+    c1, c2 = 0.01**2, 0.03**2
+    s = (2 * mu_x * mu_y + c1) * (2 * vxy + c2) / ((mu_x**2 + mu_y**2 + c1) * (vx + vy + c2))
+    return _nan_where(_finite(a) & _finite(b), s.mean(dim=(1, 2)))
+
+
+# ------------------------------------------------------------------------------------------ concentration
+
+
+def entropy(a: torch.Tensor) -> torch.Tensor:
+    """Normalised Shannon entropy of a map as a distribution: -sum_i p_i log p_i / log(H W), p = m / sum m.
+
+    1 for a uniform map, 0 for a single-pixel map (0 log 0 = 0).
+
+    Args:
+        a: non-negative maps (B, H, W) with H W > 1.
+
+    Returns:
+        (B,) float64; NaN for a massless or non-finite map.
+    """
+    _check_maps(a)
+    _check_nonnegative(a, "a")
+    n = a.shape[1] * a.shape[2]
+    if n < 2:
+        raise ValueError(f"entropy needs maps of more than one pixel, got {tuple(a.shape[1:])}")
+    m = _f64(a)
+    mass = m.sum(1)
+    p = m / mass[:, None]
+    plogp = torch.where(p > 0, p * torch.log(p), torch.zeros_like(p))
+    return _nan_where((mass > 0) & _finite(a), -plogp.sum(1) / math.log(n))
+
+
+def gini(a: torch.Tensor) -> torch.Tensor:
+    """Gini coefficient of the pixel values: sum_i (2 i - n - 1) x_(i) / (n sum_i x_i), x sorted ascending.
+
+    Equal to the mean absolute difference sum_ij |x_i - x_j| / (2 n^2 mean x): 0 for a uniform map,
+    1 - 1/n for a single-pixel map.
+
+    Args:
+        a: non-negative maps (B, H, W).
+
+    Returns:
+        (B,) float64; NaN for a massless or non-finite map.
+    """
+    _check_maps(a)
+    _check_nonnegative(a, "a")
+    x = torch.sort(_f64(a), dim=1).values
+    n = x.shape[1]
+    i = torch.arange(1, n + 1, dtype=torch.float64, device=a.device)
+    mass = x.sum(1)
+    g = ((2 * i - n - 1) * x).sum(1) / (n * mass)
+    return _nan_where((mass > 0) & _finite(a), g)
+
+
+def top_mass(a: torch.Tensor, fraction: float = 0.1) -> torch.Tensor:
+    """Share of the map's mass in its top ceil(fraction H W) pixels (same count rule as :func:`topk_iou`).
+
+    Which of several tied pixels is taken does not change the share, so no tie rule is needed here.
+
+    Args:
+        a: non-negative maps (B, H, W).
+        fraction: in (0, 1].
+
+    Returns:
+        (B,) float64 in (0, 1]; NaN for a massless or non-finite map.
+    """
+    _check_maps(a)
+    _check_nonnegative(a, "a")
+    (f,) = _check_fractions((fraction,))
+    m = _f64(a)
+    k = topk_count(m.shape[1], f)
+    mass = m.sum(1)
+    share = torch.topk(m, k, dim=1).values.sum(1) / mass
+    return _nan_where((mass > 0) & _finite(a), share)
+
+
+# --------------------------------------------------------------------------------------------------- masks
+
+
+def mass_fraction(a: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Share of the map's mass inside a mask: sum_ij m_ij mask_ij / sum_ij m_ij (lung-mass fraction).
+
+    Args:
+        a: non-negative maps (B, H, W).
+        mask: (B, H, W) or (H, W) boolean, or weights in [0, 1]; same size as the maps.
+
+    Returns:
+        (B,) float64 in [0, 1]; NaN for a massless or non-finite map, or an empty mask.
+    """
+    _check_maps(a)
+    _check_nonnegative(a, "a")
+    mk = _check_mask(mask, a, "mask").flatten(1)
+    m = _f64(a)
+    mass = m.sum(1)
+    share = (m * mk).sum(1) / mass
+    return _nan_where((mass > 0) & _finite(a) & (mk.sum(1) > 0), share)
+
+
+def energy_in(a: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Energy-based pointing: share of the map's energy inside the mask (the literature's name for
+    :func:`mass_fraction`; same formula, shapes and NaN rules)."""
+    return mass_fraction(a, mask)
+
+
+def pointing_game(a: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Pointing game: 1 if the map's first maximum (row-major order) lies inside the mask, else 0.
+
+    Args:
+        a: maps (B, H, W).
+        mask: (B, H, W) or (H, W) boolean (or weights: a pixel counts as inside when its weight > 0.5).
+
+    Returns:
+        (B,) float64 in {0, 1}; NaN for a non-finite map or an empty mask.
+    """
+    _check_maps(a)
+    mk = _check_mask(mask, a, "mask").flatten(1) > 0.5
+    idx = a.flatten(1).argmax(dim=1)
+    hit = mk.gather(1, idx[:, None])[:, 0].to(torch.float64)
+    return _nan_where(_finite(a) & mk.any(1), hit)
+
+
+# ---------------------------------------------------------------------------------------------- degenerate
+
+
+def degenerate(a: torch.Tensor) -> torch.Tensor:
+    """Degeneracy code per map: 0 ok, 1 non-finite (any NaN/inf), 2 all zero, 3 constant non-zero.
+
+    The first matching code wins in that order; :data:`DEGENERATE_NAMES` names them.
+
+    Args:
+        a: maps (B, H, W).
+
+    Returns:
+        (B,) int64 codes.
+    """
+    _check_maps(a)
+    flat = a.flatten(1)
+    finite = _finite(a)
+    zero = (flat == 0).all(1)
+    const = flat.amax(1) == flat.amin(1) if flat.shape[1] else torch.ones_like(zero)
+    codes = torch.zeros(a.shape[0], dtype=torch.int64, device=a.device)
+    codes = torch.where(const, torch.full_like(codes, 3), codes)
+    codes = torch.where(zero, torch.full_like(codes, 2), codes)
+    return torch.where(~finite, torch.full_like(codes, 1), codes)
+
+
+def degenerate_name(code: int) -> str:
+    """The name of a :func:`degenerate` code ("ok", "non-finite", "all zero", "constant")."""
+    code = int(code)
+    if not 0 <= code < len(DEGENERATE_NAMES):
+        raise ValueError(f"unknown degeneracy code {code}; codes are 0..{len(DEGENERATE_NAMES) - 1}")
+    return DEGENERATE_NAMES[code]
+
+
+def count_degenerate(codes: torch.Tensor) -> dict[str, int]:
+    """Number of maps per degeneracy name, e.g. {"ok": 97, "non-finite": 0, "all zero": 3, "constant": 0}."""
+    counts = torch.bincount(codes.flatten().cpu(), minlength=len(DEGENERATE_NAMES))
+    if counts.numel() > len(DEGENERATE_NAMES):
+        raise ValueError(f"codes hold values outside 0..{len(DEGENERATE_NAMES) - 1}")
+    return {name: int(c) for name, c in zip(DEGENERATE_NAMES, counts)}
+
+
+# -------------------------------------------------------------------------------------------------- pairs
+
+
+def iou_key(fraction: float) -> str:
+    """Result key of a top-k IoU fraction: 0.05 -> "iou@05", 0.1 -> "iou@10", 0.025 -> "iou@2.5"."""
+    pct = round(fraction * 100, 6)
+    return f"iou@{int(pct):02d}" if pct == int(pct) else f"iou@{pct:g}"
+
+
+def pair_metrics(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    lung_mask: torch.Tensor | None = None,
+    lesion_mask: torch.Tensor | None = None,
+    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+) -> dict[str, torch.Tensor]:
+    """Every drift and localisation metric of a batch of (TL, FT) map pairs in one call.
+
+    Keys (each (B,) float64 unless noted): ``centroid_shift``, ``peak_shift``, ``iou@XX`` per fraction
+    (:func:`iou_key`), ``pearson``, ``spearman``, ``ssim``; per stage ``_tl`` / ``_ft`` and their change
+    ``_change`` = FT - TL for ``entropy``, ``gini``, ``top10_mass`` (fraction 0.1); with ``lung_mask``:
+    ``lung_mass_tl/ft/change`` (:func:`mass_fraction`); with ``lesion_mask``: ``lesion_energy_tl/ft/change``
+    (:func:`energy_in`) and ``pointing_tl/ft`` (:func:`pointing_game`). Bookkeeping: ``valid`` (bool, neither map
+    degenerate), ``degenerate_tl`` / ``degenerate_ft`` (int64 codes of :func:`degenerate`).
+
+    Every metric of a pair that is not valid is NaN: degenerate maps are counted, never scored.
+
+    Args:
+        a: TL maps (B, H, W), non-negative, already at the mask / input size (H, W >= 11 for SSIM).
+        b: FT maps (B, H, W) of the same images and classes.
+        lung_mask, lesion_mask: (B, H, W) or (H, W) boolean masks, or None.
+        fractions: top-k IoU fractions.
+
+    Returns:
+        dict of (B,) tensors on the maps' device.
+    """
+    _check_pair(a, b)
+    fr = _check_fractions(fractions)
+    h, w = a.shape[1:]
+    if h < SSIM_WINDOW or w < SSIM_WINDOW:
+        raise ValueError(
+            f"pair_metrics needs maps of at least {SSIM_WINDOW} x {SSIM_WINDOW} (SSIM window), got {h} x {w}: "
+            "upsample the maps to the input size first"
+        )
+    # Checked on the whole batch so that the error names the caller's map index, not one of the valid subset.
+    _check_nonnegative(a, "a")
+    _check_nonnegative(b, "b")
+    masks = {}
+    if lung_mask is not None:
+        masks["lung"] = _check_mask(lung_mask, a, "lung_mask")
+    if lesion_mask is not None:
+        masks["lesion"] = _check_mask(lesion_mask, a, "lesion_mask")
+
+    deg_tl, deg_ft = degenerate(a), degenerate(b)
+    valid = (deg_tl == 0) & (deg_ft == 0)
+    sel = valid.nonzero()[:, 0]
+    va, vb = a[sel], b[sel]
+    vm = {k: m[sel] for k, m in masks.items()}
+
+    got: dict[str, torch.Tensor] = {
+        "centroid_shift": centroid_shift(va, vb),
+        "peak_shift": peak_shift(va, vb),
+    }
+    iou = topk_iou(va, vb, fr)
+    for t, f in enumerate(fr):
+        got[iou_key(f)] = iou[:, t]
+    got["pearson"] = pearson(va, vb)
+    got["spearman"] = spearman(va, vb)
+    got["ssim"] = ssim(va, vb)
+    per_map = {"entropy": entropy, "gini": gini, "top10_mass": lambda m: top_mass(m, 0.1)}
+    if "lung" in vm:
+        per_map["lung_mass"] = lambda m: mass_fraction(m, vm["lung"])
+    if "lesion" in vm:
+        per_map["lesion_energy"] = lambda m: energy_in(m, vm["lesion"])
+    for key, fn in per_map.items():
+        tl, ft = fn(va), fn(vb)
+        got[f"{key}_tl"], got[f"{key}_ft"], got[f"{key}_change"] = tl, ft, ft - tl
+    if "lesion" in vm:
+        got["pointing_tl"] = pointing_game(va, vm["lesion"])
+        got["pointing_ft"] = pointing_game(vb, vm["lesion"])
+
+    out = {}
+    for key, v in got.items():
+        full = torch.full((a.shape[0],), math.nan, dtype=torch.float64, device=a.device)
+        full[sel] = v
+        out[key] = full
+    out["valid"] = valid
+    out["degenerate_tl"] = deg_tl
+    out["degenerate_ft"] = deg_ft
+    return out

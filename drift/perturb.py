@@ -1,0 +1,568 @@
+"""Perturbation experiments on the iFIM subspaces (DESIGN.md sections 1 and 4).
+
+For each image x and relative size eps, three unit directions u (all perturbations d = eps |x| u have the same
+L2 norm):
+
+* ``high``: u = V_k a / |V_k a|, a ~ N(0, I_k): a random direction inside the top-k iFIM subspace, built as
+  G^T U_k diag(lambda_k)^-1/2 a with one ``fisher_project`` call;
+* ``complement``: u = (g - V_k V_k^T g) / |.|, g ~ N(0, I_D): a random direction orthogonal to that subspace,
+  V_k V_k^T g = G^T U_k diag(1/lambda_k) U_k^T (G g) (applied twice, so rounding leaves no component inside);
+* ``random``: u = g / |g|.
+
+Recorded per eps and kind: the change in predicted-class confidence p_pred(x) - p_pred(x + d) (pred = argmax of
+p(x)), KL(p(x) || p(x + d)), prediction flips (argmax changes), the set's accuracy and macro one-vs-rest AUC, and
+the second-order prediction 1/2 d^T F d = 1/2 |G d|^2 of the KL. Removal / attenuation: x - alpha x_high against
+x - alpha |x_high| u_complement (an equal-norm random piece of the complement), for alpha in [0, 1].
+
+Every random draw of sample i comes from its own generator seeded by (seed, i), so results depend on the seed
+alone: not on the batch size, the device or the order samples are processed in.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.stats
+import torch
+from sklearn.metrics import roc_auc_score
+from torch import nn
+
+from .fisher import (
+    IFIM,
+    Components,
+    _check_head,
+    _check_jp,
+    _flat_batch,
+    _project,
+    decompose_from_jacobian,
+    fisher_apply,
+    head_probs,
+    ifim_from_jacobian,
+    input_jacobian,
+)
+
+__all__ = [
+    "KINDS",
+    "REMOVAL_KINDS",
+    "Directions",
+    "PerturbationResult",
+    "macro_auc",
+    "perturbation_directions",
+    "removal_inputs",
+    "run_perturbations",
+    "sample_generator",
+]
+
+KINDS = ("high", "complement", "random")
+REMOVAL_KINDS = ("high", "complement")
+METRICS = ("conf_change", "abs_conf_change", "kl", "flip")
+
+
+def sample_generator(seed: int, index: int) -> torch.Generator:
+    """CPU generator of sample ``index`` under ``seed``: independent streams from numpy's SeedSequence([seed, i])."""
+    state = np.random.SeedSequence([int(seed), int(index)]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 31 ^ int(state[1]))
+
+
+@dataclass
+class Directions:
+    """Unit perturbation directions of a batch and its high-sensitivity component.
+
+    Attributes:
+        high: (B, m, *S) unit directions inside span(v_1..v_k); NaN where k = 0 (the subspace is empty).
+        complement: (B, m, *S) unit directions orthogonal to span(v_1..v_k).
+        random: (B, m, *S) unit directions, uniform on the sphere.
+        x_high: (B, *S) V_k V_k^T x.
+        components: :class:`drift.fisher.Components` of x (k, coefficients, eigenvalues, shares).
+    """
+
+    high: torch.Tensor
+    complement: torch.Tensor
+    random: torch.Tensor
+    x_high: torch.Tensor
+    components: Components
+
+
+def _unit_columns(V: torch.Tensor) -> torch.Tensor:
+    """(B, D, m) columns scaled to unit norm; all-zero columns become NaN (no direction exists)."""
+    n = V.norm(dim=1, keepdim=True)
+    return torch.where(n > 0, V / n.clamp_min(torch.finfo(V.dtype).tiny), torch.full_like(V, math.nan))
+
+
+def perturbation_directions(
+    J: torch.Tensor,
+    p: torch.Tensor,
+    x: torch.Tensor,
+    head: str = "softmax",
+    k: int | None = None,
+    energy: float = 0.9,
+    n_draws: int = 1,
+    seed: int = 0,
+    first_index: int = 0,
+    spectrum: IFIM | None = None,
+    rtol: float | None = None,
+) -> Directions:
+    """Seeded random unit directions inside the top-k iFIM subspace, in its complement, and in the whole space.
+
+    high = G^T U_k diag(lambda_k)^-1/2 a (a ~ N(0, I_k)), complement = g - V_k V_k^T g (g ~ N(0, I_D)), random = g',
+    each normalised; D x D matrices are never formed.
+
+    Args:
+        J: (B, C, D) input Jacobian at x.
+        p: (B, C) probabilities at x.
+        x: (B, *S) inputs.
+        head: ``"softmax"`` or ``"sigmoid"``.
+        k: subspace size (capped at each sample's rank); None: from ``energy`` (see :func:`decompose_from_jacobian`).
+        energy: share of the trace the subspace holds when k is None.
+        n_draws: m directions of each kind per sample.
+        seed: experiment seed; sample b draws from ``sample_generator(seed, first_index + b)``.
+        first_index: index of the batch's first sample within the whole set.
+        spectrum: precomputed :func:`ifim_from_jacobian` of J, p, x.
+        rtol: eigenvalue tolerance when ``spectrum`` is None.
+
+    Returns:
+        :class:`Directions` in x's dtype and device.
+    """
+    B, C, D = _check_jp(J, p, head)
+    xf = _flat_batch(x, B, D, "x")
+    if not isinstance(n_draws, int) or isinstance(n_draws, bool) or n_draws < 1:
+        raise ValueError(f"n_draws must be a positive int, got {n_draws!r}")
+    if spectrum is None:
+        spectrum = ifim_from_jacobian(J, p, xf, head, rtol, eigenvectors=False)
+    x_high, _, comp = decompose_from_jacobian(J, p, x, head, k, energy, spectrum=spectrum)
+    lam, U = spectrum.eigenvalues, spectrum.U
+    r, m = lam.shape[1], n_draws
+    in_k = (torch.arange(r, device=lam.device).unsqueeze(0) < comp.k.unsqueeze(1)) & (lam > 0)  # (B, r)
+
+    # Draw on the CPU in float64 per sample, so values do not depend on batch size, device or dtype.
+    a = torch.empty(B, r, m, dtype=torch.float64)
+    g_comp = torch.empty(B, D, m, dtype=torch.float64)
+    g_rand = torch.empty(B, D, m, dtype=torch.float64)
+    for b in range(B):
+        gen = sample_generator(seed, first_index + b)
+        a[b] = torch.randn(m, r, generator=gen, dtype=torch.float64).T
+        g_comp[b] = torch.randn(m, D, generator=gen, dtype=torch.float64).T
+        g_rand[b] = torch.randn(m, D, generator=gen, dtype=torch.float64).T
+    dev, dt = x.device, x.dtype
+    a, g_comp, g_rand = a.to(dev), g_comp.to(device=dev, dtype=dt), g_rand.to(device=dev, dtype=dt)
+
+    inv_sqrt = torch.where(in_k, lam.clamp_min(torch.finfo(torch.float64).tiny).rsqrt(), torch.zeros_like(lam))
+    high = _project(J, p, U @ (inv_sqrt.unsqueeze(-1) * a), head).to(dt)  # (B, D, m)
+
+    inv = torch.where(in_k, 1 / lam.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(lam))
+
+    def project_out(V: torch.Tensor) -> torch.Tensor:
+        coef = inv.unsqueeze(-1) * (U.transpose(1, 2) @ fisher_apply(J, p, V, head).double())  # (B, r, m)
+        return V - _project(J, p, U @ coef, head).to(dt)
+
+    # Twice: one pass leaves a component inside the subspace of relative size ~ rounding * lambda_1 / lambda_k;
+    # a second pass brings it down to rounding level (classical Gram-Schmidt, "twice is enough").
+    complement = project_out(project_out(g_comp))
+
+    shape = tuple(x.shape[1:])
+
+    def out(V: torch.Tensor) -> torch.Tensor:
+        return _unit_columns(V).transpose(1, 2).reshape(B, m, *shape)
+
+    return Directions(out(high), out(complement), out(g_rand), x_high, comp)
+
+
+def removal_inputs(
+    x: torch.Tensor, x_high: torch.Tensor, complement: torch.Tensor, alphas: Sequence[float] | torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Removal / attenuation inputs: x - alpha x_high, and x - alpha |x_high| u (u a unit complement direction).
+
+    Args:
+        x: (B, *S) inputs.
+        x_high: (B, *S) their high-sensitivity components.
+        complement: (B, m, *S) unit directions orthogonal to the high-sensitivity subspace.
+        alphas: (A,) attenuation factors in [0, 1] (alpha = 1 removes x_high: x - x_high = x_low).
+
+    Returns:
+        (A, B, *S) high removals and (A, B, m, *S) equal-norm complement removals.
+    """
+    al = torch.as_tensor(alphas, dtype=x.dtype, device=x.device).reshape(-1)
+    if x_high.shape != x.shape or complement.shape[0] != x.shape[0] or complement.shape[2:] != x.shape[1:]:
+        raise ValueError(
+            f"x {tuple(x.shape)}, x_high {tuple(x_high.shape)} and complement {tuple(complement.shape)} "
+            "must be (B, *S), (B, *S) and (B, m, *S)"
+        )
+    nd = x.dim() - 1
+    a = al.view(-1, 1, *([1] * nd))
+    hn = x_high.flatten(1).norm(dim=1).view(1, -1, 1, *([1] * nd))
+    high = x.unsqueeze(0) - a * x_high.unsqueeze(0)
+    comp = x.unsqueeze(0).unsqueeze(2) - a.unsqueeze(2) * hn * complement.unsqueeze(0)
+    return high, comp
+
+
+def macro_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Macro one-vs-rest ROC AUC: mean over classes c of AUC(labels == c, scores[:, c]).
+
+    Classes absent from ``labels`` (or present in every sample) have no AUC and are left out of the mean.
+
+    Args:
+        labels: (N,) int class indices.
+        scores: (N, C) class scores (probabilities).
+
+    Returns:
+        The mean AUC, NaN when no class has both positives and negatives or when scores are not finite.
+    """
+    labels, scores = np.asarray(labels), np.asarray(scores)
+    if len(labels) == 0 or not np.isfinite(scores).all():
+        return math.nan
+    aucs = []
+    for c in range(scores.shape[1]):
+        y = labels == c
+        if 0 < y.sum() < len(y):
+            aucs.append(roc_auc_score(y, scores[:, c]))
+    return float(np.mean(aucs)) if aucs else math.nan
+
+
+def _kl_from_logits(z0: torch.Tensor, z1: torch.Tensor, head: str) -> torch.Tensor:
+    """KL(p(z0) || p(z1)) (..., C) -> (...): categorical (softmax) or summed Bernoulli KLs (sigmoid)."""
+    if head == "softmax":
+        l0, l1 = torch.log_softmax(z0, -1), torch.log_softmax(z1, -1)
+        return (l0.exp() * (l0 - l1)).sum(-1)
+    ls = nn.functional.logsigmoid
+    p0 = torch.sigmoid(z0)
+    return (p0 * (ls(z0) - ls(z1)) + (1 - p0) * (ls(-z0) - ls(-z1))).sum(-1)
+
+
+@dataclass
+class PerturbationResult:
+    """Outcome of :func:`run_perturbations` for N samples, E eps values, A alphas and m draws per sample.
+
+    Per-sample arrays (kinds ``KINDS`` = high, complement, random; removal kinds = high, complement):
+        conf_change, abs_conf_change, kl, kl_pred, flip: (3, E, N, m) -- p_pred(x) - p_pred(x + d), its absolute
+            value, KL(p(x) || p(x + d)), 1/2 d^T F d, argmax changed (0/1). NaN for the high kind where the
+            sample's subspace is empty (k = 0).
+        probs: (3, E, N, m, C) probabilities at x + d (the AUCs' inputs).
+        removal_conf_change, removal_abs_conf_change, removal_kl, removal_flip: (2, A, N, m) (high removal is
+            deterministic: its m copies are equal); removal_probs (2, A, N, m, C).
+    Set-level arrays (over the valid samples): accuracy, auc (3, E, m); removal_accuracy, removal_auc (2, A, m).
+    Curves (means over samples and draws): ``curves[metric]`` (3, E) for conf_change, abs_conf_change, kl, kl_pred,
+    flip, accuracy, auc and kl_ratio (median over samples and draws of kl / kl_pred); ``removal_curves[metric]`` (2, A).
+    """
+
+    head: str
+    eps: np.ndarray
+    alphas: np.ndarray
+    n_draws: int
+    seed: int
+    labels: np.ndarray
+    k: np.ndarray
+    rank: np.ndarray
+    energy_share: np.ndarray
+    valid: np.ndarray
+    x_norm: np.ndarray
+    high_norm: np.ndarray
+    clean_probs: np.ndarray
+    clean_pred: np.ndarray
+    clean_accuracy: float
+    clean_auc: float
+    conf_change: np.ndarray
+    abs_conf_change: np.ndarray
+    kl: np.ndarray
+    kl_pred: np.ndarray
+    flip: np.ndarray
+    probs: np.ndarray
+    accuracy: np.ndarray
+    auc: np.ndarray
+    removal_conf_change: np.ndarray
+    removal_abs_conf_change: np.ndarray
+    removal_kl: np.ndarray
+    removal_flip: np.ndarray
+    removal_probs: np.ndarray
+    removal_accuracy: np.ndarray
+    removal_auc: np.ndarray
+    curves: dict[str, np.ndarray] = field(default_factory=dict)
+    removal_curves: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, float | np.ndarray]:
+        """Areas under the curves, paired high-vs-complement tests and the confidence gaps.
+
+        * ``area_<metric>`` (3,): trapezoid integral over eps of each curve (the curve's single value if E = 1).
+        * ``removal_area_<metric>`` (2,): the same over alpha for the removal curves.
+        * ``wilcoxon_statistic``, ``wilcoxon_pvalue``, ``wilcoxon_n``: two-sided Wilcoxon signed-rank test, paired
+          by sample, of the per-sample area (over eps, mean over draws) of the absolute confidence change
+          |p_pred(x) - p_pred(x + d)|, high vs complement. The absolute change is the primary statistic: a random
+          direction and its negative are equally likely, so to first order in eps the signed change averages out.
+        * ``wilcoxon_signed_statistic``, ``wilcoxon_signed_pvalue``: the same test on the signed change.
+        * ``confidence_gap`` / ``abs_confidence_gap`` (E,): high minus complement mean (signed / absolute) confidence
+          change per eps; ``confidence_gap_area`` / ``abs_confidence_gap_area``: their areas.
+        * ``removal_confidence_gap`` (A,): high minus complement mean confidence change per alpha.
+        * ``kl_ratio_small_eps``: median KL / (1/2 d^T F d) of the high-subspace perturbations at the smallest eps.
+        * ``n_valid``: samples with a non-empty high-sensitivity subspace (every test uses these).
+        """
+        hi, co = KINDS.index("high"), KINDS.index("complement")
+        out: dict[str, float | np.ndarray] = {}
+        for name, curve in self.curves.items():
+            out[f"area_{name}"] = _area(curve, self.eps)
+        for name, curve in self.removal_curves.items():
+            out[f"removal_area_{name}"] = _area(curve, self.alphas)
+        for suffix, values in (("", self.abs_conf_change), ("_signed", self.conf_change)):
+            # (3, E, N, m) -> mean over draws -> (3, N, E) -> area over eps -> (3, N)
+            per_sample = _area(values[:, :, self.valid].mean(-1).transpose(0, 2, 1), self.eps)
+            stat, pval = _paired_wilcoxon(per_sample[hi], per_sample[co])
+            out[f"wilcoxon{suffix}_statistic"], out[f"wilcoxon{suffix}_pvalue"] = stat, pval
+        out["wilcoxon_n"] = int(self.valid.sum())
+        for prefix, name in (("", "conf_change"), ("abs_", "abs_conf_change")):
+            gap = self.curves[name][hi] - self.curves[name][co]
+            out[f"{prefix}confidence_gap"] = gap
+            out[f"{prefix}confidence_gap_area"] = float(_area(gap, self.eps))
+        out["removal_confidence_gap"] = self.removal_curves["conf_change"][0] - self.removal_curves["conf_change"][1]
+        out["kl_ratio_small_eps"] = float(self.curves["kl_ratio"][hi, int(np.argmin(self.eps))])
+        out["n_valid"] = int(self.valid.sum())
+        return out
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Every field, curve and summary entry as a flat name -> numpy array map (HDF5-ready: strings as bytes).
+
+        Curves appear as ``curve_<metric>`` / ``removal_curve_<metric>``, summary entries as ``summary_<name>``.
+        """
+        out: dict[str, np.ndarray] = {
+            "kinds": np.array(KINDS, dtype="S"),
+            "removal_kinds": np.array(REMOVAL_KINDS, dtype="S"),
+            "head": np.array(self.head, dtype="S"),
+        }
+        for name, value in vars(self).items():
+            if name in ("curves", "removal_curves", "head"):
+                continue
+            out[name] = np.asarray(value)
+        out.update({f"curve_{n}": np.asarray(v) for n, v in self.curves.items()})
+        out.update({f"removal_curve_{n}": np.asarray(v) for n, v in self.removal_curves.items()})
+        out.update({f"summary_{n}": np.asarray(v) for n, v in self.summary().items()})
+        return out
+
+
+def _paired_wilcoxon(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """Two-sided Wilcoxon signed-rank test of a - b; NaN when there is no nonzero difference to rank."""
+    if len(a) == 0 or not np.any(a != b):
+        return math.nan, math.nan
+    test = scipy.stats.wilcoxon(a, b)
+    return float(test.statistic), float(test.pvalue)
+
+
+def _area(y: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Trapezoid integral of y (..., E) over x (E,), or y itself when E = 1."""
+    y = np.asarray(y, dtype=np.float64)
+    if len(x) == 1:
+        return y[..., 0]
+    return np.trapezoid(y, np.asarray(x, dtype=np.float64), axis=-1)
+
+
+def _grid(values, name: str, lo: float, hi: float) -> np.ndarray:
+    arr = np.asarray(values, dtype=np.float64).reshape(-1) if values is not None else np.zeros(0)
+    if arr.size == 0 or not np.isfinite(arr).all() or (arr < lo).any() or (arr > hi).any():
+        raise ValueError(f"{name} must be a non-empty list of finite values in [{lo}, {hi}], got {values!r}")
+    return arr
+
+
+def _forward(model: nn.Module, inputs: torch.Tensor, batch_size: int) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([model(inputs[i : i + batch_size]) for i in range(0, inputs.shape[0], batch_size)])
+
+
+def run_perturbations(
+    model: nn.Module,
+    x: torch.Tensor,
+    labels: torch.Tensor | np.ndarray | Sequence[int],
+    eps_grid: Sequence[float] = (0.01, 0.02, 0.05, 0.1, 0.2),
+    alphas: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
+    k: int | None = None,
+    energy: float = 0.9,
+    head: str = "softmax",
+    n_draws: int = 1,
+    seed: int = 0,
+    batch_size: int = 16,
+    rtol: float | None = None,
+) -> PerturbationResult:
+    """Equal-norm perturbations along the top-k iFIM subspace, its complement and random directions; removal.
+
+    For each sample, eps in ``eps_grid`` and draw: d = eps |x| u with u from :func:`perturbation_directions`;
+    for each alpha: x - alpha x_high and x - alpha |x_high| u_complement (:func:`removal_inputs`). One Jacobian
+    per batch serves the spectrum, the components and the second-order prediction 1/2 d^T F d.
+
+    Args:
+        model: classifier in eval mode, (B, *S) -> (B, C) logits.
+        x: (N, *S) inputs.
+        labels: (N,) int class indices in [0, C) (accuracy and AUC).
+        eps_grid: (E,) relative perturbation norms |d| / |x| >= 0.
+        alphas: (A,) attenuation factors in [0, 1].
+        k: subspace size (capped at each sample's rank); None: smallest k holding ``energy`` of the trace.
+        energy: share of the trace when k is None.
+        head: ``"softmax"`` or ``"sigmoid"``.
+        n_draws: random directions per sample, kind and eps.
+        seed: seed of every random draw (results are identical for the same seed).
+        batch_size: samples per Jacobian and inputs per forward pass.
+        rtol: eigenvalue tolerance (None: ``drift.fisher.default_rtol``).
+
+    Returns:
+        :class:`PerturbationResult`.
+    """
+    _check_head(head)
+    if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[0] == 0:
+        raise ValueError(f"x must be a (N, ...) tensor with N >= 1, got {getattr(x, 'shape', type(x).__name__)}")
+    N = x.shape[0]
+    lab = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)
+    if lab.shape != (N,) or not np.issubdtype(lab.dtype, np.integer):
+        raise ValueError(f"labels must be (N,) = ({N},) integers, got shape {lab.shape} dtype {lab.dtype}")
+    eps = _grid(eps_grid, "eps_grid", 0.0, math.inf)
+    al = _grid(alphas, "alphas", 0.0, 1.0)
+    for name, v in (("batch_size", batch_size), ("n_draws", n_draws)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    E, A, m, nk, nr = len(eps), len(al), n_draws, len(KINDS), len(REMOVAL_KINDS)
+    nd = x.dim() - 1
+
+    arrays: dict[str, np.ndarray] = {}
+
+    def store(name: str, shape: tuple[int, ...], sl: tuple, value: torch.Tensor) -> None:
+        if name not in arrays:
+            arrays[name] = np.full(shape, np.nan, dtype=np.float64)
+        arrays[name][sl] = value.detach().double().cpu().numpy()
+
+    C = None
+    for start in range(0, N, batch_size):
+        xb = x[start : start + batch_size]
+        B = xb.shape[0]
+        J, z0 = input_jacobian(model, xb)
+        C = z0.shape[1]
+        if lab.min() < 0 or lab.max() >= C:
+            raise ValueError(
+                f"labels must lie in [0, {C}) for a model with C = {C} logits, got [{lab.min()}, {lab.max()}]"
+            )
+        p0 = head_probs(z0, head)
+        spec = ifim_from_jacobian(J, p0, xb, head, rtol, eigenvectors=False, logits=z0)
+        dirs = perturbation_directions(J, p0, xb, head, k, energy, m, seed, first_index=start, spectrum=spec)
+        valid = dirs.components.k > 0
+        sb = slice(start, start + B)
+
+        # (K, B, m, *S) unit directions; an empty high subspace perturbs nothing and its outcomes become NaN.
+        U = torch.nan_to_num(torch.stack([dirs.high, dirs.complement, dirs.random]))
+        xn = xb.flatten(1).norm(dim=1)  # (B,)
+        scale = torch.as_tensor(eps, dtype=x.dtype, device=x.device).view(1, E, 1, 1) * xn.view(1, 1, B, 1)
+        d = scale.view(1, E, B, 1, *([1] * nd)) * U.unsqueeze(1)  # (K, E, B, m, *S)
+        inputs = xb.view(1, 1, B, 1, *xb.shape[1:]) + d
+
+        # 1/2 d^T F d = 1/2 scale^2 |G u|^2 for unit u.
+        Gu = torch.stack([fisher_apply(J, p0, U[i].flatten(2).transpose(1, 2), head) for i in range(nk)])
+        q_unit = 0.5 * Gu.double().pow(2).sum(2)  # (K, B, m)
+        kl_pred = scale.double().pow(2) * q_unit.unsqueeze(1)
+
+        hi_in, co_in = removal_inputs(xb, dirs.x_high, dirs.complement, al)
+        hi_in = hi_in.unsqueeze(2).expand(A, B, m, *xb.shape[1:])
+        co_in = torch.nan_to_num(co_in)
+        rem_inputs = torch.stack([hi_in, co_in])  # (2, A, B, m, *S)
+
+        z_pert = _forward(model, inputs.reshape(-1, *xb.shape[1:]), batch_size).view(nk, E, B, m, C)
+        z_rem = _forward(model, rem_inputs.reshape(-1, *xb.shape[1:]), batch_size).view(nr, A, B, m, C)
+
+        pred0 = p0.argmax(1)
+        conf0 = p0.gather(1, pred0[:, None]).squeeze(1)
+        for prefix, z1, lead in (("", z_pert, (nk, E)), ("removal_", z_rem, (nr, A))):
+            p1 = head_probs(z1, head)
+            pv = pred0.view(1, 1, B, 1, 1).expand(*lead, B, m, 1)
+            conf = conf0.view(1, 1, B, 1) - p1.gather(-1, pv).squeeze(-1)
+            flip = (p1.argmax(-1) != pred0.view(1, 1, B, 1)).double()
+            klv = _kl_from_logits(z0.view(1, 1, B, 1, C), z1, head)
+            full = (*lead, N, m)
+            sl = (slice(None), slice(None), sb)
+            store(prefix + "conf_change", full, sl, conf)
+            store(prefix + "abs_conf_change", full, sl, conf.abs())
+            store(prefix + "flip", full, sl, flip)
+            store(prefix + "kl", full, sl, klv)
+            store(prefix + "probs", (*full, C), sl, p1)
+        store("kl_pred", (nk, E, N, m), (slice(None), slice(None), sb), kl_pred)
+        store("clean_probs", (N, C), (sb,), p0)
+        for name, v in (
+            ("k", dirs.components.k),
+            ("rank", spec.rank),
+            ("energy_share", dirs.components.energy_share),
+            ("valid", valid),
+            ("x_norm", xn),
+            ("high_norm", dirs.x_high.flatten(1).norm(dim=1)),
+        ):
+            store(name, (N,), (sb,), v)
+
+    valid = arrays.pop("valid").astype(bool)
+    if not valid.all():
+        warnings.warn(
+            f"{int((~valid).sum())} of {N} samples have an empty high-sensitivity subspace (F = 0 at x): their "
+            "high-kind outcomes are NaN and set-level accuracy/AUC use the other samples",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        hi = KINDS.index("high")
+        for name in ("conf_change", "abs_conf_change", "kl", "kl_pred", "flip"):
+            arrays[name][hi][:, ~valid] = np.nan
+        for name in ("removal_conf_change", "removal_abs_conf_change", "removal_kl", "removal_flip"):
+            arrays[name][:, :, ~valid] = np.nan
+
+    lv = lab[valid]
+
+    def set_metrics(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(L1, L2, N, m, C) -> accuracy and macro AUC (L1, L2, m) over the valid samples."""
+        L1, L2 = probs.shape[:2]
+        acc, auc = np.empty((L1, L2, m)), np.empty((L1, L2, m))
+        for i in range(L1):
+            for j in range(L2):
+                for t in range(m):
+                    pr = probs[i, j, valid, t]
+                    acc[i, j, t] = np.mean(pr.argmax(-1) == lv) if len(lv) else np.nan
+                    auc[i, j, t] = macro_auc(lv, pr)
+        return acc, auc
+
+    accuracy, auc = set_metrics(arrays["probs"])
+    r_accuracy, r_auc = set_metrics(arrays["removal_probs"])
+    clean = arrays["clean_probs"]
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(arrays["kl_pred"] > 0, arrays["kl"] / arrays["kl_pred"], np.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices (empty subspace everywhere) stay NaN
+        curves = {name: np.nanmean(arrays[name], axis=(2, 3)) for name in (*METRICS, "kl_pred")}
+        curves["kl_ratio"] = np.nanmedian(ratio.reshape(nk, E, -1), axis=-1)
+        removal_curves = {n: np.nanmean(arrays["removal_" + n], axis=(2, 3)) for n in METRICS}
+    curves["accuracy"], curves["auc"] = accuracy.mean(-1), auc.mean(-1)
+    removal_curves["accuracy"], removal_curves["auc"] = r_accuracy.mean(-1), r_auc.mean(-1)
+
+    return PerturbationResult(
+        head=head,
+        eps=eps,
+        alphas=al,
+        n_draws=m,
+        seed=int(seed),
+        labels=lab.astype(np.int64),
+        k=arrays["k"].astype(np.int64),
+        rank=arrays["rank"].astype(np.int64),
+        energy_share=arrays["energy_share"],
+        valid=valid,
+        x_norm=arrays["x_norm"],
+        high_norm=arrays["high_norm"],
+        clean_probs=clean,
+        clean_pred=clean.argmax(1),
+        clean_accuracy=float(np.mean(clean[valid].argmax(1) == lv)) if len(lv) else math.nan,
+        clean_auc=macro_auc(lv, clean[valid]),
+        conf_change=arrays["conf_change"],
+        abs_conf_change=arrays["abs_conf_change"],
+        kl=arrays["kl"],
+        kl_pred=arrays["kl_pred"],
+        flip=arrays["flip"],
+        probs=arrays["probs"],
+        accuracy=accuracy,
+        auc=auc,
+        removal_conf_change=arrays["removal_conf_change"],
+        removal_abs_conf_change=arrays["removal_abs_conf_change"],
+        removal_kl=arrays["removal_kl"],
+        removal_flip=arrays["removal_flip"],
+        removal_probs=arrays["removal_probs"],
+        removal_accuracy=r_accuracy,
+        removal_auc=r_auc,
+        curves=curves,
+        removal_curves=removal_curves,
+    )

@@ -1,0 +1,198 @@
+"""Projection through the input-Fisher factor: Y = G^T W (B, D, m) for a small W (B, C, m), G formed on the fly.
+
+Maths (reference: :func:`drift_kernels.reference.fisher_project_reference`). With G the Fisher factor of
+:mod:`drift_kernels.fisher_gram_kernel` (softmax: G_c = sqrt(p_c) (J_c - sum_j p_j J_j); sigmoid:
+G_c = sqrt(p_c (1 - p_c)) J_c), the kernel returns
+
+    Y[b, d, k] = sum_c G[b, c, d] W[b, c, k].
+
+With K = G G^T = U diag(lambda) U^T, W = U diag(lambda)^-1/2 gives the orthonormal eigenvectors
+V = G^T U diag(lambda)^-1/2 of the Fisher matrix F = G^T G; a W of one column gives one projection.
+
+Work split: one program per (tile of BLOCK_D columns, sample). It reads its tile of J once, centres it, and
+writes its rows of Y; nothing is shared between programs, so the result is reproducible without any reduction.
+For m <= 16 the sum over c is a broadcast multiply and a reduction per output column (no padding of C to
+tl.dot's 16); for larger m a ``tl.dot`` per block of 16 to 64 columns of W.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common
+from ._common import MAX_CLASSES, cdiv, interpreting, launch_device, next_pow2
+from ._validate import check_fisher_inputs, check_kernel_fisher
+
+#: Precision of the fp32 ``tl.dot`` on a GPU (the m > 16 path); as in ``fisher_gram_kernel.GPU_PRECISION``.
+GPU_PRECISION = "tf32x3"
+
+#: Largest m served by the broadcast-and-reduce path; beyond it, tl.dot.
+SMALL_M = 16
+
+
+@triton.jit
+def _fisher_project_kernel(
+    J,
+    P,
+    W,
+    Y,
+    C,
+    D,
+    M,
+    stride_jb,
+    stride_jc,
+    SOFTMAX: tl.constexpr,
+    C_PAD: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    M_PAD: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Y[b, Dt, :] = G[b, :, Dt]^T W[b] for the column tile Dt of this program.
+
+    J (B, C, D) with stride 1 along D; P (B, C), W (B, C, M) and Y (B, D, M) float32 contiguous. With USE_DOT,
+    M_PAD is the width of one block of columns of W, looped over; otherwise M_PAD >= M covers all of them.
+    """
+    pid_d = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+
+    rows = tl.arange(0, C_PAD)
+    row_ok = rows < C
+    p = tl.load(P + b * C + rows, mask=row_ok, other=0.0)
+    if SOFTMAX:
+        scale = tl.sqrt(p)
+    else:
+        scale = tl.sqrt(tl.maximum(p * (1.0 - p), 0.0))
+
+    cols = pid_d.to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    j = tl.load(
+        J + b * stride_jb + rows[:, None] * stride_jc + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0
+    ).to(tl.float32)
+    if SOFTMAX:
+        centre = tl.sum(p[:, None] * j, axis=0)
+    else:
+        centre = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    g = scale[:, None] * (j - centre[None, :])
+
+    ks = tl.arange(0, M_PAD)
+    w_base = W + b * C * M
+    y_base = Y + b * D * M
+    if USE_DOT:
+        g_t = tl.trans(g)
+        for m0 in range(0, M, M_PAD):
+            k_ok = (m0 + ks) < M
+            w_ptr = w_base + rows[:, None] * M + (m0 + ks)[None, :]
+            w = tl.load(w_ptr, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            y = tl.dot(g_t, w, input_precision=PRECISION)
+            tl.store(y_base + cols[:, None] * M + (m0 + ks)[None, :], y, mask=col_ok[:, None] & k_ok[None, :])
+    else:
+        y = tl.zeros((BLOCK_D, M_PAD), dtype=tl.float32)
+        for k in tl.static_range(M_PAD):
+            w_k = tl.load(w_base + rows * M + k, mask=row_ok & (k < M), other=0.0)
+            y_k = tl.sum(g * w_k[:, None], axis=0)
+            y = tl.where(ks[None, :] == k, y_k[:, None], y)
+        tl.store(y_base + cols[:, None] * M + ks[None, :], y, mask=col_ok[:, None] & (ks < M)[None, :])
+
+
+def _config(C: int, D: int, m: int, on_gpu: bool) -> tuple[int, int, int, bool, int]:
+    """(C_PAD, BLOCK_D, M_PAD, USE_DOT, num_warps) for C classes, D columns and m columns of W.
+
+    GPU: a J tile of at most 8192 values and an output tile of at most 4096, so registers stay below ~100 a
+    thread; interpreter: large tiles, because every tile costs a round of numpy calls.
+    """
+    use_dot = m > SMALL_M
+    c_pad = max(16, next_pow2(C)) if use_dot else max(2, next_pow2(C))
+    m_pad = min(64, next_pow2(m)) if use_dot else max(2, next_pow2(m))
+    if not on_gpu:
+        block_d = max(16, min(next_pow2(D), (1 << 18) // c_pad, (1 << 18) // m_pad))
+        return c_pad, block_d, m_pad, use_dot, 4
+    block_d = max(16, min(1024, 8192 // c_pad, 4096 // m_pad))
+    num_warps = 8 if c_pad * block_d >= 8192 else 4
+    return c_pad, block_d, m_pad, use_dot, num_warps
+
+
+def _launch(
+    J: torch.Tensor,
+    p: torch.Tensor,
+    W: torch.Tensor,
+    head: str,
+    out: torch.Tensor | None = None,
+    block_d: int | None = None,
+    precision: str | None = None,
+) -> torch.Tensor:
+    """Launch on validated inputs (see :func:`fisher_project_triton`)."""
+    if J.stride(2) != 1:
+        J = J.contiguous()
+    B, C, D = J.shape
+    m = W.shape[2]
+    device = J.device
+    on_gpu = device.type == "cuda" and not interpreting()
+    c_pad, cfg_block_d, m_pad, use_dot, num_warps = _config(C, D, m, on_gpu)
+    block_d = cfg_block_d if block_d is None else block_d
+    if block_d < 16 or block_d & (block_d - 1):
+        raise ValueError(f"block_d must be a power of two >= 16, got {block_d}")
+    if precision is None:
+        precision = GPU_PRECISION if on_gpu else "ieee"
+    p32 = p.to(torch.float32).contiguous()
+    w32 = W.to(torch.float32).contiguous()
+    if out is None:
+        out = _common.alloc((B, D, m), torch.float32, device)
+    elif not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a float32 tensor of shape {(B, D, m)}, got {type(out).__name__}")
+    elif tuple(out.shape) != (B, D, m) or out.dtype != torch.float32 or out.device != device or not out.is_contiguous():
+        raise ValueError(
+            f"out must be a contiguous float32 tensor of shape {(B, D, m)} on {device}, "
+            f"got {out.dtype} {tuple(out.shape)} on {out.device}"
+        )
+    with launch_device(J):
+        _fisher_project_kernel[(cdiv(D, block_d), B)](
+            J,
+            p32,
+            w32,
+            out,
+            C,
+            D,
+            m,
+            J.stride(0),
+            J.stride(1),
+            SOFTMAX=head == "softmax",
+            C_PAD=c_pad,
+            BLOCK_D=block_d,
+            M_PAD=m_pad,
+            USE_DOT=use_dot,
+            PRECISION=precision,
+            num_warps=num_warps,
+        )
+    return out
+
+
+def fisher_project_triton(
+    J: torch.Tensor,
+    p: torch.Tensor,
+    W: torch.Tensor,
+    head: str = "softmax",
+    *,
+    out: torch.Tensor | None = None,
+    block_d: int | None = None,
+    precision: str | None = None,
+) -> torch.Tensor:
+    """Y = G^T W (B, D, m) float32 of the Fisher factor G, by the Triton kernel (see the module docstring).
+
+    Args:
+        J: (B, C, D) float32, float16 or bfloat16 input Jacobian of the logits; C <= 256.
+        p: (B, C) probabilities in [0, 1].
+        W: (B, C, m) weights, any floating dtype (used in float32).
+        head: 'softmax' or 'sigmoid'.
+        out: optional preallocated contiguous float32 (B, D, m) output.
+        block_d: tile length along D (power of two >= 16); default from C and m.
+        precision: ``tl.dot`` input precision for m > 16; default 'tf32x3' on a GPU, 'ieee' when interpreted.
+
+    Returns:
+        Y (B, D, m) float32.
+    """
+    check_fisher_inputs(J, p, head, W=W)
+    check_kernel_fisher(J, MAX_CLASSES)
+    return _launch(J, p, W, head, out, block_d, precision)

@@ -1,0 +1,215 @@
+"""Overlap of top-k pixel sets: intersections, unions and IoU of N map pairs for T fractions, one pass over the maps.
+
+Maths (reference: :func:`drift_kernels.reference.topk_masks_reference`). For a map v (H*W values, flat row-major
+index i) and a fraction f, the top set holds exactly k = topk_count(H*W, f) = ceil(f H W) pixels, ordered by
+value descending with ties broken by the lower flat index. With t the k-th largest value and
+need = k - #{i : v_i > t} >= 1 the number of pixels of value t that are taken, pixel i is in the set iff
+
+    v_i > t,  or  v_i == t and #{i' <= i : v_i' == t} <= need.
+
+Stage 1 (torch, on the device): one ascending sort of each map gives t = sorted[H W - k] for every fraction,
+and a binary search gives #{v > t}. Stage 2 (this kernel): one program per map pair (a GPU) walks both maps in flat
+order, tile by tile, compares every pixel against all T thresholds at once, keeps a running count of the pixels
+equal to each threshold (a cumulative sum within the tile plus the count carried from earlier tiles) to cut
+the ties exactly, and counts |A & B| and |A | B| per fraction. Comparisons are IEEE (so -0.0 == +0.0), exact in
+float32 for float16, bfloat16 and float32 maps.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common
+from ._common import cdiv, interpreting, launch_device, next_pow2
+from ._validate import check_fractions, check_maps
+from .reference import topk_count
+
+
+@triton.jit
+def _topk_iou_kernel(
+    A,
+    B,
+    TA,
+    TB,
+    NA,
+    NB,
+    INTER,
+    UNION,
+    N,
+    HW,
+    T,
+    stride_a,
+    stride_b,
+    ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    T_PAD: tl.constexpr,
+):
+    """INTER[n, f] = |A_f & B_f| and UNION[n, f] = |A_f | B_f| for the top sets of map pairs n of this program.
+
+    A, B (N, HW) with stride 1 along HW; TA, TB (N, T) float32 thresholds; NA, NB (N, T) int32 numbers of
+    threshold-valued pixels to take; INTER, UNION (N, T) int64. A program takes ROWS consecutive map pairs
+    (1 on a GPU; many under the interpreter, where every program costs a round of Python calls).
+    Tiles are (ROWS, T_PAD, BLOCK): pixel set membership for every map and fraction at once.
+    """
+    rr = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    r_ok = rr < N
+    fr = tl.arange(0, T_PAD)
+    rf = rr[:, None] * T + fr[None, :]
+    rf_ok = r_ok[:, None] & (fr < T)[None, :]
+    # Padded fractions and maps get an unreachable threshold and take nothing; their counts are never stored.
+    ta = tl.load(TA + rf, mask=rf_ok, other=float("inf"))[:, :, None]
+    tb = tl.load(TB + rf, mask=rf_ok, other=float("inf"))[:, :, None]
+    need_a = tl.load(NA + rf, mask=rf_ok, other=0)[:, :, None]
+    need_b = tl.load(NB + rf, mask=rf_ok, other=0)[:, :, None]
+    seen_a = tl.zeros((ROWS, T_PAD), dtype=tl.int32)
+    seen_b = tl.zeros((ROWS, T_PAD), dtype=tl.int32)
+    inter = tl.zeros((ROWS, T_PAD), dtype=tl.int32)
+    union = tl.zeros((ROWS, T_PAD), dtype=tl.int32)
+    for start in range(0, HW, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        ok = r_ok[:, None] & (offs < HW)[None, :]
+        va = tl.load(A + rr[:, None] * stride_a + offs[None, :], mask=ok, other=0.0).to(tl.float32)[:, None, :]
+        vb = tl.load(B + rr[:, None] * stride_b + offs[None, :], mask=ok, other=0.0).to(tl.float32)[:, None, :]
+        ok = ok[:, None, :]
+        # In set f iff v > t_f, or v == t_f and among the first need_f such pixels in flat order: the rank of
+        # a tie is its running count within the tile plus the ties seen in earlier tiles.
+        eq_a = (va == ta) & ok
+        eq_a_i = eq_a.to(tl.int32)
+        rank_a = tl.cumsum(eq_a_i, axis=2) + seen_a[:, :, None]
+        sel_a = ((va > ta) & ok) | (eq_a & (rank_a <= need_a))
+        seen_a += tl.sum(eq_a_i, axis=2)
+        eq_b = (vb == tb) & ok
+        eq_b_i = eq_b.to(tl.int32)
+        rank_b = tl.cumsum(eq_b_i, axis=2) + seen_b[:, :, None]
+        sel_b = ((vb > tb) & ok) | (eq_b & (rank_b <= need_b))
+        seen_b += tl.sum(eq_b_i, axis=2)
+        inter += tl.sum((sel_a & sel_b).to(tl.int32), axis=2)
+        union += tl.sum((sel_a | sel_b).to(tl.int32), axis=2)
+    tl.store(INTER + rf, inter.to(tl.int64), mask=rf_ok)
+    tl.store(UNION + rf, union.to(tl.int64), mask=rf_ok)
+
+
+def topk_thresholds(flat: torch.Tensor, ks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-map threshold value and tie allowance of the top-k sets, on flat's device.
+
+    Args:
+        flat: (N, P) maps, finite values.
+        ks: (T,) int64 set sizes, 1 <= k <= P.
+
+    Returns:
+        t (N, T) float32, the k-th largest value of each map, and need (N, T) int32 = k - #{v > t} >= 1, the
+        number of pixels equal to t that the set takes (the first ones in flat order).
+    """
+    n_pix = flat.shape[1]
+    srt = torch.sort(flat, dim=1).values
+    t = srt[:, n_pix - ks]
+    n_le = torch.searchsorted(srt, t.contiguous(), right=True)
+    need = ks.unsqueeze(0) - (n_pix - n_le)
+    return t.to(torch.float32).contiguous(), need.to(torch.int32).contiguous()
+
+
+def _readable(t: torch.Tensor) -> torch.Tensor:
+    """t contiguous in a dtype the kernel reads (float64 and others go to float32, order-preserving for finite
+    values that float32 can tell apart; the public launcher refuses float64 outright)."""
+    if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        t = t.to(torch.float32)
+    return t.contiguous()
+
+
+def _config(N: int, n_pix: int, T: int, on_gpu: bool) -> tuple[int, int, int, int]:
+    """(ROWS, BLOCK, T_PAD, num_warps): a ROWS x T_PAD x BLOCK comparison tile.
+
+    GPU: one map per program (N is in the thousands) and at most 8192 comparisons a tile. Interpreter: up to
+    2^18 comparisons a tile, spread over as many maps as fit, because every program and tile costs Python calls.
+    """
+    t_pad = max(2, next_pow2(T))
+    if on_gpu:
+        block = max(16, min(next_pow2(n_pix), 8192 // t_pad))
+        return 1, block, t_pad, (8 if block * t_pad >= 8192 else 4)
+    block = max(16, min(next_pow2(n_pix), (1 << 18) // t_pad))
+    rows = max(1, min(next_pow2(N), (1 << 18) // (t_pad * block)))
+    return rows, block, t_pad, 4
+
+
+def _launch(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    fractions: tuple[float, ...],
+    out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    block: int | None = None,
+    rows_per_program: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch on validated inputs (see :func:`topk_iou_triton`)."""
+    N, H, W = a.shape
+    n_pix = H * W
+    T = len(fractions)
+    device = a.device
+    on_gpu = device.type == "cuda" and not interpreting()
+    fa = a.reshape(N, n_pix)
+    fb = b.reshape(N, n_pix)
+    fa, fb = _readable(fa), _readable(fb)
+    if out is None:
+        inter = _common.alloc((N, T), torch.int64, device)
+        union = _common.alloc((N, T), torch.int64, device)
+        iou = _common.alloc((N, T), torch.float32, device)
+    else:
+        inter, union, iou = out
+        for name, t, dt in (("inter", inter, torch.int64), ("union", union, torch.int64), ("iou", iou, torch.float32)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"out ({name}) must be a {dt} tensor of shape {(N, T)}, got {type(t).__name__}")
+            if tuple(t.shape) != (N, T) or t.dtype != dt or t.device != device or not t.is_contiguous():
+                raise ValueError(
+                    f"out ({name}) must be a contiguous {dt} tensor of shape {(N, T)} on {device}, "
+                    f"got {t.dtype} {tuple(t.shape)} on {t.device}"
+                )
+    if N == 0:
+        return inter, union, iou
+    ks = torch.tensor([topk_count(n_pix, f) for f in fractions], dtype=torch.int64, device=device)
+    ta, need_a = topk_thresholds(fa, ks)
+    tb, need_b = topk_thresholds(fb, ks)
+    rows, cfg_block, t_pad, num_warps = _config(N, n_pix, T, on_gpu)
+    block = cfg_block if block is None else block
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"block must be a power of two >= 16, got {block}")
+    rows = rows if rows_per_program is None else rows_per_program
+    if rows < 1 or rows & (rows - 1):
+        raise ValueError(f"rows_per_program must be a power of two >= 1, got {rows}")
+    with launch_device(a):
+        _topk_iou_kernel[(cdiv(N, rows),)](
+            fa, fb, ta, tb, need_a, need_b, inter, union, N, n_pix, T, fa.stride(0), fb.stride(0),
+            ROWS=rows, BLOCK=block, T_PAD=t_pad, num_warps=num_warps,
+        )  # fmt: skip
+    # IoU by torch's IEEE division, bit for bit the reference's float32 quotient.
+    torch.div(inter.to(torch.float32), union.to(torch.float32), out=iou)
+    return inter, union, iou
+
+
+def topk_iou_triton(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    fractions: tuple[float, ...] | list[float],
+    *,
+    out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    block: int | None = None,
+    rows_per_program: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Intersections, unions (N, T) int64 and IoU (N, T) float32 of the top-k sets of a and b, by the kernel.
+
+    Args:
+        a: (N, H, W) float32, float16 or bfloat16 maps, finite.
+        b: (N, H, W) maps of a's shape, on a's device.
+        fractions: T fractions in (0, 1]; each selects exactly ``topk_count(H*W, f)`` pixels per map.
+        out: optional preallocated contiguous (inter, union, iou) outputs.
+        block: pixels per tile (power of two >= 16); default from H*W and T.
+        rows_per_program: map pairs per program (power of two); default 1 on a GPU, many when interpreted.
+
+    Returns:
+        inter, union (N, T) int64 and iou = inter / union (N, T) float32 (union >= k >= 1).
+    """
+    fractions = check_fractions(fractions)
+    check_maps(a, b)
+    if a.dtype == torch.float64 or b.dtype == torch.float64:
+        raise TypeError(f"the Triton kernel reads maps as float32, float16 or bfloat16, got {a.dtype} and {b.dtype}")
+    return _launch(a, b, fractions, out, block, rows_per_program)
