@@ -6,7 +6,8 @@ For every case it measures, in one run on one device:
 * achieved bandwidth = (bytes of J read + bytes of outputs written) / kernel time, and its ratio to the
   bandwidth of a device-to-device ``tensor.copy_`` measured at the start of the same run (read + write bytes);
 * the largest absolute error of the kernel and of the reference, both against a float64 evaluation of the
-  reference (the kernel passes when its error is at most twice the reference's).
+  reference (the kernel passes when its error is at most twice the reference's), and the largest |entry|
+  of that float64 result (``ref_scale``).
 
 Cases: ``fisher_gram`` (K only, no x) and ``fisher_project`` (m = 4) for B in {8, 64}, C in {5, 14, 100},
 D = 3 * 224 * 224, J in float32 and bfloat16; ``topk_iou`` for N = 4096 pairs of 224 x 224 float32 maps and
@@ -94,13 +95,18 @@ def copy_bandwidth(device: torch.device, n_bytes: int, timer, repeat: int) -> fl
     return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
 
 
-def _max_error(fn64: Callable[[slice], torch.Tensor], out: torch.Tensor, B: int, chunk: int) -> float:
-    """max |out - ref64| with the float64 reference evaluated on chunks of samples (bounded memory)."""
-    err = 0.0
+def _max_error(
+    fn64: Callable[[slice], torch.Tensor], outs: Sequence[torch.Tensor], B: int, chunk: int
+) -> tuple[list[float], float]:
+    """max |out - ref64| for each out, and max |ref64|, with the float64 reference evaluated on chunks of samples."""
+    errs = [0.0] * len(outs)
+    scale = 0.0
     for s in range(0, B, chunk):
         sl = slice(s, min(B, s + chunk))
-        err = max(err, float((out[sl].double() - fn64(sl)).abs().max()))
-    return err
+        ref = fn64(sl)
+        scale = max(scale, float(ref.abs().max()))
+        errs = [max(e, float((o[sl].double() - ref).abs().max())) for e, o in zip(errs, outs)]
+    return errs, scale
 
 
 def _fisher_cases(dk, J: torch.Tensor, p: torch.Tensor, W: torch.Tensor) -> list[tuple]:
@@ -141,14 +147,13 @@ def fisher_rows(device, dtypes, batches, classes, D, m, timer, warmup, repeat, c
                 for op, kernel, reference, ref64, out_bytes in _fisher_cases(dk, J, p, W):
                     t_k = timer(kernel, warmup, repeat)
                     t_r = timer(reference, warmup, repeat)
-                    err_k = _max_error(ref64, kernel(), B, chunk)
-                    err_r = _max_error(ref64, reference(), B, chunk)
+                    (err_k, err_r), scale = _max_error(ref64, (kernel(), reference()), B, chunk)
                     gbps = (j_bytes + out_bytes) / (t_k * 1e-3) / 1e9
                     row = dict(
                         op=op, dtype=str(dtype).removeprefix("torch."), B=B, C=C, D=D,
                         m=m if op == "fisher_project" else None, kernel_ms=t_k, reference_ms=t_r,
                         speedup=t_r / t_k, gbps=gbps, copy_gbps=copy_gbps, copy_fraction=gbps / copy_gbps,
-                        err_kernel=err_k, err_reference=err_r,
+                        err_kernel=err_k, err_reference=err_r, ref_scale=scale,
                     )  # fmt: skip
                     row["ok"] = bool(
                         row["copy_fraction"] >= GOAL_BANDWIDTH
@@ -191,6 +196,7 @@ def topk_rows(device, N, H, W, timer, warmup, repeat, copy_gbps) -> list[dict]:
             copy_fraction=gbps / copy_gbps,
             err_kernel=float(mismatches),
             err_reference=0.0,
+            ref_scale=None,
             ok=bool(mismatches == 0 and t_r / t_k >= GOAL_TOPK_SPEEDUP),
         )
     ]

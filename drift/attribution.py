@@ -212,7 +212,7 @@ def _check_targets(targets, batch: int, n_classes: int, device: torch.device) ->
         raise TypeError(f"targets must hold integer class indices, got dtype {t.dtype}")
     if t.shape != (batch,):
         raise ValueError(f"targets must have shape ({batch},) (one class per image), got {tuple(t.shape)}")
-    t = t.long()
+    t = t.long().clone()  # a normal tensor even when made under torch.inference_mode() (gather saves it)
     bad = (t < 0) | (t >= n_classes)
     if bad.any():
         i = int(bad.nonzero()[0, 0])
@@ -221,6 +221,12 @@ def _check_targets(targets, batch: int, n_classes: int, device: torch.device) ->
 
 
 def _capture(model: nn.Module, x: torch.Tensor, layer: nn.Module, name: str, targets) -> Capture:
+    # A caller inside torch.inference_mode() still gets gradients at the layer.
+    with torch.inference_mode(False):
+        return _capture_grad(model, x, layer, name, targets)
+
+
+def _capture_grad(model: nn.Module, x: torch.Tensor, layer: nn.Module, name: str, targets) -> Capture:
     store: dict[str, torch.Tensor] = {}
 
     def hook(module: nn.Module, inputs, output):
@@ -240,8 +246,7 @@ def _capture(model: nn.Module, x: torch.Tensor, layer: nn.Module, name: str, tar
 
     handle = layer.register_forward_hook(hook)
     try:
-        # inference_mode(False): a caller inside torch.inference_mode() still gets gradients at the layer.
-        with torch.inference_mode(False), torch.no_grad():
+        with torch.no_grad():
             logits = model(x)
     finally:
         handle.remove()
@@ -256,9 +261,8 @@ def _capture(model: nn.Module, x: torch.Tensor, layer: nn.Module, name: str, tar
             f"the model output does not depend on layer {name!r} through autograd (is the head run under no_grad?)"
         )
     t = logits.detach().argmax(dim=1) if targets is None else _check_targets(targets, *logits.shape, logits.device)
-    with torch.inference_mode(False):
-        score = logits.gather(1, t[:, None]).sum()
-        (g,) = torch.autograd.grad(score, A)
+    score = logits.gather(1, t[:, None]).sum()
+    (g,) = torch.autograd.grad(score, A)
     return Capture(A.detach(), g.detach(), logits.detach(), t, name)
 
 

@@ -17,6 +17,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import Normalize, TwoSlopeNorm
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 __all__ = [
     "DIVERGING",
@@ -350,7 +351,7 @@ def fisher_spectra(shares: Mapping[tuple[str, str], np.ndarray], archs: Sequence
             ax.set_xticks(idx)
         ax.set_title(arch, fontsize=9)
         ax.set_xlabel("eigenvalue index i")
-        ax.set_ylabel("share of trace, lambda_i / sum lambda")
+        ax.set_ylabel(r"share of trace, $\lambda_i / \sum_j \lambda_j$")
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -399,13 +400,13 @@ def component_panels(rows: Sequence[ComponentRow]) -> Figure:
         for j, (name, img, cmap, norm) in enumerate(panels):
             ax = axes[i, j]
             im = ax.imshow(img, cmap=cmap, norm=norm, interpolation="nearest")
-            ax.set_title(name, fontsize=9)
+            # The row label goes into the first title: a multi-line y label is clipped next to colour bars.
+            ax.set_title(f"{row.title}\n{name}" if j == 0 else name, fontsize=8 if j == 0 else 9)
             ax.set_xticks([])
             ax.set_yticks([])
             cb = fig.colorbar(im, ax=ax, shrink=0.85)
             cb.set_label("intensity (input units)", fontsize=7)
             cb.ax.tick_params(labelsize=7)
-        axes[i, 0].set_ylabel(row.title, fontsize=8)
     return fig
 
 
@@ -420,7 +421,7 @@ class CurvePanel:
         xlabel, ylabel: Axis labels with units.
         series: label -> (N, E) per-sample values (N = 1 draws a line without a band).
         references: label -> (E,) dashed reference lines (e.g. a second-order prediction).
-        logx, logy: Logarithmic axes.
+        logx, logy: Logarithmic axes (a log y axis clips bands at a tenth of the smallest positive mean).
     """
 
     title: str
@@ -465,6 +466,16 @@ def curve_grid(panels: Sequence[CurvePanel], ncols: int = 3) -> Figure:
                 raise ValueError(f"panel {p.title!r}: series {lab!r} has {v.shape[-1]} points, x has {x.size}")
             mean, lo, hi = mean_band(v)
             c = color(labels.index(lab))
+            if p.logy:
+                # A log axis cannot show a band reaching zero or below: clip it at a tenth of the smallest mean.
+                pos = mean[np.isfinite(mean) & (mean > 0)]
+                floor = pos.min() / 10 if pos.size else 1e-12
+                lo = np.maximum(lo, floor)
+            if x.size == 1:
+                err = np.vstack([mean - lo, hi - mean])
+                ax.errorbar(x, mean, yerr=np.where(np.isfinite(err), err, 0.0), color=c, marker="o", capsize=4,
+                            label=lab)
+                continue
             ax.plot(x, mean, color=c, marker="o", markersize=3, label=lab)
             if v.shape[0] > 1:
                 ax.fill_between(x, lo, hi, color=c, alpha=0.22, linewidth=0)
@@ -474,7 +485,9 @@ def curve_grid(panels: Sequence[CurvePanel], ncols: int = 3) -> Figure:
         if p.logx and np.all(x > 0):
             ax.set_xscale("log")
         if p.logy:
-            ax.set_yscale("symlog", linthresh=1e-6)
+            ax.set_yscale("log")
+        if x.size == 1:
+            ax.set_xticks(x)
         ax.set_title(p.title, fontsize=9)
         ax.set_xlabel(p.xlabel, fontsize=8)
         ax.set_ylabel(p.ylabel, fontsize=8)
@@ -529,6 +542,7 @@ def training_history(histories: Mapping[str, Mapping[str, Mapping[str, np.ndarra
         axes[row, 1].set_ylabel("validation score (fraction)", fontsize=8)
         axes[row, 1].set_ylim(0, 1.02)
         for ax in axes[row]:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_xlabel("epoch (stage 1, then stage 2)", fontsize=8)
             ax.set_title(arch, fontsize=9)
             ax.tick_params(labelsize=7)

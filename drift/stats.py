@@ -11,10 +11,18 @@ from __future__ import annotations
 import itertools
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
 import scipy.stats
+
+if TYPE_CHECKING:
+    import torch
+
+ArrayLike = Union[np.ndarray, "torch.Tensor", Sequence[float]]
+"""One-dimensional per-sample data: a numpy array, a torch tensor (any device) or a list."""
 
 SELECTION_RULES = ("tp_both", "all", "tp_either")
 
@@ -66,7 +74,7 @@ def _check_labels(labels: np.ndarray, n_classes: int, name: str = "labels") -> N
         raise ValueError(f"{name}[{i}] = {labels[i]} is not a class index in 0..{n_classes - 1}")
 
 
-def select_samples(labels, pred_tl, pred_ft, rule: str = "tp_both") -> np.ndarray:
+def select_samples(labels: ArrayLike, pred_tl: ArrayLike, pred_ft: ArrayLike, rule: str = "tp_both") -> np.ndarray:
     """Which samples enter the drift statistics.
 
     Rules: ``"tp_both"`` (the study's choice) label = pred_TL and label = pred_FT; ``"tp_either"`` label =
@@ -152,7 +160,9 @@ def _check_boot(n_boot: int, ci: float) -> None:
         raise ValueError(f"ci must lie in (0, 1), got {ci!r}")
 
 
-def aggregate(values, labels, n_classes: int, n_boot: int = 1000, seed: int = 0, ci: float = 0.95) -> Aggregate:
+def aggregate(
+    values: ArrayLike, labels: ArrayLike, n_classes: int, n_boot: int = 1000, seed: int = 0, ci: float = 0.95
+) -> Aggregate:
     """Per-sample values -> per-class means -> macro mean over the classes present, with a bootstrap interval.
 
     mean = (1 / |P|) sum_{c in P} mean_{i: y_i = c} v_i over the classes P with at least one finite value. The
@@ -206,7 +216,7 @@ class PairedTest:
     median_diff: float
 
 
-def paired_test(tl, ft) -> PairedTest:
+def paired_test(tl: ArrayLike, ft: ArrayLike) -> PairedTest:
     """Paired two-sided Wilcoxon signed-rank test of H0: the differences d = ft - tl are symmetric about 0.
 
     ``scipy.stats.wilcoxon(tl, ft)`` with its defaults (zero differences discarded, 'wilcox' method). Pairs with a
@@ -295,7 +305,7 @@ def _order(scores: np.ndarray) -> np.ndarray:
 
 
 def rank_reversal(
-    values: dict[str, dict[str, tuple]],
+    values: dict[str, dict[str, tuple[ArrayLike, ArrayLike]]],
     n_classes: int,
     higher_is_stable: bool,
     n_boot: int = 1000,

@@ -90,6 +90,12 @@ def test_capture_gradients_and_targets_analytic(rng):
     torch.testing.assert_close(cap.logits, logits)
     lc = cams(model, x, targets=t.tolist(), methods="layercam", layer=model.target)["layercam"]
     torch.testing.assert_close(lc, torch.relu((torch.relu(g_ref) * A_ref).sum(1)))
+    # Callers under no_grad or inference_mode get the same maps.
+    with torch.no_grad():
+        torch.testing.assert_close(cams(model, x, t, methods="layercam", layer="target")["layercam"], lc)
+    with torch.inference_mode():
+        xi, ti = x.clone(), t.clone()
+        torch.testing.assert_close(cams(model, xi, ti, methods="layercam", layer="target")["layercam"], lc)
     # Default targets are the predicted classes.
     default = capture(model, x, layer="target")
     assert torch.equal(default.targets, logits.argmax(1))

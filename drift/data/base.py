@@ -15,13 +15,35 @@ import torch
 from torch.utils.data import Dataset
 
 Reader = Callable[[Path], np.ndarray]
+Indices = Sequence[int] | np.ndarray | torch.Tensor | range
 
 
 class DataError(ValueError):
     """Bad input data: a corrupt or missing file, an empty class, a split missing a class, a bad manifest row."""
 
 
-def _as_index_array(indices, n: int, name: str = "indices") -> np.ndarray:
+def check_fraction(value: object, name: str) -> float:
+    """``value`` as a float, checked to be a real number in [0, 1]; errors name the argument ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        raise TypeError(f"{name} must be a number in [0, 1], got {type(value).__name__}")
+    value = float(value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must lie in [0, 1], got {value}")
+    return value
+
+
+def check_int(value: object, name: str, low: int, high: int | None = None) -> int:
+    """``value`` as an int, checked to be an integer (not a bool) in ``[low, high]``; errors name ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    value = int(value)
+    if value < low or (high is not None and value > high):
+        bound = f"[{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be {bound}, got {value}")
+    return value
+
+
+def _as_index_array(indices: Indices, n: int, name: str = "indices") -> np.ndarray:
     """Turn an index list, integer array or boolean mask over ``n`` items into a validated int64 array."""
     if isinstance(indices, torch.Tensor):
         indices = indices.detach().cpu().numpy()
@@ -61,7 +83,7 @@ class ImageSet(Dataset):
         size: Side of the square images, in pixels.
     """
 
-    def __init__(self, class_names: Sequence[str], labels, ids: Sequence[str], *, size: int,
+    def __init__(self, class_names: Sequence[str], labels: Sequence[int] | np.ndarray, ids: Sequence[str], *, size: int,
                  pixels: np.ndarray | None = None, paths: Sequence[Path] | None = None, reader: Reader | None = None,
                  lung_masks: np.ndarray | None = None, lesion_masks: np.ndarray | None = None,
                  marker_masks: np.ndarray | None = None, patient_ids: Sequence[str] | None = None) -> None:
@@ -136,7 +158,7 @@ class ImageSet(Dataset):
             return self._pixels[i]
         return self._reader(self.paths[i])
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, i: int | np.integer) -> tuple[torch.Tensor, int]:
         """Sample ``i`` as ``(image (1, H, W) float32 in [0, 1], label)``; a fresh tensor, safe to modify."""
         if isinstance(i, torch.Tensor):
             i = i.item()
@@ -149,7 +171,7 @@ class ImageSet(Dataset):
         image = torch.tensor(self._image(i), dtype=torch.float32).unsqueeze(0)
         return image, int(self.labels[i])
 
-    def subset(self, indices) -> ImageSet:
+    def subset(self, indices: Indices) -> ImageSet:
         """A new ImageSet of the samples ``indices`` (ints, possibly negative, or an ``(N,)`` bool mask), in order.
 
         Arrays are copied, so the subset and this set never share mutable state.
@@ -165,7 +187,7 @@ class ImageSet(Dataset):
                         marker_masks=take(self.marker_masks),
                         patient_ids=None if self.patient_ids is None else [self.patient_ids[i] for i in idx])
 
-    def images(self, indices=None) -> torch.Tensor:
+    def images(self, indices: Indices | None = None) -> torch.Tensor:
         """Stack the images of ``indices`` (default: all) into one ``(n, 1, H, W)`` float32 tensor."""
         idx = np.arange(len(self)) if indices is None else _as_index_array(indices, len(self))
         if self._pixels is not None:

@@ -29,8 +29,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from drift.data.base import DataError, ImageSet, Splits
-from drift.data.synthetic import _check_int
+from drift.data.base import DataError, ImageSet, Splits, check_int
 
 SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
 _SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
@@ -158,6 +157,8 @@ def resize_image(image: np.ndarray, size: int) -> np.ndarray:
 
     Non-square images are stretched, not cropped. An image already ``(size, size)`` is returned unchanged.
     """
+    if image.ndim != 2:
+        raise ValueError(f"image must be 2-D (H, W), got shape {image.shape}")
     if image.shape == (size, size):
         return image
     t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
@@ -239,8 +240,20 @@ def assign_splits(labels: np.ndarray, groups: Sequence[str] | None, fractions: S
     Raises:
         DataError: If some split ends up without a class (too few images or patients in that class), naming both.
     """
-    labels = np.asarray(labels, dtype=np.int64)
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or (labels.size and not np.issubdtype(labels.dtype, np.integer)):
+        raise ValueError(f"labels must be a 1-D integer array, got dtype {labels.dtype} and shape {labels.shape}")
+    labels = labels.astype(np.int64)
     n, n_cls, n_split = len(labels), len(class_names), len(fractions)
+    if n and (labels.min() < 0 or labels.max() >= n_cls):
+        raise ValueError(f"labels must lie in [0, {n_cls}) for {n_cls} class names; got [{labels.min()}, "
+                         f"{labels.max()}]")
+    if len(split_names) != n_split:
+        raise ValueError(f"split_names has {len(split_names)} names for {n_split} fractions")
+    if min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-9:
+        raise ValueError(f"fractions must be non-negative and sum to 1, got {tuple(fractions)}")
+    if groups is not None and len(groups) != n:
+        raise ValueError(f"groups has {len(groups)} entries but labels has {n}")
     if groups is None:
         group_of = np.arange(n)
         n_groups = n
@@ -382,8 +395,8 @@ def load_folder(root: str | os.PathLike, size: int, seed: int, val_fraction: flo
             bad files (unless ``skip_bad``), a mix of split and class folders at the top level.
         TypeError, ValueError: Bad ``size``, ``seed`` or fractions.
     """
-    size = _check_int(size, "size", 1, 4096)
-    seed = _check_int(seed, "seed", 0)
+    size = check_int(size, "size", 1, 4096)
+    seed = check_int(seed, "seed", 0)
     val_fraction, test_fraction = _check_fractions(val_fraction, test_fraction)
     root = Path(root)
     if not root.exists():
@@ -438,6 +451,14 @@ def load_folder(root: str | os.PathLike, size: int, seed: int, val_fraction: flo
 
 # -- CSV manifests -----------------------------------------------------------------------------------------------
 
+def _label_order(label: str) -> tuple[int, int | str]:
+    """Sort key for class labels: integer labels numerically ("2" before "10"), then the others as text."""
+    try:
+        return 0, int(label)
+    except ValueError:
+        return 1, label
+
+
 def load_csv(manifest: str | os.PathLike, size: int, seed: int, val_fraction: float = 0.15,
              test_fraction: float = 0.2, skip_bad: bool = False, root: str | os.PathLike | None = None, *,
              classes: Sequence[str] | None = None) -> Splits:
@@ -448,7 +469,8 @@ def load_csv(manifest: str | os.PathLike, size: int, seed: int, val_fraction: fl
     valid, validation, testing); with a ``split`` column every row needs one, and a missing val split is carved
     from train. Without it, rows are split with target fractions ``(1 - val - test, val, test)`` stratified by
     class and grouped by ``patient_id`` (see `assign_splits`); with both columns, a patient in two splits is an
-    error. Class names are ``classes`` when given (labels outside it are errors), else the sorted distinct labels.
+    error. Class names are ``classes`` when given (labels outside it are errors), else the sorted distinct labels
+    (integer labels in numeric order).
     Sample ids are the manifest's paths.
 
     Args:
@@ -471,8 +493,8 @@ def load_csv(manifest: str | os.PathLike, size: int, seed: int, val_fraction: fl
             a class without images, a split missing a class.
         TypeError, ValueError: Bad ``size``, ``seed`` or fractions.
     """
-    size = _check_int(size, "size", 1, 4096)
-    seed = _check_int(seed, "seed", 0)
+    size = check_int(size, "size", 1, 4096)
+    seed = check_int(seed, "seed", 0)
     val_fraction, test_fraction = _check_fractions(val_fraction, test_fraction)
     manifest = Path(manifest)
     if not manifest.is_file():
@@ -528,7 +550,7 @@ def load_csv(manifest: str | os.PathLike, size: int, seed: int, val_fraction: fl
                 raise DataError(f"{manifest} line {rec['line']}: unknown label {rec['label']!r}; expected one of "
                                 f"{', '.join(class_names)}")
     else:
-        class_names = tuple(sorted({rec["label"] for rec in records}))
+        class_names = tuple(sorted({rec["label"] for rec in records}, key=_label_order))
     _check_classes(class_names, np.unique([class_names.index(r["label"]) for r in records]), str(manifest))
     has_split, has_patient = "split" in col, "patient_id" in col
     if has_split and has_patient:

@@ -20,8 +20,10 @@ Classes (`SYNTHETIC_CLASSES`) and the evidence that separates them:
 
 The overlaps are deliberate: lower-zone opacity in consolidation, effusion and (faint) breast shadows; small
 consolidation patches against large nodules; nipple shadows and end-on vessels against small nodules; vascular
-markings against reticulation. ``difficulty`` in [0, 1] shrinks lesion contrast and size and grows noise and
-distractors.
+markings against reticulation. ``difficulty`` ``d`` in [0, 1] scales lesion contrast by ``1 - 0.55 d`` and lesion
+size by ``1 - 0.4 d`` (never below a few pixels), sets the pixel noise to ``0.006 + 0.03 d`` and raises the rate of
+distractors (nipple shadows ``0.15 + 0.5 d``, breast shadows ``0.2 + 0.4 d``, end-on vessels Poisson
+``1 + 5 d``).
 
 The lesion mask marks the pixels where a lesion was drawn, inside the lung mask: the soft support of the lesion
 (its region before texture modulation) above one half, intersected with the lung mask. For the diffuse
@@ -37,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from drift.data._render import ellipse_depth, grid, rotate, smooth_noise, soft_step
-from drift.data.base import ImageSet, Splits
+from drift.data.base import ImageSet, Splits, check_fraction, check_int
 
 SYNTHETIC_CLASSES: tuple[str, ...] = ("normal", "consolidation", "nodule", "effusion", "interstitial")
 
@@ -103,25 +105,6 @@ class _Heart:
 
     def depth(self, x, y):
         return ellipse_depth(x, y, self.cx, self.cy, self.ax, self.ay, self.angle)
-
-
-def _check_fraction(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
-        raise TypeError(f"{name} must be a number in [0, 1], got {type(value).__name__}")
-    value = float(value)
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must lie in [0, 1], got {value}")
-    return value
-
-
-def _check_int(value, name: str, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    value = int(value)
-    if value < low or (high is not None and value > high):
-        bound = f"[{low}, {high}]" if high is not None else f">= {low}"
-        raise ValueError(f"{name} must be {bound}, got {value}")
-    return value
 
 
 class _Painter:
@@ -448,13 +431,13 @@ def load_synthetic(n_train: int, n_val: int, n_test: int, size: int, seed: int, 
         ValueError: If a count is negative, the size is outside [32, 1024], the seed is negative, or difficulty or
             confounder lies outside [0, 1].
     """
-    n_train = _check_int(n_train, "n_train", 0)
-    n_val = _check_int(n_val, "n_val", 0)
-    n_test = _check_int(n_test, "n_test", 0)
-    size = _check_int(size, "size", 32, 1024)
-    seed = _check_int(seed, "seed", 0)
-    difficulty = _check_fraction(difficulty, "difficulty")
-    confounder = _check_fraction(confounder, "confounder")
+    n_train = check_int(n_train, "n_train", 0)
+    n_val = check_int(n_val, "n_val", 0)
+    n_test = check_int(n_test, "n_test", 0)
+    size = check_int(size, "size", 32, 1024)
+    seed = check_int(seed, "seed", 0)
+    difficulty = check_fraction(difficulty, "difficulty")
+    confounder = check_fraction(confounder, "confounder")
     return Splits(
         train=_split(seed, "train", n_train, 0, size, difficulty, confounder),
         val=_split(seed, "val", n_val, n_train, size, difficulty, confounder),

@@ -172,6 +172,8 @@ def test_16bit_and_rgba_through_the_folder_loader(rng, tmp_path):
         for i, name in enumerate(s.ids):
             ref = a16 / 65535.0 if "/w" in name else np.asarray(Image.open(tmp_path / name).convert("L")) / 255.0
             np.testing.assert_allclose(s[i][0][0].numpy(), ref, rtol=1e-6, atol=1e-7)
+        assert torch.equal(s.images(), torch.stack([s[i][0] for i in range(len(s))]))
+        assert s.subset([-1]).ids == s.ids[-1:] and s.subset([-1]).paths == s.paths[-1:]
 
 
 def test_bad_file_raises_or_is_skipped_with_a_warning(rng, tmp_path):
@@ -339,6 +341,17 @@ def test_csv_bad_rows(rng, tmp_path):
         load_csv(_write_manifest(tmp_path / "m6.csv", "path,label", [f"{i}.png,a" for i in range(6)]), 5, 0)
 
 
+def test_csv_integer_labels_sort_numerically(rng, tmp_path):
+    rows = []
+    for i in range(18):
+        _save(tmp_path / f"{i}.png", _u8(rng, 4, 4))
+        rows.append(f"{i}.png,{(2, 10, 1)[i % 3]}")
+    splits = load_csv(_write_manifest(tmp_path / "m.csv", "path,label", rows), 4, 0)
+    assert splits.class_names == ("1", "2", "10")
+    for s in _all(splits):
+        assert [s.class_names[lab] for lab in s.labels] == [str((2, 10, 1)[int(i[:-4]) % 3]) for i in s.ids]
+
+
 # -- the split assignment itself ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("n_groups", [17, 123])
@@ -365,3 +378,13 @@ def test_assign_splits_groups_strata_and_fractions(rng, n_groups):
     one_each = assign_splits(labels, None, fractions, 0, ("a", "b", "c"))
     for s in range(3):
         assert abs((one_each == s).sum() - fractions[s] * len(labels)) <= 3
+
+
+def test_assign_splits_rejects_bad_arguments():
+    labels = np.array([0, 1, 0, 1, 0, 1])
+    with pytest.raises(ValueError, match="fractions"):
+        assign_splits(labels, None, (0.5, 0.2, 0.2), 0, ("a", "b"))
+    with pytest.raises(ValueError, match="labels must lie"):
+        assign_splits(labels + 1, None, (0.6, 0.2, 0.2), 0, ("a", "b"))
+    with pytest.raises(ValueError, match="groups has 2"):
+        assign_splits(labels, ["p", "q"], (0.6, 0.2, 0.2), 0, ("a", "b"))
