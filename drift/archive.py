@@ -15,7 +15,7 @@ models/<arch>/<stage>/  history/{epoch, train_loss, val_loss, val_accuracy, val_
                         test/{logits (N, C), labels, accuracy, macro_auc, f1 (C,), confusion (C, C)}
                         attrs: checkpoint (path), sha256, best_epoch, bn_frozen, weights (origin), seconds
 attributions/<arch>/<stage>/<method>
-                        raw maps (N, h, w) float16 at the target layer's resolution, chunked, gzip;
+                        raw maps (N, h, w) float32 at the target layer's resolution, chunked, gzip;
                         attrs: layer, target ("true"/"predicted"), eps; targets/<stage> (N,) class used
 drift/<arch>/<method>/  per_sample/<metric> (n,) float, ids (n,), labels (n,), valid (n,) over the chosen sample
                         set; degenerate/{transfer, finetune} (N,) int codes (0 ok, 1 non-finite, 2 zero,

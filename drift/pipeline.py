@@ -308,7 +308,7 @@ class Pipeline:
                 res = cams(model, x, tgt[idx].to(self.device), methods=tuple(acfg.methods), eps=acfg.eps)
                 for m in acfg.methods:
                     maps[m].append(res[m].float().cpu())
-            out[stage] = {m: torch.cat(v).numpy().astype(np.float16) for m, v in maps.items()}
+            out[stage] = {m: torch.cat(v).numpy().astype(np.float32) for m, v in maps.items()}
             out[stage]["targets"] = np.asarray(tgt)
         with self.archive.stage(name, replace=(name,)) as f:
             g = f.require_group(name)
