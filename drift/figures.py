@@ -351,7 +351,7 @@ def fisher_spectra(shares: Mapping[tuple[str, str], np.ndarray], archs: Sequence
             ax.set_xticks(idx)
         ax.set_title(arch, fontsize=9)
         ax.set_xlabel("eigenvalue index i")
-        ax.set_ylabel(r"share of trace, $\lambda_i / \sum_j \lambda_j$")
+        ax.set_ylabel(r"eigenvalue share $\lambda_i \,/\, \Sigma_j \lambda_j$")
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -421,7 +421,8 @@ class CurvePanel:
         xlabel, ylabel: Axis labels with units.
         series: label -> (N, E) per-sample values (N = 1 draws a line without a band).
         references: label -> (E,) dashed reference lines (e.g. a second-order prediction).
-        logx, logy: Logarithmic axes (a log y axis clips bands at a tenth of the smallest positive mean).
+        logx, logy: Logarithmic axes (a log y axis clips bands at a tenth of the smallest positive mean and leaves
+            out non-positive means).
     """
 
     title: str
@@ -471,6 +472,7 @@ def curve_grid(panels: Sequence[CurvePanel], ncols: int = 3) -> Figure:
                 pos = mean[np.isfinite(mean) & (mean > 0)]
                 floor = pos.min() / 10 if pos.size else 1e-12
                 lo = np.maximum(lo, floor)
+                mean = np.where(mean > 0, mean, np.nan)  # e.g. a KL at rounding level, slightly negative
             if x.size == 1:
                 err = np.vstack([mean - lo, hi - mean])
                 ax.errorbar(x, mean, yerr=np.where(np.isfinite(err), err, 0.0), color=c, marker="o", capsize=4,

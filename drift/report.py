@@ -158,10 +158,12 @@ class Figure:
 
 @dataclass
 class Text:
-    """A paragraph (``kind="p"``), a highlighted note on something missing (``"note"``) or preformatted text."""
+    """A paragraph (``kind="p"``), a highlighted note on something missing (``"note"``), preformatted text
+    (``"pre"``, folded in the HTML when ``collapsed``) or a sub-heading (``"h3"``)."""
 
     text: str
     kind: str = "p"
+    collapsed: bool = False
 
 
 @dataclass
@@ -351,9 +353,10 @@ def _overview(run: _Run, path: Path) -> Section:
 def _configuration(run: _Run) -> Section:
     s = Section("configuration", "Configuration")
     text = run.reader.config_text.strip()
-    s.blocks.append(Text("The full run configuration (TOML) as stored in the archive; `drift run --config` with this "
-                         "text reproduces the run."))
-    s.blocks.append(Text(text, "pre") if text else Text("The archive stores no configuration.", "note"))
+    s.blocks.append(Text("The full run configuration (TOML) as stored in the archive: saved to a file and passed to "
+                         "drift run --config, it reproduces the run."))
+    s.blocks.append(Text(text, "pre", collapsed=True) if text else Text("The archive stores no configuration.",
+                                                                          "note"))
     return s
 
 
@@ -373,10 +376,11 @@ def _provenance(run: _Run) -> Section:
     s.blocks.append(Table("tbl-provenance", "Provenance of the run", ["item", "value"], rows))
     stages = run.reader.stages
     if stages:
-        rows = [[st.get("name", "?"), fmt(st.get("seconds"), 1), str(st.get("finished", "-"))] for st in stages]
-        rows.append(["total", fmt(sum(float(st.get("seconds", 0) or 0) for st in stages), 1), ""])
-        s.blocks.append(Table("tbl-stages", "Stage timings (seconds spent writing each committed stage; training "
-                              "time is in the classification table)", ["stage", "seconds", "finished"], rows))
+        rows = [[st.get("name", "?"), fmt(st.get("seconds")), str(st.get("finished", "-"))] for st in stages]
+        rows.append(["total", fmt(sum(float(st.get("seconds", 0) or 0) for st in stages)), ""])
+        s.blocks.append(Table("tbl-stages", "Committed stages, in order, with the seconds recorded for each and when "
+                              "it finished (training time per stage is in the classification table)",
+                              ["stage", "seconds", "finished"], rows))
     else:
         s.blocks.append(Text("No stage has been committed to this archive yet.", "note"))
     return s
@@ -395,7 +399,11 @@ def _data(run: _Run) -> Section:
         rows.append([name] + [str(int(np.asarray(counts[k])[c])) if c < len(np.asarray(counts[k])) else "-"
                               for k in splits])
     rows.append(["total"] + [str(int(np.asarray(counts[k]).sum())) for k in splits])
-    s.blocks.append(Table("tbl-data", "Images per class and split", ["class", *splits], rows))
+    if splits:
+        s.blocks.append(Table("tbl-data", "Images per class and split", ["class", *splits], rows))
+    else:
+        n = len(np.asarray(d.get("test", {}).get("labels", [])))
+        s.blocks.append(Text(f"The archive stores no class counts per split; the test set has {n} images.", "note"))
     if run.cfg is not None:
         dc = run.cfg.data
         src = f"synthetic task (seed {run.cfg.run.seed}, difficulty {dc.difficulty}, confounder {dc.confounder})" \
@@ -748,6 +756,8 @@ def _fisher(run: _Run) -> Section:
         if not any(p[0] == a for p in present):
             s.blocks.append(Text(f"{a}: no iFIM results (stage fisher/{a} not finished).", "note"))
     if not present:
+        if not s.blocks:
+            s.blocks.append(Text("No iFIM results in this archive (no fisher/<arch> stage finished).", "note"))
         return s
     s.blocks.append(Text("F(x) = J^T (diag p - p p^T) J has rank <= C - 1; its leading k eigenvectors (enough for the "
                          "configured energy share) span the high-sensitivity subspace. Perturbations of equal norm "
@@ -771,8 +781,8 @@ def _fisher(run: _Run) -> Section:
             gap = (np.nan, np.nan, np.nan, 0)
         rank = np.asarray(f.get("rank", []), dtype=np.float64)
         rows.append([arch, stage, str(share.shape[0]), fmt(np.nanmean(share[:, 0]) if share.size else np.nan),
-                     fmt(rank.mean() if rank.size else np.nan, 2), str(gap[3]), fmt(area[0], 4), fmt(area[1], 4),
-                     fmt(area[2], 4), _interval(*gap[:3]), fmt(summ.get("wilcoxon_pvalue"), 4),
+                     fmt(rank.mean() if rank.size else np.nan, 2), str(gap[3]), fmt(area[0]), fmt(area[1]),
+                     fmt(area[2]), _interval(*gap[:3]), fmt(summ.get("wilcoxon_pvalue"), 4),
                      fmt(summ.get("kl_ratio_small_eps"), 3)])
         if "components" in f:
             comps[(arch, stage)] = f["components"]
@@ -926,7 +936,7 @@ h1{font-size:1.7em;border-bottom:2px solid #0072B2;padding-bottom:.2em}h2{margin
 nav ol{columns:2;font-size:.95em}table{border-collapse:collapse;margin:.6em 0 1.2em;font-size:.86em}
 caption{caption-side:top;text-align:left;font-weight:600;padding:.3em 0;max-width:1100px}
 th,td{border:1px solid #c8c8c8;padding:.25em .55em;text-align:left;vertical-align:top}th{background:#eef3f8}
-td.num{text-align:right;font-variant-numeric:tabular-nums}tr:nth-child(even) td{background:#fafafa}
+td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}tr:nth-child(even) td{background:#fafafa}
 pre{background:#f5f5f5;padding:.8em;overflow-x:auto;font-size:.85em;border:1px solid #ddd}
 .note{background:#fdf3dc;border-left:4px solid #E69F00;padding:.4em .8em}
 figure{margin:1em 0 2em}figure img{max-width:100%;height:auto;border:1px solid #ddd}
@@ -978,7 +988,10 @@ def render_html(sections: Sequence[Section], title: str) -> str:
                 parts.append(f'<figure id="{e(b.id)}"><img src="data:image/png;base64,{data}" alt="{e(b.caption)}">'
                              f"<figcaption>{e(b.caption)}</figcaption></figure>")
             elif b.kind == "pre":
-                parts.append(f"<pre>{e(b.text)}</pre>")
+                pre = f"<pre>{e(b.text)}</pre>"
+                if b.collapsed:
+                    pre = f"<details><summary>show ({b.text.count(chr(10)) + 1} lines)</summary>{pre}</details>"
+                parts.append(pre)
             elif b.kind == "h3":
                 parts.append(f"<h3>{e(b.text)}</h3>")
             else:
@@ -1180,7 +1193,7 @@ def compare_tables(a: str | os.PathLike, b: str | os.PathLike) -> list[Table]:
         va, vb = ha["fisher"].get(key), hb["fisher"].get(key)
         delta = vb[0] - va[0] if va is not None and vb is not None else np.nan
         rows.append([key[0], key[1], f"{_interval(*va[:3])} (n={va[3]})" if va else "-",
-                     f"{_interval(*vb[:3])} (n={vb[3]})" if vb else "-", fmt(delta, 4), _beyond(va, vb)])
+                     f"{_interval(*vb[:3])} (n={vb[3]})" if vb else "-", fmt(delta), _beyond(va, vb)])
     tables.append(Table("cmp-fisher", "iFIM gap: area over eps of |confidence change|, high-sensitivity subspace minus "
                         "complement, mean over samples [95% bootstrap interval]",
                         ["architecture", "stage", "A", "B", "delta (B - A)", "beyond intervals"], rows))
