@@ -454,13 +454,12 @@ def run_perturbations(
         q_unit = 0.5 * Gu.double().pow(2).sum(2)  # (K, B, m)
         kl_pred = scale.double().pow(2) * q_unit.unsqueeze(1)
 
-        hi_in, co_in = removal_inputs(xb, dirs.x_high, dirs.complement, al)
-        hi_in = hi_in.unsqueeze(2).expand(A, B, m, *xb.shape[1:])
-        co_in = torch.nan_to_num(co_in)
-        rem_inputs = torch.stack([hi_in, co_in])  # (2, A, B, m, *S)
-
+        hi_in, co_in = removal_inputs(xb, dirs.x_high, dirs.complement, al)  # (A, B, *S), (A, B, m, *S)
         z_pert = _forward(model, inputs.reshape(-1, *xb.shape[1:]), batch_size).view(nk, E, B, m, C)
-        z_rem = _forward(model, rem_inputs.reshape(-1, *xb.shape[1:]), batch_size).view(nr, A, B, m, C)
+        # High removal is deterministic: one forward pass, its logits shared by the m draws.
+        z_hi = _forward(model, hi_in.reshape(-1, *xb.shape[1:]), batch_size).view(A, B, 1, C).expand(A, B, m, C)
+        z_co = _forward(model, torch.nan_to_num(co_in).reshape(-1, *xb.shape[1:]), batch_size).view(A, B, m, C)
+        z_rem = torch.stack([z_hi, z_co])  # (2, A, B, m, C)
 
         pred0 = p0.argmax(1)
         conf0 = p0.gather(1, pred0[:, None]).squeeze(1)

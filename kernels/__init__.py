@@ -6,9 +6,12 @@ Public entries (each validates its inputs and dispatches):
 * :func:`fisher_project` -- G^T W for a small W.
 * :func:`topk_iou` -- intersections, unions and IoU of top-k pixel sets, for T fractions at once.
 
-Dispatch: the Triton kernel for CUDA tensors; the torch reference for CPU tensors; the kernel itself
-through Triton's interpreter when ``TRITON_INTERPRET=1``. ``DRIFT_KERNELS=reference`` forces the
-reference everywhere. Nothing here touches CUDA at import time.
+Dispatch (:mod:`drift_kernels.dispatch`): the Triton kernel for CUDA tensors; the torch reference for CPU
+tensors; the kernel itself through Triton's interpreter when ``TRITON_INTERPRET=1``. ``DRIFT_KERNELS=reference``
+forces the reference everywhere, ``DRIFT_KERNELS=triton`` the kernel (an error where it cannot run). The kernels
+live one op per module (``fisher_gram_kernel``, ``fisher_project_kernel``, ``topk_iou_kernel``, each with a
+``*_triton`` launcher that takes ``out=``); those modules import Triton and are imported only when first used.
+Nothing here touches CUDA at import time.
 """
 
 from .dispatch import backend, fisher_gram, fisher_project, topk_iou

@@ -73,7 +73,9 @@ def _fisher_gram_partial_kernel(
 
     rows = tl.arange(0, C_PAD)
     row_ok = rows < C
-    p = tl.load(P + b * C + rows, mask=row_ok, other=0.0)
+    # G is formed in float64 and rounded once to float32: with p nearly one-hot, J_c - m cancels to ~1e-6 of J,
+    # and a float32 centre would leave only a few correct bits in that row.
+    p = tl.load(P + b * C + rows, mask=row_ok, other=0.0).to(tl.float64)
     if SOFTMAX:
         scale = tl.sqrt(p)
     else:
@@ -81,7 +83,7 @@ def _fisher_gram_partial_kernel(
 
     ri = pid_i * BLOCK_CI + tl.arange(0, BLOCK_CI)
     ri_ok = ri < C
-    p_i = tl.load(P + b * C + ri, mask=ri_ok, other=0.0)
+    p_i = tl.load(P + b * C + ri, mask=ri_ok, other=0.0).to(tl.float64)
     if SOFTMAX:
         scale_i = tl.sqrt(p_i)
     else:
@@ -96,13 +98,13 @@ def _fisher_gram_partial_kernel(
         col_ok = cols < D
         j = tl.load(
             j_base + rows[:, None] * stride_jc + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0
-        ).to(tl.float32)
+        ).to(tl.float64)
         # Centre the tile before any product: the cancellation happens here, once per element, not in K.
         if SOFTMAX:
             centre = tl.sum(p[:, None] * j, axis=0)
         else:
-            centre = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        g = scale[:, None] * (j - centre[None, :])
+            centre = tl.zeros((BLOCK_D,), dtype=tl.float64)
+        g = (scale[:, None] * (j - centre[None, :])).to(tl.float32)
         if BLOCK_CI == C_PAD:
             g_i = g
         else:
@@ -110,10 +112,11 @@ def _fisher_gram_partial_kernel(
             # its own rows are both read, the second time from cache.
             j_i = tl.load(
                 j_base + ri[:, None] * stride_jc + cols[None, :], mask=ri_ok[:, None] & col_ok[None, :], other=0.0
-            ).to(tl.float32)
-            g_i = scale_i[:, None] * (j_i - centre[None, :])
+            ).to(tl.float64)
+            g_i = (scale_i[:, None] * (j_i - centre[None, :])).to(tl.float32)
         # A fresh accumulator per tile (or per SUB-long piece of it), added to the running sum: the rounding
-        # error grows with the piece length plus the number of pieces, not with the whole range of D.
+        # error grows with the piece length plus the number of pieces, not with the whole range of D. (A compiler
+        # may fold the add into the product's accumulator; that costs accuracy, never correctness.)
         if SUB == BLOCK_D:
             acc += tl.dot(g_i, tl.trans(g), input_precision=PRECISION)
         else:

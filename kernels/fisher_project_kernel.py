@@ -60,7 +60,8 @@ def _fisher_project_kernel(
 
     rows = tl.arange(0, C_PAD)
     row_ok = rows < C
-    p = tl.load(P + b * C + rows, mask=row_ok, other=0.0)
+    # G in float64, rounded once to float32 (see fisher_gram_kernel: the centre cancels when p is nearly one-hot).
+    p = tl.load(P + b * C + rows, mask=row_ok, other=0.0).to(tl.float64)
     if SOFTMAX:
         scale = tl.sqrt(p)
     else:
@@ -70,12 +71,12 @@ def _fisher_project_kernel(
     col_ok = cols < D
     j = tl.load(
         J + b * stride_jb + rows[:, None] * stride_jc + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0
-    ).to(tl.float32)
+    ).to(tl.float64)
     if SOFTMAX:
         centre = tl.sum(p[:, None] * j, axis=0)
     else:
-        centre = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    g = scale[:, None] * (j - centre[None, :])
+        centre = tl.zeros((BLOCK_D,), dtype=tl.float64)
+    g = (scale[:, None] * (j - centre[None, :])).to(tl.float32)
 
     ks = tl.arange(0, M_PAD)
     w_base = W + b * C * M

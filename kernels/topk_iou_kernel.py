@@ -8,8 +8,8 @@ need = k - #{i : v_i > t} >= 1 the number of pixels of value t that are taken, p
     v_i > t,  or  v_i == t and #{i' <= i : v_i' == t} <= need.
 
 Stage 1 (torch, on the device): one ascending sort of each map gives t = sorted[H W - k] for every fraction,
-and a binary search gives #{v > t}. Stage 2 (this kernel): one program per map pair (a GPU) walks both maps in flat
-order, tile by tile, compares every pixel against all T thresholds at once, keeps a running count of the pixels
+and a binary search gives #{v > t}. Stage 2 (this kernel): each program takes a few map pairs and walks them in
+flat order, tile by tile, compares every pixel against all T thresholds at once, keeps a running count of the pixels
 equal to each threshold (a cumulative sum within the tile plus the count carried from earlier tiles) to cut
 the ties exactly, and counts |A & B| and |A | B| per fraction. Comparisons are IEEE (so -0.0 == +0.0), exact in
 float32 for float16, bfloat16 and float32 maps.
@@ -50,7 +50,7 @@ def _topk_iou_kernel(
 
     A, B (N, HW) with stride 1 along HW; TA, TB (N, T) float32 thresholds; NA, NB (N, T) int32 numbers of
     threshold-valued pixels to take; INTER, UNION (N, T) int64. A program takes ROWS consecutive map pairs
-    (1 on a GPU; many under the interpreter, where every program costs a round of Python calls).
+    (2 on a GPU; many under the interpreter, where every program costs a round of Python calls).
     Tiles are (ROWS, T_PAD, BLOCK): pixel set membership for every map and fraction at once.
     """
     rr = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
@@ -121,13 +121,14 @@ def _readable(t: torch.Tensor) -> torch.Tensor:
 def _config(N: int, n_pix: int, T: int, on_gpu: bool) -> tuple[int, int, int, int]:
     """(ROWS, BLOCK, T_PAD, num_warps): a ROWS x T_PAD x BLOCK comparison tile.
 
-    GPU: one map per program (N is in the thousands) and at most 8192 comparisons a tile. Interpreter: up to
+    GPU: two maps per program (N is in the thousands) and at most 8192 comparisons a tile. Interpreter: up to
     2^18 comparisons a tile, spread over as many maps as fit, because every program and tile costs Python calls.
     """
     t_pad = max(2, next_pow2(T))
     if on_gpu:
-        block = max(16, min(next_pow2(n_pix), 8192 // t_pad))
-        return 1, block, t_pad, (8 if block * t_pad >= 8192 else 4)
+        # Two maps per program keep every tile dimension above 1 (size-1 axes are the least exercised layouts).
+        block = max(16, min(next_pow2(n_pix), 4096 // t_pad))
+        return 2, block, t_pad, (8 if 2 * block * t_pad >= 8192 else 4)
     block = max(16, min(next_pow2(n_pix), (1 << 18) // t_pad))
     rows = max(1, min(next_pow2(N), (1 << 18) // (t_pad * block)))
     return rows, block, t_pad, 4
@@ -203,7 +204,7 @@ def topk_iou_triton(
         fractions: T fractions in (0, 1]; each selects exactly ``topk_count(H*W, f)`` pixels per map.
         out: optional preallocated contiguous (inter, union, iou) outputs.
         block: pixels per tile (power of two >= 16); default from H*W and T.
-        rows_per_program: map pairs per program (power of two); default 1 on a GPU, many when interpreted.
+        rows_per_program: map pairs per program (power of two); default 2 on a GPU, many when interpreted.
 
     Returns:
         inter, union (N, T) int64 and iou = inter / union (N, T) float32 (union >= k >= 1).
