@@ -41,7 +41,7 @@ bench-cpu: $(STAMP)
 	$(PY) -m pytest tests/benchmarks -q --benchmark-enable --benchmark-json=results/pytest-benchmark-cpu.json
 
 asv-quick: $(STAMP)
-	$(VENV)/bin/asv run -E existing:$(PY) --quick --show-stderr
+	$(VENV)/bin/asv run -E existing:$(PY) --quick --show-stderr --set-commit-hash $$(git rev-parse HEAD)
 
 clean:
 	rm -rf runs .pytest_cache .hypothesis

@@ -281,9 +281,16 @@ def _pytest_record(path: Path, data: Mapping[str, Any]) -> tuple[tuple[str, str,
     return ("pytest", _key(machine), _key(f"{commit[:8]}-{when}")), {**attrs, **tree}, n_values
 
 
+def _is_asv_html(folder: Path) -> bool:
+    """``asv publish`` output (``results/asv/html`` here): a web page's data, not results."""
+    return (folder / "index.json").is_file() and (folder / "graphs").is_dir()
+
+
 def _candidates(source: Path) -> Iterable[Path]:
     """JSON files of a folder: its own and those one level down (asv's <machine>/ folders, .benchmarks/<id>/)."""
-    files = sorted(source.glob("*.json")) + sorted(source.glob("*/*.json"))
+    if _is_asv_html(source):
+        return []
+    files = sorted(source.glob("*.json")) + sorted(f for f in source.glob("*/*.json") if not _is_asv_html(f.parent))
     return [f for f in files if f.is_file() and f.name not in _ASV_METADATA]
 
 

@@ -128,8 +128,10 @@ def test_pytest_benchmark_json_round_trip(tmp_path, pytest_benchmark_json):
 def test_asv_results_round_trip(tmp_path, rng):
     results = tmp_path / "results"
     path, bench = asv_results(results, rng)
-    (results / "html").mkdir()
-    (results / "html" / "index.json").write_text("{}")  # asv publish output: not a result, left out
+    (results / "html" / "graphs").mkdir(parents=True)  # asv publish output: a web page, skipped silently
+    (results / "html" / "index.json").write_text("{}")
+    (results / "html" / "info.json").write_text("{}")
+    (results / "notes.json").write_text(json.dumps({"note": "not a result"}))  # left out, and said so
     raw = json.loads(path.read_text())
     cols = raw["result_columns"]
 

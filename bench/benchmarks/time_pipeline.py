@@ -69,7 +69,8 @@ class Cams:
                 return out
 
             self.fn = run_reference
-        self.call()  # warm-up: allocator, cuDNN algorithm choice
+        if self.dev.type == "cuda":
+            self.call()  # warm-up: allocator, cuDNN algorithm choice (asv warms up itself, except with --quick)
 
     def call(self):
         out = self.fn()
@@ -97,8 +98,9 @@ class Jacobian:
         self.dev = device()
         self.model = classifier(arch, self.dev)
         self.x = images(JAC_BATCH, JAC_SIZE, self.dev)
-        self.input_jacobian(self.model, self.x)
-        sync(self.dev)
+        if self.dev.type == "cuda":  # warm-up: allocator, cuDNN algorithm choice
+            self.input_jacobian(self.model, self.x)
+            sync(self.dev)
 
     def time_input_jacobian(self, arch: str) -> None:
         self.input_jacobian(self.model, self.x)
@@ -144,7 +146,6 @@ class DriftMetrics:
         self.a = smooth_maps(pairs, size, 1, self.dev)
         self.b = smooth_maps(pairs, size, 2, self.dev)
         self.lung, self.lesion = masks(pairs, size, self.dev)
-        self.call()
 
     def call(self):
         out = self.pair_metrics(self.a, self.b, lung_mask=self.lung, lesion_mask=self.lesion)
