@@ -167,14 +167,16 @@ class Archive:
         return name in self.stages()
 
     @contextmanager
-    def stage(self, name: str, replace: tuple[str, ...] = ()) -> Iterator[h5py.File]:
+    def stage(self, name: str, replace: tuple[str, ...] = (), started: float | None = None) -> Iterator[h5py.File]:
         """A transaction writing one stage: yields the (copied) file; commits atomically on success.
 
         Args:
             name: the stage's name, recorded in the ``stages`` attribute when it commits.
             replace: group paths deleted before the stage writes (a forced re-run starts clean).
+            started: ``time.perf_counter()`` when the stage's computation began, so that the recorded
+                ``seconds`` cover the work and not only the write (default: when the transaction opens).
         """
-        t0 = time.perf_counter()
+        t0 = time.perf_counter() if started is None else started
         shutil.copyfile(self.path, self._tmp)
         try:
             with h5py.File(self._tmp, "a") as f:

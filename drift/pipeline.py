@@ -163,6 +163,7 @@ class Pipeline:
     def stage_data(self) -> None:
         if not self._todo("data", "data"):
             return
+        t0 = time.perf_counter()
         s = self.splits
         test = s.test
         log(f"data: {len(s.train)} train / {len(s.val)} val / {len(test)} test images, classes {self.class_names}")
@@ -176,7 +177,7 @@ class Pipeline:
                           "test": np.bincount(test.labels, minlength=len(self.class_names))}
         tree["skipped"] = {"files": np.asarray([f for f, _ in s.skipped] or [""])[: len(s.skipped)],
                            "reasons": np.asarray([r for _, r in s.skipped] or [""])[: len(s.skipped)]}
-        with self.archive.stage("data", replace=("data",)) as f:
+        with self.archive.stage("data", replace=("data",), started=t0) as f:
             g = f.require_group("data")
             g.attrs["class_names"] = json.dumps(self.class_names)
             g.attrs["n_skipped"] = len(s.skipped)
@@ -248,6 +249,7 @@ class Pipeline:
         return self._train(arch, stage)
 
     def _train(self, arch: str, stage: str) -> Trained:
+        t0 = time.perf_counter()
         cfg, s = self.cfg, self.splits
         seed = cfg.run.seed
         if stage == "transfer":
@@ -270,7 +272,7 @@ class Pipeline:
         log(f"{arch} {stage}: test accuracy {ev.accuracy:.3f}, macro AUC {ev.macro_auc:.3f} "
             f"(best epoch {res.best_epoch + 1}, {res.seconds:.0f} s)")
         name = f"models/{arch}/{stage}"
-        with self.archive.stage(name, replace=(name,)) as f:
+        with self.archive.stage(name, replace=(name,), started=t0) as f:
             g = f.require_group(name)
             write_tree(g, {"history": res.history, "test": ev.to_dict()})
             g.attrs.update({"checkpoint": str(ckpt), "sha256": sha, "best_epoch": res.best_epoch,
@@ -310,7 +312,7 @@ class Pipeline:
                     maps[m].append(res[m].float().cpu())
             out[stage] = {m: torch.cat(v).numpy().astype(np.float32) for m, v in maps.items()}
             out[stage]["targets"] = np.asarray(tgt)
-        with self.archive.stage(name, replace=(name,)) as f:
+        with self.archive.stage(name, replace=(name,), started=t0) as f:
             g = f.require_group(name)
             write_tree(g, out)
             g.attrs.update({"layer": get_spec(arch).cam_layer, "target": acfg.target, "eps": acfg.eps})
@@ -327,6 +329,7 @@ class Pipeline:
         from .attribution import upsample
         from .metrics import pair_metrics
 
+        t0 = time.perf_counter()
         reader = ArchiveReader(self.path)
         test = self.splits.test
         size = tuple(test.images([0]).shape[-2:])
@@ -356,7 +359,7 @@ class Pipeline:
             tree[method] = {"per_sample": {**per, "ids": np.asarray(test.ids), "labels": test.labels,
                                            "valid": valid, "selected": selected},
                             "degenerate": deg, "summary": summary}
-        with self.archive.stage(name, replace=(name,)) as f:
+        with self.archive.stage(name, replace=(name,), started=t0) as f:
             g = f.require_group(name)
             write_tree(g, tree)
             g.attrs["sample_set"] = self.cfg.metrics.sample_set
@@ -410,7 +413,7 @@ class Pipeline:
                                          "x_high": high_all.numpy().astype(np.float32),
                                          "x_low": (x_all - high_all).numpy().astype(np.float32),
                                          "k": torch.cat(ks).numpy(), "energy_share": torch.cat(shares).numpy()}
-        with self.archive.stage(name, replace=(name,)) as f:
+        with self.archive.stage(name, replace=(name,), started=t0) as f:
             write_tree(f.require_group(name), tree)
         self.timings[name] = time.perf_counter() - t0
         log(f"{arch}: iFIM spectra of {n} images and perturbations of {min(fc.n_components, len(test))} "
@@ -422,6 +425,7 @@ class Pipeline:
             return
         from . import stats
 
+        t0 = time.perf_counter()
         reader = ArchiveReader(self.path)
         archs = [a for a in self.cfg.run.archs if reader.has(f"drift/{a}")]
         methods = self.cfg.attribution.methods
@@ -446,7 +450,7 @@ class Pipeline:
                 warnings.warn(f"ranking by {metric}: {exc}", stacklevel=2)
                 rr = {"unranked": str(exc)}
             tree[metric.replace("/", "_")] = rr
-        with self.archive.stage("stats", replace=("stats",)) as f:
+        with self.archive.stage("stats", replace=("stats",), started=t0) as f:
             write_tree(f.require_group("stats/ranking"), tree)
 
     def stage_report(self) -> None:

@@ -110,3 +110,18 @@ def test_read_tree_of_dataset(tmp_path):
     with h5py.File(tmp_path / "x.h5", "w") as f:
         f["d"] = np.arange(5)
         np.testing.assert_array_equal(read_tree(f["d"]), np.arange(5))
+
+
+def test_stage_seconds_cover_the_computation(tmp_path):
+    """A stage's recorded seconds start when its work began (``started``), not when the write opened."""
+    a = Archive(tmp_path / "a.h5", "", "h")
+    begun = time.perf_counter() - 2.5  # as if the stage had computed for 2.5 s before writing
+    with a.stage("work", started=begun) as f:
+        write_tree(f, {"v": np.ones(2)})
+    t = time.perf_counter()
+    with a.stage("quick") as f:
+        write_tree(f, {"w": np.ones(2)})
+    elapsed = time.perf_counter() - t
+    seconds = {s["name"]: s["seconds"] for s in ArchiveReader(tmp_path / "a.h5").stages}
+    assert 2.5 <= seconds["work"] < 2.5 + 30
+    assert seconds["quick"] <= elapsed + 1e-3
