@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from .archive import ArchiveReader
-from .summary import HEADLINE, table
+from .summary import HEADLINE, fmt, table
 
 __all__ = [
     "Figure",
@@ -35,6 +35,7 @@ __all__ = [
     "Table",
     "Text",
     "build_report",
+    "classification_intervals",
     "compare",
     "compare_tables",
     "fisher_gap",
@@ -56,22 +57,8 @@ SHIFT_UNIT = "fraction of image diagonal"
 
 
 # ============================================================================================ formatting
-def fmt(x: Any, nd: int = 3) -> str:
-    """A number as text: ``nd`` decimals, or ``nd`` significant digits in scientific notation when 0 < |x| < 10^-nd.
-
-    Small effects (an entropy change of 4e-4) would otherwise print as 0.000. Non-numbers give "-", NaN "nan".
-    """
-    if isinstance(x, (bool, np.bool_)):
-        return "yes" if x else "no"
-    try:
-        x = float(x)
-    except (TypeError, ValueError):
-        return "-"
-    if not np.isfinite(x):
-        return "nan" if np.isnan(x) else ("inf" if x > 0 else "-inf")
-    if x != 0 and abs(x) < 10.0**-nd:
-        return f"{x:.{max(nd - 1, 0)}e}"
-    return f"{x:.{nd}f}"
+# fmt (imported above from drift.summary) is the formatting rule of both the summary and the report: nd decimals,
+# or nd significant digits in scientific notation when 0 < |x| < 10^-nd; "yes"/"no", "-", "nan", "inf".
 
 
 def _interval(mean: Any, lo: Any, hi: Any) -> str:
@@ -317,6 +304,85 @@ def fisher_gap(perturbation: dict, n_boot: int = 1000, seed: int = 0, ci: float 
     q = (1 - ci) / 2
     lo, hi = np.quantile(boot, [q, 1 - q])
     return mean, float(lo), float(hi), int(d.size)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(1, keepdims=True)
+
+
+def _macro_auc_rows(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Macro one-vs-rest ROC AUC of every row of ``probs`` (B, N, C) against ``labels`` (B, N).
+
+    Per row it equals :func:`drift.train.macro_auc`: the mean over the classes present in that row's labels of the
+    Mann-Whitney AUC (ties count one half, as in ``sklearn.metrics.roc_auc_score``); NaN for a row with fewer
+    than two classes present.
+    """
+    import scipy.stats
+
+    B, N, C = probs.shape
+    aucs = np.full((B, C), np.nan)
+    for c in range(C):
+        pos = labels == c
+        n_pos = pos.sum(1)
+        n_neg = N - n_pos
+        ranks = scipy.stats.rankdata(probs[:, :, c], axis=1)  # average ranks of tied scores
+        u = (ranks * pos).sum(1) - n_pos * (n_pos + 1) / 2
+        ok = (n_pos > 0) & (n_neg > 0)
+        aucs[ok, c] = u[ok] / (n_pos[ok] * n_neg[ok])
+    present = np.stack([(labels == c).any(1) for c in range(C)], 1)  # (B, C)
+    n_present = present.sum(1)
+    out = np.full(B, np.nan)
+    ok = n_present >= 2
+    out[ok] = np.nansum(np.where(present, aucs, 0.0), 1)[ok] / n_present[ok]
+    return out
+
+
+def classification_intervals(logits: np.ndarray, labels: np.ndarray, n_boot: int = 1000, seed: int = 0,
+                             ci: float = 0.95) -> dict[str, tuple[float, float, float]]:
+    """Test accuracy and macro one-vs-rest AUC with seeded percentile bootstrap intervals over test samples.
+
+    Accuracy is the fraction of samples whose argmax logit is the label; macro AUC is :func:`drift.train.macro_auc`
+    of the softmax probabilities. Each of the ``n_boot`` resamples draws N sample indices with replacement
+    (``numpy.random.default_rng(seed).integers(0, N, size=(n_boot, N))``, the same protocol as
+    :func:`fisher_gap`); the interval is the (1 - ci)/2 and (1 + ci)/2 quantiles of the resampled statistic
+    (resamples with fewer than two classes, whose AUC is undefined, are left out of the AUC quantiles).
+
+    Args:
+        logits: (N, C) test logits.
+        labels: (N,) int test labels.
+        n_boot: Bootstrap resamples (0: no interval).
+        seed: Bootstrap seed.
+        ci: Interval level.
+
+    Returns:
+        {"accuracy": (value, lo, hi), "macro_auc": (value, lo, hi)}; NaN where undefined (no samples, no interval).
+    """
+    logits = np.asarray(logits, dtype=np.float64)
+    labels = np.asarray(labels).reshape(-1).astype(np.int64)
+    if logits.ndim != 2 or logits.shape[0] != labels.size:
+        raise ValueError(f"logits must have shape (N, C) with N = {labels.size} labels, got {logits.shape}")
+    nan3 = (float("nan"),) * 3
+    n = labels.size
+    if n == 0:
+        return {"accuracy": nan3, "macro_auc": nan3}
+    probs = _softmax(logits)
+    correct = logits.argmax(1) == labels
+    acc = float(correct.mean())
+    auc = float(_macro_auc_rows(probs[None], labels[None])[0])
+    if n_boot <= 0:
+        return {"accuracy": (acc, *nan3[:2]), "macro_auc": (auc, *nan3[:2])}
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    boot_acc = correct[idx].mean(1)
+    chunk = max(1, 4_000_000 // (n * probs.shape[1]))  # resamples per step: about 32 MB of resampled probabilities
+    boot_auc = np.concatenate([_macro_auc_rows(probs[idx[i:i + chunk]], labels[idx[i:i + chunk]])
+                               for i in range(0, n_boot, chunk)])
+    q = [(1 - ci) / 2, (1 + ci) / 2]
+    a_lo, a_hi = np.quantile(boot_acc, q)
+    finite = boot_auc[np.isfinite(boot_auc)]
+    u_lo, u_hi = np.quantile(finite, q) if finite.size else (np.nan, np.nan)
+    return {"accuracy": (acc, float(a_lo), float(a_hi)), "macro_auc": (auc, float(u_lo), float(u_hi))}
 
 
 def _n_boot(run: _Run) -> int:
@@ -1070,11 +1136,17 @@ def write_report(archive: str | os.PathLike, out_dir: str | os.PathLike) -> Path
 
 
 # ============================================================================================ compare
-def headline(archive: str | os.PathLike) -> dict:
+def headline(archive: str | os.PathLike, n_boot: int = 1000, seed: int = 0) -> dict:
     """The headline numbers of an archive, keyed for comparison.
 
+    Args:
+        archive: Path of a run archive.
+        n_boot, seed: Bootstrap resamples and seed of the accuracy and macro-AUC intervals (see
+            :func:`classification_intervals`; the iFIM gap uses the archive's own ``metrics.n_boot`` and seed).
+
     Returns:
-        {"classification": {(arch, stage): {"accuracy", "macro_auc"}},
+        {"classification": {(arch, stage): {"accuracy", "macro_auc": stored value,
+                                            "accuracy_ci", "macro_auc_ci": (value, lo, hi) from the stored logits}},
          "drift": {(arch, method, metric): (mean, lo, hi)} for the :data:`drift.summary.HEADLINE` metrics,
          "ranking": {metric: {"rankings": {method: [arch, ...]}, "pairs": {pair: {"kendall_tau", "reverses"}},
                               "unranked": reason or None}},
@@ -1086,8 +1158,15 @@ def headline(archive: str | os.PathLike) -> dict:
         for stage in STAGES:
             if run.has(f"models/{arch}/{stage}/test"):
                 ev = run.reader.evaluation(arch, stage)
-                out["classification"][(arch, stage)] = {"accuracy": float(ev.get("accuracy", np.nan)),
-                                                        "macro_auc": float(ev.get("macro_auc", np.nan))}
+                entry = {"accuracy": float(ev.get("accuracy", np.nan)),
+                         "macro_auc": float(ev.get("macro_auc", np.nan))}
+                try:
+                    cis = classification_intervals(ev["logits"], ev["labels"], n_boot, seed)
+                except (KeyError, ValueError):  # no (usable) logits stored: no interval
+                    cis = {}
+                for m in ("accuracy", "macro_auc"):
+                    entry[f"{m}_ci"] = cis.get(m, (np.nan,) * 3)
+                out["classification"][(arch, stage)] = entry
         if run.has(f"drift/{arch}"):
             for method in run.reader.methods(arch):
                 summ = run.reader.drift_summary(arch, method) if run.has(f"drift/{arch}/{method}/summary") else {}
@@ -1122,6 +1201,13 @@ def _beyond(a: tuple, b: tuple) -> str:
     return "yes" if (blo > ahi or bhi < alo) else "no"
 
 
+def _with_ci(value: Any, ci: tuple | None) -> str:
+    """``value [lo, hi]``, or the value alone when the interval is unknown."""
+    if ci is None or not np.all(np.isfinite(ci[1:3])):
+        return fmt(value)
+    return f"{fmt(value)} [{fmt(ci[1])}, {fmt(ci[2])}]"
+
+
 def _comparable(a: Path, b: Path) -> None:
     ra, rb = ArchiveReader(a), ArchiveReader(b)
     for r, p in ((ra, a), (rb, b)):
@@ -1138,11 +1224,14 @@ def _comparable(a: Path, b: Path) -> None:
                          f"{only_b[:3]})")
 
 
-def compare_tables(a: str | os.PathLike, b: str | os.PathLike) -> list[Table]:
-    """The comparison of two archives as tables (see :func:`compare`); refuses non-comparable archives."""
+def compare_tables(a: str | os.PathLike, b: str | os.PathLike, n_boot: int = 1000, seed: int = 0) -> list[Table]:
+    """The comparison of two archives as tables (see :func:`compare`); refuses non-comparable archives.
+
+    ``n_boot`` and ``seed`` set the bootstrap of the accuracy and macro-AUC intervals (:func:`headline`).
+    """
     pa, pb = _check_path(a, "a"), _check_path(b, "b")
     _comparable(pa, pb)
-    ha, hb = headline(pa), headline(pb)
+    ha, hb = headline(pa, n_boot, seed), headline(pb, n_boot, seed)
     tables = []
 
     rows = []
@@ -1151,11 +1240,15 @@ def compare_tables(a: str | os.PathLike, b: str | os.PathLike) -> list[Table]:
         row = list(key)
         for m in ("accuracy", "macro_auc"):
             x, y = va.get(m, np.nan), vb.get(m, np.nan)
-            row += [fmt(x), fmt(y), fmt(y - x)]
+            ia, ib = va.get(f"{m}_ci"), vb.get(f"{m}_ci")
+            row += [_with_ci(x, ia), _with_ci(y, ib), fmt(y - x), _beyond(ia, ib)]
         rows.append(row)
-    tables.append(Table("cmp-classification", "Classification on the test set (no interval stored: differences "
-                        "are not flagged)", ["architecture", "stage", "accuracy A", "accuracy B", "delta accuracy",
-                                             "macro AUC A", "macro AUC B", "delta AUC"], rows))
+    tables.append(Table("cmp-classification", f"Classification on the test set: stored value [95% bootstrap "
+                        f"interval over test samples from the stored logits, {n_boot} resamples, seed {seed}]; "
+                        "'beyond' = the two intervals do not overlap",
+                        ["architecture", "stage", "accuracy A", "accuracy B", "delta accuracy",
+                         "accuracy beyond intervals", "macro AUC A", "macro AUC B", "delta AUC",
+                         "AUC beyond intervals"], rows))
 
     rows = []
     for key in _union(ha["drift"], hb["drift"]):
@@ -1204,16 +1297,21 @@ def _union(a: dict, b: dict) -> list:
     return list(dict.fromkeys([*a, *b]))
 
 
-def compare(a: str | os.PathLike, b: str | os.PathLike, out: str | os.PathLike | None = None) -> str:
+def compare(a: str | os.PathLike, b: str | os.PathLike, out: str | os.PathLike | None = None, n_boot: int = 1000,
+            seed: int = 0) -> str:
     """Headline numbers of two archives side by side, their differences (B - A) and which exceed the intervals.
 
-    A difference of a drift metric or of the iFIM gap is flagged when the two 95% bootstrap intervals do not
-    overlap (lo_B > hi_A or hi_B < lo_A), a conservative reading of a difference. Rankings are flagged when the
-    order or the reversal verdict changes.
+    A difference of test accuracy, macro AUC, a drift metric or the iFIM gap is flagged when the two 95% bootstrap
+    intervals do not overlap (lo_B > hi_A or hi_B < lo_A), a conservative reading of a difference. The accuracy
+    and AUC intervals are computed here from each archive's stored test logits and labels (seeded percentile
+    bootstrap over test samples, :func:`classification_intervals`). Rankings are flagged when the order or the
+    reversal verdict changes.
 
     Args:
         a, b: Paths of two run archives of the same test set.
         out: Optional Markdown file to write the comparison to (a folder gets ``compare.md`` inside it).
+        n_boot: Bootstrap resamples of the accuracy and AUC intervals (0: none, nothing flagged).
+        seed: Seed of that bootstrap (the same for both archives).
 
     Returns:
         The comparison as plain text (what ``drift compare`` prints).
@@ -1224,7 +1322,7 @@ def compare(a: str | os.PathLike, b: str | os.PathLike, out: str | os.PathLike |
         drift.archive.ArchiveError: A file is missing or not a drift archive.
     """
     pa, pb = _check_path(a, "a"), _check_path(b, "b")
-    tables = compare_tables(pa, pb)
+    tables = compare_tables(pa, pb, n_boot, seed)
     ra, rb = ArchiveReader(pa), ArchiveReader(pb)
     who = [f"A: {pa} (commit {ra.attrs.get('git_commit', '?')}, created {ra.attrs.get('created', '?')})",
            f"B: {pb} (commit {rb.attrs.get('git_commit', '?')}, created {rb.attrs.get('created', '?')})"]

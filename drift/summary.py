@@ -13,12 +13,27 @@ HEADLINE = (("iou@20", "IoU@20%"), ("centroid_shift", "centroid shift"), ("pears
             ("entropy_change", "entropy change"))
 
 
-def _fmt(x, nd: int = 3) -> str:
+def fmt(x, nd: int = 3) -> str:
+    """A number as text: ``nd`` decimals, or ``nd`` significant digits in scientific notation when 0 < |x| < 10^-nd.
+
+    Small effects (a confidence change of 4e-4) would otherwise print as 0.000: a nonzero value never prints as
+    zero. Booleans give "yes"/"no", non-numbers "-", NaN "nan", infinities "inf"/"-inf". The one formatting rule
+    of the printed summary and of the report (:func:`drift.report.fmt` is this function).
+    """
+    if isinstance(x, (bool, np.bool_)):
+        return "yes" if x else "no"
     try:
         x = float(x)
     except (TypeError, ValueError):
         return "-"
-    return "nan" if not np.isfinite(x) else f"{x:.{nd}f}"
+    if not np.isfinite(x):
+        return "nan" if np.isnan(x) else ("inf" if x > 0 else "-inf")
+    if x != 0 and abs(x) < 10.0**-nd:
+        return f"{x:.{max(nd - 1, 0)}e}"
+    return f"{x:.{nd}f}"
+
+
+_fmt = fmt
 
 
 def interval(summary: dict, metric: str) -> str:

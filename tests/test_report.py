@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.special
 import scipy.stats
 import torch
 
@@ -61,13 +62,15 @@ def make_config(archs=ARCHS, methods=METHODS, n_test=N_TEST, seed=0, source="syn
 
 def build_archive(path: Path, gen: torch.Generator, archs=ARCHS, methods=METHODS, upto: str = "all",
                   seed: int = 0, drift_from: dict | None = None, cfg: Config | None = None,
-                  test: dict | None = None, perturbation_archs: tuple[str, ...] | None = None) -> dict:
+                  test: dict | None = None, perturbation_archs: tuple[str, ...] | None = None,
+                  logits: dict | None = None) -> dict:
     """Write a schema-following archive with random contents; return everything written (the truth).
 
     ``upto="train"`` stops after the training stages. ``drift_from`` (a truth dict) makes the drift summaries a
     perturbed copy of another archive's, so that some intervals overlap and some do not. Perturbation groups are
     written for ``perturbation_archs`` only (default: the first architecture), so the report also meets an iFIM
-    group without them.
+    group without them. ``logits`` ({(arch, stage): (N, C) array}) replaces the random test logits of those
+    models, and their stored accuracy and macro AUC are then computed from them (see :func:`sklearn_scores`).
     """
     perturbation_archs = archs[:1] if perturbation_archs is None else perturbation_archs
     cfg = cfg or make_config(archs, methods, seed=seed)
@@ -92,6 +95,9 @@ def build_archive(path: Path, gen: torch.Generator, archs=ARCHS, methods=METHODS
             ev = {"logits": _u(gen, n, C).astype(np.float32), "labels": test["labels"],
                   "accuracy": float(_u(gen, 1)[0]), "macro_auc": float(_u(gen, 1)[0]), "f1": _u(gen, C),
                   "confusion": _ints(gen, 20, C, C)}
+            if logits is not None and (arch, stage) in logits:
+                ev["logits"] = np.asarray(logits[(arch, stage)], dtype=np.float32)
+                ev["accuracy"], ev["macro_auc"] = sklearn_scores(ev["logits"], test["labels"])
             hist = {k: _u(gen, epochs) for k in ("train_loss", "val_loss", "val_accuracy", "val_auc", "seconds")}
             hist["epoch"] = np.arange(epochs, dtype=np.float64)
             attrs = {"checkpoint": f"/x/{arch}-{stage}.pt", "sha256": "0" * 64, "best_epoch": int(epochs - 1),
@@ -185,6 +191,17 @@ def build_archive(path: Path, gen: torch.Generator, archs=ARCHS, methods=METHODS
     with ar.stage("stats") as f:
         write_tree(f.require_group("stats/ranking"), tree)
     return truth
+
+
+def sklearn_scores(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """Accuracy and macro one-vs-rest AUC (over the classes present; NaN with fewer than two), by sklearn."""
+    from sklearn.metrics import accuracy_score, roc_auc_score
+
+    probs = scipy.special.softmax(np.asarray(logits, dtype=np.float64), axis=1)
+    present = sorted(set(np.asarray(labels).tolist()))
+    auc = float(np.mean([roc_auc_score(labels == c, probs[:, c]) for c in present])) if len(present) > 1 \
+        else float("nan")
+    return float(accuracy_score(labels, np.asarray(logits).argmax(1))), auc
 
 
 def _fresh_gen() -> torch.Generator:
@@ -557,7 +574,8 @@ def test_compare_differences_and_flags(tmp_path, rng, full):
     for key, m in ta["models"].items():
         mb = tb["models"][key]["test"]
         assert close(cls[key][4], mb["accuracy"] - m["test"]["accuracy"])
-        assert close(cls[key][7], mb["macro_auc"] - m["test"]["macro_auc"])
+        assert close(cls[key][8], mb["macro_auc"] - m["test"]["macro_auc"])
+        assert cls[key][5] in ("yes", "no") and cls[key][9] in ("yes", "no")
     fisher = rows_by(_table_starting(tables, "iFIM gap"), 2)
     assert set(fisher) == {k for k, f in ta["fisher"].items() if "perturbation" in f}
     for key in fisher:
@@ -579,6 +597,103 @@ def test_compare_differences_and_flags(tmp_path, rng, full):
         for m in METHODS:
             same = json.loads(rr["rankings"][m]) == json.loads(rb["rankings"][m])
             assert rank[(metric, m)][5] == ("no" if same else "yes")
+
+
+def brute_intervals(logits: np.ndarray, labels: np.ndarray, n_boot: int, seed: int) -> dict[str, tuple]:
+    """Accuracy and macro AUC with their bootstrap intervals by loops: the documented resampling, one resample at a
+    time, scored by sklearn; resamples with fewer than two classes are left out of the AUC quantiles."""
+    idx = np.random.default_rng(seed).integers(0, len(labels), size=(n_boot, len(labels)))
+    boot = np.array([sklearn_scores(logits[row], labels[row]) for row in idx])
+    acc, auc = sklearn_scores(logits, labels)
+    aucs = boot[np.isfinite(boot[:, 1]), 1]
+    return {"accuracy": (acc, *np.percentile(boot[:, 0], [2.5, 97.5])),
+            "macro_auc": (auc, *np.percentile(aucs, [2.5, 97.5]))}
+
+
+def test_classification_intervals_match_loops(rng):
+    C = len(SYNTHETIC_CLASSES)
+    for n in (40, 9, 1):
+        labels = torch.randint(0, C, (n,), generator=rng).numpy()
+        labels[:2] = [0, 1][:n]  # at least two classes where n > 1
+        logits = torch.randn(n, C, generator=rng, dtype=torch.float64).numpy().round(1)  # ties in the scores
+        logits[np.arange(n), labels] += float(torch.rand(1, generator=rng)) * 2
+        seed = int(torch.randint(0, 1000, (1,), generator=rng))
+        got = report.classification_intervals(logits, labels, n_boot=300, seed=seed)
+        ref = brute_intervals(logits, labels, 300, seed) if n > 1 else None
+        for m in ("accuracy", "macro_auc"):
+            if ref is None:  # one sample: accuracy is defined, AUC is not
+                assert np.isnan(got["macro_auc"]).all() if m == "macro_auc" else got[m][1] == got[m][2] == got[m][0]
+                continue
+            assert got[m] == pytest.approx(ref[m], rel=1e-12, abs=1e-12), (n, m)
+    none = report.classification_intervals(logits, labels, n_boot=0)
+    assert np.isnan(none["accuracy"][1:]).all() and np.isfinite(none["accuracy"][0])
+    with pytest.raises(ValueError, match="logits must have shape"):
+        report.classification_intervals(logits[:, :, None], labels)
+
+
+def _compare_classification(tmp_path, rng, logits_a: dict, logits_b: dict, labels: np.ndarray, n_boot: int = 100
+                            ) -> tuple[dict, dict, dict]:
+    """Two archives on one test set with the given test logits, compared; the parsed classification rows."""
+    test = {"ids": np.asarray([f"img{i:04d}.png" for i in range(len(labels))]), "labels": labels}
+    archs = tuple(sorted({a for a, _ in logits_a}))
+    ta = build_archive(tmp_path / "a.h5", rng, archs=archs, test=test, upto="train", logits=logits_a)
+    tb = build_archive(tmp_path / "b.h5", rng, archs=archs, test=test, upto="train", logits=logits_b)
+    report.compare(tmp_path / "a.h5", tmp_path / "b.h5", tmp_path / "cmp.md", n_boot=n_boot, seed=7)
+    tables = _md_tables((tmp_path / "cmp.md").read_text())
+    return ta, tb, rows_by(_table_starting(tables, "Classification"), 2)
+
+
+def _check_classification_rows(ta: dict, tb: dict, rows: dict, n_boot: int = 100) -> dict:
+    """Printed values, intervals and flags against sklearn loops; returns {key: (accuracy flag, AUC flag)}."""
+    flags = {}
+    for key in ta["models"]:
+        row = rows[key]
+        ev_a, ev_b = ta["models"][key]["test"], tb["models"][key]["test"]
+        ref_a = brute_intervals(ev_a["logits"], ev_a["labels"], n_boot, 7)
+        ref_b = brute_intervals(ev_b["logits"], ev_b["labels"], n_boot, 7)
+        for m, (ca, cb, cd, cf) in (("accuracy", (2, 3, 4, 5)), ("macro_auc", (6, 7, 8, 9))):
+            ia, ib = interval_of(row[ca]), interval_of(row[cb])
+            assert all(close(str(v), r) for v, r in zip(ia, ref_a[m], strict=True)), (row, ref_a[m])
+            assert all(close(str(v), r) for v, r in zip(ib, ref_b[m], strict=True)), (row, ref_b[m])
+            assert close(row[cd], ev_b[m] - ev_a[m])
+            (_, alo, ahi), (_, blo, bhi) = ref_a[m], ref_b[m]
+            assert row[cf] == ("yes" if (blo > ahi or bhi < alo) else "no"), (row, ref_a[m], ref_b[m])
+        flags[key] = (row[5], row[9])
+    return flags
+
+
+def test_compare_flags_a_clear_accuracy_difference(tmp_path, rng):
+    n, C = 240, len(SYNTHETIC_CLASSES)
+    labels = torch.randint(0, C, (n,), generator=rng).numpy()
+    onehot = np.eye(C)[labels]
+    noise = lambda: torch.randn(n, C, generator=rng, dtype=torch.float64).numpy()  # noqa: E731
+    keys = [("resnet10t", s) for s in ("transfer", "finetune")]
+    good = {k: noise() + 4 * onehot for k in keys}  # accuracy near 1, AUC near 1
+    poor = {k: noise() for k in keys}  # accuracy near 1/C, AUC near 0.5
+    ta, tb, rows = _compare_classification(tmp_path, rng, good, poor, labels)
+    for key, m in ta["models"].items():
+        assert m["test"]["accuracy"] - tb["models"][key]["test"]["accuracy"] > 0.3
+    flags = _check_classification_rows(ta, tb, rows)
+    assert flags == {k: ("yes", "yes") for k in keys}
+
+
+def test_compare_does_not_flag_nearly_identical_runs(tmp_path, rng):
+    n, C = 240, len(SYNTHETIC_CLASSES)
+    labels = torch.randint(0, C, (n,), generator=rng).numpy()
+    onehot = np.eye(C)[labels]
+    noise = lambda s: s * torch.randn(n, C, generator=rng, dtype=torch.float64).numpy()  # noqa: E731
+    keys = [("resnet10t", s) for s in ("transfer", "finetune")]
+    a = {k: noise(1.0) + onehot for k in keys}  # a middling classifier, accuracy about 0.6
+    b = {k: v + noise(1e-3) for k, v in a.items()}  # the same up to a few flipped near-ties
+    ta, tb, rows = _compare_classification(tmp_path, rng, a, b, labels)
+    for key, m in ta["models"].items():
+        assert abs(m["test"]["accuracy"] - tb["models"][key]["test"]["accuracy"]) <= 0.02
+    flags = _check_classification_rows(ta, tb, rows)
+    assert flags == {k: ("no", "no") for k in keys}
+    # without resamples there is no interval and nothing is flagged
+    report.compare(tmp_path / "a.h5", tmp_path / "b.h5", tmp_path / "none.md", n_boot=0)
+    none = rows_by(_table_starting(_md_tables((tmp_path / "none.md").read_text()), "Classification"), 2)
+    assert all(r[5] == r[9] == "-" and "[" not in r[2] for r in none.values())
 
 
 def test_compare_refuses_other_classes_or_samples(tmp_path, rng):
