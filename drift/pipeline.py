@@ -36,6 +36,7 @@ from .models import (
 )
 from .train import (
     Evaluation,
+    calibrate_bn,
     evaluate,
     evaluation_from_logits,
     pretrain_source,
@@ -190,7 +191,11 @@ class Pipeline:
         model = build(arch, len(self.class_names), cfg.model.dropout)
         w = cfg.model.weights
         if w == "none":
-            return model, "random init"
+            # Random weights carry no BatchNorm statistics worth keeping (mean 0, variance 1 at every layer): a
+            # frozen-BatchNorm stage would feed deep layers inputs that grow without bound. Estimate them once on
+            # the training images, then keep them as the stage's config says.
+            calibrate_bn(model.to(self.device), self.splits.train, self.device)
+            return model, "random init (BatchNorm statistics of the training images)"
         if w == "imagenet":
             return model, load_imagenet(model, cfg.model.weights_file or None)
         if w == "synthetic-source":
@@ -202,7 +207,7 @@ class Pipeline:
         from .data import make_source
 
         cfg = self.cfg
-        key = json.dumps({"arch": model.arch, "size": cfg.data.image_size, "source": vars(cfg.source),
+        key = json.dumps({"arch": model.arch, "size": cfg.data.image_size, "source": vars(cfg.source), "recipe": 2,
                           "seed": cfg.run.seed}, sort_keys=True)
         import hashlib
 
@@ -217,6 +222,7 @@ class Pipeline:
                          patience=cfg.source.epochs)
         t0 = time.perf_counter()
         res = pretrain_source(model, src, len(src.class_names), st, self.device, cfg.run.seed, cfg.run.progress)
+        calibrate_bn(model, src, self.device)  # exact statistics of the final weights, not a running average
         log(f"{model.arch}: synthetic-source pretraining, {len(res.history['epoch'])} epochs, "
             f"final loss {res.history['train_loss'][-1]:.3f}, {time.perf_counter() - t0:.0f} s")
         path.parent.mkdir(parents=True, exist_ok=True)

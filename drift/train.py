@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import confusion_matrix, f1_score, roc_auc_score
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
 
@@ -180,6 +181,40 @@ def fit(module: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], trai
     result.best_val_auc = float(best) if val is not None else float("nan")
     result.seconds = time.perf_counter() - t_start
     return result
+
+
+@torch.no_grad()
+def calibrate_bn(model: nn.Module, data: Dataset, device: torch.device, batch_size: int = 64,
+                 forward: Callable[[torch.Tensor], torch.Tensor] | None = None, progress: bool = False) -> int:
+    """Re-estimate every BatchNorm layer's running mean and variance on ``data`` (precise BatchNorm).
+
+    A backbone trained for few steps (or not at all) carries running statistics far from those of its
+    activations, and a frozen-BatchNorm stage then feeds each layer mis-scaled inputs that grow with depth
+    (random-init InceptionV3 reaches losses of 1e8). One pass over ``data`` in training mode with a cumulative
+    average (``momentum=None``) sets each layer's statistics to the mean over batches of its batch mean and
+    unbiased batch variance; no parameter changes and every layer keeps its mode. Returns the number of
+    BatchNorm layers calibrated.
+    """
+    bns = [m for m in model.modules() if isinstance(m, _BatchNorm)]
+    if not bns:
+        return 0
+    was_training = model.training
+    momenta = [m.momentum for m in bns]
+    model.eval()
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    forward = forward or getattr(model, "features", model)  # a Classifier: the backbone on prepared input
+    try:
+        for x, _ in tqdm(DataLoader(data, batch_size=batch_size), desc="BatchNorm statistics", disable=not progress,
+                         leave=False):
+            forward(x.to(device))
+    finally:
+        for m, momentum in zip(bns, momenta):
+            m.momentum = momentum
+        model.train(was_training)  # a Classifier re-applies its BatchNorm mode here
+    return len(bns)
 
 
 @torch.no_grad()

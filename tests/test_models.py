@@ -159,3 +159,53 @@ def test_imagenet_weights_come_from_a_local_hub_cache(tmp_path, monkeypatch):
     origin = models.load_imagenet(dst)
     assert hub in origin
     assert torch.equal(dst.backbone.conv1[0].weight, src.backbone.conv1[0].weight)
+
+
+def test_calibrate_bn_sets_batch_averaged_statistics_and_changes_no_parameter(rng):
+    """After calibration every BatchNorm holds the average over batches of its input's batch mean and unbiased
+    variance in training mode (precise-BN), computed here independently from hooked inputs in float64 on a copy
+    of the model; parameters, momenta and modes are untouched."""
+    import copy
+
+    from drift.train import calibrate_bn
+
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=rng)))
+    m = models.build("resnet10t", 3)
+    m.bn_frozen = True
+    m.train()
+    n = int(torch.randint(7, 23, (1,), generator=rng))
+    x = torch.rand(n, 1, 45, 53, generator=rng)
+    data = TensorDataset(x, torch.zeros(n, dtype=torch.long))
+    ref = copy.deepcopy(m)
+    params = {k: v.clone() for k, v in m.named_parameters()}
+    bns = [mod for mod in m.modules() if isinstance(mod, _BatchNorm)]
+    momenta = [b.momentum for b in bns]
+    assert calibrate_bn(m, data, torch.device("cpu"), batch_size=5) == len(bns)
+
+    ref_bns = [mod for mod in ref.modules() if isinstance(mod, _BatchNorm)]
+    stats: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {i: [] for i in range(len(ref_bns))}
+
+    def capture(i):
+        def hook(mod, inp):
+            a = inp[0].double().transpose(0, 1).reshape(mod.num_features, -1)
+            stats[i].append((a.mean(1), a.var(1, unbiased=True)))
+        return hook
+
+    hooks = [b.register_forward_pre_hook(capture(i)) for i, b in enumerate(ref_bns)]
+    ref.eval()
+    for b in ref_bns:
+        b.train()  # normalise with batch statistics, as during calibration
+    with torch.no_grad():
+        for lo in range(0, n, 5):
+            ref.features(x[lo:lo + 5])
+    for h in hooks:
+        h.remove()
+    for i, b in enumerate(bns):
+        mean = torch.stack([s[0] for s in stats[i]]).mean(0)
+        var = torch.stack([s[1] for s in stats[i]]).mean(0)
+        torch.testing.assert_close(b.running_mean.double(), mean, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(b.running_var.double(), var, rtol=1e-4, atol=1e-5)
+        assert int(b.num_batches_tracked) == len(stats[i])
+    assert [b.momentum for b in bns] == momenta
+    assert all(torch.equal(v, params[k]) for k, v in m.named_parameters())
+    assert all(not b.training for b in m.backbone.modules() if isinstance(b, _BatchNorm)), "BatchNorm mode kept"
