@@ -10,7 +10,8 @@ Root attributes
     seed, git_commit, device, created, versions (JSON: python, torch, timm, h5py, numpy, drift)
     stages              JSON list of finished stages, in order, each {"name", "seconds", "finished"}
 data/                   class_names (attr, JSON), test/ids, test/labels, test/lung_masks, test/lesion_masks
-                        (bool, synthetic only), skipped/files, skipped/reasons (inputs skipped under skip_bad)
+                        (bool, synthetic only), test/marker_masks (bool, confounder on),
+                        skipped/files, skipped/reasons (inputs skipped under skip_bad)
 models/<arch>/<stage>/  history/{epoch, train_loss, val_loss, val_accuracy, val_auc, seconds}
                         test/{logits (N, C), labels, accuracy, macro_auc, f1 (C,), confusion (C, C)}
                         attrs: checkpoint (path), sha256, best_epoch, bn_frozen, weights (origin), seconds

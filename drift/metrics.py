@@ -466,6 +466,7 @@ def pair_metrics(
     lung_mask: torch.Tensor | None = None,
     lesion_mask: torch.Tensor | None = None,
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    marker_mask: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Every drift and localisation metric of a batch of (TL, FT) map pairs in one call.
 
@@ -473,8 +474,10 @@ def pair_metrics(
     (:func:`iou_key`), ``pearson``, ``spearman``, ``ssim``; per stage ``_tl`` / ``_ft`` and their change
     ``_change`` = FT - TL for ``entropy``, ``gini``, ``top10_mass`` (fraction 0.1); with ``lung_mask``:
     ``lung_mass_tl/ft/change`` (:func:`mass_fraction`); with ``lesion_mask``: ``lesion_energy_tl/ft/change``
-    (:func:`energy_in`) and ``pointing_tl/ft`` (:func:`pointing_game`). Bookkeeping: ``valid`` (bool, neither map
-    degenerate), ``degenerate_tl`` / ``degenerate_ft`` (int64 codes of :func:`degenerate`).
+    (:func:`energy_in`) and ``pointing_tl/ft`` (:func:`pointing_game`); with ``marker_mask`` (a shortcut marker
+    outside the lungs): ``marker_mass_tl/ft/change``, the share of evidence on the shortcut. Bookkeeping:
+    ``valid`` (bool, neither map degenerate), ``degenerate_tl`` / ``degenerate_ft`` (int64 codes of
+    :func:`degenerate`).
 
     Every metric of a pair that is not valid is NaN: degenerate maps are counted, never scored.
 
@@ -483,6 +486,7 @@ def pair_metrics(
         b: FT maps (B, H, W) of the same images and classes.
         lung_mask, lesion_mask: (B, H, W) or (H, W) boolean masks, or None.
         fractions: top-k IoU fractions.
+        marker_mask: (B, H, W) or (H, W) boolean mask of a shortcut marker, or None.
 
     Returns:
         dict of (B,) tensors on the maps' device.
@@ -503,6 +507,8 @@ def pair_metrics(
         masks["lung"] = _check_mask(lung_mask, a, "lung_mask")
     if lesion_mask is not None:
         masks["lesion"] = _check_mask(lesion_mask, a, "lesion_mask")
+    if marker_mask is not None:
+        masks["marker"] = _check_mask(marker_mask, a, "marker_mask")
 
     deg_tl, deg_ft = degenerate(a), degenerate(b)
     valid = (deg_tl == 0) & (deg_ft == 0)
@@ -525,6 +531,8 @@ def pair_metrics(
         per_map["lung_mass"] = lambda m: mass_fraction(m, vm["lung"])
     if "lesion" in vm:
         per_map["lesion_energy"] = lambda m: energy_in(m, vm["lesion"])
+    if "marker" in vm:
+        per_map["marker_mass"] = lambda m: mass_fraction(m, vm["marker"])
     for key, fn in per_map.items():
         tl, ft = fn(va), fn(vb)
         got[f"{key}_tl"], got[f"{key}_ft"], got[f"{key}_change"] = tl, ft, ft - tl

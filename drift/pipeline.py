@@ -173,6 +173,8 @@ class Pipeline:
             tree["test"]["lung_masks"] = test.lung_masks.astype(bool)
         if test.lesion_masks is not None:
             tree["test"]["lesion_masks"] = test.lesion_masks.astype(bool)
+        if test.marker_masks is not None and test.marker_masks.any():  # the confounder is on
+            tree["test"]["marker_masks"] = test.marker_masks.astype(bool)
         tree["counts"] = {"train": np.bincount(s.train.labels, minlength=len(self.class_names)),
                           "val": np.bincount(s.val.labels, minlength=len(self.class_names)),
                           "test": np.bincount(test.labels, minlength=len(self.class_names))}
@@ -341,6 +343,8 @@ class Pipeline:
         size = tuple(test.images([0]).shape[-2:])
         lung = torch.as_tensor(test.lung_masks) if test.lung_masks is not None else None
         lesion = torch.as_tensor(test.lesion_masks) if test.lesion_masks is not None else None
+        marker = (torch.as_tensor(test.marker_masks) if test.marker_masks is not None and test.marker_masks.any()
+                  else None)
         pred_tl = self.trained(arch, "transfer").evaluation.predictions
         pred_ft = self.trained(arch, "finetune").evaluation.predictions
         selected = stats.select_samples(test.labels, pred_tl, pred_ft, self.cfg.metrics.sample_set)
@@ -348,7 +352,8 @@ class Pipeline:
         for method in self.cfg.attribution.methods:
             a = upsample(torch.as_tensor(reader.maps(arch, "transfer", method)), size)
             b = upsample(torch.as_tensor(reader.maps(arch, "finetune", method)), size)
-            per = pair_metrics(a, b, lung_mask=lung, lesion_mask=lesion, fractions=tuple(self.cfg.metrics.fractions))
+            per = pair_metrics(a, b, lung_mask=lung, lesion_mask=lesion, fractions=tuple(self.cfg.metrics.fractions),
+                               marker_mask=marker)
             per = {k: v.cpu().numpy() for k, v in per.items()}
             valid = per.pop("valid").astype(bool)
             deg = {"transfer": per.pop("degenerate_tl"), "finetune": per.pop("degenerate_ft")}
@@ -358,7 +363,7 @@ class Pipeline:
                 agg = stats.aggregate(np.where(use, values, np.nan), test.labels, len(self.class_names),
                                       self.cfg.metrics.n_boot, self.cfg.run.seed)
                 summary[metric] = _as_tree(agg)
-            for q in ("entropy", "gini", "top10_mass", "lung_mass", "lesion_energy"):
+            for q in ("entropy", "gini", "top10_mass", "lung_mass", "lesion_energy", "marker_mass"):
                 tl, ft = per.get(f"{q}_tl"), per.get(f"{q}_ft")
                 if tl is not None and ft is not None:
                     summary.setdefault("paired", {})[q] = _as_tree(stats.paired_test(tl[use], ft[use]))

@@ -41,6 +41,7 @@ STABILITY_DIRECTION: dict[str, bool] = {
     "top10_mass_change": False,
     "lung_mass_change": False,
     "lesion_energy_change": False,
+    "marker_mass_change": False,
 }
 """metric -> True when a higher value means a more stable attribution (overlap and correlation), False when lower
 does (displacement, and the size of a concentration change: rank ``*_change`` metrics on |value|, see

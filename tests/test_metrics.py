@@ -181,13 +181,15 @@ def test_pair_metrics_matches_single_metrics_and_excludes_degenerate(rng):
     a[2] = 0
     b[4, 1, 1] = math.nan
     b[5] = 0.1
-    out = M.pair_metrics(a, b, lung_mask=lung, lesion_mask=lesion)
+    marker = torch.zeros(7, 13, 17, dtype=torch.bool)
+    marker[:, 10:, 13:] = True  # a corner plate, as the synthetic confounder draws it
+    out = M.pair_metrics(a, b, lung_mask=lung, lesion_mask=lesion, marker_mask=marker)
     valid = [i not in (2, 4, 5) for i in range(7)]
     assert out["valid"].tolist() == valid
     assert out["degenerate_tl"].tolist() == [0, 0, 2, 0, 0, 0, 0]
     assert out["degenerate_ft"].tolist() == [0, 0, 0, 0, 1, 3, 0]
     keys = {"centroid_shift", "peak_shift", "iou@05", "iou@10", "iou@20", "iou@30", "pearson", "spearman", "ssim"}
-    for stem in ("entropy", "gini", "top10_mass", "lung_mass", "lesion_energy"):
+    for stem in ("entropy", "gini", "top10_mass", "lung_mass", "lesion_energy", "marker_mass"):
         keys |= {f"{stem}_tl", f"{stem}_ft", f"{stem}_change"}
     keys |= {"pointing_tl", "pointing_ft", "valid", "degenerate_tl", "degenerate_ft"}
     assert set(out) == keys
@@ -222,6 +224,7 @@ def test_pair_metrics_matches_single_metrics_and_excludes_degenerate(rng):
     assert out["lung_mass_change"][i].item() == pytest.approx(
         y[lung.numpy()].sum() / y.sum() - x[lung.numpy()].sum() / x.sum(), abs=1e-12
     )
+    assert out["marker_mass_ft"][i].item() == pytest.approx(y[10:, 13:].sum() / y.sum(), abs=1e-12)
 
 
 def test_pair_metrics_edge_cases(rng):

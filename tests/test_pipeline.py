@@ -82,6 +82,27 @@ def test_archived_iou_matches_brute_force_on_archived_maps(full_run):
                 assert per["iou@20"][i] == pytest.approx(len(ta & tb) / len(ta | tb), abs=1e-6)
 
 
+def test_confounder_marker_masks_and_marker_mass_are_archived(tmp_path):
+    """With the shortcut marker on, the archive holds its masks and the share of CAM mass on it per sample."""
+    import torch.nn.functional as F
+
+    from drift.data.synthetic import load_synthetic
+
+    cfg = tiny(tmp_path, 'run.archs=["resnet10t"]', "data.confounder=0.9", "fisher.enabled=false")
+    r = ArchiveReader(Pipeline(cfg).run())
+    marker = r.read("data/test/marker_masks")
+    expect = load_synthetic(20, 10, 10, 64, 0, difficulty=cfg.data.difficulty, confounder=0.9).test.marker_masks
+    np.testing.assert_array_equal(marker, expect)
+    assert marker.any(axis=(1, 2)).all()  # every image carries a plate
+    for method in cfg.attribution.methods:
+        b = torch.as_tensor(r.maps("resnet10t", "finetune", method))
+        b = F.interpolate(b[:, None], size=(64, 64), mode="bilinear", align_corners=False)[:, 0].double().numpy()
+        per = r.drift("resnet10t", method)
+        for i in np.flatnonzero(per["valid"]):
+            assert per["marker_mass_ft"][i] == pytest.approx(b[i][marker[i]].sum() / b[i].sum(), abs=1e-5)
+        assert "marker_mass" in r.drift_summary("resnet10t", method)["paired"]
+
+
 def test_fisher_spectra_are_sorted_and_rank_bounded(full_run):
     cfg, _, r = full_run
     for arch in cfg.run.archs:
