@@ -31,10 +31,10 @@ class DataConfig:
     source: str = "synthetic"  # synthetic | folder | csv
     path: str = ""  # class-folder root or CSV manifest for real data
     image_size: int = 128
-    n_train: int = 300
+    n_train: int = 400
     n_val: int = 100
     n_test: int = 150
-    difficulty: float = 0.5
+    difficulty: float = 0.0
     confounder: float = 0.0  # correlation of a class marker outside the lungs; 0 = off
     val_fraction: float = 0.15
     test_fraction: float = 0.2
@@ -43,7 +43,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    weights: str = "synthetic-source"  # synthetic-source | imagenet | none | <checkpoint path>
+    weights: str = "none"  # none (random init) | synthetic-source | imagenet | none | <checkpoint path>
     weights_file: str = ""  # local ImageNet weights file (imagenet)
     cache_dir: str = ".cache/drift"  # synthetic-source weights are cached here
     dropout: float = 0.2
@@ -73,7 +73,8 @@ class StageConfig:
 @dataclass
 class TrainConfig:
     transfer: StageConfig = field(default_factory=lambda: StageConfig(epochs=15, lr=1e-3, patience=4))
-    finetune: StageConfig = field(default_factory=lambda: StageConfig(epochs=2, lr=3e-4, patience=2))
+    finetune: StageConfig = field(default_factory=lambda: StageConfig(epochs=3, lr=1e-3, patience=3,
+                                                                         bn_frozen=False))
 
 
 @dataclass

@@ -87,6 +87,34 @@ def test_finetune_stage_trains_backbone_and_honours_bn_mode(rng, bn_frozen):
     assert changed is (not bn_frozen)
 
 
+def test_finetune_with_training_bn_ends_with_precise_statistics(rng):
+    """Training-mode BatchNorm ends with exact statistics of the kept weights, not the last steps' running average."""
+    import copy
+
+    torch.manual_seed(0)
+    m = models.build("resnet10t", 3)
+    data = _tiny(rng)
+    train_finetune(m, data, _tiny(rng, 9), StageConfig(epochs=2, batch_size=7, lr=1e-2, bn_frozen=False),
+                   torch.device("cpu"), 0, progress=False)
+    # Reference: the inputs of every BatchNorm layer in one training-mode pass over the whole set (one batch).
+    ref = copy.deepcopy(m).train()
+    bns = [b for b in ref.backbone.modules() if isinstance(b, torch.nn.BatchNorm2d)]
+    seen = {}
+    hooks = [b.register_forward_pre_hook(lambda mod, inp, i=i: seen.setdefault(i, inp[0].detach()))
+             for i, b in enumerate(bns)]
+    x = torch.stack([data[i][0] for i in range(len(data))])
+    with torch.no_grad():
+        ref(x)
+    for h in hooks:
+        h.remove()
+    got = [b for b in m.backbone.modules() if isinstance(b, torch.nn.BatchNorm2d)]
+    assert len(seen) == len(got) > 5
+    for i, b in enumerate(got):
+        a = seen[i].double()
+        torch.testing.assert_close(b.running_mean.double(), a.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(b.running_var.double(), a.var((0, 2, 3), unbiased=True), rtol=1e-4, atol=1e-5)
+
+
 def test_training_is_deterministic_for_a_seed(rng):
     data, val = _tiny(rng), _tiny(rng, 9)
     outs = []

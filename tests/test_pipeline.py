@@ -50,7 +50,8 @@ def test_archived_logits_are_the_checkpoints_outputs(full_run):
 
     cfg, pipe, r = full_run
     d = cfg.data
-    test = load_synthetic(d.n_train, d.n_val, d.n_test, d.image_size, cfg.run.seed).test
+    test = load_synthetic(d.n_train, d.n_val, d.n_test, d.image_size, cfg.run.seed, difficulty=d.difficulty,
+                          confounder=d.confounder).test
     x = test.images()
     for arch in cfg.run.archs:
         for stage in ("transfer", "finetune"):

@@ -76,7 +76,8 @@ def build_archive(path: Path, gen: torch.Generator, archs=ARCHS, methods=METHODS
     cfg = cfg or make_config(archs, methods, seed=seed)
     C = len(SYNTHETIC_CLASSES)
     if test is None:
-        t = load_synthetic(cfg.data.n_train, cfg.data.n_val, cfg.data.n_test, SIZE, seed).test
+        t = load_synthetic(cfg.data.n_train, cfg.data.n_val, cfg.data.n_test, SIZE, seed,
+                           difficulty=cfg.data.difficulty).test
         test = {"ids": np.asarray(t.ids), "labels": t.labels, "lung_masks": t.lung_masks,
                 "lesion_masks": t.lesion_masks}
     n = len(test["labels"])
