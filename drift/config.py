@@ -43,7 +43,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    weights: str = "none"  # none (random init) | synthetic-source | imagenet | none | <checkpoint path>
+    weights: str = "none"  # none (random init) | synthetic-source | imagenet | <checkpoint path>
     weights_file: str = ""  # local ImageNet weights file (imagenet)
     cache_dir: str = ".cache/drift"  # synthetic-source weights are cached here
     dropout: float = 0.2

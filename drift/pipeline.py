@@ -173,8 +173,8 @@ class Pipeline:
             tree["test"]["lung_masks"] = test.lung_masks.astype(bool)
         if test.lesion_masks is not None:
             tree["test"]["lesion_masks"] = test.lesion_masks.astype(bool)
-        if test.marker_masks is not None and test.marker_masks.any():  # the confounder is on
-            tree["test"]["marker_masks"] = test.marker_masks.astype(bool)
+        if (marker := _marker_masks(test)) is not None:
+            tree["test"]["marker_masks"] = marker
         tree["counts"] = {"train": np.bincount(s.train.labels, minlength=len(self.class_names)),
                           "val": np.bincount(s.val.labels, minlength=len(self.class_names)),
                           "test": np.bincount(test.labels, minlength=len(self.class_names))}
@@ -343,8 +343,8 @@ class Pipeline:
         size = tuple(test.images([0]).shape[-2:])
         lung = torch.as_tensor(test.lung_masks) if test.lung_masks is not None else None
         lesion = torch.as_tensor(test.lesion_masks) if test.lesion_masks is not None else None
-        marker = (torch.as_tensor(test.marker_masks) if test.marker_masks is not None and test.marker_masks.any()
-                  else None)
+        marker = _marker_masks(test)
+        marker = torch.as_tensor(marker) if marker is not None else None
         pred_tl = self.trained(arch, "transfer").evaluation.predictions
         pred_ft = self.trained(arch, "finetune").evaluation.predictions
         selected = stats.select_samples(test.labels, pred_tl, pred_ft, self.cfg.metrics.sample_set)
@@ -471,6 +471,12 @@ class Pipeline:
             return
         path = write_report(self.path, self.out / "report")
         log(f"report: {path}")
+
+
+def _marker_masks(test) -> np.ndarray | None:
+    """The test split's shortcut-marker masks (bool), or None when the confounder is off or masks are unknown."""
+    m = test.marker_masks
+    return m.astype(bool) if m is not None and m.any() else None
 
 
 def _as_tree(obj) -> dict:

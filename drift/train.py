@@ -198,7 +198,7 @@ def calibrate_bn(model: nn.Module, data: Dataset, device: torch.device, batch_si
     bns = [m for m in model.modules() if isinstance(m, _BatchNorm)]
     if not bns:
         return 0
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]
     momenta = [m.momentum for m in bns]
     model.eval()
     for m in bns:
@@ -213,7 +213,8 @@ def calibrate_bn(model: nn.Module, data: Dataset, device: torch.device, batch_si
     finally:
         for m, momentum in zip(bns, momenta):
             m.momentum = momentum
-        model.train(was_training)  # a Classifier re-applies its BatchNorm mode here
+        for m, mode in modes:
+            m.training = mode
     return len(bns)
 
 
