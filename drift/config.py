@@ -39,6 +39,9 @@ class DataConfig:
     val_fraction: float = 0.15
     test_fraction: float = 0.2
     skip_bad: bool = False
+    # Seed of the synthetic images and of the real-data split; -1 = run.seed. Fix it to vary only training
+    # (initialisation, batch order, dropout) across run seeds: the archives then share one test set.
+    seed: int = -1
 
 
 @dataclass
@@ -68,6 +71,8 @@ class StageConfig:
     weight_decay: float = 0.0
     optimizer: str = "adam"  # adam | adamw | sgd
     bn_frozen: bool = True  # BatchNorm in inference mode (always so in the transfer stage)
+    schedule: str = "constant"  # constant | onecycle (warm-up to lr over the first quarter, then cosine decay)
+    precision: str = "fp32"  # fp32 | bf16 | auto: bf16 autocast of the training steps where the device has it
 
 
 @dataclass
@@ -129,6 +134,11 @@ class Config:
 
     def to_toml(self) -> str:
         return dumps_toml(self.to_dict())
+
+    @property
+    def data_seed(self) -> int:
+        """The seed of the data (synthetic images, real-data split): ``data.seed``, or ``run.seed`` when -1."""
+        return self.run.seed if self.data.seed == -1 else self.data.seed
 
     def science_hash(self) -> str:
         """Hash of everything that changes results (not output folder, progress bars or thread count)."""
@@ -224,6 +234,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.source must be synthetic, folder or csv, got {cfg.data.source!r}")
     if cfg.data.source != "synthetic" and not cfg.data.path:
         raise ConfigError(f"data.source = {cfg.data.source!r} needs data.path")
+    if cfg.run.seed < 0:
+        raise ConfigError(f"run.seed must be >= 0, got {cfg.run.seed}")
+    if cfg.data.seed < -1:
+        raise ConfigError(f"data.seed must be >= 0, or -1 for run.seed, got {cfg.data.seed}")
     if not 32 <= cfg.data.image_size <= 1024:
         raise ConfigError(f"data.image_size must be in [32, 1024], got {cfg.data.image_size}")
     if cfg.attribution.target not in ("true", "predicted"):
@@ -239,6 +253,10 @@ def validate(cfg: Config) -> None:
         st = getattr(cfg.train, name)
         if st.optimizer not in ("adam", "adamw", "sgd"):
             raise ConfigError(f"train.{name}.optimizer must be adam, adamw or sgd, got {st.optimizer!r}")
+        if st.schedule not in ("constant", "onecycle"):
+            raise ConfigError(f"train.{name}.schedule must be constant or onecycle, got {st.schedule!r}")
+        if st.precision not in ("fp32", "bf16", "auto"):
+            raise ConfigError(f"train.{name}.precision must be fp32, bf16 or auto, got {st.precision!r}")
         if st.epochs < 1 or st.batch_size < 1 or st.lr <= 0:
             raise ConfigError(f"train.{name}: epochs, batch_size and lr must be positive")
 

@@ -69,6 +69,7 @@ def provenance(cfg: Config, device: torch.device) -> dict:
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     return {
         "seed": cfg.run.seed,
+        "data_seed": cfg.data_seed,
         "git_commit": git_commit(),
         "device": f"{device} ({dev_name})",
         "versions": {"python": sys.version.split()[0], "torch": torch.__version__, "timm": timm.__version__,
@@ -112,13 +113,13 @@ class Pipeline:
 
             d = self.cfg.data
             if d.source == "synthetic":
-                self._splits = data.load_synthetic(d.n_train, d.n_val, d.n_test, d.image_size, self.cfg.run.seed,
+                self._splits = data.load_synthetic(d.n_train, d.n_val, d.n_test, d.image_size, self.cfg.data_seed,
                                                    d.difficulty, d.confounder)
             elif d.source == "folder":
-                self._splits = data.load_folder(d.path, d.image_size, self.cfg.run.seed, d.val_fraction,
+                self._splits = data.load_folder(d.path, d.image_size, self.cfg.data_seed, d.val_fraction,
                                                 d.test_fraction, d.skip_bad)
             else:
-                self._splits = data.load_csv(d.path, d.image_size, self.cfg.run.seed, d.val_fraction,
+                self._splits = data.load_csv(d.path, d.image_size, self.cfg.data_seed, d.val_fraction,
                                              d.test_fraction, d.skip_bad)
         return self._splits
 
@@ -209,7 +210,7 @@ class Pipeline:
         from .data import make_source
 
         cfg = self.cfg
-        key = json.dumps({"arch": model.arch, "size": cfg.data.image_size, "source": vars(cfg.source), "recipe": 2,
+        key = json.dumps({"arch": model.arch, "size": cfg.data.image_size, "source": vars(cfg.source), "recipe": 3,
                           "seed": cfg.run.seed}, sort_keys=True)
         import hashlib
 
@@ -285,7 +286,8 @@ class Pipeline:
             write_tree(g, {"history": res.history, "test": ev.to_dict()})
             g.attrs.update({"checkpoint": str(ckpt), "sha256": sha, "best_epoch": res.best_epoch,
                             "best_val_auc": res.best_val_auc, "bn_frozen": bn_frozen, "weights": origin,
-                            "seconds": res.seconds})
+                            "seconds": res.seconds, "precision": res.precision,
+                            "schedule": getattr(cfg.train, stage).schedule})
         self._models[(arch, stage)] = Trained(model, ev)
         return self._models[(arch, stage)]
 

@@ -429,7 +429,7 @@ def _configuration(run: _Run) -> Section:
 def _provenance(run: _Run) -> Section:
     s = Section("provenance", "Provenance")
     a = run.reader.attrs
-    rows = [[k, str(a.get(k, "-"))] for k in ("seed", "git_commit", "device", "created", "science_hash",
+    rows = [[k, str(a.get(k, "-"))] for k in ("seed", "data_seed", "git_commit", "device", "created", "science_hash",
                                               "schema_version")]
     versions = a.get("versions")
     if isinstance(versions, str):
@@ -472,7 +472,7 @@ def _data(run: _Run) -> Section:
         s.blocks.append(Text(f"The archive stores no class counts per split; the test set has {n} images.", "note"))
     if run.cfg is not None:
         dc = run.cfg.data
-        src = f"synthetic task (seed {run.cfg.run.seed}, difficulty {dc.difficulty}, confounder {dc.confounder})" \
+        src = f"synthetic task (seed {run.cfg.data_seed}, difficulty {dc.difficulty}, confounder {dc.confounder})" \
             if dc.source == "synthetic" else f"{dc.source} {dc.path}"
         s.blocks.append(Text(f"Source: {src}; images {dc.image_size} x {dc.image_size} px. Lung and lesion masks: "
                              f"{'yes' if 'lung_masks' in d.get('test', {}) else 'no'}."))
@@ -721,7 +721,7 @@ def regenerate_images(run: _Run, indices: Sequence[int]) -> tuple[np.ndarray | N
         if d.source == "synthetic":
             from .data import load_synthetic
 
-            test = load_synthetic(0, 0, d.n_test, d.image_size, cfg.run.seed, d.difficulty, d.confounder).test
+            test = load_synthetic(0, 0, d.n_test, d.image_size, cfg.data_seed, d.difficulty, d.confounder).test
             # The test split depends only on (seed, split, index), not on the other splits' sizes; check that the
             # regenerated split is the archived one before showing it.
             if len(test) != len(labels) or not np.array_equal(test.labels, labels):
@@ -1324,8 +1324,9 @@ def compare(a: str | os.PathLike, b: str | os.PathLike, out: str | os.PathLike |
     pa, pb = _check_path(a, "a"), _check_path(b, "b")
     tables = compare_tables(pa, pb, n_boot, seed)
     ra, rb = ArchiveReader(pa), ArchiveReader(pb)
-    who = [f"A: {pa} (commit {ra.attrs.get('git_commit', '?')}, created {ra.attrs.get('created', '?')})",
-           f"B: {pb} (commit {rb.attrs.get('git_commit', '?')}, created {rb.attrs.get('created', '?')})"]
+    who = [f"{k}: {p} (seed {r.attrs.get('seed', '?')}, data seed {r.attrs.get('data_seed', r.attrs.get('seed', '?'))}, "
+           f"commit {r.attrs.get('git_commit', '?')}, created {r.attrs.get('created', '?')})"
+           for k, p, r in (("A", pa, ra), ("B", pb, rb))]
     text = ["Comparison of two run archives", *who, "delta = B - A; 'beyond intervals' = the 95% intervals do not "
             "overlap", ""]
     md = ["# drift compare", "", *[f"- {w}" for w in who], "", "delta = B - A; *beyond intervals* = the 95% intervals "

@@ -110,6 +110,27 @@ class StageResult:
     best_epoch: int = -1
     best_val_auc: float = float("nan")
     seconds: float = 0.0
+    precision: str = "fp32"
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """``fp32`` or ``bf16`` for a stage's ``precision`` setting on ``device``.
+
+    ``auto`` is bf16 where the device computes it natively (a CUDA GPU with bf16, a CPU with oneDNN's bf16
+    support, e.g. AVX-512 BF16 or AMX) and fp32 elsewhere, where bf16 would be emulated and slower.
+    """
+    if name in ("fp32", "bf16"):
+        return name
+    if name != "auto":
+        raise ValueError(f"precision must be fp32, bf16 or auto, got {name!r}")
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu":
+        try:
+            return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+        except (AttributeError, RuntimeError):
+            return "fp32"
+    return "fp32"
 
 
 def _optimizer(params, cfg: StageConfig) -> torch.optim.Optimizer:
@@ -126,7 +147,11 @@ def fit(module: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], trai
     """Train ``module``'s trainable parameters with cross-entropy through ``forward``.
 
     Keeps the state of ``keep`` (default ``module``) at the epoch with the best validation macro AUC and
-    restores it at the end; stops after ``cfg.patience`` epochs without improvement.
+    restores it at the end; stops after ``cfg.patience`` epochs without improvement. ``cfg.schedule = "onecycle"``
+    warms the learning rate up to ``cfg.lr`` over the first quarter of the planned steps and anneals it with a
+    cosine (``torch.optim.lr_scheduler.OneCycleLR``). Training steps of image batches run in channels-last
+    memory layout and, when ``cfg.precision`` resolves to bf16, under bf16 autocast (weights, optimiser state and
+    the validation pass stay fp32).
     """
     keep = keep or module
     gen = torch.Generator().manual_seed(seed)
@@ -135,10 +160,16 @@ def fit(module: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], trai
     if not params:
         raise ValueError(f"{desc}: no trainable parameters")
     opt = _optimizer(params, cfg)
+    sched = None
+    if cfg.schedule == "onecycle":
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(cfg.epochs * len(loader), 1),
+                                                    pct_start=0.25)
+    precision = resolve_precision(cfg.precision, device)
+    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     hist: dict[str, list[float]] = {k: [] for k in
                                     ("epoch", "train_loss", "val_loss", "val_accuracy", "val_auc", "seconds")}
     best, best_state, since = -np.inf, None, 0
-    result = StageResult(history=hist)
+    result = StageResult(history=hist, precision=precision)
     t_start = time.perf_counter()
     for epoch in range(cfg.epochs):
         t0 = time.perf_counter()
@@ -147,10 +178,15 @@ def fit(module: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], trai
         bar = tqdm(loader, desc=f"{desc} epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
         for x, y in bar:
             x, y = x.to(device), torch.as_tensor(y).to(device)
-            loss = F.cross_entropy(forward(x), y)
+            if x.ndim == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(**autocast):
+                loss = F.cross_entropy(forward(x).float(), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if sched is not None:
+                sched.step()
             total += loss.item() * len(y)
             count += len(y)
             bar.set_postfix(loss=f"{total / count:.3f}")
@@ -267,9 +303,10 @@ def train_finetune(model: Classifier, train: Dataset, val: Dataset, cfg: StageCo
     ResNetV2-50 at 128 px after four epochs this raised test accuracy from 0.55 to 0.63.
     """
     unfreeze(model, cfg.bn_frozen)
-    model.to(device)
+    model.to(device, memory_format=torch.channels_last)
     torch.manual_seed(seed)
     res = fit(model, model, train, val, cfg, device, seed, progress, desc)
+    model.to(memory_format=torch.contiguous_format)
     if not cfg.bn_frozen:
         t0 = time.perf_counter()
         calibrate_bn(model, train, device, progress=progress)
@@ -295,7 +332,8 @@ def pretrain_source(model: Classifier, source: Dataset, n_classes: int, cfg: Sta
             return self.temp(self.model.features(x))
 
     torch.manual_seed(seed)
-    net = _Net()
+    net = _Net().to(memory_format=torch.channels_last)
     res = fit(net, net, source, None, cfg, device, seed, progress, "source pretraining")
+    net.to(memory_format=torch.contiguous_format)
     model.eval()
     return res

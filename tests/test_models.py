@@ -237,3 +237,58 @@ def test_calibrate_bn_sets_batch_averaged_statistics_and_changes_no_parameter(rn
     assert [b.momentum for b in bns] == momenta
     assert all(torch.equal(v, params[k]) for k, v in m.named_parameters())
     assert all(not b.training for b in m.backbone.modules() if isinstance(b, _BatchNorm)), "BatchNorm mode kept"
+
+
+def test_onecycle_schedule_follows_the_formula(rng, monkeypatch):
+    """The learning rate of every step is OneCycle's: linear-in-cosine warm-up to lr, then cosine decay."""
+    import math
+
+    lrs = []
+    step = torch.optim.Adam.step
+
+    def recording(self, *a, **k):
+        lrs.append(self.param_groups[0]["lr"])
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording)
+    torch.manual_seed(0)
+    m = models.build("resnet10t", 3)
+    n, bs, epochs, lr = 23, 5, 3, 3e-3
+    train_finetune(m, _tiny(rng, n), None, StageConfig(epochs=epochs, batch_size=bs, lr=lr, patience=epochs,
+                                                      schedule="onecycle"), torch.device("cpu"), 0, progress=False)
+    total = epochs * math.ceil(n / bs)
+    up = 0.25 * total - 1  # OneCycleLR: warm-up ends at step pct_start * total - 1
+    lo, end = lr / 25, lr / 25 / 1e4
+
+    def cos(a, b, t):
+        return b + (a - b) * (1 + math.cos(math.pi * t)) / 2
+
+    ref = [cos(lo, lr, i / up) if i <= up else cos(lr, end, (i - up) / (total - 1 - up)) for i in range(total)]
+    assert lrs == pytest.approx(ref, rel=1e-9)
+
+
+def test_bf16_training_step_is_close_to_fp32_and_returns_a_standard_layout_model(rng):
+    """One SGD step under bf16 autocast moves the weights like the fp32 step, to bf16 accuracy, not exactly."""
+    from drift.train import resolve_precision
+
+    data = _tiny(rng, 16)
+    updates, models_ = {}, {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        m = models.build("resnet10t", 3)
+        w0 = m.backbone.conv1[0].weight.detach().clone()
+        train_finetune(m, data, None, StageConfig(epochs=1, batch_size=16, lr=1.0, optimizer="sgd", bn_frozen=True,
+                                                  precision=precision), torch.device("cpu"), 0, progress=False)
+        updates[precision] = m.backbone.conv1[0].weight.detach() - w0
+        models_[precision] = m
+    ref, got = updates["fp32"], updates["bf16"]
+    rel = ((got - ref).norm() / ref.norm()).item()
+    assert 0 < rel < 0.1, rel
+    for m in models_.values():  # trained channels-last, handed back in the standard layout
+        assert all(p.is_contiguous() for p in m.parameters())
+    assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
+    assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
+    assert resolve_precision("auto", torch.device("cpu")) == (
+        "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32")
+    with pytest.raises(ValueError, match="precision"):
+        resolve_precision("fp16", torch.device("cpu"))

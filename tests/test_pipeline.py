@@ -104,6 +104,29 @@ def test_confounder_marker_masks_and_marker_mass_are_archived(tmp_path):
         assert "marker_mass" in r.drift_summary("resnet10t", method)["paired"]
 
 
+def test_seed_study_with_a_fixed_data_seed_is_comparable(tmp_path):
+    """Two run seeds with one data seed share the test set (compare works); with data.seed = -1 they do not."""
+    from drift import report
+    from drift.data.synthetic import load_synthetic
+
+    base = ['run.archs=["resnet10t"]', "fisher.enabled=false"]
+    a = ArchiveReader(Pipeline(tiny(tmp_path / "a", *base, "run.seed=3", "data.seed=11")).run())
+    b = ArchiveReader(Pipeline(tiny(tmp_path / "b", *base, "run.seed=4", "data.seed=11")).run())
+    test = load_synthetic(20, 10, 10, 64, 11, difficulty=0.0).test
+    for r in (a, b):
+        np.testing.assert_array_equal(r.read("data/test/labels"), test.labels)
+        np.testing.assert_array_equal(r.read("data/test/lung_masks"), test.lung_masks)
+        assert r.attrs["data_seed"] == 11
+    assert (a.attrs["seed"], b.attrs["seed"]) == (3, 4)
+    la, lb = (r.evaluation("resnet10t", "finetune")["logits"] for r in (a, b))
+    assert not np.allclose(la, lb)  # training did differ
+    text = report.compare(a.path, b.path)
+    assert "resnet10t" in text and "seed 3, data seed 11" in text and "seed 4, data seed 11" in text
+    c = Pipeline(tiny(tmp_path / "c", *base, "run.seed=4")).run()  # data seed follows the run seed
+    with pytest.raises(ValueError, match="different test samples"):
+        report.compare(a.path, c)
+
+
 def test_fisher_spectra_are_sorted_and_rank_bounded(full_run):
     cfg, _, r = full_run
     for arch in cfg.run.archs:
