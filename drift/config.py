@@ -31,7 +31,7 @@ class DataConfig:
     source: str = "synthetic"  # synthetic | folder | csv
     path: str = ""  # class-folder root or CSV manifest for real data
     image_size: int = 128
-    n_train: int = 400
+    n_train: int = 800
     n_val: int = 100
     n_test: int = 150
     difficulty: float = 0.0
@@ -78,8 +78,9 @@ class StageConfig:
 @dataclass
 class TrainConfig:
     transfer: StageConfig = field(default_factory=lambda: StageConfig(epochs=15, lr=1e-3, patience=4))
-    finetune: StageConfig = field(default_factory=lambda: StageConfig(epochs=3, lr=1e-3, patience=3,
-                                                                         bn_frozen=False))
+    finetune: StageConfig = field(default_factory=lambda: StageConfig(epochs=3, lr=2e-3, batch_size=16, patience=3,
+                                                                         bn_frozen=False, schedule="onecycle",
+                                                                         precision="auto"))
 
 
 @dataclass
