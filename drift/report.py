@@ -1324,8 +1324,9 @@ def compare(a: str | os.PathLike, b: str | os.PathLike, out: str | os.PathLike |
     pa, pb = _check_path(a, "a"), _check_path(b, "b")
     tables = compare_tables(pa, pb, n_boot, seed)
     ra, rb = ArchiveReader(pa), ArchiveReader(pb)
-    who = [f"{k}: {p} (seed {r.attrs.get('seed', '?')}, data seed {r.attrs.get('data_seed', r.attrs.get('seed', '?'))}, "
-           f"commit {r.attrs.get('git_commit', '?')}, created {r.attrs.get('created', '?')})"
+    # Archives written before data.seed existed drew their data from the run seed.
+    who = [f"{k}: {p} (seed {r.attrs.get('seed', '?')}, data seed {r.attrs.get('data_seed', r.attrs.get('seed', '?'))}"
+           f", commit {r.attrs.get('git_commit', '?')}, created {r.attrs.get('created', '?')})"
            for k, p, r in (("A", pa, ra), ("B", pb, rb))]
     text = ["Comparison of two run archives", *who, "delta = B - A; 'beyond intervals' = the 95% intervals do not "
             "overlap", ""]

@@ -159,6 +159,7 @@ def fit(module: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], trai
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"{desc}: no trainable parameters")
+    module.to(memory_format=torch.channels_last)  # 4-D weights only; handed back in the standard layout
     opt = _optimizer(params, cfg)
     sched = None
     if cfg.schedule == "onecycle":
@@ -214,6 +215,7 @@ def fit(module: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], trai
                 break
     if best_state is not None:
         keep.load_state_dict(best_state)
+    module.to(memory_format=torch.contiguous_format)
     result.best_val_auc = float(best) if val is not None else float("nan")
     result.seconds = time.perf_counter() - t_start
     return result
@@ -303,10 +305,9 @@ def train_finetune(model: Classifier, train: Dataset, val: Dataset, cfg: StageCo
     ResNetV2-50 at 128 px after four epochs this raised test accuracy from 0.55 to 0.63.
     """
     unfreeze(model, cfg.bn_frozen)
-    model.to(device, memory_format=torch.channels_last)
+    model.to(device)
     torch.manual_seed(seed)
     res = fit(model, model, train, val, cfg, device, seed, progress, desc)
-    model.to(memory_format=torch.contiguous_format)
     if not cfg.bn_frozen:
         t0 = time.perf_counter()
         calibrate_bn(model, train, device, progress=progress)
@@ -332,8 +333,7 @@ def pretrain_source(model: Classifier, source: Dataset, n_classes: int, cfg: Sta
             return self.temp(self.model.features(x))
 
     torch.manual_seed(seed)
-    net = _Net().to(memory_format=torch.channels_last)
+    net = _Net()
     res = fit(net, net, source, None, cfg, device, seed, progress, "source pretraining")
-    net.to(memory_format=torch.contiguous_format)
     model.eval()
     return res
