@@ -13,6 +13,7 @@ be added around :func:`fit` later without rewriting it.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -133,6 +134,26 @@ def resolve_precision(name: str, device: torch.device) -> str:
     return "fp32"
 
 
+def onecycle_factor(step: int, total: int, pct_start: float = 0.25, div: float = 25.0,
+                    final_div: float = 1e4) -> float:
+    """Learning rate of training step ``step`` of ``total``, as a fraction of the peak: the one-cycle policy.
+
+    A cosine warm-up from ``1 / div`` to 1 that ends at step ``pct_start * total - 1``, then a cosine decay to
+    ``1 / (div * final_div)`` at the last step; the values of ``torch.optim.lr_scheduler.OneCycleLR`` (with
+    ``anneal_strategy="cos"``). When the run is too short for a warm-up step (``pct_start * total <= 1``;
+    OneCycleLR divides by zero at exactly 1) the decay starts at the peak.
+    """
+    def cos(a: float, b: float, t: float) -> float:
+        return b + (a - b) * (1.0 + math.cos(math.pi * t)) / 2.0
+
+    up = pct_start * total - 1.0
+    lo, end = 1.0 / div, 1.0 / (div * final_div)
+    if up > 0 and step <= up:
+        return cos(lo, 1.0, step / up)
+    start = max(up, 0.0)
+    return cos(1.0, end, (step - start) / max(total - 1 - start, 1.0))
+
+
 def _optimizer(params, cfg: StageConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -149,7 +170,7 @@ def fit(module: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], trai
     Keeps the state of ``keep`` (default ``module``) at the epoch with the best validation macro AUC and
     restores it at the end; stops after ``cfg.patience`` epochs without improvement. ``cfg.schedule = "onecycle"``
     warms the learning rate up to ``cfg.lr`` over the first quarter of the planned steps and anneals it with a
-    cosine (``torch.optim.lr_scheduler.OneCycleLR``). Training steps of image batches run in channels-last
+    cosine (:func:`onecycle_factor`). Training steps of image batches run in channels-last
     memory layout and, when ``cfg.precision`` resolves to bf16, under bf16 autocast (weights, optimiser state and
     the validation pass stay fp32).
     """
@@ -163,8 +184,8 @@ def fit(module: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], trai
     opt = _optimizer(params, cfg)
     sched = None
     if cfg.schedule == "onecycle":
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(cfg.epochs * len(loader), 1),
-                                                    pct_start=0.25)
+        n_steps = max(cfg.epochs * len(loader), 1)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: onecycle_factor(step, n_steps))
     precision = resolve_precision(cfg.precision, device)
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     hist: dict[str, list[float]] = {k: [] for k in

@@ -239,8 +239,10 @@ def test_calibrate_bn_sets_batch_averaged_statistics_and_changes_no_parameter(rn
     assert all(not b.training for b in m.backbone.modules() if isinstance(b, _BatchNorm)), "BatchNorm mode kept"
 
 
-def test_onecycle_schedule_follows_the_formula(rng, monkeypatch):
-    """The learning rate of every step is OneCycle's: linear-in-cosine warm-up to lr, then cosine decay."""
+@pytest.mark.parametrize("n, bs, epochs", [(23, 5, 3), (9, 4, 2), (16, 4, 1), (5, 5, 3), (7, 7, 1)])
+def test_onecycle_schedule_follows_the_formula(rng, monkeypatch, n, bs, epochs):
+    """Every step's learning rate is OneCycleLR's (cosine warm-up to lr, cosine decay) where torch defines it;
+    runs too short for a warm-up step (4 steps: OneCycleLR divides by zero) decay from lr by the same cosine."""
     import math
 
     lrs = []
@@ -253,17 +255,22 @@ def test_onecycle_schedule_follows_the_formula(rng, monkeypatch):
     monkeypatch.setattr(torch.optim.Adam, "step", recording)
     torch.manual_seed(0)
     m = models.build("resnet10t", 3)
-    n, bs, epochs, lr = 23, 5, 3, 3e-3
+    lr = 1e-3 + 4e-3 * torch.rand(1, generator=rng).item()
     train_finetune(m, _tiny(rng, n), None, StageConfig(epochs=epochs, batch_size=bs, lr=lr, patience=epochs,
                                                       schedule="onecycle"), torch.device("cpu"), 0, progress=False)
     total = epochs * math.ceil(n / bs)
-    up = 0.25 * total - 1  # OneCycleLR: warm-up ends at step pct_start * total - 1
-    lo, end = lr / 25, lr / 25 / 1e4
-
-    def cos(a, b, t):
-        return b + (a - b) * (1 + math.cos(math.pi * t)) / 2
-
-    ref = [cos(lo, lr, i / up) if i <= up else cos(lr, end, (i - up) / (total - 1 - up)) for i in range(total)]
+    if total > 4:  # the reference library
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=0.25)
+        ref = []
+        for _ in range(total):
+            ref.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+    else:  # no warm-up step: cosine from lr to lr / 25e4 over the run
+        ref = [lr / 25e4 + (lr - lr / 25e4) * (1 + math.cos(math.pi * i / max(total - 1, 1))) / 2
+               for i in range(total)]
+    assert len(lrs) == total
     assert lrs == pytest.approx(ref, rel=1e-9)
 
 

@@ -189,3 +189,22 @@ def test_help_explains_itself(capsys):
     text = capsys.readouterr().out
     for cmd in ("run", "attribute", "metrics", "fisher", "report", "compare", "bench"):
         assert cmd in text
+
+
+def test_shipped_smoke_config_runs_end_to_end(tmp_path, capsys):
+    """configs/smoke.toml as shipped (a 4-step one-cycle fine-tuning stage among others) runs every stage."""
+    from pathlib import Path
+
+    smoke = Path(__file__).resolve().parents[1] / "configs" / "smoke.toml"
+    assert main(["run", "--config", str(smoke), "--out", str(tmp_path), "--no-progress"]) == 0
+    r = ArchiveReader(tmp_path / "archive.h5")
+    cfg = config.load(str(smoke))
+    names = {s["name"] for s in r.stages}
+    assert {"data", "stats"} <= names
+    for arch in cfg.run.archs:
+        assert {f"models/{arch}/transfer", f"models/{arch}/finetune", f"drift/{arch}", f"fisher/{arch}"} <= names
+        for stage in ("transfer", "finetune"):
+            ev = r.evaluation(arch, stage)
+            assert ev["accuracy"] == pytest.approx(float(np.mean(ev["logits"].argmax(1) == ev["labels"])))
+            assert len(r.history(arch, stage)["epoch"]) <= getattr(cfg.train, stage).epochs
+    assert (tmp_path / "report" / "report.html").is_file()
