@@ -73,11 +73,24 @@ class StageConfig:
     bn_frozen: bool = True  # BatchNorm in inference mode (always so in the transfer stage)
     schedule: str = "constant"  # constant | onecycle (warm-up to lr over the first quarter, then cosine decay)
     precision: str = "fp32"  # fp32 | bf16 | auto: bf16 autocast of the training steps where the device has it
+    # Per-architecture changes to the settings above, e.g. [train.finetune.per_arch.inception_v3] epochs = 5.
+    per_arch: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def for_arch(self, arch: str, where: str = "train.<stage>") -> StageConfig:
+        """These settings with ``per_arch[arch]`` applied (and no ``per_arch`` of their own)."""
+        out = dataclasses.replace(self, per_arch={})
+        values = self.per_arch.get(arch, {})
+        if not isinstance(values, dict):
+            raise ConfigError(f"config key {where}.per_arch.{arch} must be a table, got {values!r}")
+        if "per_arch" in values:
+            raise ConfigError(f"config key {where}.per_arch.{arch}.per_arch cannot nest")
+        _merge(out, values, f"{where}.per_arch.{arch}")
+        return out
 
 
 @dataclass
 class TrainConfig:
-    transfer: StageConfig = field(default_factory=lambda: StageConfig(epochs=15, lr=1e-3, patience=4))
+    transfer: StageConfig = field(default_factory=lambda: StageConfig(epochs=15, lr=1e-3, patience=4, precision="auto"))
     finetune: StageConfig = field(default_factory=lambda: StageConfig(epochs=3, lr=2e-3, batch_size=16, patience=3,
                                                                          bn_frozen=False, schedule="onecycle",
                                                                          precision="auto"))
@@ -162,12 +175,25 @@ def _merge(obj: Any, values: dict[str, Any], where: str) -> None:
         if key not in fields:
             raise ConfigError(f"unknown config key {path!r}; valid keys here: {', '.join(sorted(fields))}")
         current = getattr(obj, key)
+        if isinstance(current, dict):  # a free-form table (per_arch): merged key by key, checked by its owner
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key {path!r} is a table, got {value!r}")
+            setattr(obj, key, _merge_tables(current, value))
+            continue
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"config key {path!r} is a table, got {value!r}")
             _merge(current, value, path)
             continue
         setattr(obj, key, _coerce(current, value, path))
+
+
+def _merge_tables(base: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in values.items():
+        out[key] = (_merge_tables(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict)
+                    else value)
+    return out
 
 
 def _coerce(current: Any, value: Any, path: str) -> Any:
@@ -252,14 +278,23 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"fisher.head must be softmax or sigmoid, got {cfg.fisher.head!r}")
     for name in ("transfer", "finetune"):
         st = getattr(cfg.train, name)
-        if st.optimizer not in ("adam", "adamw", "sgd"):
-            raise ConfigError(f"train.{name}.optimizer must be adam, adamw or sgd, got {st.optimizer!r}")
-        if st.schedule not in ("constant", "onecycle"):
-            raise ConfigError(f"train.{name}.schedule must be constant or onecycle, got {st.schedule!r}")
-        if st.precision not in ("fp32", "bf16", "auto"):
-            raise ConfigError(f"train.{name}.precision must be fp32, bf16 or auto, got {st.precision!r}")
-        if st.epochs < 1 or st.batch_size < 1 or st.lr <= 0:
-            raise ConfigError(f"train.{name}: epochs, batch_size and lr must be positive")
+        _check_stage(st, f"train.{name}")
+        for arch in st.per_arch:
+            if arch not in REGISTRY:
+                raise ConfigError(f"train.{name}.per_arch: unknown architecture {arch!r}; "
+                                  f"registered: {', '.join(sorted(REGISTRY))}")
+            _check_stage(st.for_arch(arch, f"train.{name}"), f"train.{name}.per_arch.{arch}")
+
+
+def _check_stage(st: StageConfig, where: str) -> None:
+    if st.optimizer not in ("adam", "adamw", "sgd"):
+        raise ConfigError(f"{where}.optimizer must be adam, adamw or sgd, got {st.optimizer!r}")
+    if st.schedule not in ("constant", "onecycle"):
+        raise ConfigError(f"{where}.schedule must be constant or onecycle, got {st.schedule!r}")
+    if st.precision not in ("fp32", "bf16", "auto"):
+        raise ConfigError(f"{where}.precision must be fp32, bf16 or auto, got {st.precision!r}")
+    if st.epochs < 1 or st.batch_size < 1 or st.lr <= 0:
+        raise ConfigError(f"{where}: epochs, batch_size and lr must be positive")
 
 
 def dumps_toml(d: dict[str, Any], prefix: str = "") -> str:

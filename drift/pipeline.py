@@ -35,6 +35,7 @@ from .models import (
     sha256_file,
 )
 from .train import (
+    BN_CALIBRATION_IMAGES,
     Evaluation,
     calibrate_bn,
     evaluate,
@@ -197,7 +198,9 @@ class Pipeline:
             # Random weights carry no BatchNorm statistics worth keeping (mean 0, variance 1 at every layer): a
             # frozen-BatchNorm stage would feed deep layers inputs that grow without bound. Estimate them once on
             # the training images, then keep them as the stage's config says.
-            calibrate_bn(model.to(self.device), self.splits.train, self.device)
+            calibrate_bn(model.to(self.device), self.splits.train, self.device,
+                         precision=cfg.train.transfer.for_arch(arch, "train.transfer").precision,
+                         max_images=BN_CALIBRATION_IMAGES)
             return model, "random init (BatchNorm statistics of the training images)"
         if w == "imagenet":
             return model, load_imagenet(model, cfg.model.weights_file or None)
@@ -261,10 +264,11 @@ class Pipeline:
         t0 = time.perf_counter()
         cfg, s = self.cfg, self.splits
         seed = cfg.run.seed
+        st = getattr(cfg.train, stage).for_arch(arch, f"train.{stage}")
         if stage == "transfer":
             model, origin = self.initial_model(arch)
             log(f"{arch}: weights {origin}")
-            res = train_transfer(model, s.train, s.val, cfg.train.transfer, self.device, seed, cfg.run.progress,
+            res = train_transfer(model, s.train, s.val, st, self.device, seed, cfg.run.progress,
                                  f"{arch} transfer")
             bn_frozen = True
         else:
@@ -272,9 +276,9 @@ class Pipeline:
                                     cfg.model.dropout)
             self.trained(arch, "transfer")  # make sure stage 1 is committed first
             origin = "transfer checkpoint"
-            res = train_finetune(model, s.train, s.val, cfg.train.finetune, self.device, seed + 1,
+            res = train_finetune(model, s.train, s.val, st, self.device, seed + 1,
                                  cfg.run.progress, f"{arch} finetune")
-            bn_frozen = cfg.train.finetune.bn_frozen
+            bn_frozen = st.bn_frozen
         ev = evaluate(model, s.test, self.device, progress=cfg.run.progress)
         ckpt = self.checkpoint_path(arch, stage)
         sha = save_checkpoint(model, ckpt, {"stage": stage, "seed": seed})
@@ -287,7 +291,7 @@ class Pipeline:
             g.attrs.update({"checkpoint": str(ckpt), "sha256": sha, "best_epoch": res.best_epoch,
                             "best_val_auc": res.best_val_auc, "bn_frozen": bn_frozen, "weights": origin,
                             "seconds": res.seconds, "precision": res.precision,
-                            "schedule": getattr(cfg.train, stage).schedule})
+                            "schedule": st.schedule, "epochs": st.epochs, "lr": st.lr, "batch_size": st.batch_size})
         self._models[(arch, stage)] = Trained(model, ev)
         return self._models[(arch, stage)]
 

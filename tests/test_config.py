@@ -55,3 +55,35 @@ def test_science_hash_ignores_output_folder_but_not_seed():
     assert a.science_hash() == b.science_hash()
     b.run.seed = 1
     assert a.science_hash() != b.science_hash()
+
+
+def test_per_arch_stage_settings_merge_and_resolve(tmp_path, rng):
+    """A file's per-architecture table and --set overrides of it merge key by key; for_arch applies them to that
+    architecture only, with the stage's own types; the TOML round trip keeps them."""
+    import torch
+
+    epochs = int(torch.randint(2, 9, (1,), generator=rng))
+    f = tmp_path / "c.toml"
+    f.write_text(f"[train.finetune]\nlr = 2e-3\n\n[train.finetune.per_arch.inception_v3]\nepochs = {epochs}\nlr = 4\n")
+    cfg = config.load(str(f), ["train.finetune.per_arch.inception_v3.batch_size=9",
+                               "train.transfer.per_arch.resnet18.precision=fp32"])
+    inc = cfg.train.finetune.for_arch("inception_v3")
+    assert (inc.epochs, inc.lr, inc.batch_size) == (epochs, 4.0, 9) and isinstance(inc.lr, float)
+    assert inc.per_arch == {} and inc.schedule == cfg.train.finetune.schedule
+    base = cfg.train.finetune.for_arch("densenet201")
+    assert (base.epochs, base.lr, base.batch_size) == (cfg.train.finetune.epochs, 2e-3, cfg.train.finetune.batch_size)
+    assert cfg.train.transfer.for_arch("resnet18").precision == "fp32"
+    assert config.from_toml_text(cfg.to_toml()) == cfg
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("train.finetune.per_arch.vgg99.epochs=2", "vgg99"),
+    ("train.finetune.per_arch.resnet18.epoch=2", "train.finetune.per_arch.resnet18.epoch"),
+    ("train.finetune.per_arch.resnet18.epochs=0", "train.finetune.per_arch.resnet18"),
+    ('train.finetune.per_arch.resnet18.epochs="x"', "train.finetune.per_arch.resnet18.epochs"),
+    ('train.transfer.per_arch.resnet18.schedule="cyclic"', "train.transfer.per_arch.resnet18.schedule"),
+    ("train.finetune.per_arch.resnet18=3", "train.finetune.per_arch.resnet18"),
+])
+def test_bad_per_arch_settings_name_the_culprit(override, fragment):
+    with pytest.raises(config.ConfigError, match=fragment.replace(".", r"\.")):
+        config.load(None, [override])

@@ -20,8 +20,8 @@ Classes (`SYNTHETIC_CLASSES`) and the evidence that separates them:
 
 The overlaps are deliberate: lower-zone opacity in consolidation, effusion and (faint) breast shadows; small
 consolidation patches against large nodules; nipple shadows and end-on vessels against small nodules; vascular
-markings against reticulation. ``difficulty`` ``d`` in [0, 1] scales lesion contrast by ``1 - 0.55 d`` and lesion
-size by ``1 - 0.4 d`` (never below a few pixels), sets the pixel noise to ``0.006 + 0.03 d`` and raises the rate of
+markings against reticulation. ``difficulty`` ``d`` in [0, 1] scales lesion contrast by ``1.3 - 0.85 d`` and lesion
+size by ``1.25 - 0.65 d`` (never below a few pixels), sets the pixel noise to ``0.006 + 0.03 d`` and raises the rate of
 distractors (nipple shadows ``0.15 + 0.5 d``, breast shadows ``0.2 + 0.4 d``, end-on vessels Poisson
 ``1 + 5 d``).
 
@@ -203,10 +203,10 @@ class _Painter:
 
     # -- lesions: each returns (density to add, soft support) ----------------------------------------------------
     def _contrast(self) -> float:
-        return 1.0 - 0.55 * self.d
+        return 1.3 - 0.85 * self.d
 
     def _size_factor(self) -> float:
-        return 1.0 - 0.4 * self.d
+        return 1.25 - 0.65 * self.d
 
     def _point_in_lung(self, lung: _Lung, t_range: tuple[float, float], margin: float) -> tuple[float, float]:
         """A random body point ``(x, y)`` inside ``lung`` at relative height in ``t_range``, ``margin`` deep."""
