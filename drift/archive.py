@@ -15,7 +15,8 @@ data/                   class_names (attr, JSON), test/ids, test/labels, test/lu
 models/<arch>/<stage>/  history/{epoch, train_loss, val_loss, val_accuracy, val_auc, seconds}
                         test/{logits (N, C), labels, accuracy, macro_auc, f1 (C,), confusion (C, C)}
                         attrs: checkpoint (path), sha256, best_epoch, best_val_auc, bn_frozen, weights (origin),
-                        seconds, precision, schedule, epochs, lr, batch_size (the stage's settings for this arch)
+                        seconds, precision, schedule, epochs, lr, batch_size (the stage's settings for this arch),
+                        input_size (side of the images the backbone saw)
 attributions/<arch>/<stage>/<method>
                         raw maps (N, h, w) float32 at the target layer's resolution, chunked, gzip;
                         attrs: layer, target ("true"/"predicted"), eps; targets/<stage> (N,) class used

@@ -50,6 +50,9 @@ class ModelConfig:
     weights_file: str = ""  # local ImageNet weights file (imagenet)
     cache_dir: str = ".cache/drift"  # synthetic-source weights are cached here
     dropout: float = 0.2
+    # Per-architecture input side in pixels, e.g. {inception_v3 = 160}: the model resamples its input to it
+    # (its CAM layer then has a finer grid); architectures not named take data.image_size.
+    input_sizes: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -276,6 +279,12 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"metrics.fractions: {f} is outside (0, 1]")
     if cfg.fisher.head not in ("softmax", "sigmoid"):
         raise ConfigError(f"fisher.head must be softmax or sigmoid, got {cfg.fisher.head!r}")
+    for arch, size in cfg.model.input_sizes.items():
+        if arch not in REGISTRY:
+            raise ConfigError(f"model.input_sizes: unknown architecture {arch!r}; "
+                              f"registered: {', '.join(sorted(REGISTRY))}")
+        if isinstance(size, bool) or not isinstance(size, int) or not 32 <= size <= 1024:
+            raise ConfigError(f"model.input_sizes.{arch} must be an int in [32, 1024], got {size!r}")
     for name in ("transfer", "finetune"):
         st = getattr(cfg.train, name)
         _check_stage(st, f"train.{name}")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -106,14 +107,20 @@ class Classifier(nn.Module):
         arch: registry name.
         num_classes: C.
         dropout: dropout rate before the linear layer.
+        input_size: side in pixels every input is resampled to (bilinear, antialiased when shrinking) before
+            the backbone; 0 feeds the input at its own size. Part of the model: CAMs come at the backbone's
+            resolution of the resampled input, gradients flow back to the input as given.
     """
 
-    def __init__(self, arch: str, num_classes: int, dropout: float = 0.2):
+    def __init__(self, arch: str, num_classes: int, dropout: float = 0.2, input_size: int = 0):
         super().__init__()
         self.arch = arch
         self.spec = get_spec(arch)
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        if input_size and input_size < self.spec.min_size:
+            raise ValueError(f"{arch}: input_size {input_size} is below its minimum size {self.spec.min_size} px")
+        self.input_size = int(input_size)
         self.backbone = timm.create_model(self.spec.timm_name, pretrained=False, num_classes=0, global_pool="")
         width = self.backbone.num_features
         self.head = nn.Sequential(
@@ -137,6 +144,10 @@ class Classifier(nn.Module):
         """(B, 1|3, H, W) in [0, 1] -> normalised (B, 3, H, W)."""
         if x.ndim != 4 or x.shape[1] not in (1, 3):
             raise ValueError(f"{self.arch}: expected input (B, 1 or 3, H, W), got shape {tuple(x.shape)}")
+        if self.input_size and tuple(x.shape[-2:]) != (self.input_size, self.input_size):
+            shrink = min(x.shape[-2:]) > self.input_size
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False,
+                              antialias=shrink)
         if min(x.shape[-2:]) < self.spec.min_size:
             raise ValueError(
                 f"{self.arch}: input {tuple(x.shape[-2:])} is below its minimum size {self.spec.min_size} px"
@@ -182,9 +193,9 @@ def unfreeze(model: Classifier, bn_frozen: bool) -> None:
     model.train(model.training)
 
 
-def build(arch: str, num_classes: int, dropout: float = 0.2) -> Classifier:
+def build(arch: str, num_classes: int, dropout: float = 0.2, input_size: int = 0) -> Classifier:
     """A randomly initialised :class:`Classifier` (weights are loaded separately)."""
-    return Classifier(arch, num_classes, dropout)
+    return Classifier(arch, num_classes, dropout, input_size)
 
 
 # --------------------------------------------------------------------------------------------------- weights
@@ -203,7 +214,8 @@ def save_checkpoint(model: Classifier, path: str | os.PathLike, meta: dict | Non
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    payload = {"arch": model.arch, "num_classes": model.num_classes, "state_dict": model.state_dict()}
+    payload = {"arch": model.arch, "num_classes": model.num_classes, "input_size": model.input_size,
+               "state_dict": model.state_dict()}
     payload["meta"] = {k: str(v) for k, v in (meta or {}).items()}
     torch.save(payload, tmp)
     os.replace(tmp, path)
@@ -231,14 +243,15 @@ def load_state(path: str | os.PathLike) -> dict:
 
 
 def load_checkpoint(path: str | os.PathLike, arch: str, num_classes: int, dropout: float = 0.2) -> Classifier:
-    """A :class:`Classifier` restored from :func:`save_checkpoint`'s file; arch and C must match."""
+    """A :class:`Classifier` restored from :func:`save_checkpoint`'s file (with its input size); arch and C
+    must match."""
     obj = load_state(path)
     if obj.get("arch", arch) != arch or int(obj.get("num_classes", num_classes)) != num_classes:
         raise ValueError(
             f"checkpoint {path} is {obj.get('arch')} with {obj.get('num_classes')} classes, "
             f"expected {arch} with {num_classes}"
         )
-    model = build(arch, num_classes, dropout)
+    model = build(arch, num_classes, dropout, int(obj.get("input_size", 0)))
     model.load_state_dict(obj["state_dict"])
     return model
 

@@ -154,11 +154,16 @@ class Pipeline:
             self.stage_report()
         return self.path
 
+    def input_size(self, arch: str) -> int:
+        """The side of the images ``arch`` sees: ``model.input_sizes[arch]``, else ``data.image_size``."""
+        return int(self.cfg.model.input_sizes.get(arch, self.cfg.data.image_size))
+
     def _check_input_size(self, arch: str) -> None:
         spec = get_spec(arch)
-        size = self.cfg.data.image_size
+        size = self.input_size(arch)
+        where = f"model.input_sizes.{arch}" if arch in self.cfg.model.input_sizes else "data.image_size"
         if size < spec.min_size:
-            raise ValueError(f"{arch} needs input >= {spec.min_size} px; data.image_size = {size}")
+            raise ValueError(f"{arch} needs input >= {spec.min_size} px; {where} = {size}")
         if size < spec.cam_min_size:
             warnings.warn(f"{arch} at {size} px: its CAM layer {spec.cam_layer!r} gives maps of 1 x 1 or 2 x 2; "
                           f"attribution metrics will be coarse (use >= {spec.cam_min_size} px)", stacklevel=2)
@@ -192,7 +197,7 @@ class Pipeline:
     def initial_model(self, arch: str) -> tuple[Classifier, str]:
         cfg = self.cfg
         torch.manual_seed(cfg.run.seed)
-        model = build(arch, len(self.class_names), cfg.model.dropout)
+        model = build(arch, len(self.class_names), cfg.model.dropout, self.input_size(arch))
         w = cfg.model.weights
         if w == "none":
             # Random weights carry no BatchNorm statistics worth keeping (mean 0, variance 1 at every layer): a
@@ -291,7 +296,8 @@ class Pipeline:
             g.attrs.update({"checkpoint": str(ckpt), "sha256": sha, "best_epoch": res.best_epoch,
                             "best_val_auc": res.best_val_auc, "bn_frozen": bn_frozen, "weights": origin,
                             "seconds": res.seconds, "precision": res.precision,
-                            "schedule": st.schedule, "epochs": st.epochs, "lr": st.lr, "batch_size": st.batch_size})
+                            "schedule": st.schedule, "epochs": st.epochs, "lr": st.lr, "batch_size": st.batch_size,
+                            "input_size": model.input_size or self.cfg.data.image_size})
         self._models[(arch, stage)] = Trained(model, ev)
         return self._models[(arch, stage)]
 

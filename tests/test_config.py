@@ -83,6 +83,9 @@ def test_per_arch_stage_settings_merge_and_resolve(tmp_path, rng):
     ('train.finetune.per_arch.resnet18.epochs="x"', "train.finetune.per_arch.resnet18.epochs"),
     ('train.transfer.per_arch.resnet18.schedule="cyclic"', "train.transfer.per_arch.resnet18.schedule"),
     ("train.finetune.per_arch.resnet18=3", "train.finetune.per_arch.resnet18"),
+    ("model.input_sizes={vgg99 = 96}", "vgg99"),
+    ("model.input_sizes={resnet18 = 8}", "model.input_sizes.resnet18"),
+    ('model.input_sizes={resnet18 = "big"}', "model.input_sizes.resnet18"),
 ])
 def test_bad_per_arch_settings_name_the_culprit(override, fragment):
     with pytest.raises(config.ConfigError, match=fragment.replace(".", r"\.")):

@@ -150,6 +150,31 @@ def test_checkpoint_round_trip_and_refusals(tmp_path):
         models.load_state(tmp_path / "junk.pt")
 
 
+@pytest.mark.parametrize("side, hw", [(71, (45, 53)), (40, (57, 63))])
+def test_input_size_resamples_like_interpolate_and_survives_a_checkpoint(tmp_path, rng, side, hw):
+    """A model with input_size gives the logits of the same weights on F.interpolate'd input (bilinear,
+    antialiased when shrinking), passes gradients back at the input's own shape, and its checkpoint keeps it."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=rng)))
+    m = models.build("resnet10t", 3, input_size=side).eval()
+    plain = models.build("resnet10t", 3).eval()
+    plain.load_state_dict(m.state_dict())
+    x = torch.rand(3, 1, *hw, generator=rng, requires_grad=True)
+    ref = F.interpolate(x.detach(), size=(side, side), mode="bilinear", align_corners=False,
+                        antialias=min(hw) > side)
+    torch.testing.assert_close(m(x), plain(ref), rtol=1e-5, atol=1e-6)
+    m(x).sum().backward()
+    assert x.grad.shape == x.shape and x.grad.abs().sum() > 0
+    models.save_checkpoint(m, tmp_path / "c.pt")
+    back = models.load_checkpoint(tmp_path / "c.pt", "resnet10t", 3).eval()
+    assert back.input_size == side
+    with torch.no_grad():
+        assert torch.equal(back(x), m(x))
+    with pytest.raises(ValueError, match="input_size 8"):
+        models.build("resnet10t", 3, input_size=8)
+
+
 def test_imagenet_weights_never_download(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     m = models.build("resnet10t", 3)

@@ -16,6 +16,7 @@ TINY = [
     'metrics.sample_set="all"', "metrics.n_boot=20", "fisher.n_spectrum=3", "fisher.n_components=2",
     "fisher.eps_grid=[0.05]", "fisher.alphas=[1.0]", "fisher.batch_size=2", "report.enabled=false",
     "train.finetune.per_arch.resnet18.epochs=2", "train.finetune.per_arch.resnet18.patience=2",
+    "model.input_sizes={resnet18 = 96}",
 ]
 
 
@@ -40,9 +41,12 @@ def test_archive_holds_every_stage(full_run):
                      f"fisher/{arch}"):
             assert part in names
     assert "data" in names and "stats" in names
-    for arch, epochs in (("resnet10t", 1), ("resnet18", 2)):  # the per-architecture stage setting
+    for arch, epochs, side in (("resnet10t", 1, 64), ("resnet18", 2, 96)):  # per-architecture settings
         attrs = r.read(f"models/{arch}/finetune")
         assert attrs["epochs"] == epochs and len(r.history(arch, "finetune")["epoch"]) == epochs
+        assert attrs["input_size"] == side
+        grid = -(-side // 32)  # the CAM layer (stride 32) of the resampled input
+        assert r.maps(arch, "finetune", "gradcam++").shape[1:] == (grid, grid)
         assert attrs["lr"] == cfg.train.finetune.lr and attrs["batch_size"] == cfg.train.finetune.batch_size
     assert r.config == cfg
     assert r.attrs["schema_version"] == 1 and r.attrs["git_commit"]
