@@ -155,13 +155,14 @@ class Pipeline:
         return self.path
 
     def input_size(self, arch: str) -> int:
-        """The side of the images ``arch`` sees: ``model.input_sizes[arch]``, else ``data.image_size``."""
-        return int(self.cfg.model.input_sizes.get(arch, self.cfg.data.image_size))
+        """The side of the images ``arch`` sees: ``data.image_size`` times ``model.input_scale[arch]`` (default 1)."""
+        return round(self.cfg.data.image_size * self.cfg.model.input_scale.get(arch, 1.0))
 
     def _check_input_size(self, arch: str) -> None:
         spec = get_spec(arch)
         size = self.input_size(arch)
-        where = f"model.input_sizes.{arch}" if arch in self.cfg.model.input_sizes else "data.image_size"
+        where = (f"data.image_size x model.input_scale.{arch}" if arch in self.cfg.model.input_scale
+                 else "data.image_size")
         if size < spec.min_size:
             raise ValueError(f"{arch} needs input >= {spec.min_size} px; {where} = {size}")
         if size < spec.cam_min_size:
@@ -197,7 +198,8 @@ class Pipeline:
     def initial_model(self, arch: str) -> tuple[Classifier, str]:
         cfg = self.cfg
         torch.manual_seed(cfg.run.seed)
-        model = build(arch, len(self.class_names), cfg.model.dropout, self.input_size(arch))
+        side = self.input_size(arch)
+        model = build(arch, len(self.class_names), cfg.model.dropout, 0 if side == cfg.data.image_size else side)
         w = cfg.model.weights
         if w == "none":
             # Random weights carry no BatchNorm statistics worth keeping (mean 0, variance 1 at every layer): a

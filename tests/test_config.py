@@ -3,8 +3,11 @@ import pytest
 from drift import config
 
 
-def test_demo_file_equals_builtin_defaults():
-    assert config.load("configs/demo.toml") == config.Config()
+def test_demo_file_equals_builtin_defaults_plus_its_per_arch_tables():
+    demo = config.load("configs/demo.toml")
+    assert demo.model.input_scale and demo.train.finetune.per_arch
+    demo.model.input_scale, demo.train.finetune.per_arch = {}, {}
+    assert demo == config.Config()
 
 
 def test_every_shipped_config_loads():
@@ -83,9 +86,10 @@ def test_per_arch_stage_settings_merge_and_resolve(tmp_path, rng):
     ('train.finetune.per_arch.resnet18.epochs="x"', "train.finetune.per_arch.resnet18.epochs"),
     ('train.transfer.per_arch.resnet18.schedule="cyclic"', "train.transfer.per_arch.resnet18.schedule"),
     ("train.finetune.per_arch.resnet18=3", "train.finetune.per_arch.resnet18"),
-    ("model.input_sizes={vgg99 = 96}", "vgg99"),
-    ("model.input_sizes={resnet18 = 8}", "model.input_sizes.resnet18"),
-    ('model.input_sizes={resnet18 = "big"}', "model.input_sizes.resnet18"),
+    ("model.input_scale={vgg99 = 1.5}", "vgg99"),
+    ("model.input_scale={resnet18 = 8}", "model.input_scale.resnet18"),
+    ('model.input_scale={resnet18 = "big"}', "model.input_scale.resnet18"),
+    ("model.input_scale={resnet18 = 0.1}", "model.input_scale.resnet18"),
 ])
 def test_bad_per_arch_settings_name_the_culprit(override, fragment):
     with pytest.raises(config.ConfigError, match=fragment.replace(".", r"\.")):

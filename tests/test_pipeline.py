@@ -16,7 +16,7 @@ TINY = [
     'metrics.sample_set="all"', "metrics.n_boot=20", "fisher.n_spectrum=3", "fisher.n_components=2",
     "fisher.eps_grid=[0.05]", "fisher.alphas=[1.0]", "fisher.batch_size=2", "report.enabled=false",
     "train.finetune.per_arch.resnet18.epochs=2", "train.finetune.per_arch.resnet18.patience=2",
-    "model.input_sizes={resnet18 = 96}",
+    "model.input_scale={resnet18 = 1.5}",
 ]
 
 
