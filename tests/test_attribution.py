@@ -150,11 +150,18 @@ def test_parity_with_pytorch_grad_cam_study_backbones(rng, arch, layer, size):
 
 
 def test_parity_small_model_every_method_end_to_end(rng):
-    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=rng)))
-    model = timm.create_model("resnet18", pretrained=False, num_classes=5).eval()
-    x = torch.rand(3, 3, 77, 93, generator=rng)
-    t = torch.randint(0, 5, (3,), generator=rng)
-    ours = cams(model, x, targets=t, methods=("gradcam", "gradcam++", "layercam"), layer="layer4", eps=PGC_EPS)
+    # A random network's Grad-CAM maps are all zero (every channel weight negative) for all of a few images in
+    # about one network in twenty (3 images: 9 of 150 draws; every class once: 1 of 150), which would make the
+    # comparison vacuous: draw another network then.
+    for _ in range(8):
+        torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=rng)))
+        model = timm.create_model("resnet18", pretrained=False, num_classes=5).eval()
+        x = torch.rand(5, 3, 77, 93, generator=rng)
+        t = torch.randperm(5, generator=rng)
+        ours = cams(model, x, targets=t, methods=("gradcam", "gradcam++", "layercam"), layer="layer4",
+                    eps=PGC_EPS)
+        if all((m.amax(dim=(1, 2)) > m.amin(dim=(1, 2))).any() for m in ours.values()):
+            break
     ref = {}
     for m, cls in (("gradcam", GradCAM), ("gradcam++", GradCAMPlusPlus), ("layercam", LayerCAM)):
         cam = cls(model=model, target_layers=[model.layer4])
