@@ -161,8 +161,9 @@ def fast_layout(module: nn.Module, precision: str, device: torch.device) -> Iter
     """Run ``module`` channels-last (under bf16 autocast when ``precision`` is bf16); yields the input converter.
 
     The module's 4-D weights are converted for the block and handed back in the standard layout afterwards.
-    Channels-last is the layout oneDNN and cuDNN convolve fastest in (on a 2-core AVX-512 BF16 CPU a 128 px
-    forward pass of DenseNet201 takes 45 ms per image in NCHW fp32, 29 ms channels-last, 14 ms with bf16).
+    Channels-last is the layout oneDNN and cuDNN convolve fastest in. asv's ``Layouts`` benchmark, 2-core AVX-512
+    BF16 CPU, a batch of 16 at 128 px: DenseNet201's forward pass 541 ms in NCHW fp32, 425 ms channels-last,
+    348 ms with bf16 as well, its training step 2.73 / 2.16 / 1.66 s; ResNet-18's forward 170 / 138 / 75 ms.
     """
     def convert(x: torch.Tensor) -> torch.Tensor:
         x = x.to(device)

@@ -5,6 +5,8 @@
 * ``Jacobian``: the exact input Jacobian J (B, C, D) and the iFIM spectrum built on it.
 * ``DriftMetrics``: every drift metric of a batch of (TL, FT) map pairs at input size, with lung and lesion masks.
 * ``SyntheticData``: generating the synthetic chest X-ray task.
+* ``Layouts``: a forward pass (what BatchNorm calibration, stage-1 features and validation cost per image) and a
+  training step, in NCHW fp32, channels-last fp32 and channels-last bf16 (``drift.train.fast_layout``).
 
 Models are random-init (pretrained=False); inputs come from fixed seeds, so every commit sees the same work.
 """
@@ -168,3 +170,47 @@ class SyntheticData:
 
     def time_load_synthetic(self, size: int) -> None:
         self.load(20, 0, 0, size, 0)
+
+
+class Layouts:
+    """Forward pass and training step of a batch of 16 at 128 px per memory layout and precision."""
+
+    params = (["resnet18", "densenet201"], ["fp32-nchw", "fp32-channels-last", "bf16-channels-last"])
+    param_names = ["arch", "mode"]
+    timeout = 300
+
+    def setup(self, arch: str, mode: str) -> None:
+        torch = need("torch")
+        fast_layout = need_attr(need("drift.train"), "fast_layout")
+        self.dev = device()
+        self.model = classifier(arch, self.dev)
+        self.x = images(16, 128, self.dev)
+        self.y = torch.arange(16, device=self.dev) % N_CLASSES
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-4)
+        self.nchw = mode == "fp32-nchw"
+        self.ctx = fast_layout(self.model, "bf16" if mode.startswith("bf16") else "fp32", self.dev)
+        self.prepare = (lambda x: x) if self.nchw else self.ctx.__enter__()
+        self.forward()  # warm-up: oneDNN / cuDNN primitive choice
+
+    def teardown(self, arch: str, mode: str) -> None:
+        if not self.nchw:
+            self.ctx.__exit__(None, None, None)
+
+    def forward(self) -> None:
+        torch = need("torch")
+        with torch.no_grad():
+            self.model(self.prepare(self.x))
+        sync(self.dev)
+
+    def time_forward(self, arch: str, mode: str) -> None:
+        self.forward()
+
+    def time_train_step(self, arch: str, mode: str) -> None:
+        F = need("torch.nn.functional")
+        self.model.train()
+        loss = F.cross_entropy(self.model(self.prepare(self.x)).float(), self.y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.model.eval()
+        sync(self.dev)
