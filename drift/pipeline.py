@@ -299,7 +299,7 @@ class Pipeline:
                             "best_val_auc": res.best_val_auc, "bn_frozen": bn_frozen, "weights": origin,
                             "seconds": res.seconds, "precision": res.precision,
                             "schedule": st.schedule, "epochs": st.epochs, "lr": st.lr, "batch_size": st.batch_size,
-                            "input_size": model.input_size or self.cfg.data.image_size})
+                            "input_size": self.input_size(arch)})
         self._models[(arch, stage)] = Trained(model, ev)
         return self._models[(arch, stage)]
 

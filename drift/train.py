@@ -158,7 +158,8 @@ def onecycle_factor(step: int, total: int, pct_start: float = 0.25, div: float =
 @contextlib.contextmanager
 def fast_layout(module: nn.Module, precision: str, device: torch.device) -> Iterator[Callable[[torch.Tensor],
                                                                                              torch.Tensor]]:
-    """Run ``module`` channels-last (under bf16 autocast when ``precision`` is bf16); yields the input converter.
+    """Run ``module`` channels-last (under bf16 autocast when ``precision`` resolves to bf16, see
+    :func:`resolve_precision`); yields the input converter.
 
     The module's 4-D weights are converted for the block and handed back in the standard layout afterwards.
     Channels-last is the layout oneDNN and cuDNN convolve fastest in. asv's ``Layouts`` benchmark, 2-core AVX-512
@@ -169,11 +170,11 @@ def fast_layout(module: nn.Module, precision: str, device: torch.device) -> Iter
         x = x.to(device)
         return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
 
+    bf16 = resolve_precision(precision, device) == "bf16"
     module.to(memory_format=torch.channels_last)
     try:
         # No cast cache: it would keep the first bf16 copy of each weight for the whole block, across optimiser steps.
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16",
-                            cache_enabled=False):
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
             yield convert
     finally:
         module.to(memory_format=torch.contiguous_format)
@@ -303,7 +304,7 @@ def calibrate_bn(model: nn.Module, data: Dataset, device: torch.device, batch_si
         m.train()
     forward = forward or getattr(model, "features", model)  # a Classifier: the backbone on prepared input
     try:
-        with fast_layout(model, resolve_precision(precision, device), device) as prepare:
+        with fast_layout(model, precision, device) as prepare:
             subset = torch.utils.data.Subset(data, calibration_subset(len(data), max_images).tolist())
             for x, _ in tqdm(DataLoader(subset, batch_size=batch_size), desc="BatchNorm statistics",
                              disable=not progress, leave=False):
@@ -323,7 +324,7 @@ def pooled_features(model: Classifier, data: Dataset, device: torch.device, batc
     computed under bf16 autocast when ``precision`` resolves to bf16)."""
     model.eval()
     feats, labels = [], []
-    with fast_layout(model, resolve_precision(precision, device), device) as prepare:
+    with fast_layout(model, precision, device) as prepare:
         for x, y in tqdm(DataLoader(data, batch_size=batch_size), desc="features", disable=not progress,
                          leave=False):
             feats.append(model.head[:2](model.features(prepare(x))).float())
@@ -364,9 +365,8 @@ def train_finetune(model: Classifier, train: Dataset, val: Dataset, cfg: StageCo
 
     With BatchNorm in training mode, the running statistics at the end are an exponential average over the last
     few steps' batches, taken while the weights were still moving; the kept (best) weights then get exact
-    statistics from one pass over (up to 512 images of) ``train`` (precise BatchNorm, :func:`calibrate_bn`). On a
-    from-scratch
-    ResNetV2-50 at 128 px after four epochs this raised test accuracy from 0.55 to 0.63.
+    statistics from one pass over (up to 512 images of) ``train`` (precise BatchNorm, :func:`calibrate_bn`). On
+    a from-scratch ResNetV2-50 at 128 px after four epochs this raised test accuracy from 0.55 to 0.63.
     """
     unfreeze(model, cfg.bn_frozen)
     model.to(device)
