@@ -52,8 +52,9 @@ class ModelConfig:
     cache_dir: str = ".cache/drift"  # synthetic-source weights are cached here
     dropout: float = 0.2
     # Per-architecture input scale: the model resamples its input to round(scale x data.image_size) px. The study
-    # feeds InceptionV3 299 px and the others 224 px (299 / 224 = 1.33); the demo's 1.25 puts InceptionV3 at
-    # 160 px, where its CAM layer (Mixed_7c) has 3 x 3 cells instead of 2 x 2. Architectures not named: 1.
+    # feeds InceptionV3 299 px and the others 224 px (299 / 224 = 1.33); the demo draws 160 px images and
+    # feeds DenseNet201 and ResNetV2-50 at 0.8 (128 px), InceptionV3 at 160 px, where its CAM layer (Mixed_7c)
+    # has 3 x 3 cells instead of 2 x 2. Architectures not named: 1.
     input_scale: dict[str, float] = field(default_factory=dict)
 
 
