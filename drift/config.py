@@ -121,7 +121,7 @@ class MetricsConfig:
 class FisherConfig:
     enabled: bool = True
     head: str = "softmax"  # softmax | sigmoid
-    n_spectrum: int = 32  # test samples with eigenvalues; 0 = all
+    n_spectrum: int = 20  # test samples with eigenvalues; 0 = all
     n_components: int = 12  # test samples with components and perturbation curves
     energy: float = 0.9
     eps_grid: list[float] = field(default_factory=lambda: [0.01, 0.02, 0.05, 0.1])
