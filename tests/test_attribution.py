@@ -162,6 +162,8 @@ def test_parity_small_model_every_method_end_to_end(rng):
                     eps=PGC_EPS)
         if all((m.amax(dim=(1, 2)) > m.amin(dim=(1, 2))).any() for m in ours.values()):
             break
+    else:
+        pytest.fail("8 random networks in a row gave constant maps for every image: the comparison would be vacuous")
     ref = {}
     for m, cls in (("gradcam", GradCAM), ("gradcam++", GradCAMPlusPlus), ("layercam", LayerCAM)):
         cam = cls(model=model, target_layers=[model.layer4])

@@ -5,8 +5,9 @@ from drift import config
 
 def test_demo_file_equals_builtin_defaults_plus_its_per_arch_tables_and_image_size():
     demo = config.load("configs/demo.toml")
-    assert demo.model.input_scale and demo.train.finetune.per_arch and demo.data.image_size != 128
-    demo.model.input_scale, demo.train.finetune.per_arch, demo.data.image_size = {}, {}, 128
+    default_size = config.DataConfig().image_size
+    assert demo.model.input_scale and demo.train.finetune.per_arch and demo.data.image_size != default_size
+    demo.model.input_scale, demo.train.finetune.per_arch, demo.data.image_size = {}, {}, default_size
     assert demo == config.Config()
 
 
