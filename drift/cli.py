@@ -112,7 +112,10 @@ def _dispatch(args) -> int:
         pipe = Pipeline(cfg, fresh=args.fresh, force=force)
         path = pipe.run(steps)
         print_summary(path)
-        print(f"\narchive: {path}\nwall time: {time.perf_counter() - t0:.0f} s")
+        print(f"\narchive: {path}")
+        if "train" in steps:
+            print(f"data and training: {pipe.timings['data+training']:.0f} s")
+        print(f"wall time: {time.perf_counter() - t0:.0f} s")
         return 0
     if args.command == "summary":
         from .summary import print_summary

@@ -18,7 +18,6 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from drift_kernels import topk_count
 from drift_kernels import topk_iou as _topk_iou_kernel
 
@@ -251,6 +250,15 @@ def _gaussian_window(device: torch.device) -> torch.Tensor:
     return k / k.sum()
 
 
+def _band(n: int, device: torch.device) -> torch.Tensor:
+    """(n - SSIM_WINDOW + 1, n) float64 matrix whose row i holds the Gaussian window at columns i .. i + SSIM_WINDOW - 1."""
+    k = _gaussian_window(device)
+    rows = torch.arange(n - SSIM_WINDOW + 1, device=device)
+    band = torch.zeros(n - SSIM_WINDOW + 1, n, dtype=torch.float64, device=device)
+    band[rows[:, None], rows[:, None] + torch.arange(SSIM_WINDOW, device=device)] = k
+    return band
+
+
 def _minmax(m: torch.Tensor) -> torch.Tensor:
     lo = m.amin(dim=(1, 2), keepdim=True)
     span = m.amax(dim=(1, 2), keepdim=True) - lo
@@ -285,10 +293,9 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         )
     x, y = _minmax(a.to(torch.float64)), _minmax(b.to(torch.float64))
     stack = torch.stack([x, y, x * x, y * y, x * y], dim=1)  # (B, 5, H, W)
-    k = _gaussian_window(a.device)
-    # Separable filter without padding: exactly the positions skimage keeps after cropping its border.
-    stack = F.conv2d(stack, k.view(1, 1, -1, 1).expand(5, 1, -1, 1), groups=5)
-    mu_x, mu_y, xx, yy, xy = F.conv2d(stack, k.view(1, 1, 1, -1).expand(5, 1, 1, -1), groups=5).unbind(1)
+    # Separable filter without padding (exactly the positions skimage keeps after cropping its border), as two
+    # banded matrix products K_h X K_w^T: far faster than a float64 grouped convolution on the CPU.
+    mu_x, mu_y, xx, yy, xy = (_band(h, a.device) @ stack @ _band(w, a.device).T).unbind(1)
     vx, vy, vxy = xx - mu_x * mu_x, yy - mu_y * mu_y, xy - mu_x * mu_y
     c1, c2 = 0.01**2, 0.03**2
     s = (2 * mu_x * mu_y + c1) * (2 * vxy + c2) / ((mu_x**2 + mu_y**2 + c1) * (vx + vy + c2))

@@ -136,11 +136,15 @@ class Pipeline:
         t0 = time.perf_counter()
         if "data" in steps:
             self.stage_data()
+        # Data (drawn or read on first use) and both training stages of every backbone, the later stages excluded.
+        self.timings["data+training"] = time.perf_counter() - t0
         for arch in self.cfg.run.archs:
             self._check_input_size(arch)
             if "train" in steps:
+                t_train = time.perf_counter()
                 for stage in STAGES:
                     self.trained(arch, stage)
+                self.timings["data+training"] += time.perf_counter() - t_train
             if "attributions" in steps:
                 self.stage_attributions(arch)
             if "drift" in steps:

