@@ -1,14 +1,19 @@
 """The run archive: one HDF5 file per run, written stage by stage so that a crash never corrupts it.
 
-Schema (version 1) -- the one place it is documented. ``<arch>`` is a registry name, ``<stage>`` is
-``transfer`` or ``finetune``, ``<method>`` an attribution method (``gradcam++``, ``layercam``, ...).
+Schema (version 2) -- the one place it is documented. ``<arch>`` is a registry name, ``<stage>`` is
+``transfer`` or ``finetune``, ``<method>`` an attribution method (``gradcam++``, ``gradcam++_tfkv``, ``layercam``,
+...), ``<layer>`` a CAM layer preset (``block``, ``last-conv``, ``stride16``) or dotted module name, ``<score>`` the
+differentiated score (``logit``, ``softmax``), ``<norm>`` the map normalisation before the metrics (``minmax``,
+``sum``, ``none``). A (layer, score, norm) triple is a *cell* of the protocol grid (:class:`Cell`); the primary
+cell is the config's first layer, score and normalisation.
 
 Root attributes
     schema_version      int, :data:`SCHEMA_VERSION`
-    config              the full run config as TOML text
-    science_hash        hash of the config's result-changing part (resume refuses another hash)
-    seed, git_commit, device, created, versions (JSON: python, torch, timm, h5py, numpy, drift)
-    stages              JSON list of finished stages, in order, each {"name", "seconds", "finished"}
+    config              the run config as TOML text (of the newest stage, when a resume changed analysis settings)
+    science_hash        hash of the settings the checkpoints depend on (resume refuses another hash)
+    seed, data_seed, git_commit, device, created, versions (JSON: python, torch, timm, h5py, numpy, drift)
+    stages              JSON list of finished stages, in order, each {"name", "seconds", "finished", "fingerprint"}:
+                        the fingerprint hashes the settings the stage depends on; a stale stage is recomputed
 data/                   class_names (attr, JSON), test/ids, test/labels, test/lung_masks, test/lesion_masks
                         (bool, synthetic only), test/marker_masks (bool, confounder on),
                         skipped/files, skipped/reasons (inputs skipped under skip_bad)
@@ -17,13 +22,25 @@ models/<arch>/<stage>/  history/{epoch, train_loss, val_loss, val_accuracy, val_
                         attrs: checkpoint (path), sha256, best_epoch, best_val_auc, bn_frozen, weights (origin),
                         seconds, precision, schedule, epochs, lr, batch_size (the stage's settings for this arch),
                         input_size (side of the images the backbone saw)
-attributions/<arch>/<stage>/<method>
-                        raw maps (N, h, w) float32 at the target layer's resolution, chunked, gzip;
-                        attrs: layer, target ("true"/"predicted"), eps; targets/<stage> (N,) class used
-drift/<arch>/<method>/  per_sample/<metric> (n,) float, ids (n,), labels (n,), valid (n,) over the chosen sample
-                        set; degenerate/{transfer, finetune} (N,) int codes (0 ok, 1 non-finite, 2 zero,
-                        3 constant); summary/<metric>/{mean, lo, hi, per_class, n} and paired tests
-stats/                  ranking/<metric>/ {rankings (JSON attr), kendall_tau, reverses, p_reverse}
+attributions/<arch>/    attrs: target ("true"/"predicted"), eps, methods, scores (JSON); targets/<stage> (N,)
+attributions/<arch>/<layer>/
+                        attrs: module (dotted name), keras (the Keras counterpart, presets of study backbones), grid
+    <score>/<stage>/<method>
+                        raw maps (N, h, w) float32 at the layer's resolution, chunked, gzip
+drift/<arch>/           attrs: sample_set, n_selected
+drift/<arch>/<layer>/<score>/agreement/<stage>/<m1 vs m2>
+                        (N,) per-image Pearson r between two methods' maps of one checkpoint (method agreement)
+drift/<arch>/<layer>/<score>/<norm>/<method>/
+                        per_sample/<metric> (N,) float over every test image, ids, labels, valid (neither map
+                        degenerate), selected (metrics.sample_set); degenerate/{transfer, finetune} (N,) int codes
+                        (0 ok, 1 non-finite, 2 zero, 3 constant); summary/<metric>/{mean, lo, hi, per_class,
+                        n_per_class, class_used} and paired tests (over the selected, valid images)
+stats/                  attrs: ranking_sample_set, n_ranked, n_ranked_per_class (JSON), min_per_class, verdict
+                        (one sentence: does the reversal hold across the grid); ranked (N,) bool
+stats/ranking/<layer>/<score>/<norm>/<metric>/
+                        rankings (JSON per method), means, kendall_tau, reverses, fully_reversed, p_reverse,
+                        p_fully_reversed (paired bootstrap: one resample of images per replicate for every
+                        method and architecture)
 fisher/<arch>/<stage>/  eigenvalues (N, r), rank (N,), probs (N, C), ids; components/{ids, x, x_high, x_low,
                         k, coefficients}; perturbation/<arrays of the perturbation experiment>; summary attrs
 bench/                  benchmark records (see ``drift bench export``)
@@ -42,13 +59,32 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import h5py
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _COMPRESS_ABOVE = 4096  # elements; smaller datasets are stored plainly
+
+
+class Cell(NamedTuple):
+    """One cell of the protocol grid: CAM layer (preset or dotted name), differentiated score, map normalisation."""
+
+    layer: str
+    score: str
+    norm: str
+
+    @property
+    def key(self) -> str:
+        """The cell's group path below ``drift/<arch>`` and ``stats/ranking``: ``<layer>/<score>/<norm>``."""
+        return f"{self.layer}/{self.score}/{self.norm}"
+
+    def drift_path(self, arch: str) -> str:
+        return f"drift/{arch}/{self.key}"
+
+    def __str__(self) -> str:
+        return f"{self.layer}, {self.score}, {self.norm}"
 
 
 class ArchiveError(RuntimeError):
@@ -131,16 +167,22 @@ class Archive:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = self.path.with_name(self.path.name + ".tmp")
+        self._config_text = ""
         if self._tmp.exists():  # a stage that died mid-write; the archive itself is intact
             self._tmp.unlink()
         if self.path.exists():
             with _open_checked(self.path) as f:
                 old = f.attrs.get("science_hash", "")
+                version = int(f.attrs["schema_version"])
+            if version != SCHEMA_VERSION:
+                raise ArchiveError(f"{self.path} has schema version {version}; this drift resumes version "
+                                   f"{SCHEMA_VERSION} only: use another --out folder, or --fresh to start over")
             if science_hash and old and old != science_hash:
                 raise ArchiveError(
                     f"{self.path} was written with another configuration (hash {old}, now {science_hash}); "
                     "use another --out folder, or --fresh to start over"
                 )
+            self._config_text = config_text
             return
         with h5py.File(self._tmp, "w") as f:
             f.attrs["schema_version"] = SCHEMA_VERSION
@@ -166,11 +208,17 @@ class Archive:
         with _open_checked(self.path) as f:
             return [s["name"] for s in json.loads(f.attrs.get("stages", "[]"))]
 
-    def done(self, name: str) -> bool:
-        return name in self.stages()
+    def done(self, name: str, fingerprint: str | None = None) -> bool:
+        """Whether stage ``name`` is committed (and, given ``fingerprint``, was committed under that fingerprint)."""
+        with _open_checked(self.path) as f:
+            for s in json.loads(f.attrs.get("stages", "[]")):
+                if s["name"] == name:
+                    return fingerprint is None or s.get("fingerprint", fingerprint) == fingerprint
+        return False
 
     @contextmanager
-    def stage(self, name: str, replace: tuple[str, ...] = (), started: float | None = None) -> Iterator[h5py.File]:
+    def stage(self, name: str, replace: tuple[str, ...] = (), started: float | None = None,
+              fingerprint: str = "") -> Iterator[h5py.File]:
         """A transaction writing one stage: yields the (copied) file; commits atomically on success.
 
         Args:
@@ -178,6 +226,8 @@ class Archive:
             replace: group paths deleted before the stage writes (a forced re-run starts clean).
             started: ``time.perf_counter()`` when the stage's computation began, so that the recorded
                 ``seconds`` cover the work and not only the write (default: when the transaction opens).
+            fingerprint: hash of the settings the stage's results depend on (:meth:`drift.config.Config.step_hash`),
+                recorded so that a resume under other settings recomputes the stage (:meth:`done`).
         """
         t0 = time.perf_counter() if started is None else started
         shutil.copyfile(self.path, self._tmp)
@@ -188,9 +238,15 @@ class Archive:
                         del f[g]
                 yield f
                 stages = [s for s in json.loads(f.attrs.get("stages", "[]")) if s["name"] != name]
-                stages.append({"name": name, "seconds": round(time.perf_counter() - t0, 3),
-                               "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+                entry = {"name": name, "seconds": round(time.perf_counter() - t0, 3),
+                         "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                if fingerprint:
+                    entry["fingerprint"] = fingerprint
+                stages.append(entry)
                 f.attrs["stages"] = json.dumps(stages)
+                if self._config_text:
+                    # A resume under changed analysis settings: the root config is the one of the newest stage.
+                    f.attrs["config"] = self._config_text
                 f.flush()
         except BaseException:
             self._tmp.unlink(missing_ok=True)
@@ -254,22 +310,80 @@ class ArchiveReader:
     def history(self, arch: str, stage: str) -> dict:
         return self.read(f"models/{arch}/{stage}/history")
 
-    def maps(self, arch: str, stage: str, method: str) -> np.ndarray:
-        """Raw attribution maps (N, h, w) as float32."""
-        return self.read(f"attributions/{arch}/{stage}/{method}").astype(np.float32)
+    # ---- the protocol grid: maps per (layer, score), drift and rankings per cell (layer, score, normalisation)
+    def _stored_cells(self) -> list[Cell]:
+        out: list[Cell] = []
+        for arch in self.keys("drift"):
+            for layer in self.keys(f"drift/{arch}"):
+                for score in self.keys(f"drift/{arch}/{layer}"):
+                    for norm in self.keys(f"drift/{arch}/{layer}/{score}"):
+                        if norm != "agreement" and Cell(layer, score, norm) not in out:
+                            out.append(Cell(layer, score, norm))
+        return out
 
-    def methods(self, arch: str) -> list[str]:
-        return self.keys(f"drift/{arch}")
+    def cells(self) -> list[Cell]:
+        """Every scored cell (layer, score, normalisation), the primary one first."""
+        out = self._stored_cells()
+        primary = self.primary_cell()
+        return [primary, *[c for c in out if c != primary]] if primary in out else out
 
-    def drift(self, arch: str, method: str) -> dict:
-        """Per-sample drift metrics of (arch, method): {metric: (n,) array, 'ids', 'labels', 'valid'}."""
-        return self.read(f"drift/{arch}/{method}/per_sample")
+    def primary_cell(self) -> Cell:
+        """The cell of the summary's main tables: the config's first layer, score and normalisation (or, when the
+        archive holds no drift for that cell, the first cell it holds)."""
+        try:
+            cfg = self.config
+            cell = Cell(cfg.attribution.layers[0], cfg.attribution.scores[0], cfg.metrics.normalize[0])
+        except Exception:  # a config this version cannot read
+            cell = None
+        stored = self._stored_cells()
+        if cell is None:
+            return stored[0] if stored else Cell("block", "logit", "none")
+        if cell in stored or not stored:
+            return cell
+        near = [c for c in stored if c[:2] == cell[:2]] or [c for c in stored if c.layer == cell.layer] or stored
+        return near[0]
 
-    def drift_summary(self, arch: str, method: str) -> dict:
-        return self.read(f"drift/{arch}/{method}/summary")
+    def _cell(self, cell: Cell | None) -> Cell:
+        return self.primary_cell() if cell is None else Cell(*cell)
 
-    def ranking(self) -> dict:
-        return self.read("stats/ranking") if self.has("stats/ranking") else {}
+    def layers(self, arch: str) -> list[str]:
+        return [k for k in self.keys(f"attributions/{arch}") if k != "targets"]
+
+    def layer_info(self, arch: str, layer: str) -> dict:
+        """Attributes of a CAM layer of ``arch``: module (dotted name), keras (counterpart name), grid (h, w)."""
+        return {k: v for k, v in self.read(f"attributions/{arch}/{layer}").items() if not isinstance(v, dict)}
+
+    def maps(self, arch: str, stage: str, method: str, layer: str | None = None, score: str | None = None
+             ) -> np.ndarray:
+        """Raw attribution maps (N, h, w) as float32 (primary layer and score unless given)."""
+        c = self.primary_cell()
+        return self.read(f"attributions/{arch}/{layer or c.layer}/{score or c.score}/{stage}/{method}"
+                         ).astype(np.float32)
+
+    def methods(self, arch: str, cell: Cell | None = None) -> list[str]:
+        return self.keys(self._cell(cell).drift_path(arch))
+
+    def drift(self, arch: str, method: str, cell: Cell | None = None) -> dict:
+        """Per-sample drift metrics of (arch, method) in ``cell`` (default primary): {metric: (N,) array, 'ids',
+        'labels', 'valid', 'selected', 'ranked'}."""
+        return self.read(f"{self._cell(cell).drift_path(arch)}/{method}/per_sample")
+
+    def drift_summary(self, arch: str, method: str, cell: Cell | None = None) -> dict:
+        return self.read(f"{self._cell(cell).drift_path(arch)}/{method}/summary")
+
+    def agreement(self, arch: str, layer: str, score: str) -> dict:
+        """Per-image Pearson r between the maps of two methods of one checkpoint: {stage: {"m1 vs m2": (N,)}}."""
+        path = f"drift/{arch}/{layer}/{score}/agreement"
+        return self.read(path) if self.has(path) else {}
+
+    def ranking(self, cell: Cell | None = None) -> dict:
+        """Rank reversal results per ranking metric in ``cell`` (default primary)."""
+        path = f"stats/ranking/{self._cell(cell).key}"
+        return self.read(path) if self.has(path) else {}
+
+    def stats_attrs(self) -> dict:
+        """The statistics step's attributes (ranking sample, its size and per-class counts, the grid's verdict)."""
+        return {k: v for k, v in self.read("stats").items() if not isinstance(v, dict)} if self.has("stats") else {}
 
     def fisher(self, arch: str, stage: str) -> dict:
         return self.read(f"fisher/{arch}/{stage}")

@@ -103,7 +103,16 @@ class TrainConfig:
 
 @dataclass
 class AttributionConfig:
-    methods: list[str] = field(default_factory=lambda: ["gradcam++", "layercam"])
+    # gradcam++: pytorch-grad-cam's reading (alpha not normalised); gradcam++_tfkv: tf-keras-vis's reading (alpha
+    # normalised to sum 1 over space per channel), the study's toolchain; layercam; gradcam; pgc:<name>.
+    methods: list[str] = field(default_factory=lambda: ["gradcam++", "gradcam++_tfkv", "layercam"])
+    # CAM layers, all captured in one forward and one backward pass: presets block (last block, post-activation),
+    # last-conv (the last convolution before the head: tf-keras-vis's "penultimate layer"), stride16 (a finer
+    # layer at output stride 16), or any dotted module name. The first is the primary layer of the summary.
+    layers: list[str] = field(default_factory=lambda: ["last-conv", "block"])
+    # Score differentiated: logit (the class logit) or softmax (the class probability, what tf-keras-vis's
+    # CategoricalScore differentiates on a Keras model with a softmax output). The first is the primary one.
+    scores: list[str] = field(default_factory=lambda: ["logit"])
     target: str = "true"  # true | predicted
     eps: float = 0.0  # Grad-CAM++ denominator epsilon (pytorch-grad-cam uses 1e-6)
     batch_size: int = 16
@@ -111,7 +120,15 @@ class AttributionConfig:
 
 @dataclass
 class MetricsConfig:
-    sample_set: str = "tp_both"  # tp_both | all | tp_either
+    sample_set: str = "tp_both"  # per-architecture drift tables: tp_both | all | tp_either | tp_all
+    # Map normalisation before the metrics, applied to both checkpoints' maps alike: minmax | sum | none. The
+    # first is the primary one; every one listed is scored (a cell of the protocol grid).
+    normalize: list[str] = field(default_factory=lambda: ["minmax", "none"])
+    # Images on which architectures are ranked: tp_all (correct under both checkpoints of every architecture:
+    # one common sample, so the ranking is not confounded with each architecture's class mix) or a per-arch rule.
+    ranking_sample_set: str = "tp_all"
+    # Classes with fewer scored images than this are left out of a macro mean (and said so).
+    min_per_class: int = 5
     fractions: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.3])
     n_boot: int = 1000
     ranking_metrics: list[str] = field(default_factory=lambda: ["iou@20", "centroid_shift", "pearson"])
@@ -160,12 +177,33 @@ class Config:
         return self.run.seed if self.data.seed == -1 else self.data.seed
 
     def science_hash(self) -> str:
-        """Hash of everything that changes results (not output folder, progress bars or thread count)."""
+        """Hash of what the trained checkpoints depend on (data, weights, training; not output folder, progress
+        bars, thread count, or the analysis settings, whose changes a resume recomputes: :meth:`step_hash`)."""
+        return self.part_hash("run", "data", "model", "source", "train")
+
+    def part_hash(self, *sections: str) -> str:
+        """Hash of the named config sections (``run`` without out, progress and threads)."""
         d = self.to_dict()
         for k in ("out", "progress", "threads"):
             d["run"].pop(k)
-        d.pop("report")
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps({k: d[k] for k in sections}, sort_keys=True).encode()).hexdigest()[:16]
+
+    def step_hash(self, step: str) -> str:
+        """Fingerprint of the settings a pipeline step's results depend on: a committed step whose fingerprint
+        differs is stale and recomputed on resume."""
+        return self.part_hash(*STEP_SECTIONS[step])
+
+
+_TRAINED = ("run", "data", "model", "source", "train")
+STEP_SECTIONS: dict[str, tuple[str, ...]] = {
+    "data": ("run", "data"),
+    "train": _TRAINED,
+    "attributions": (*_TRAINED, "attribution"),
+    "drift": (*_TRAINED, "attribution", "metrics"),
+    "fisher": (*_TRAINED, "fisher"),
+    "stats": (*_TRAINED, "attribution", "metrics"),
+}
+"""Config sections each pipeline step depends on (its own and those of the steps before it)."""
 
 
 class ConfigError(ValueError):
@@ -255,7 +293,9 @@ def from_toml_text(text: str) -> Config:
 
 
 def validate(cfg: Config) -> None:
-    from .models import REGISTRY
+    from .attribution import METHODS, NORMALIZE_MODES, PGC_METHODS, SCORES
+    from .models import LAYER_PRESETS, REGISTRY
+    from .stats import SELECTION_RULES
 
     for arch in cfg.run.archs:
         if arch not in REGISTRY:
@@ -274,8 +314,30 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.image_size must be in [32, 1024], got {cfg.data.image_size}")
     if cfg.attribution.target not in ("true", "predicted"):
         raise ConfigError(f"attribution.target must be 'true' or 'predicted', got {cfg.attribution.target!r}")
-    if cfg.metrics.sample_set not in ("tp_both", "all", "tp_either"):
-        raise ConfigError(f"metrics.sample_set must be tp_both, all or tp_either, got {cfg.metrics.sample_set!r}")
+    for key in ("sample_set", "ranking_sample_set"):
+        if getattr(cfg.metrics, key) not in SELECTION_RULES:
+            raise ConfigError(f"metrics.{key} must be one of {', '.join(SELECTION_RULES)}, "
+                              f"got {getattr(cfg.metrics, key)!r}")
+    _check_list(cfg.metrics.normalize, "metrics.normalize", NORMALIZE_MODES)
+    _check_list(cfg.attribution.scores, "attribution.scores", SCORES)
+    _check_list(cfg.attribution.layers, "attribution.layers", None)
+    for layer in cfg.attribution.layers:
+        if not isinstance(layer, str) or not layer or layer == "targets" or "/" in layer:
+            raise ConfigError(f"attribution.layers: {layer!r} is neither a preset ({', '.join(LAYER_PRESETS)}) nor "
+                              "a dotted module name")
+    _check_list(cfg.attribution.methods, "attribution.methods", None)
+    for m in cfg.attribution.methods:
+        if m not in METHODS and not (isinstance(m, str) and m.startswith("pgc:") and m[4:] in PGC_METHODS):
+            raise ConfigError(f"attribution.methods: unknown method {m!r}; gradient methods: "
+                              f"{', '.join(sorted(METHODS))}; pytorch-grad-cam methods: pgc:<name> with <name> in "
+                              f"{', '.join(PGC_METHODS)}")
+    if "softmax" in cfg.attribution.scores and any(m.startswith("pgc:") for m in cfg.attribution.methods):
+        raise ConfigError("attribution.scores = softmax works with the gradient methods only, not pgc:<name>")
+    if isinstance(cfg.metrics.min_per_class, bool) or cfg.metrics.min_per_class < 1:
+        raise ConfigError(f"metrics.min_per_class must be >= 1, got {cfg.metrics.min_per_class!r}")
+    if cfg.metrics.n_boot < 1:
+        raise ConfigError(f"metrics.n_boot must be >= 1 (bootstrap replicates of every interval), "
+                          f"got {cfg.metrics.n_boot!r}")
     for f in cfg.metrics.fractions:
         if not 0 < f <= 1:
             raise ConfigError(f"metrics.fractions: {f} is outside (0, 1]")
@@ -299,6 +361,17 @@ def validate(cfg: Config) -> None:
                 raise ConfigError(f"train.{name}.per_arch: unknown architecture {arch!r}; "
                                   f"registered: {', '.join(sorted(REGISTRY))}")
             _check_stage(st.for_arch(arch, f"train.{name}"), f"train.{name}.per_arch.{arch}")
+
+
+def _check_list(values: list, key: str, allowed: tuple[str, ...] | None) -> None:
+    if not values:
+        raise ConfigError(f"{key} is empty")
+    if len(set(values)) != len(values):
+        raise ConfigError(f"{key} lists a value twice: {values}")
+    if allowed is not None:
+        for v in values:
+            if v not in allowed:
+                raise ConfigError(f"{key}: {v!r} is not one of {', '.join(allowed)}")
 
 
 def _check_stage(st: StageConfig, where: str) -> None:

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import torch
 from drift_kernels import topk_count
 from drift_kernels import topk_iou as _topk_iou_kernel
+from drift_kernels.reference import TopkTies, check_ties
 
 DEFAULT_FRACTIONS = (0.05, 0.1, 0.2, 0.3)
 
@@ -154,21 +155,38 @@ def peak_shift(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------- overlap
 
 
-def topk_iou(a: torch.Tensor, b: torch.Tensor, fractions: Sequence[float] = DEFAULT_FRACTIONS) -> torch.Tensor:
+def topk_iou(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    ties: TopkTies = "fractional",
+) -> torch.Tensor:
     """IoU of the top-k pixel sets of a and b, for every fraction f: |S_a ∩ S_b| / |S_a ∪ S_b|.
 
-    S_m holds exactly k = ceil(f H W) pixels of m (at least 1): pixels in order of value descending, ties broken
-    by the lower flat (row-major) index first. Computed by ``drift_kernels.topk_iou`` on float32 maps.
+    S_m holds k = ceil(f H W) pixels of m (at least 1), in order of value descending. With t the k-th largest
+    value of m, n_above = #{m > t} and n_tied = #{m == t}, ``ties`` decides the cut through the tied pixels:
+
+    * ``"fractional"`` (default): pixel i belongs to S_m with weight w_i = 1 if m_i > t, (k - n_above) / n_tied
+      if m_i == t, else 0 (its probability of selection under a uniformly random tie break; sum w = k).
+      |S_a ∩ S_b| = sum_i w_a,i w_b,i, the expected intersection under independent random tie breaks of a and b,
+      and |S_a ∪ S_b| = 2k - |S_a ∩ S_b|. The IoU does not depend on pixel order: two maps that are both zero over
+      a region no longer agree on its low-index zeros (sparse, ReLU'd maps). Maps without a cut inside a tie
+      group give the same IoU as the index rule.
+    * ``"index"``: ties broken by the lower flat (row-major) index first (exact set counts).
+
+    Computed by ``drift_kernels.topk_iou`` on float32 maps.
 
     Args:
         a, b: maps (B, H, W).
         fractions: T fractions in (0, 1].
+        ties: ``"fractional"`` or ``"index"``.
 
     Returns:
         (B, T) float64; rows of pairs with a non-finite map are NaN (those maps never reach the kernel).
     """
     _check_pair(a, b)
     fr = _check_fractions(fractions)
+    ties = check_ties(ties)
     bsz = a.shape[0]
     out = torch.full((bsz, len(fr)), math.nan, dtype=torch.float64, device=a.device)
     ok = _finite(a) & _finite(b)
@@ -176,7 +194,7 @@ def topk_iou(a: torch.Tensor, b: torch.Tensor, fractions: Sequence[float] = DEFA
         sel = ok.nonzero()[:, 0]
         fa = a[sel].to(torch.float32).contiguous()
         fb = b[sel].to(torch.float32).contiguous()
-        inter, union, _ = _topk_iou_kernel(fa, fb, fr)
+        inter, union, _ = _topk_iou_kernel(fa, fb, fr, ties)
         out[sel] = inter.to(torch.float64) / union.to(torch.float64)
     return out
 

@@ -8,6 +8,19 @@ The head is the study's: global average pool -> dropout -> linear to C classes, 
 map (``forward_features``). The CAM target layer of each study backbone is that last convolutional block,
 post-activation -- the equivalent of the Keras layers ``relu`` (DenseNet201), ``post_relu`` (ResNet50V2) and
 ``mixed10`` (InceptionV3).
+
+Each backbone also names CAM layers by preset (:data:`LAYER_PRESETS`, :func:`cam_layer_name`):
+
+    ``block``      the last block, post-activation (``BackboneSpec.cam_layer``); output stride 32.
+    ``last-conv``  the last convolution executed before the head (pre-BatchNorm); output stride 32. This is the
+                   layer tf-keras-vis's Grad-CAM / Grad-CAM++ use by default: ``penultimate_layer=None`` starts at
+                   the model's last layer and, with ``seek_penultimate_conv_layer=True`` (the default), walks
+                   ``model.layers`` backwards to the first ``Conv`` layer; naming a non-convolutional layer such as
+                   ``relu`` / ``post_relu`` / ``mixed10`` walks back from it in the same way, so a Keras study that
+                   passed those names without ``seek_penultimate_conv_layer=False`` explained this layer.
+    ``stride16``   a finer layer at output stride 16 (8 x 8 maps at 128 px, 14 x 14 at 224 px).
+
+:func:`keras_layer_name` gives the Keras Applications layer of each preset for the study backbones.
 """
 
 from __future__ import annotations
@@ -30,18 +43,27 @@ INCEPTION_MEAN = (0.5, 0.5, 0.5)
 INCEPTION_STD = (0.5, 0.5, 0.5)
 
 
+LAYER_PRESETS = ("block", "last-conv", "stride16")
+"""CAM layer presets every registry backbone names (see the module docstring)."""
+
+
 @dataclass(frozen=True)
 class BackboneSpec:
     """What drift needs to know about a backbone.
 
     Attributes:
         timm_name: name passed to ``timm.create_model``.
-        cam_layer: dotted name of the CAM target layer inside the backbone (last block, post-activation).
+        cam_layer: dotted name of the CAM target layer inside the backbone (last block, post-activation): the
+            ``block`` preset.
         input_size: the backbone's native input size in pixels.
         min_size: smallest input the backbone accepts.
         cam_min_size: smallest input whose target-layer map is larger than 1 x 1.
         mean, std: per-channel normalisation of its pretrained weights.
         study: one of the study's three architectures (False: small models for tests and smoke runs).
+        last_conv: dotted name of the last ``nn.Conv2d`` executed in the backbone's forward pass (``last-conv``).
+        stride16: dotted name of a layer at output stride 16 that runs once per forward pass (``stride16``).
+        keras: the Keras Applications layer names of the presets ``block``, ``last-conv``, ``stride16`` (in
+            :data:`LAYER_PRESETS` order); empty for backbones without a Keras counterpart.
     """
 
     timm_name: str
@@ -52,16 +74,47 @@ class BackboneSpec:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     study: bool = False
+    last_conv: str = ""
+    stride16: str = ""
+    keras: tuple[str, ...] = ()
+
+    @property
+    def layers(self) -> dict[str, str]:
+        """Preset name -> dotted module name inside the backbone (presets a spec leaves empty are omitted)."""
+        names = {"block": self.cam_layer, "last-conv": self.last_conv, "stride16": self.stride16}
+        return {k: v for k, v in names.items() if v}
 
 
 REGISTRY: dict[str, BackboneSpec] = {
-    "densenet201": BackboneSpec("densenet201", "features.norm5", 224, 32, 64, study=True),
-    "resnetv2_50": BackboneSpec("resnetv2_50", "norm", 224, 32, 64, study=True),
-    "inception_v3": BackboneSpec(
-        "inception_v3", "Mixed_7c", 299, 75, 128, INCEPTION_MEAN, INCEPTION_STD, study=True
+    # Keras DenseNet201: the last conv is conv5_block32_2_conv (dense block 4 has 32 layers), its last block
+    # relu (bn -> relu after conv5_block32_concat); at stride 16 the transition's BatchNorm + ReLU before its
+    # 1 x 1 conv and 2 x 2 average pool (Keras pool4_bn -> pool4_relu; timm folds both into one module).
+    "densenet201": BackboneSpec(
+        "densenet201", "features.norm5", 224, 32, 64, study=True,
+        last_conv="features.denseblock4.denselayer32.conv2", stride16="features.transition3.norm",
+        keras=("relu", "conv5_block32_2_conv", "pool4_relu"),
     ),
-    "resnet18": BackboneSpec("resnet18", "layer4", 224, 32, 64),
-    "resnet10t": BackboneSpec("resnet10t", "layer4", 176, 32, 64),
+    # Keras ResNet50V2 downsamples in the LAST block of each stack (stack2's stride1), timm's resnetv2_50 in the
+    # first block of a stage: both have 6 blocks of width 1024 in the fourth stage, but Keras runs only blocks
+    # 1-5 at stride 16, so its last stride-16 block output is conv4_block5_out where timm's is stages.2.
+    "resnetv2_50": BackboneSpec(
+        "resnetv2_50", "norm", 224, 32, 64, study=True,
+        last_conv="stages.3.blocks.2.conv3", stride16="stages.2",
+        keras=("post_relu", "conv5_block3_3_conv", "conv4_block5_out"),
+    ),
+    # Keras InceptionV3 names its 94 convolutions conv2d, conv2d_1, ..., conv2d_93 in creation order (in a fresh
+    # Keras session); conv2d_93 is mixed10's branch_pool convolution, created and executed last as in timm.
+    # Mixed_5b..Mixed_7c are Keras mixed0..mixed10, so Mixed_6e (stride 16) is mixed7.
+    "inception_v3": BackboneSpec(
+        "inception_v3", "Mixed_7c", 299, 75, 128, INCEPTION_MEAN, INCEPTION_STD, study=True,
+        last_conv="Mixed_7c.branch_pool.conv", stride16="Mixed_6e",
+        keras=("mixed10", "conv2d_93", "mixed7"),
+    ),
+    "resnet18": BackboneSpec("resnet18", "layer4", 224, 32, 64, last_conv="layer4.1.conv2", stride16="layer3"),
+    # resnet10t's single layer4 block runs its average-pool shortcut (downsample = AvgPool2d, Conv2d, BatchNorm)
+    # after conv2, so the last convolution executed is the shortcut's 1 x 1 conv.
+    "resnet10t": BackboneSpec("resnet10t", "layer4", 176, 32, 64, last_conv="layer4.0.downsample.1",
+                              stride16="layer3"),
 }
 
 STUDY_ARCHS = tuple(name for name, spec in REGISTRY.items() if spec.study)
@@ -73,6 +126,46 @@ def get_spec(arch: str) -> BackboneSpec:
         return REGISTRY[arch]
     except KeyError:
         raise ValueError(f"unknown architecture {arch!r}; registered: {', '.join(sorted(REGISTRY))}") from None
+
+
+def cam_layer_name(arch: str, layer: str) -> str:
+    """The dotted module name (inside the backbone) of CAM layer ``layer`` of ``arch``.
+
+    Args:
+        arch: registry name.
+        layer: a preset of :data:`LAYER_PRESETS`, or a dotted module name, returned unchanged (it is checked
+            against the model when resolved, :func:`resolve_layer`).
+
+    Raises:
+        ValueError: unknown ``arch``, or a preset the backbone does not name.
+    """
+    spec = get_spec(arch)
+    if layer not in LAYER_PRESETS:
+        return layer
+    names = spec.layers
+    if layer not in names:
+        raise ValueError(f"{arch} names no {layer!r} CAM layer; it names {', '.join(names)}")
+    return names[layer]
+
+
+def keras_layer_name(arch: str, preset: str) -> str | None:
+    """The Keras Applications layer that corresponds to CAM layer ``preset`` of ``arch``.
+
+    Args:
+        arch: registry name.
+        preset: a preset of :data:`LAYER_PRESETS`; a dotted module name has no Keras counterpart here.
+
+    Returns:
+        The Keras layer name (as in ``tf.keras.applications``; InceptionV3's convolutions are numbered in creation
+        order in a fresh Keras session), or None for a non-study backbone or a dotted module name.
+
+    Raises:
+        ValueError: unknown ``arch``.
+    """
+    spec = get_spec(arch)
+    if preset not in LAYER_PRESETS or not spec.keras:
+        return None
+    return dict(zip(LAYER_PRESETS, spec.keras))[preset]
 
 
 def resolve_layer(model: nn.Module, name: str) -> nn.Module:

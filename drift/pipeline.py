@@ -105,7 +105,14 @@ class Pipeline:
 
     # ------------------------------------------------------------------ helpers
     def _todo(self, name: str, step: str) -> bool:
-        return step in self.force or not self.archive.done(name)
+        """Whether ``name`` must be (re)computed: forced, never committed, or committed under other settings."""
+        if step in self.force:
+            return True
+        if self.archive.done(name, self.cfg.step_hash(step)):
+            return False
+        if self.archive.done(name):
+            log(f"{name}: settings changed since it was computed; computing it again")
+        return True
 
     @property
     def splits(self):
@@ -192,7 +199,7 @@ class Pipeline:
                           "test": np.bincount(test.labels, minlength=len(self.class_names))}
         tree["skipped"] = {"files": np.asarray([f for f, _ in s.skipped] or [""])[: len(s.skipped)],
                            "reasons": np.asarray([r for _, r in s.skipped] or [""])[: len(s.skipped)]}
-        with self.archive.stage("data", replace=("data",), started=t0) as f:
+        with self.archive.stage("data", replace=("data",), started=t0, fingerprint=self.cfg.step_hash("data")) as f:
             g = f.require_group("data")
             g.attrs["class_names"] = json.dumps(self.class_names)
             g.attrs["n_skipped"] = len(s.skipped)
@@ -296,7 +303,7 @@ class Pipeline:
         log(f"{arch} {stage}: test accuracy {ev.accuracy:.3f}, macro AUC {ev.macro_auc:.3f} "
             f"(best epoch {res.best_epoch + 1}, {res.seconds:.0f} s)")
         name = f"models/{arch}/{stage}"
-        with self.archive.stage(name, replace=(name,), started=t0) as f:
+        with self.archive.stage(name, replace=(name,), started=t0, fingerprint=self.cfg.step_hash("train")) as f:
             g = f.require_group(name)
             write_tree(g, {"history": res.history, "test": ev.to_dict()})
             g.attrs.update({"checkpoint": str(ckpt), "sha256": sha, "best_epoch": res.best_epoch,
@@ -314,48 +321,65 @@ class Pipeline:
         return self.trained(arch, stage).evaluation.predictions
 
     def stage_attributions(self, arch: str) -> None:
+        """Raw CAMs of every method, layer and score, for both checkpoints, from one forward pass and one backward
+        pass per score and batch (:func:`drift.attribution.cams_multi`)."""
         name = f"attributions/{arch}"
         if not self._todo(name, "attributions"):
             return
-        from .attribution import cams
+        from tqdm.auto import tqdm
+
+        from .attribution import cams_multi
+        from .models import cam_layer_name, keras_layer_name
 
         acfg = self.cfg.attribution
         t0 = time.perf_counter()
-        out: dict[str, dict[str, np.ndarray]] = {}
+        n = len(self.splits.test)
+        maps: dict[tuple[str, str, str, str], list[torch.Tensor]] = {}
+        tree: dict = {"targets": {}}
         for stage in STAGES:
             model = self.trained(arch, stage).model
             tgt = torch.as_tensor(self.targets(arch, stage))
-            maps: dict[str, list[torch.Tensor]] = {m: [] for m in acfg.methods}
-            n = len(self.splits.test)
-            from tqdm.auto import tqdm
-
             for lo in tqdm(range(0, n, acfg.batch_size), desc=f"{arch} {stage} CAMs", disable=not self.cfg.run.progress,
                            leave=False):
                 idx = np.arange(lo, min(n, lo + acfg.batch_size))
                 x = self.test_images(idx).to(self.device)
-                res = cams(model, x, tgt[idx].to(self.device), methods=tuple(acfg.methods), eps=acfg.eps)
-                for m in acfg.methods:
-                    maps[m].append(res[m].float().cpu())
-            out[stage] = {m: torch.cat(v).numpy().astype(np.float32) for m, v in maps.items()}
-            out[stage]["targets"] = np.asarray(tgt)
-        with self.archive.stage(name, replace=(name,), started=t0) as f:
+                res = cams_multi(model, x, tgt[idx].to(self.device), methods=tuple(acfg.methods),
+                                 layers=tuple(acfg.layers), scores=tuple(acfg.scores), eps=acfg.eps)
+                for (layer, score), by_method in res.items():
+                    for m, v in by_method.items():
+                        maps.setdefault((layer, score, stage, m), []).append(v.float().cpu())
+            tree["targets"][stage] = np.asarray(tgt)
+        for (layer, score, stage, m), parts in maps.items():
+            tree.setdefault(layer, {}).setdefault(score, {}).setdefault(stage, {})[m] = (
+                torch.cat(parts).numpy().astype(np.float32))
+        with self.archive.stage(name, replace=(name,), started=t0, fingerprint=self.cfg.step_hash("attributions")) as f:
             g = f.require_group(name)
-            write_tree(g, out)
-            g.attrs.update({"layer": get_spec(arch).cam_layer, "target": acfg.target, "eps": acfg.eps})
+            write_tree(g, tree)
+            g.attrs.update({"target": acfg.target, "eps": acfg.eps, "methods": json.dumps(list(acfg.methods)),
+                            "scores": json.dumps(list(acfg.scores))})
+            for layer in acfg.layers:
+                grid = tree[layer][acfg.scores[0]]["transfer"][acfg.methods[0]].shape[1:]
+                g[layer].attrs.update({"module": cam_layer_name(arch, layer),
+                                       "keras": keras_layer_name(arch, layer) or "", "grid": list(grid)})
         self.timings[name] = time.perf_counter() - t0
-        log(f"{arch}: attribution maps {out['transfer'][acfg.methods[0]].shape[1:]} for {len(acfg.methods)} "
-            f"methods x 2 checkpoints in {self.timings[name]:.0f} s")
+        grids = ", ".join(f"{layer} {'x'.join(map(str, tree[layer][acfg.scores[0]]['transfer'][acfg.methods[0]].shape[1:]))}"
+                          for layer in acfg.layers)
+        log(f"{arch}: attribution maps ({grids}) for {len(acfg.methods)} methods x {len(acfg.scores)} scores x "
+            f"2 checkpoints in {self.timings[name]:.0f} s")
 
     # ---- drift metrics
     def stage_drift(self, arch: str) -> None:
+        """Per-image drift metrics TL -> FT for every cell of the protocol grid and every method, over all test
+        images (the sample set is a mask), and the per-image agreement between methods of one checkpoint."""
         name = f"drift/{arch}"
         if not self._todo(name, "drift"):
             return
         from . import stats
-        from .attribution import upsample
-        from .metrics import pair_metrics
+        from .attribution import normalize, upsample
+        from .metrics import pair_metrics, pearson
 
         t0 = time.perf_counter()
+        mcfg, acfg = self.cfg.metrics, self.cfg.attribution
         reader = ArchiveReader(self.path)
         test = self.splits.test
         size = tuple(test.images([0]).shape[-2:])
@@ -363,36 +387,67 @@ class Pipeline:
         lesion = torch.as_tensor(test.lesion_masks) if test.lesion_masks is not None else None
         marker = _marker_masks(test)
         marker = torch.as_tensor(marker) if marker is not None else None
-        pred_tl = self.trained(arch, "transfer").evaluation.predictions
-        pred_ft = self.trained(arch, "finetune").evaluation.predictions
-        selected = stats.select_samples(test.labels, pred_tl, pred_ft, self.cfg.metrics.sample_set)
-        tree = {}
-        for method in self.cfg.attribution.methods:
-            a = upsample(torch.as_tensor(reader.maps(arch, "transfer", method)), size)
-            b = upsample(torch.as_tensor(reader.maps(arch, "finetune", method)), size)
-            per = pair_metrics(a, b, lung_mask=lung, lesion_mask=lesion, fractions=tuple(self.cfg.metrics.fractions),
-                               marker_mask=marker)
-            per = {k: v.cpu().numpy() for k, v in per.items()}
-            valid = per.pop("valid").astype(bool)
-            deg = {"transfer": per.pop("degenerate_tl"), "finetune": per.pop("degenerate_ft")}
-            use = selected & valid
-            summary = {}
-            for metric, values in per.items():
-                agg = stats.aggregate(np.where(use, values, np.nan), test.labels, len(self.class_names),
-                                      self.cfg.metrics.n_boot, self.cfg.run.seed)
-                summary[metric] = _as_tree(agg)
-            for q in ("entropy", "gini", "top10_mass", "lung_mass", "lesion_energy", "marker_mass"):
-                tl, ft = per.get(f"{q}_tl"), per.get(f"{q}_ft")
-                if tl is not None and ft is not None:
-                    summary.setdefault("paired", {})[q] = _as_tree(stats.paired_test(tl[use], ft[use]))
-            tree[method] = {"per_sample": {**per, "ids": np.asarray(test.ids), "labels": test.labels,
-                                           "valid": valid, "selected": selected},
-                            "degenerate": deg, "summary": summary}
-        with self.archive.stage(name, replace=(name,), started=t0) as f:
+        n_classes = len(self.class_names)
+        selected = self.sample_mask(arch, mcfg.sample_set)
+        tree: dict = {}
+        for layer in acfg.layers:
+            for score in acfg.scores:
+                up = {(st, m): upsample(torch.as_tensor(reader.maps(arch, st, m, layer, score)), size)
+                      for st in STAGES for m in acfg.methods}
+                cell = tree.setdefault(layer, {}).setdefault(score, {})
+                cell["agreement"] = {st: {f"{m1} vs {m2}": pearson(up[st, m1], up[st, m2]).cpu().numpy()
+                                          for i, m1 in enumerate(acfg.methods) for m2 in acfg.methods[i + 1:]}
+                                     for st in STAGES}
+                for norm in mcfg.normalize:
+                    for method in acfg.methods:
+                        a, b = normalize(up["transfer", method], norm), normalize(up["finetune", method], norm)
+                        cell.setdefault(norm, {})[method] = self._pair_tree(a, b, lung, lesion, marker, selected,
+                                                                            n_classes, stats, pair_metrics)
+        with self.archive.stage(name, replace=(name,), started=t0, fingerprint=self.cfg.step_hash("drift")) as f:
             g = f.require_group(name)
             write_tree(g, tree)
-            g.attrs["sample_set"] = self.cfg.metrics.sample_set
+            g.attrs["sample_set"] = mcfg.sample_set
             g.attrs["n_selected"] = int(selected.sum())
+        self.timings[name] = time.perf_counter() - t0
+        n_cells = len(acfg.layers) * len(acfg.scores) * len(mcfg.normalize)
+        log(f"{arch}: drift metrics of {n_cells} protocol cells x {len(acfg.methods)} methods in "
+            f"{self.timings[name]:.0f} s")
+
+    def _pair_tree(self, a, b, lung, lesion, marker, selected, n_classes, stats, pair_metrics) -> dict:
+        """Per-image metrics of map pairs (a TL, b FT) and their summaries over the selected, valid images."""
+        test = self.splits.test
+        mcfg = self.cfg.metrics
+        per = pair_metrics(a, b, lung_mask=lung, lesion_mask=lesion, fractions=tuple(mcfg.fractions),
+                           marker_mask=marker)
+        per = {k: v.cpu().numpy() for k, v in per.items()}
+        valid = per.pop("valid").astype(bool)
+        deg = {"transfer": per.pop("degenerate_tl"), "finetune": per.pop("degenerate_ft")}
+        use = selected & valid
+        summary = {}
+        for metric, values in per.items():
+            agg = stats.aggregate(np.where(use, values, np.nan), test.labels, n_classes, mcfg.n_boot,
+                                  self.cfg.run.seed, min_per_class=mcfg.min_per_class)
+            summary[metric] = _as_tree(agg)
+        for q in ("entropy", "gini", "top10_mass", "lung_mass", "lesion_energy", "marker_mass"):
+            tl, ft = per.get(f"{q}_tl"), per.get(f"{q}_ft")
+            if tl is not None and ft is not None:
+                summary.setdefault("paired", {})[q] = _as_tree(stats.paired_test(tl[use], ft[use]))
+        return {"per_sample": {**per, "ids": np.asarray(test.ids), "labels": test.labels, "valid": valid,
+                               "selected": selected},
+                "degenerate": deg, "summary": summary}
+
+    def sample_mask(self, arch: str | None, rule: str) -> np.ndarray:
+        """The images a statistic uses (N,) bool: ``rule`` applied to ``arch``'s checkpoints, or with ``tp_all`` to
+        every architecture of the run (correct under both checkpoints of each: one common sample)."""
+        from . import stats
+
+        labels = self.splits.test.labels
+        if rule == "tp_all":
+            preds = [(self.trained(a, "transfer").evaluation.predictions,
+                      self.trained(a, "finetune").evaluation.predictions) for a in self.cfg.run.archs]
+            return stats.common_sample(labels, preds)
+        return stats.select_samples(labels, self.trained(arch, "transfer").evaluation.predictions,
+                                    self.trained(arch, "finetune").evaluation.predictions, rule)
 
     # ---- iFIM
     def stage_fisher(self, arch: str) -> None:
@@ -442,7 +497,7 @@ class Pipeline:
                                          "x_high": high_all.numpy().astype(np.float32),
                                          "x_low": (x_all - high_all).numpy().astype(np.float32),
                                          "k": torch.cat(ks).numpy(), "energy_share": torch.cat(shares).numpy()}
-        with self.archive.stage(name, replace=(name,), started=t0) as f:
+        with self.archive.stage(name, replace=(name,), started=t0, fingerprint=self.cfg.step_hash("fisher")) as f:
             write_tree(f.require_group(name), tree)
         self.timings[name] = time.perf_counter() - t0
         log(f"{arch}: iFIM spectra of {n} images and perturbations of {min(fc.n_components, len(test))} "
@@ -450,37 +505,60 @@ class Pipeline:
 
     # ---- statistics across architectures
     def stage_stats(self) -> None:
+        """Rank architectures by stability under each method in every cell of the protocol grid, on one sample
+        (``metrics.ranking_sample_set``), with paired bootstrap probabilities of a reversal."""
         if not self._todo("stats", "stats"):
             return
         from . import stats
+        from .archive import Cell
 
         t0 = time.perf_counter()
+        mcfg, acfg = self.cfg.metrics, self.cfg.attribution
         reader = ArchiveReader(self.path)
         archs = [a for a in self.cfg.run.archs if reader.has(f"drift/{a}")]
-        methods = self.cfg.attribution.methods
-        tree = {}
-        for metric in self.cfg.metrics.ranking_metrics:
-            values = {}
-            for arch in archs:
-                values[arch] = {}
-                for method in methods:
-                    per = reader.drift(arch, method)
-                    if metric not in per:
-                        raise KeyError(f"metrics.ranking_metrics: no metric {metric!r}; "
-                                       f"available: {sorted(k for k in per if k not in ('ids', 'labels'))}")
-                    use = per["selected"].astype(bool) & per["valid"].astype(bool)
-                    values[arch][method] = (np.where(use, per[metric], np.nan), per["labels"])
-            higher, absolute = stats.stability(metric)
-            try:
-                rr = _as_tree(stats.rank_reversal(values, len(self.class_names), higher_is_stable=higher,
-                                                  n_boot=self.cfg.metrics.n_boot, seed=self.cfg.run.seed,
-                                                  absolute=absolute))
-            except ValueError as exc:  # e.g. no selected sample of an architecture: record why, keep the rest
-                warnings.warn(f"ranking by {metric}: {exc}", stacklevel=2)
-                rr = {"unranked": str(exc)}
-            tree[metric.replace("/", "_")] = rr
-        with self.archive.stage("stats", replace=("stats",), started=t0) as f:
-            write_tree(f.require_group("stats/ranking"), tree)
+        labels = self.splits.test.labels
+        n_classes = len(self.class_names)
+        ranked = self.sample_mask(archs[0] if archs else None, mcfg.ranking_sample_set) if archs else np.zeros(
+            len(labels), dtype=bool)
+        tree: dict = {}
+        for layer in acfg.layers if len(archs) > 1 else ():  # ranking needs two architectures
+            for score in acfg.scores:
+                for norm in mcfg.normalize:
+                    cell = Cell(layer, score, norm)
+                    out = tree.setdefault(layer, {}).setdefault(score, {}).setdefault(norm, {})
+                    for metric in mcfg.ranking_metrics:
+                        out[metric.replace("/", "_")] = self._rank(reader, cell, metric, archs, ranked, n_classes,
+                                                                   stats)
+        verdict = grid_verdict(tree, acfg.methods, mcfg.ranking_metrics)
+        counts = np.bincount(labels[ranked], minlength=n_classes) if ranked.any() else np.zeros(n_classes, int)
+        with self.archive.stage("stats", replace=("stats",), started=t0, fingerprint=self.cfg.step_hash("stats")) as f:
+            g = f.require_group("stats")
+            write_tree(g.require_group("ranking"), tree)
+            write_tree(g, {"ranked": ranked})
+            g.attrs.update({"ranking_sample_set": mcfg.ranking_sample_set, "n_ranked": int(ranked.sum()),
+                            "n_ranked_per_class": json.dumps(counts.tolist()), "min_per_class": mcfg.min_per_class,
+                            "verdict": verdict})
+        log(f"stats: architectures ranked on {int(ranked.sum())} images ({mcfg.ranking_sample_set}); {verdict}")
+
+    def _rank(self, reader, cell, metric: str, archs: list[str], ranked: np.ndarray, n_classes: int, stats) -> dict:
+        values = {}
+        for arch in archs:
+            values[arch] = {}
+            for method in self.cfg.attribution.methods:
+                per = reader.drift(arch, method, cell)
+                if metric not in per:
+                    raise KeyError(f"metrics.ranking_metrics: no metric {metric!r}; "
+                                   f"available: {sorted(k for k in per if k not in ('ids', 'labels'))}")
+                use = ranked & per["valid"].astype(bool)
+                values[arch][method] = (np.where(use, per[metric], np.nan), per["labels"])
+        higher, absolute = stats.stability(metric)
+        try:
+            return _as_tree(stats.rank_reversal(values, n_classes, higher_is_stable=higher, n_boot=self.cfg.metrics.n_boot,
+                                                seed=self.cfg.run.seed, absolute=absolute,
+                                                min_per_class=self.cfg.metrics.min_per_class))
+        except ValueError as exc:  # e.g. no image of an architecture left: record why, keep the rest
+            warnings.warn(f"ranking by {metric} in cell ({cell}): {exc}", stacklevel=2)
+            return {"unranked": str(exc)}
 
     def stage_report(self) -> None:
         try:
@@ -489,6 +567,42 @@ class Pipeline:
             return
         path = write_report(self.path, self.out / "report")
         log(f"report: {path}")
+
+
+def grid_verdict(tree: dict, methods: list[str], metrics: list[str]) -> str:
+    """One sentence: in how many cells of the protocol grid the most stable architecture differs between LayerCAM
+    and a Grad-CAM++ reading, per ranking metric, and whether that conclusion holds across the grid.
+
+    Args:
+        tree: ``{layer: {score: {norm: {metric: rank reversal tree}}}}`` as the statistics step stores it.
+        methods: the run's methods; pairs of ``layercam`` with each ``gradcam++*`` method are judged (all pairs
+            when either is absent).
+        metrics: the ranking metrics.
+    """
+    pairs = [f"{a} vs {b}" for i, a in enumerate(methods) for b in methods[i + 1:]
+             if {"layercam"} & {a, b} and any(m.startswith("gradcam++") for m in (a, b))]
+    if not pairs:
+        pairs = [f"{a} vs {b}" for i, a in enumerate(methods) for b in methods[i + 1:]]
+    parts = []
+    for metric in metrics:
+        key = metric.replace("/", "_")
+        hits = total = 0
+        for by_score in tree.values():
+            for by_norm in by_score.values():
+                for cell in by_norm.values():
+                    rr = cell.get(key, {})
+                    for p in pairs:
+                        if p in rr.get("reverses", {}):
+                            total += 1
+                            hits += bool(rr["reverses"][p])
+        if total:
+            how = ("in every cell" if hits == total else "in no cell" if hits == 0
+                   else "only in some cells: the conclusion hinges on the protocol")
+            parts.append(f"by {metric} the most stable architecture differs between methods in {hits} of {total} "
+                         f"(cell, method pair) combinations ({how})")
+    if not parts:
+        return "no ranking could be made (fewer than two architectures or methods with scored images)"
+    return "; ".join(parts) + "."
 
 
 def _marker_masks(test) -> np.ndarray | None:

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from .archive import ArchiveReader
+from .archive import ArchiveReader, Cell
 from .summary import HEADLINE, fmt, table
 
 __all__ = [
@@ -174,6 +174,7 @@ class _Run:
     archs: list[str]
     methods: list[str]
     done: list[str]
+    cell: Cell
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> _Run:
@@ -190,11 +191,13 @@ class _Run:
                 if a not in archs:
                     archs.append(a)
         methods = list(cfg.attribution.methods) if cfg is not None else []
+        cell = r.primary_cell()
         for a in archs:
-            for m in r.keys(f"drift/{a}") + [k for s in STAGES for k in r.keys(f"attributions/{a}/{s}")]:
-                if m != "targets" and m not in methods:
+            for m in r.keys(cell.drift_path(a)) + [k for s in STAGES
+                                                   for k in r.keys(f"attributions/{a}/{cell.layer}/{cell.score}/{s}")]:
+                if m not in methods:
                     methods.append(m)
-        return cls(r, cfg, err, classes, archs, methods, [s["name"] for s in r.stages])
+        return cls(r, cfg, err, classes, archs, methods, [s["name"] for s in r.stages], cell)
 
     def has(self, path: str) -> bool:
         return self.reader.has(path)
@@ -548,7 +551,7 @@ def _drift(run: _Run) -> tuple[Section, Section, dict]:
         info.append(f"{arch}: sample set '{attrs.get('sample_set', '?')}', {attrs.get('n_selected', '?')} "
                     "samples selected")
         for method in run.reader.methods(arch):
-            g = run.reader.read(f"drift/{arch}/{method}")
+            g = run.reader.read(f"{run.cell.drift_path(arch)}/{method}")
             summaries[(arch, method)] = g.get("summary", {})
             per_sample[(arch, method)] = g.get("per_sample", {})
             codes = g.get("degenerate", {})
@@ -558,9 +561,12 @@ def _drift(run: _Run) -> tuple[Section, Section, dict]:
                 c = np.asarray(codes[stage]).reshape(-1)
                 counts = [int((c == k).sum()) for k in DEGENERATE_CODES]
                 deg_rows.append([arch, method, stage, *map(str, counts), str(int((c != 0).sum())), str(c.size)])
-    s.blocks.append(Text("Per-sample metrics compare the stage-1 (TL) map with the stage-2 (FT) map of the same image "
-                         "and target class, upsampled bilinearly to the input size. Values are macro means over "
-                         "classes of per-class means, with seeded within-class bootstrap 95% intervals. "
+    s.blocks.append(Text(f"Per-sample metrics compare the stage-1 (TL) map with the stage-2 (FT) map of the same image "
+                         f"and target class at CAM layer '{run.cell.layer}' (score: {run.cell.score}), upsampled "
+                         f"bilinearly to the input size and normalised '{run.cell.norm}' (the primary cell of the "
+                         "protocol grid; the other cells are in the ranking section). Values are macro means over "
+                         "classes of per-class means, with seeded within-class bootstrap 95% intervals; classes with "
+                         "fewer images than metrics.min_per_class are left out of the mean. "
                          + "; ".join(info) + "."))
     metrics_all: list[str] = []
     for summ in summaries.values():
@@ -653,7 +659,7 @@ def _drift_figures(run: _Run, per_sample: dict, section: Section) -> None:
     points = {}
     for arch in archs:
         for method in methods:
-            if not run.has(f"drift/{arch}/{method}/summary"):
+            if not run.has(f"{run.cell.drift_path(arch)}/{method}/summary"):
                 continue
             summ = run.reader.drift_summary(arch, method)
             ks = sorted((_iou_k(m), m) for m in summ if _iou_k(m) is not None)
@@ -668,15 +674,27 @@ def _drift_figures(run: _Run, per_sample: dict, section: Section) -> None:
 
 
 def _ranking(run: _Run) -> Section:
+    from .summary import agreement_rows, counts_text, grid_rows
+
     s = Section("ranking", "Rank reversal of architectures")
     rank = run.reader.ranking()
+    st = run.reader.stats_attrs()
     if not rank:
         s.blocks.append(Text("No statistics stage in this archive (stage 'stats' not finished): architectures were "
                              "not ranked.", "note"))
         return s
-    s.blocks.append(Text("Architectures are ranked by stability under each attribution method (macro mean of the "
-                         "metric; most stable first). Kendall tau compares the two methods' orderings; a reversal "
-                         "means the most stable architecture differs; P(reverse) is its bootstrap probability."))
+    if st.get("verdict"):
+        s.blocks.append(Text(f"Verdict over the protocol grid: {st['verdict']}"))
+    per_class = _json_list(st.get("n_ranked_per_class", "[]"))
+    s.blocks.append(Text(
+        f"Architectures are ranked by stability under each attribution method (macro mean of the metric; most stable "
+        f"first) on one common set of {st.get('n_ranked', '?')} images (rule '{st.get('ranking_sample_set', '?')}'; "
+        f"per class {' / '.join(f'{run.class_name(k)} {n}' for k, n in enumerate(per_class))}), so that a ranking is "
+        f"not confounded with each architecture's class mix. Kendall tau compares two methods' orderings and is "
+        "descriptive (over three architectures its p-value cannot fall below 0.33); a reversal means the most stable "
+        "architecture differs; P(reverse) is its probability under a paired bootstrap that resamples the images once "
+        f"per replicate for every method and architecture. Primary cell: layer '{run.cell.layer}', score "
+        f"'{run.cell.score}', maps '{run.cell.norm}'."))
     rows, pair_rows = [], []
     for metric, rr in rank.items():
         if "unranked" in rr:
@@ -692,19 +710,43 @@ def _ranking(run: _Run) -> Section:
             m = means.get(method, {})
             rows.append([metric, method, " > ".join(map(str, order)),
                          ", ".join(f"{a} {fmt(m.get(a))}" for a in order if a in m) + f" ({direction})"])
-        pairs = list(rr.get("kendall_tau", {}))
-        for pair in pairs:
+        for pair in rr.get("kendall_tau", {}):
             pair_rows.append([metric, pair, fmt(rr["kendall_tau"].get(pair), 3),
-                              fmt(rr.get("kendall_p", {}).get(pair), 3), _yes_no(rr.get("reverses", {}).get(pair)),
+                              _yes_no(rr.get("reverses", {}).get(pair)),
                               _yes_no(rr.get("fully_reversed", {}).get(pair)),
                               fmt(rr.get("p_reverse", {}).get(pair), 3),
                               fmt(rr.get("p_fully_reversed", {}).get(pair), 3)])
-    s.blocks.append(Table("tbl-ranking", "Stability rankings per metric and method",
+    s.blocks.append(Table("tbl-ranking", "Stability rankings per metric and method (primary cell)",
                           ["metric", "method", "ranking (most stable first)", "macro means"], rows))
     if pair_rows:
-        s.blocks.append(Table("tbl-kendall", "Agreement of the rankings between methods",
-                              ["metric", "methods", "Kendall tau", "Kendall p", "reverses", "fully reversed",
+        s.blocks.append(Table("tbl-kendall", "Agreement of the rankings between methods (primary cell)",
+                              ["metric", "methods", "Kendall tau (descriptive)", "reverses", "fully reversed",
                                "P(reverse)", "P(fully reversed)"], pair_rows))
+    grid = grid_rows(run.reader)
+    if grid:
+        s.blocks.append(Table("tbl-grid", "Protocol sensitivity: the rankings in every cell of CAM layers x "
+                              "differentiated scores x map normalisations, and whether the most stable architecture "
+                              "differs between LayerCAM and each Grad-CAM++ reading (paired bootstrap P in brackets)",
+                              ["layer", "score", "maps", "metric", "rankings (most stable first)", "reverses (P)"],
+                              grid, collapsed=len(grid) > 40))
+    agree = agreement_rows(run.reader)
+    if agree:
+        s.blocks.append(Table("tbl-agreement", "Method agreement: median over the test images of the per-image "
+                              "Pearson r between two methods' maps of the same checkpoint (1: the methods give one "
+                              "map, as they nearly do at a layer followed only by pooling and a linear head)",
+                              ["architecture", "layer", "score", "methods", "transfer", "finetune"], agree))
+    rows = []
+    for arch in run.archs:
+        if not run.has(run.cell.drift_path(arch)):
+            continue
+        for method in run.reader.methods(arch):
+            summ = run.reader.drift_summary(arch, method)
+            if isinstance(summ.get("iou@20"), dict):
+                rows.append([arch, method, counts_text(summ["iou@20"])])
+    if rows:
+        s.blocks.append(Text("Images behind each per-architecture drift mean (metrics.sample_set, IoU@20%): total "
+                             "(per class; * = left out of the macro mean for too few images): "
+                             + "; ".join(f"{a} {m}: {n}" for a, m, n in rows) + ".", "note"))
     return s
 
 
@@ -747,7 +789,8 @@ def _examples(run: _Run) -> Section:
     from . import figures
 
     n_wanted = int(run.cfg.report.n_examples) if run.cfg is not None else 4
-    archs = [a for a in run.archs if all(run.has(f"attributions/{a}/{st}") for st in STAGES)]
+    archs = [a for a in run.archs
+             if all(run.has(f"attributions/{a}/{run.cell.layer}/{run.cell.score}/{st}") for st in STAGES)]
     for a in run.archs:
         if a not in archs:
             s.blocks.append(Text(f"{a}: no attribution maps (stage attributions/{a} not finished).", "note"))
@@ -786,8 +829,8 @@ def _examples(run: _Run) -> Section:
         if images is None:
             s.blocks.append(Text(f"{arch}: the test images could not be regenerated ({why}); maps are shown without "
                                  "them.", "note"))
-        methods = [m for m in run.methods if run.has(f"attributions/{arch}/transfer/{m}")
-                   and run.has(f"attributions/{arch}/finetune/{m}")]
+        base = f"attributions/{arch}/{run.cell.layer}/{run.cell.score}"
+        methods = [m for m in run.methods if run.has(f"{base}/transfer/{m}") and run.has(f"{base}/finetune/{m}")]
         maps = {(m, st): run.reader.maps(arch, st, m) for m in methods for st in STAGES}
         rows = []
         for j, i in enumerate(idx):
@@ -1169,7 +1212,8 @@ def headline(archive: str | os.PathLike, n_boot: int = 1000, seed: int = 0) -> d
                 out["classification"][(arch, stage)] = entry
         if run.has(f"drift/{arch}"):
             for method in run.reader.methods(arch):
-                summ = run.reader.drift_summary(arch, method) if run.has(f"drift/{arch}/{method}/summary") else {}
+                summ = (run.reader.drift_summary(arch, method)
+                        if run.has(f"{run.cell.drift_path(arch)}/{method}/summary") else {})
                 for metric, _ in HEADLINE:
                     if isinstance(summ.get(metric), dict):
                         v = summ[metric]

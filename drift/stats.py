@@ -3,7 +3,9 @@
 Everything here works on per-sample values (N,) as numpy arrays (torch tensors and lists are accepted and
 converted). NaN values mark samples that could not be scored (degenerate maps, see :mod:`drift.metrics`): they
 are excluded and counted, never imputed. Bootstrap resampling is always within class, so every replicate keeps
-the class sizes of the data, and is seeded: the same inputs and seed give the same interval.
+the class sizes of the data, and is seeded: the same inputs and seed give the same interval. The rank-reversal
+bootstrap resamples images, not values, and applies one resample to every method (and every architecture scored
+on the same images), so that methods compared on the same images are compared on the same replicate.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ if TYPE_CHECKING:
 ArrayLike = Union[np.ndarray, "torch.Tensor", Sequence[float]]
 """One-dimensional per-sample data: a numpy array, a torch tensor (any device) or a list."""
 
-SELECTION_RULES = ("tp_both", "all", "tp_either")
+SELECTION_RULES = ("tp_both", "all", "tp_either", "tp_all")
 
 STABILITY_DIRECTION: dict[str, bool] = {
     "iou@05": True,
@@ -76,10 +78,11 @@ def _check_labels(labels: np.ndarray, n_classes: int, name: str = "labels") -> N
 
 
 def select_samples(labels: ArrayLike, pred_tl: ArrayLike, pred_ft: ArrayLike, rule: str = "tp_both") -> np.ndarray:
-    """Which samples enter the drift statistics.
+    """Which samples of one architecture enter the drift statistics.
 
-    Rules: ``"tp_both"`` (the study's choice) label = pred_TL and label = pred_FT; ``"tp_either"`` label =
-    pred_TL or label = pred_FT; ``"all"`` every sample.
+    Rules: ``"tp_both"`` label = pred_TL and label = pred_FT; ``"tp_either"`` label = pred_TL or label = pred_FT;
+    ``"all"`` every sample. ``"tp_all"`` (one sample common to every architecture) depends on the predictions of
+    every architecture, which this function does not see: it is computed by :func:`common_sample`.
 
     Args:
         labels: true classes (N,).
@@ -89,7 +92,13 @@ def select_samples(labels: ArrayLike, pred_tl: ArrayLike, pred_ft: ArrayLike, ru
 
     Returns:
         Boolean mask (N,).
+
+    Raises:
+        ValueError: an unknown rule, ``"tp_all"``, or inputs of different shapes.
     """
+    if rule == "tp_all":
+        raise ValueError("rule 'tp_all' needs every architecture's predictions, not one architecture's: use "
+                         "common_sample(labels, [(pred_tl, pred_ft) for each architecture])")
     y = _as_array(labels, "labels", "int")
     p1 = _as_array(pred_tl, "pred_tl", "int")
     p2 = _as_array(pred_ft, "pred_ft", "int")
@@ -104,17 +113,54 @@ def select_samples(labels: ArrayLike, pred_tl: ArrayLike, pred_ft: ArrayLike, ru
     raise ValueError(f"rule must be one of {SELECTION_RULES}, got {rule!r}")
 
 
+def common_sample(labels: ArrayLike, predictions: Sequence[tuple[ArrayLike, ArrayLike]]) -> np.ndarray:
+    """The ``"tp_all"`` sample: images classified correctly by both checkpoints of every architecture.
+
+    Ranking architectures on one common sample keeps their comparison on the same images; with ``"tp_both"`` each
+    architecture keeps the images it classifies correctly, so their samples differ.
+
+    Args:
+        labels: true classes (N,).
+        predictions: one ``(pred_tl (N,), pred_ft (N,))`` pair per architecture.
+
+    Returns:
+        Boolean mask (N,): label = pred_TL = pred_FT for every architecture.
+
+    Raises:
+        ValueError: no architecture given, a pair that is not two arrays, or arrays of different shapes.
+    """
+    y = _as_array(labels, "labels", "int")
+    if isinstance(predictions, (str, bytes)) or len(predictions) == 0:
+        raise ValueError("predictions must hold one (pred_tl, pred_ft) pair per architecture, got none")
+    keep = np.ones(y.shape, dtype=bool)
+    for k, pair in enumerate(predictions):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise ValueError(f"predictions[{k}] must be a pair (pred_tl (N,), pred_ft (N,))")
+        p1 = _as_array(pair[0], f"predictions[{k}][0]", "int")
+        p2 = _as_array(pair[1], f"predictions[{k}][1]", "int")
+        if not (y.shape == p1.shape == p2.shape):
+            raise ValueError(f"labels and predictions[{k}] must have one shape, got {y.shape}, {p1.shape}, "
+                             f"{p2.shape}")
+        keep &= (y == p1) & (y == p2)
+    return keep
+
+
 @dataclass
 class Aggregate:
     """Macro mean of per-sample values with its bootstrap interval.
 
     Attributes:
-        mean: mean over present classes of the per-class means (NaN when no class has a value).
-        lo, hi: bootstrap percentile interval at level ``ci`` (NaN when ``n_boot`` is 0 or no value exists).
-        per_class: (n_classes,) per-class means, NaN for classes without values.
-        n_per_class: (n_classes,) number of values used per class.
+        mean: mean over the classes used (``class_used``) of the per-class means (NaN when no class is used).
+        lo, hi: bootstrap percentile interval at level ``ci``; NaN when ``n_boot`` is 0 (no interval asked for)
+            or no class is used.
+        per_class: (n_classes,) per-class means of the finite values, classes left out included; NaN for classes
+            without values.
+        n_per_class: (n_classes,) number of finite values per class, classes left out included.
         n_excluded: number of non-finite values left out.
         ci, n_boot, seed: the interval's settings.
+        class_used: (n_classes,) bool, True for the classes in the macro mean: those with at least
+            ``min_per_class`` finite values. The others are left out of the mean and of every replicate.
+        min_per_class: the minimum number of finite values for a class to be used.
     """
 
     mean: float
@@ -126,12 +172,15 @@ class Aggregate:
     ci: float
     n_boot: int
     seed: int
+    class_used: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    min_per_class: int = 1
 
     def as_dict(self) -> dict:
         """Plain Python values (lists for the per-class arrays), e.g. for JSON or archive attributes."""
         d = asdict(self)
         d["per_class"] = self.per_class.tolist()
         d["n_per_class"] = self.n_per_class.tolist()
+        d["class_used"] = self.class_used.tolist()
         return d
 
 
@@ -155,31 +204,50 @@ def _boot_macro(groups: list[np.ndarray], n_boot: int, rng: np.random.Generator)
 
 
 def _check_boot(n_boot: int, ci: float) -> None:
+    """Validate bootstrap settings.
+
+    ``n_boot = 0`` is accepted and means "no bootstrap": intervals and probabilities are then NaN by request, and
+    the result records ``n_boot = 0`` so that a reader can tell them from a failed bootstrap. Configurations that
+    must report intervals reject 0 themselves.
+    """
     if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 0:
-        raise ValueError(f"n_boot must be an integer >= 0, got {n_boot!r}")
+        raise ValueError(f"n_boot must be an integer >= 0 (0: no bootstrap), got {n_boot!r}")
     if not (0 < ci < 1):
         raise ValueError(f"ci must lie in (0, 1), got {ci!r}")
 
 
-def aggregate(
-    values: ArrayLike, labels: ArrayLike, n_classes: int, n_boot: int = 1000, seed: int = 0, ci: float = 0.95
-) -> Aggregate:
-    """Per-sample values -> per-class means -> macro mean over the classes present, with a bootstrap interval.
+def _check_min(min_per_class: int) -> None:
+    if isinstance(min_per_class, bool) or not isinstance(min_per_class, (int, np.integer)) or min_per_class < 1:
+        raise ValueError(f"min_per_class must be an integer >= 1, got {min_per_class!r}")
 
-    mean = (1 / |P|) sum_{c in P} mean_{i: y_i = c} v_i over the classes P with at least one finite value. The
-    interval is the (1 - ci)/2 and (1 + ci)/2 percentiles of that statistic over ``n_boot`` replicates, each
-    resampling every class's values with replacement within the class (seeded with ``seed``).
+
+def aggregate(
+    values: ArrayLike,
+    labels: ArrayLike,
+    n_classes: int,
+    n_boot: int = 1000,
+    seed: int = 0,
+    ci: float = 0.95,
+    min_per_class: int = 1,
+) -> Aggregate:
+    """Per-sample values -> per-class means -> macro mean over the classes used, with a bootstrap interval.
+
+    mean = (1 / |U|) sum_{c in U} mean_{i: y_i = c} v_i over the classes U with at least ``min_per_class`` finite
+    values (a class mean from a handful of images would weigh as much as one from hundreds). The interval is the
+    (1 - ci)/2 and (1 + ci)/2 percentiles of that statistic over ``n_boot`` replicates, each resampling the finite
+    values of every class in U with replacement within the class (seeded with ``seed``).
 
     Args:
         values: (N,) per-sample values; NaN / inf are excluded and counted.
         labels: (N,) class of each sample, in 0..n_classes-1.
         n_classes: number of classes C.
-        n_boot: bootstrap replicates (0: no interval).
+        n_boot: bootstrap replicates; 0 asks for no interval (``lo`` and ``hi`` are NaN).
         seed: seed of the resampling.
         ci: interval level.
+        min_per_class: fewest finite values for a class to enter the macro mean (>= 1).
 
     Returns:
-        An :class:`Aggregate`.
+        An :class:`Aggregate`; when no class is used its mean and interval are NaN.
     """
     v = _as_array(values, "values", "float")
     y = _as_array(labels, "labels", "int")
@@ -187,15 +255,18 @@ def aggregate(
         raise ValueError(f"values and labels must have one shape, got {v.shape} and {y.shape}")
     _check_labels(y, n_classes)
     _check_boot(n_boot, ci)
+    _check_min(min_per_class)
     groups, n_excluded = _by_class(v, y, n_classes)
     counts = np.array([g.size for g in groups], dtype=np.int64)
+    used = counts >= min_per_class
     per_class = np.array([g.mean() if g.size else math.nan for g in groups])
-    mean = float(np.mean(per_class[counts > 0])) if counts.any() else math.nan
+    mean = float(np.mean(per_class[used])) if used.any() else math.nan
     lo = hi = math.nan
-    if n_boot and counts.any():
-        boot = _boot_macro(groups, n_boot, np.random.default_rng(seed))
+    if n_boot and used.any():
+        boot = _boot_macro([g for g, u in zip(groups, used) if u], n_boot, np.random.default_rng(seed))
         lo, hi = (float(q) for q in np.percentile(boot, [50 * (1 - ci), 50 * (1 + ci)]))
-    return Aggregate(mean, lo, hi, per_class, counts, n_excluded, float(ci), int(n_boot), int(seed))
+    return Aggregate(mean, lo, hi, per_class, counts, n_excluded, float(ci), int(n_boot), int(seed), used,
+                     int(min_per_class))
 
 
 @dataclass
@@ -274,14 +345,23 @@ class RankReversal:
 
     Attributes:
         archs, methods: in input order.
-        means: method -> arch -> macro mean (of |value| when ``absolute``).
+        means: method -> arch -> macro mean (of |value| when ``absolute``) over the classes used.
         rankings: method -> architectures, most stable first (ties keep input order).
-        kendall_tau, kendall_p: scipy.stats.kendalltau of the macro means of two methods over architectures.
+        kendall_tau: scipy.stats.kendalltau of the macro means of two methods over architectures. Descriptive
+            only: with A architectures the exact p-value of tau cannot fall below 2 / A! (1/3 for three), so no
+            p-value is reported.
         reverses: the most stable architecture differs between the two methods.
         fully_reversed: one ranking is the other read backwards.
-        p_reverse: bootstrap probability that the most stable architecture differs.
-        p_fully_reversed: bootstrap probability that the rankings are fully reversed.
-        higher_is_stable, absolute, n_boot, seed: settings.
+        p_reverse: bootstrap probability that the most stable architecture differs (NaN without bootstrap).
+        p_fully_reversed: bootstrap probability that the rankings are fully reversed (NaN without bootstrap).
+        higher_is_stable, absolute, n_boot, seed, min_per_class: settings.
+        pairing: ``"images"`` when every (architecture, method) was scored on the same images (one resample of
+            images per replicate, shared by all), ``"methods"`` when each architecture has its own images (one
+            resample per architecture per replicate, shared by its methods).
+        class_used: method -> arch -> (n_classes,) bool, the classes in that macro mean (at least
+            ``min_per_class`` finite values).
+        n_boot_used: replicates the probabilities are over: those where every statistic is defined (see
+            :func:`rank_reversal`).
     """
 
     archs: list[str]
@@ -289,7 +369,6 @@ class RankReversal:
     means: dict[str, dict[str, float]]
     rankings: dict[str, list[str]]
     kendall_tau: dict[tuple[str, str], float] = field(default_factory=dict)
-    kendall_p: dict[tuple[str, str], float] = field(default_factory=dict)
     reverses: dict[tuple[str, str], bool] = field(default_factory=dict)
     fully_reversed: dict[tuple[str, str], bool] = field(default_factory=dict)
     p_reverse: dict[tuple[str, str], float] = field(default_factory=dict)
@@ -298,11 +377,64 @@ class RankReversal:
     absolute: bool = False
     n_boot: int = 0
     seed: int = 0
+    pairing: str = "images"
+    min_per_class: int = 1
+    class_used: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    n_boot_used: int = 0
 
 
 def _order(scores: np.ndarray) -> np.ndarray:
     """Indices most stable first along axis 0; ``scores`` are oriented so that larger is more stable."""
     return np.argsort(-scores, axis=0, kind="stable")
+
+
+def _boot_images(
+    values: np.ndarray, used: np.ndarray, labels: np.ndarray, n_boot: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Macro means of entries scored on the same images, every replicate resampling the images once for all.
+
+    Draw order (part of the seeded result): for each replicate, for each class with images in ``labels`` in class
+    order, one ``rng.integers(0, n_c, size=n_c)`` of positions among that class's images (ascending index).
+
+    Args:
+        values: (E, N) per-image values of E entries; non-finite values are not counted.
+        used: (E, C) bool, the classes in each entry's macro mean.
+        labels: (N,) class of each image.
+        n_boot: replicates.
+        rng: the generator drawn from.
+
+    Returns:
+        (E, n_boot) replicate statistics: per entry, the mean over its used classes of the mean of its finite
+        values among the resampled images of the class. A used class with no finite value in a replicate's
+        resample is left out of that replicate; an entry with none left is NaN.
+    """
+    n_entries = values.shape[0]
+    ok = np.isfinite(values)
+    zeroed = np.where(ok, values, 0.0)
+    members = [(c, np.flatnonzero(labels == c)) for c in range(used.shape[1])]
+    members = [(c, m) for c, m in members if m.size]
+    total = np.zeros((n_entries, n_boot))
+    n_used = np.zeros((n_entries, n_boot), dtype=np.int64)
+    # Draws stay one call per class per replicate whatever the block size, so the seeded result does not depend on
+    # the memory bound; the sums over a block are vectorised.
+    rows = max(1, _BOOT_BLOCK // max(1, n_entries * labels.size))
+    for start in range(0, n_boot, rows):
+        stop = min(n_boot, start + rows)
+        draws = [[] for _ in members]
+        for _ in range(start, stop):
+            for k, (_, m) in enumerate(members):
+                draws[k].append(rng.integers(0, m.size, size=m.size))
+        for (c, m), d in zip(members, draws):
+            pos = m[np.stack(d)]  # (B, n_c) image indices
+            # Each entry's sum runs over its own contiguous row in the same order, so entries with equal values
+            # get bit-identical statistics and rank identically.
+            sums = zeroed[:, pos].sum(axis=2)  # (E, B)
+            count = ok[:, pos].sum(axis=2)
+            take = used[:, c : c + 1] & (count > 0)
+            total[:, start:stop] += np.where(take, sums / np.maximum(count, 1), 0.0)
+            n_used[:, start:stop] += take
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n_used > 0, total / n_used, math.nan)
 
 
 def rank_reversal(
@@ -312,26 +444,51 @@ def rank_reversal(
     n_boot: int = 1000,
     seed: int = 0,
     absolute: bool = False,
+    min_per_class: int = 1,
 ) -> RankReversal:
     """Rank architectures by stability (macro mean, :func:`aggregate`) under each method and compare rankings.
 
-    For each pair of methods: Kendall's tau between their macro means over architectures, whether the most
-    stable architecture differs ("reverses"), whether one ranking is the other reversed, and the bootstrap
-    probability of each, from ``n_boot`` replicates that resample every (architecture, method) within class,
-    independently (the samples selected differ per architecture, so no pairing is assumed).
+    For each pair of methods: Kendall's tau between their macro means over architectures (descriptive: over A
+    architectures its p-value cannot go below 2 / A!, so none is reported), whether the most stable architecture
+    differs ("reverses"), whether one ranking is the other reversed, and the bootstrap probability of each.
+
+    The bootstrap is paired, because every method scores the same images and resampling methods independently
+    would invent disagreement between identical maps. Each entry holds values over images (NaN for images not
+    used, e.g. not selected or degenerate) and their labels:
+
+    * every entry has the same labels array (``pairing = "images"``): each replicate draws one class-stratified
+      resample of image indices (within each class, with replacement, as many as the class has) and applies it to
+      every method and every architecture;
+    * labels differ between architectures but not between the methods of one (``pairing = "methods"``): each
+      architecture draws its own resample per replicate, shared by its methods (architectures in input order, each
+      drawing all its replicates).
+
+    An entry's replicate statistic is the mean over its used classes of the mean of its finite values among the
+    resampled images. A used class whose resample holds no finite value is left out of that replicate only; a
+    replicate where some statistic has no class left is left out of the probabilities (``n_boot_used`` counts the
+    replicates kept). These replicates resample images, finite or not, so they also vary how many values each class
+    has; :func:`aggregate` resamples the finite values themselves.
 
     Args:
-        values: ``{arch: {method: (values (N,), labels (N,))}}``; every architecture must have the same methods.
+        values: ``{arch: {method: (values (N,), labels (N,))}}``; every architecture must have the same methods,
+            and the methods of one architecture the same labels (the same images in the same order).
         n_classes: number of classes C.
         higher_is_stable: True when higher values mean more stable maps (see :data:`STABILITY_DIRECTION`).
-        n_boot: bootstrap replicates (0: no probabilities, reported as NaN).
+        n_boot: bootstrap replicates; 0 asks for no bootstrap (probabilities are NaN).
         seed: seed of the resampling.
         absolute: rank on |value| (for FT - TL changes, see :func:`stability`).
+        min_per_class: fewest finite values for a class to enter an entry's macro mean, in the sample and in every
+            replicate (>= 1).
 
     Returns:
         A :class:`RankReversal`.
+
+    Raises:
+        ValueError: malformed input, methods of one architecture with different labels, or an entry with no class
+            of at least ``min_per_class`` finite values (named in the message).
     """
     _check_boot(n_boot, 0.5)
+    _check_min(min_per_class)
     if not isinstance(values, dict) or len(values) < 2:
         raise ValueError("values must map at least two architectures to {method: (values, labels)}")
     archs = list(values)
@@ -342,23 +499,42 @@ def rank_reversal(
         if set(values[arch]) != set(methods):
             raise ValueError(f"architecture {arch!r} has methods {sorted(values[arch])}, expected {sorted(methods)}")
 
-    groups: dict[tuple[str, str], list[np.ndarray]] = {}
+    arrays: dict[str, np.ndarray] = {}  # arch -> (M, N) values in method order
+    labels: dict[str, np.ndarray] = {}
+    used = np.zeros((len(methods), len(archs), n_classes), dtype=bool)
     means = np.empty((len(methods), len(archs)))
-    for (i, m), (j, arch) in itertools.product(enumerate(methods), enumerate(archs)):
-        entry = values[arch][m]
-        if not isinstance(entry, (tuple, list)) or len(entry) != 2:
-            raise ValueError(f"values[{arch!r}][{m!r}] must be a pair (values (N,), labels (N,))")
-        v = _as_array(entry[0], f"values[{arch!r}][{m!r}]", "float")
-        y = _as_array(entry[1], f"labels of values[{arch!r}][{m!r}]", "int")
-        if v.shape != y.shape:
-            raise ValueError(f"values[{arch!r}][{m!r}]: values {v.shape} and labels {y.shape} differ in shape")
-        _check_labels(y, n_classes, f"labels of values[{arch!r}][{m!r}]")
-        g, _ = _by_class(np.abs(v) if absolute else v, y, n_classes)
-        if not any(x.size for x in g):
-            raise ValueError(f"values[{arch!r}][{m!r}] has no finite value: it cannot be ranked")
-        groups[m, arch] = g
-        means[i, j] = np.mean([x.mean() for x in g if x.size])
+    for j, arch in enumerate(archs):
+        rows = []
+        for i, m in enumerate(methods):
+            entry = values[arch][m]
+            if not isinstance(entry, (tuple, list)) or len(entry) != 2:
+                raise ValueError(f"values[{arch!r}][{m!r}] must be a pair (values (N,), labels (N,))")
+            v = _as_array(entry[0], f"values[{arch!r}][{m!r}]", "float")
+            y = _as_array(entry[1], f"labels of values[{arch!r}][{m!r}]", "int")
+            if v.shape != y.shape:
+                raise ValueError(f"values[{arch!r}][{m!r}]: values {v.shape} and labels {y.shape} differ in shape")
+            _check_labels(y, n_classes, f"labels of values[{arch!r}][{m!r}]")
+            if arch not in labels:
+                labels[arch] = y
+            elif not np.array_equal(y, labels[arch]):
+                raise ValueError(f"labels of values[{arch!r}][{m!r}] differ from those of values[{arch!r}]"
+                                 f"[{methods[0]!r}]: the methods of one architecture must score the same images in "
+                                 "the same order (NaN for images not used), so that they can be paired")
+            v = np.abs(v) if absolute else v
+            g, _ = _by_class(v, y, n_classes)
+            counts = np.array([x.size for x in g])
+            if not counts.any():
+                raise ValueError(f"values[{arch!r}][{m!r}] has no finite value: it cannot be ranked")
+            used[i, j] = counts >= min_per_class
+            if not used[i, j].any():
+                raise ValueError(f"values[{arch!r}][{m!r}] has no class with at least min_per_class = "
+                                 f"{min_per_class} finite values (per class: {counts.tolist()}): it cannot be ranked")
+            means[i, j] = np.mean([x.mean() for x, u in zip(g, used[i, j]) if u])
+            rows.append(v)
+        arrays[arch] = np.stack(rows)
 
+    first = labels[archs[0]]
+    pairing = "images" if all(np.array_equal(labels[a], first) for a in archs[1:]) else "methods"
     sign = 1.0 if higher_is_stable else -1.0
     order = _order(sign * means.T)  # (A, M)
     result = RankReversal(
@@ -370,24 +546,32 @@ def rank_reversal(
         absolute=bool(absolute),
         n_boot=int(n_boot),
         seed=int(seed),
+        pairing=pairing,
+        min_per_class=int(min_per_class),
+        class_used={m: {a: used[i, j].copy() for j, a in enumerate(archs)} for i, m in enumerate(methods)},
     )
 
     boot_order = None
     if n_boot:
         rng = np.random.default_rng(seed)
-        boot = np.empty((len(methods), len(archs), n_boot))
-        for (i, m), (j, arch) in itertools.product(enumerate(methods), enumerate(archs)):
-            boot[i, j] = _boot_macro(groups[m, arch], n_boot, rng)
-        boot_order = _order(np.moveaxis(sign * boot, 1, 0))  # (A, M, n_boot)
+        n_m = len(methods)
+        if pairing == "images":
+            stacked = np.concatenate([arrays[a] for a in archs])  # (A * M, N), arch-major
+            flat = _boot_images(stacked, used.transpose(1, 0, 2).reshape(-1, n_classes), first, n_boot, rng)
+            boot = flat.reshape(len(archs), n_m, n_boot).transpose(1, 0, 2)  # (M, A, n_boot)
+        else:
+            boot = np.stack([_boot_images(arrays[a], used[:, j], labels[a], n_boot, rng)
+                             for j, a in enumerate(archs)], axis=1)
+        keep = np.isfinite(boot).all(axis=(0, 1))
+        result.n_boot_used = int(keep.sum())
+        boot_order = _order(np.moveaxis(sign * boot[:, :, keep], 1, 0))  # (A, M, n_boot_used)
 
     for i, j in itertools.combinations(range(len(methods)), 2):
         key = (methods[i], methods[j])
-        tau = scipy.stats.kendalltau(means[i], means[j])
-        result.kendall_tau[key] = float(tau.statistic)
-        result.kendall_p[key] = float(tau.pvalue)
+        result.kendall_tau[key] = float(scipy.stats.kendalltau(means[i], means[j]).statistic)
         result.reverses[key] = bool(order[0, i] != order[0, j])
         result.fully_reversed[key] = bool(np.array_equal(order[:, i], order[::-1, j]))
-        if boot_order is None:
+        if boot_order is None or boot_order.shape[-1] == 0:
             result.p_reverse[key] = result.p_fully_reversed[key] = math.nan
         else:
             result.p_reverse[key] = float(np.mean(boot_order[0, i] != boot_order[0, j]))

@@ -49,6 +49,84 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
+def counts_text(agg: dict) -> str:
+    """"n (a/b/c/...)" of an aggregate: images scored in total and per class; classes left out marked with *."""
+    n = np.asarray(agg.get("n_per_class", []), dtype=int).reshape(-1)
+    if not n.size:
+        return "-"
+    used = np.asarray(agg.get("class_used", np.ones(n.size, bool)), dtype=bool).reshape(-1)
+    per = "/".join(f"{k}" if u else f"{k}*" for k, u in zip(n, used))
+    return f"{int(n.sum())} ({per})"
+
+
+def min_per_class(r: ArchiveReader) -> str:
+    try:
+        return str(r.config.metrics.min_per_class)
+    except Exception:
+        return "?"
+
+
+def _pairs(rr: dict) -> list[str]:
+    """Method pairs of a ranking, those of LayerCAM with a Grad-CAM++ reading first."""
+    pairs = list(rr.get("reverses", {}))
+    key = lambda p: not ("layercam" in p and "gradcam++" in p)  # noqa: E731
+    return sorted(pairs, key=key)
+
+
+def _order(v) -> str:
+    return " > ".join(json.loads(v)) if isinstance(v, str) else str(v)
+
+
+def ranking_table(rank: dict) -> str:
+    rows = []
+    for metric, rr in rank.items():
+        if "unranked" in rr:
+            rows.append([metric, f"not ranked: {rr['unranked']}", "-", "-", "-", "-"])
+            continue
+        for i, (method, order) in enumerate(rr.get("rankings", {}).items()):
+            rows.append([metric if i == 0 else "", method, _order(order), "", "", ""])
+        for p in _pairs(rr):
+            rows.append(["", "", "", p, _fmt(rr.get("kendall_tau", {}).get(p), 2),
+                         f"{fmt(rr['reverses'][p])} (P {_fmt(rr.get('p_reverse', {}).get(p), 2)})"])
+    return table(["metric", "method", "ranking", "methods", "Kendall tau", "reverses"], rows)
+
+
+def grid_rows(r: ArchiveReader) -> list[list[str]]:
+    rows = []
+    for cell in r.cells():
+        for metric, rr in r.ranking(cell).items():
+            if "unranked" in rr:
+                rows.append([cell.layer, cell.score, cell.norm, metric, "not ranked", "-"])
+                continue
+            ranks = "; ".join(f"{m}: {_order(o)}" for m, o in rr.get("rankings", {}).items())
+            revs = ", ".join(f"{p}: {fmt(rr['reverses'][p])} ({_fmt(rr.get('p_reverse', {}).get(p), 2)})"
+                             for p in _pairs(rr) if "layercam" in p) or "-"
+            rows.append([cell.layer, cell.score, cell.norm, metric, ranks, revs])
+    return rows
+
+
+def _median(values) -> str:
+    """Median of the finite values as text; "-" when there is none (all maps of a method degenerate)."""
+    v = np.asarray(values if values is not None else [], dtype=float)
+    v = v[np.isfinite(v)]
+    return _fmt(np.median(v)) if v.size else "-"
+
+
+def agreement_rows(r: ArchiveReader) -> list[list[str]]:
+    rows = []
+    for arch in r.archs():
+        if not r.has(f"drift/{arch}"):
+            continue
+        for layer in r.layers(arch):
+            for score in r.keys(f"attributions/{arch}/{layer}"):
+                agr = r.agreement(arch, layer, score)
+                pairs = list(agr.get("transfer", {}))
+                for p in sorted(pairs, key=lambda p: not ("layercam" in p and "gradcam++" in p)):
+                    med = [_median(agr.get(st, {}).get(p)) for st in ("transfer", "finetune")]
+                    rows.append([arch, layer, score, p, *med])
+    return rows
+
+
 def summary_text(path: str | os.PathLike) -> str:
     r = ArchiveReader(path)
     out: list[str] = []
@@ -63,32 +141,41 @@ def summary_text(path: str | os.PathLike) -> str:
     if rows:
         out += ["Classification (test set)", table(["architecture", "stage", "accuracy", "macro AUC", "best epoch",
                                                     "train s"], rows), ""]
+    cell = r.primary_cell()
     rows = []
     for arch in r.archs():
-        if not r.has(f"drift/{arch}"):
+        if not r.has(cell.drift_path(arch)):
             continue
-        n_sel = r.read(f"drift/{arch}").get("n_selected", "?")
-        for method in r.methods(arch):
-            s = r.drift_summary(arch, method)
-            rows.append([arch, method, str(n_sel), *[interval(s, m) for m, _ in HEADLINE]])
+        for method in r.methods(arch, cell):
+            s = r.drift_summary(arch, method, cell)
+            rows.append([arch, method, counts_text(s.get(HEADLINE[0][0], {})),
+                         *[interval(s, m) for m, _ in HEADLINE]])
     if rows:
-        out += ["Drift TL -> FT (macro mean over classes, 95% bootstrap interval)",
+        sample = r.read(f"drift/{r.archs()[0]}").get("sample_set", "?") if r.archs() else "?"
+        out += [f"Drift TL -> FT at layer {cell.layer}, score {cell.score}, maps normalised {cell.norm}; images "
+                f"{sample} (macro mean over classes with >= {min_per_class(r)} images, 95% bootstrap interval; "
+                "n = images, per class)",
                 table(["architecture", "method", "n", *[h for _, h in HEADLINE]], rows), ""]
-    rank = r.ranking()
+    rows = agreement_rows(r)
+    if rows:
+        out += ["Method agreement: median per-image Pearson r between two methods' maps of the same checkpoint "
+                "(1 = one map; at a layer followed only by pooling and a linear head the methods nearly coincide)",
+                table(["architecture", "layer", "score", "methods", "transfer", "finetune"], rows), ""]
+    st = r.stats_attrs()
+    rank = r.ranking(cell)
     if rank:
-        rows = []
-        for metric, rr in rank.items():
-            if "unranked" in rr:
-                rows.append([metric, f"not ranked: {rr['unranked']}", "-", "-", "-"])
-                continue
-            rankings = rr.get("rankings", {})
-            rk = "; ".join(f"{m}: {' > '.join(json.loads(v)) if isinstance(v, str) else v}"
-                           for m, v in rankings.items())
-            first = lambda d: next(iter(d.values())) if isinstance(d, dict) and d else d  # noqa: E731
-            rows.append([metric, rk, _fmt(first(rr.get("kendall_tau")), 2), str(first(rr.get("reverses", "-"))),
-                         _fmt(first(rr.get("p_reverse")), 2)])
-        out += ["Stability ranking of architectures (most stable first)",
-                table(["metric", "rankings", "Kendall tau", "reverses", "P(reverse)"], rows), ""]
+        out += [f"Stability ranking of architectures at ({cell}), most stable first, on "
+                f"{st.get('n_ranked', '?')} images ({st.get('ranking_sample_set', '?')}; per class "
+                f"{'/'.join(map(str, json.loads(st.get('n_ranked_per_class', '[]'))))}); Kendall tau is descriptive "
+                "(three architectures); P(reverse) from a paired bootstrap of images",
+                ranking_table(rank), ""]
+    rows = grid_rows(r)
+    if len(rows) > 1 or (rows and len(r.cells()) > 1):
+        out += ["Protocol sensitivity: does the most stable architecture differ between LayerCAM and Grad-CAM++? "
+                "(per cell of layers x scores x normalisations; P = paired bootstrap probability)",
+                table(["layer", "score", "maps", "metric", "rankings (most stable first)", "reverses (P)"], rows), ""]
+    if st.get("verdict"):
+        out += [f"Verdict: {st['verdict']}", ""]
     rows = []
     for arch in r.archs():
         for stage in ("transfer", "finetune"):

@@ -4,7 +4,8 @@ Public entries (each validates its inputs and dispatches):
 
 * :func:`fisher_gram` -- K = G G^T and G x of the input-Fisher factor G, G never materialised.
 * :func:`fisher_project` -- G^T W for a small W.
-* :func:`topk_iou` -- intersections, unions and IoU of top-k pixel sets, for T fractions at once.
+* :func:`topk_iou` -- intersections, unions and IoU of top-k pixel sets, for T fractions at once; ties at the
+  cut are shared fractionally (``ties="fractional"``, default) or go to the lower flat index (``ties="index"``).
 
 Dispatch (:mod:`drift_kernels.dispatch`): the Triton kernel for CUDA tensors; the torch reference for CPU
 tensors; the kernel itself through Triton's interpreter when ``TRITON_INTERPRET=1``. ``DRIFT_KERNELS=reference``
@@ -16,15 +17,18 @@ Nothing here touches CUDA at import time.
 
 from .dispatch import backend, fisher_gram, fisher_project, topk_iou
 from .reference import (
+    TOPK_TIES,
     fisher_factor,
     fisher_gram_reference,
     fisher_project_reference,
     topk_count,
     topk_iou_reference,
     topk_masks_reference,
+    topk_weights_reference,
 )
 
 __all__ = [
+    "TOPK_TIES",
     "backend",
     "fisher_factor",
     "fisher_gram",
@@ -35,4 +39,5 @@ __all__ = [
     "topk_iou",
     "topk_iou_reference",
     "topk_masks_reference",
+    "topk_weights_reference",
 ]

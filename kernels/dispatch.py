@@ -25,7 +25,7 @@ import torch
 
 from ._common import KERNEL_DTYPES, MAX_CLASSES, interpreting, triton_available
 from ._validate import check_fisher_inputs, check_fractions, check_kernel_fisher, check_maps
-from .reference import fisher_gram_reference, fisher_project_reference, topk_iou_reference
+from .reference import TopkTies, check_ties, fisher_gram_reference, fisher_project_reference, topk_iou_reference
 
 MODES = ("auto", "reference", "triton")
 
@@ -131,22 +131,29 @@ def fisher_project(J: torch.Tensor, p: torch.Tensor, W: torch.Tensor, head: str 
 
 
 def topk_iou(
-    a: torch.Tensor, b: torch.Tensor, fractions: Sequence[float]
+    a: torch.Tensor, b: torch.Tensor, fractions: Sequence[float], ties: TopkTies = "fractional"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Intersections, unions (N, T) int64 and IoU (N, T) float32 of the top-k pixel sets of a and b (N, H, W).
+    """Intersections, unions and IoU (N, T) of the top-k pixel sets of a and b (N, H, W), T fractions.
 
-    For each fraction f the set holds exactly ceil(f H W) pixels (``topk_count``), by value descending, ties
-    broken by the lower flat (row-major) index; IoU = |A & B| / |A | B|.
+    For each fraction f a set holds k = ceil(f H W) pixels (``topk_count``) by value descending; with t the
+    k-th largest value, ``ties`` decides the cut through the pixels equal to t:
+
+    * ``"fractional"`` (default): each tied pixel weighs (k - #{v > t}) / #{v == t}, pixels above t weigh 1;
+      inter = sum_i w_a,i w_b,i (the expected overlap when both maps break ties uniformly at random),
+      union = 2k - inter, IoU = inter / union; all three float64. Equal to the index rule's counts when no
+      tie group is cut.
+    * ``"index"``: the lower flat (row-major) index first; inter, union int64 and IoU float32.
 
     Raises:
-        ValueError: a fraction outside (0, 1], mismatched shapes or devices, or a map with NaN / inf (the
-            message names the map index).
+        ValueError: a fraction outside (0, 1], an unknown tie rule, mismatched shapes or devices, or a map with
+            NaN / inf (the message names the map index).
     """
+    ties = check_ties(ties)
     fractions = check_fractions(fractions)
     check_maps(a, b)
     takes = a.dtype in KERNEL_DTYPES and b.dtype in KERNEL_DTYPES
     if backend(a) == "triton" and (_mode() == "triton" or takes):
         if not takes:
             raise TypeError(f"the Triton kernel reads maps as float32, float16 or bfloat16, got {a.dtype}, {b.dtype}")
-        return _kernel_module("topk_iou_kernel")._launch(a, b, fractions)
-    return topk_iou_reference(a, b, fractions)
+        return _kernel_module("topk_iou_kernel")._launch(a, b, fractions, ties)
+    return topk_iou_reference(a, b, fractions, ties)

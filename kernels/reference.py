@@ -8,6 +8,7 @@ these (and against float64 evaluations of them). They run on any device and in a
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 
@@ -67,37 +68,142 @@ def fisher_project_reference(
     return (G.transpose(1, 2) @ W.to(dt)).to(out_dt)
 
 
+#: Tie rules of the top-k overlap: "fractional" (the default) and "index" (lower flat index first).
+TOPK_TIES = ("fractional", "index")
+
+TopkTies = Literal["fractional", "index"]
+
+
+def check_ties(ties: object) -> str:
+    """The tie rule, validated: 'fractional' or 'index' (see :func:`topk_iou_reference`)."""
+    if not isinstance(ties, str) or ties not in TOPK_TIES:
+        raise ValueError(f"ties must be 'fractional' or 'index', got {ties!r}")
+    return ties
+
+
 def topk_count(n_pixels: int, fraction: float) -> int:
     """Exactly ceil(fraction * n_pixels) pixels (at least 1), guarding against float round-up."""
     k = math.ceil(round(fraction * n_pixels, 9))
     return max(1, min(n_pixels, k))
 
 
+def _flat64(a: torch.Tensor) -> torch.Tensor:
+    """(N, H*W) float64 view of maps (N, H, W); exact for every floating input dtype."""
+    flat = a.reshape(a.shape[0], -1)
+    return flat if flat.dtype == torch.float64 else flat.to(torch.float64)
+
+
 def topk_masks_reference(a: torch.Tensor, fraction: float) -> torch.Tensor:
-    """Boolean (N, H*W) masks of the top ``fraction`` of pixels of each map in a (N, H, W).
+    """Boolean (N, H*W) masks of the top ``fraction`` of pixels of each map in a (N, H, W), index tie rule.
 
     Exactly ``topk_count(H*W, fraction)`` pixels are selected. Order: value descending; among equal
-    values the lower flat (row-major) index comes first. This is the tie rule of every top-k metric.
+    values the lower flat (row-major) index comes first (the ``ties="index"`` rule).
     """
     flat = a.reshape(a.shape[0], -1)
     n = flat.shape[1]
     k = topk_count(n, fraction)
     # A stable sort of -value keeps equal values in index order: lower flat index first.
-    order = torch.sort(-flat.to(torch.float64) if flat.dtype != torch.float64 else -flat, dim=1, stable=True).indices
+    order = torch.sort(-_flat64(a), dim=1, stable=True).indices
     mask = torch.zeros_like(flat, dtype=torch.bool)
     mask.scatter_(1, order[:, :k], True)
     return mask
 
 
-def topk_iou_reference(
-    a: torch.Tensor, b: torch.Tensor, fractions: tuple[float, ...] | list[float]
+def topk_classes_reference(a: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pixel classes of the top-k cut of each map in a (N, H, W): above the threshold or tied with it.
+
+    With k = topk_count(H*W, fraction) and t the k-th largest value of a map (IEEE comparisons: -0.0 == +0.0):
+
+    Returns:
+        above (N, H*W) bool, v > t; tied (N, H*W) bool, v == t; need (N,) int64 = k - #{v > t}, the number of
+        tied pixels the top set takes (1 <= need <= #{v == t}).
+    """
+    flat = _flat64(a)
+    k = topk_count(flat.shape[1], fraction)
+    t = torch.sort(flat, dim=1, descending=True).values[:, k - 1 : k]
+    above, tied = flat > t, flat == t
+    return above, tied, k - above.sum(1)
+
+
+def topk_weights_reference(a: torch.Tensor, fraction: float, ties: TopkTies = "fractional") -> torch.Tensor:
+    """Top-k membership weights (N, H*W) float64 of each map in a (N, H, W); every row sums to k (to rounding).
+
+    fractional: w_i = 1 if v_i > t, (k - n_above) / n_tied if v_i == t, else 0, with t the k-th largest value,
+    n_above = #{v > t} and n_tied = #{v == t}: the probability that pixel i is in the top set when the tied
+    pixels are taken in a uniformly random order. index: the 0/1 mask of :func:`topk_masks_reference`.
+    """
+    if check_ties(ties) == "index":
+        return topk_masks_reference(a, fraction).to(torch.float64)
+    above, tied, need = topk_classes_reference(a, fraction)
+    share = need.to(torch.float64) / tied.sum(1).to(torch.float64)
+    return above.to(torch.float64) + tied.to(torch.float64) * share[:, None]
+
+
+def topk_overlap_from_counts(
+    counts: torch.Tensor, need_a: torch.Tensor, need_b: torch.Tensor, ks: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Intersections, unions (N, T) int64 and IoU (N, T) float32 of the top-k pixel sets of a and b."""
-    inters, unions = [], []
+    """Fractional-tie intersection, union and IoU (N, T) float64 from integer class counts.
+
+    With ">" meaning above the map's threshold and "=" tied with it, counts (N, T, 6) holds the pixel counts
+    #{a>, b>}, #{a>, b=}, #{a=, b>}, #{a=, b=}, n_a = #{a=} and n_b = #{b=}; need_a, need_b (N, T) are the tied
+    pixels each top set takes (r = k - #{v > t}) and ks (T,) the set sizes. Summing w_a w_b over the nine
+    class pairs (only four have both weights non-zero):
+
+        inter = #{a>, b>} + #{a>, b=} r_b / n_b + #{a=, b>} r_a / n_a + #{a=, b=} r_a r_b / (n_a n_b),
+
+    union = 2k - inter and IoU = inter / union. Integer products are formed exactly, then each term takes one
+    float64 rounding, so integer intersections (no cut inside a tie group) come out exact. The kernel and the
+    reference both finish here, on the same integers, and so agree bit for bit.
+    """
+    aa, at, ta, tt, n_a, n_b = counts.to(torch.int64).unbind(-1)
+    r_a, r_b = need_a.to(torch.int64), need_b.to(torch.int64)
+    f64 = torch.float64
+    inter = (
+        aa.to(f64)
+        + (at * r_b).to(f64) / n_b.to(f64)
+        + (ta * r_a).to(f64) / n_a.to(f64)
+        + (tt * r_a).to(f64) * r_b.to(f64) / (n_a * n_b).to(f64)
+    )
+    union = 2 * ks.to(device=inter.device, dtype=f64) - inter
+    return inter, union, inter / union
+
+
+def topk_iou_reference(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    fractions: tuple[float, ...] | list[float],
+    ties: TopkTies = "fractional",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Intersections, unions and IoU (N, T) of the top-k pixel sets of maps a and b (N, H, W), T fractions.
+
+    Each set holds k = topk_count(H*W, f) pixels by value descending; ``ties`` decides how a cut through a group
+    of equal values (t = the k-th largest value) is made:
+
+    * ``"fractional"`` (default): every tied pixel gets membership weight w = (k - #{v > t}) / #{v == t}
+      (pixels above t weigh 1; see :func:`topk_weights_reference`) and inter = sum_i w_a,i w_b,i, the expected
+      intersection when both maps break their ties uniformly at random and independently; union = 2k - inter.
+      Returns inter, union, iou as float64 (computed by :func:`topk_overlap_from_counts`). Without a cut inside a
+      tie group this equals the index rule's counts exactly.
+    * ``"index"``: the tied pixels of lower flat (row-major) index are taken first; exact counts. Returns inter,
+      union as int64 and iou float32. On sparse maps (many exact zeros) it makes equal low-index zeros agree.
+    """
+    if check_ties(ties) == "index":
+        inters, unions = [], []
+        for f in fractions:
+            ma, mb = topk_masks_reference(a, f), topk_masks_reference(b, f)
+            inters.append((ma & mb).sum(1))
+            unions.append((ma | mb).sum(1))
+        inter = torch.stack(inters, 1).to(torch.int64)
+        union = torch.stack(unions, 1).to(torch.int64)
+        return inter, union, inter.to(torch.float32) / union.to(torch.float32)
+    counts, need_a, need_b = [], [], []
     for f in fractions:
-        ma, mb = topk_masks_reference(a, f), topk_masks_reference(b, f)
-        inters.append((ma & mb).sum(1))
-        unions.append((ma | mb).sum(1))
-    inter = torch.stack(inters, 1).to(torch.int64)
-    union = torch.stack(unions, 1).to(torch.int64)
-    return inter, union, inter.to(torch.float32) / union.to(torch.float32)
+        above_a, tied_a, r_a = topk_classes_reference(a, f)
+        above_b, tied_b, r_b = topk_classes_reference(b, f)
+        pairs = ((above_a, above_b), (above_a, tied_b), (tied_a, above_b), (tied_a, tied_b))
+        counts.append(torch.stack([(x & y).sum(1) for x, y in pairs] + [tied_a.sum(1), tied_b.sum(1)], 1))
+        need_a.append(r_a)
+        need_b.append(r_b)
+    n_pix = a.shape[1] * a.shape[2]
+    ks = torch.tensor([topk_count(n_pix, f) for f in fractions], dtype=torch.int64, device=a.device)
+    return topk_overlap_from_counts(torch.stack(counts, 1), torch.stack(need_a, 1), torch.stack(need_b, 1), ks)

@@ -1,5 +1,6 @@
 """CAM engine: formulas against brute-force loops, parity with pytorch-grad-cam, capture hygiene, bad input."""
 
+import copy
 import re
 import warnings
 
@@ -13,7 +14,7 @@ from pytorch_grad_cam.utils.image import scale_cam_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
-from drift.attribution import METHODS, cams, capture, normalize, upsample
+from drift.attribution import METHODS, SCORES, cams, cams_multi, capture, normalize, upsample
 from drift.models import build, freeze_backbone
 
 PGC_EPS = 1e-6  # pytorch_grad_cam/grad_cam_plusplus.py adds this to the alpha denominator
@@ -291,6 +292,261 @@ def test_upsample_matches_cv2_and_normalize_matches_numpy(rng):
         normalize(m, "max")
     with pytest.raises(ValueError, match=r"\(B, H, W\)"):
         upsample(m[0], 9)
+
+
+# ------------------------------------------------------------------- several layers and scores in one pass
+
+
+def _randomize_bn(model, gen):
+    """Random BatchNorm scales and shifts, with running statistics then measured on random images: timm
+    zero-initialises the last BatchNorm of every residual block, which would make the gradient at a block's last
+    convolution identically zero, and made-up statistics would let activations grow without bound."""
+    bns = [mod for mod in model.modules() if isinstance(mod, nn.BatchNorm2d)]
+    with torch.no_grad():
+        for mod in bns:
+            sign = torch.where(torch.rand(mod.weight.shape, generator=gen) < 0.2, -1.0, 1.0)
+            mod.weight.copy_(sign * (0.5 + torch.rand(mod.weight.shape, generator=gen)))
+            mod.bias.copy_(0.2 * torch.randn(mod.bias.shape, generator=gen))
+            mod.reset_running_stats()
+            mod.momentum = None  # cumulative average over the calibration batches
+        model.train()
+        for _ in range(2):
+            model(torch.rand(4, 1, 64, 64, generator=gen))
+    for mod in bns:
+        mod.momentum = 0.1
+    return model.eval()
+
+
+GRAD_METHODS = ("gradcam", "gradcam++", "gradcam++_tfkv", "layercam")
+
+
+def _close(got, ref, what):
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6 * float(ref.abs().max()) + 1e-12, msg=what)
+
+
+def test_cams_multi_equals_single_layer_cams_and_an_independent_softmax_gradient(rng):
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=rng)))
+    model = _randomize_bn(build("resnet10t", 4), rng)
+    x = torch.rand(3, 1, 80, 96, generator=rng)
+    t = torch.randint(0, 4, (3,), generator=rng)
+    layers = ("stride16", "last-conv", "block", "backbone.layer2")
+    multi = cams_multi(model, x, t, methods=GRAD_METHODS, layers=layers, scores=("logit", "softmax"))
+    assert list(multi) == [(layer, s) for layer in layers for s in ("logit", "softmax")]
+    assert all(p.grad is None for p in model.parameters())
+    for (layer, score), maps in multi.items():
+        single = cams(model, x, t, methods=GRAD_METHODS, layer=layer, score=score)
+        assert list(maps) == list(GRAD_METHODS)
+        for m in GRAD_METHODS:
+            assert maps[m].dtype == torch.float32
+            _close(maps[m], single[m], f"{layer} {score} {m}")
+    assert multi["stride16", "logit"]["layercam"].shape == (3, 5, 6)
+    assert multi["block", "logit"]["layercam"].shape == (3, 3, 3)
+
+    # The softmax probability differentiated through a plain forward pass (graph kept everywhere).
+    plain = copy.deepcopy(model).eval()
+    acts = {}
+
+    def keep(name):
+        def hook(mod, i, o):
+            o.retain_grad()
+            acts[name] = o
+
+        return hook
+
+    for layer in layers:
+        name = {"stride16": "layer3", "last-conv": "layer4.0.downsample.1", "block": "layer4"}.get(layer, "layer2")
+        plain.backbone.get_submodule(name).register_forward_hook(keep(layer))
+    plain(x).softmax(1).gather(1, t[:, None]).sum().backward()
+    for layer in layers:
+        A, g = acts[layer].detach(), acts[layer].grad
+        assert (g != 0).any()
+        ref = {"layercam": torch.relu((torch.relu(g) * A).sum(1))}
+        ref.update({m: METHODS[m](A, g, 0.0) for m in ("gradcam", "gradcam++", "gradcam++_tfkv")})
+        for m, r in ref.items():
+            torch.testing.assert_close(multi[layer, "softmax"][m], r, rtol=1e-5, atol=1e-5 * float(r.abs().max()),
+                                       msg=f"{layer} {m}")
+    assert (multi["block", "softmax"]["layercam"] > 0).any()
+
+    # A frozen backbone (stage 1) gives the same maps at every layer.
+    freeze_backbone(model)
+    frozen = cams_multi(model, x, t, methods=GRAD_METHODS, layers=layers, scores=("logit", "softmax"))
+    for key, maps in multi.items():
+        for m in GRAD_METHODS:
+            _close(frozen[key][m], maps[m], f"frozen {key} {m}")
+
+
+class _TwoBranch(nn.Module):
+    """stem -> (conv_a, conv_b in parallel) -> inplace ReLU of the concatenation -> mean -> linear."""
+
+    def __init__(self, rng):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv_a = nn.Conv2d(4, 3, 3, padding=1)
+        self.conv_b = nn.Conv2d(4, 5, 3, stride=2, padding=1)
+        self.down = nn.AvgPool2d(2)
+        self.fc = nn.Linear(8, 3)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(0.5 * torch.randn(p.shape, generator=rng))
+
+    def forward(self, x):
+        s = self.stem(x)
+        a, b = self.down(self.conv_a(s)), self.conv_b(s)
+        return self.fc(torch.relu_(torch.cat([a, b], 1)).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_cams_multi_parallel_branches_and_a_layer_feeding_later_ones(rng, frozen):
+    """conv_b runs after conv_a but not below it: with frozen parameters its output is not in the graph and
+    becomes a second root; stem feeds both and its gradient must flow through the stored later layers."""
+    model = _TwoBranch(rng)
+    for p in model.parameters():
+        p.requires_grad_(not frozen)
+    x = torch.rand(2, 3, 12, 10, generator=rng)
+    layers = ("conv_b", "conv_a", "stem", model.down)
+    multi = cams_multi(model, x, methods=GRAD_METHODS, layers=layers, scores=("softmax", "logit"))
+    for (layer, score), maps in multi.items():
+        single = cams(model, x, methods=GRAD_METHODS, layer=layer, score=score)
+        for m in GRAD_METHODS:
+            _close(maps[m], single[m], f"{layer} {score} {m}")
+    assert all(p.grad is None for p in model.parameters())
+    # stem's gradient from an independent plain pass.
+    ref = model.stem(x).detach().requires_grad_(True)
+    s = ref
+    a, b = model.down(model.conv_a(s)), model.conv_b(s)
+    z = model.fc(torch.relu(torch.cat([a, b], 1)).mean(dim=(2, 3)))
+    (g,) = torch.autograd.grad(z.gather(1, z.argmax(1, keepdim=True)).sum(), ref)
+    _close(multi["stem", "logit"]["layercam"], torch.relu((torch.relu(g) * ref.detach()).sum(1)), "stem")
+
+
+def test_cams_multi_and_presets_errors(rng):
+    model = _Tiny(rng)
+    x = torch.rand(2, 3, 11, 11, generator=rng)
+    with pytest.raises(ValueError, match="twice"):
+        cams_multi(model, x, layers=("target", "target"))
+    with pytest.raises(ValueError, match="twice"):
+        cams_multi(model, x, layers="target", scores=("logit", "logit"))
+    with pytest.raises(ValueError, match="unknown score 'prob'"):
+        cams_multi(model, x, layers="target", scores="prob")
+    with pytest.raises(ValueError, match="unknown score"):
+        capture(model, x, layer="target", score="probability")
+    with pytest.raises(ValueError, match="pytorch-grad-cam.*softmax"):
+        cams(model, x, methods=("layercam", "pgc:gradcam"), layer="target", score="softmax")
+    with pytest.raises(ValueError, match="preset.*_Tiny.*dotted"):
+        cams_multi(model, x, layers=("target", "block"))
+    conv = nn.Conv2d(3, 3, 1)
+    twice = nn.Sequential(conv, nn.ReLU(), conv, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2))
+    with pytest.raises(ValueError, match="'0' ran more than once"):
+        cams_multi(twice, torch.rand(1, 3, 8, 8), layers=("3", "0"))
+    # A bare timm model resolves presets through its pretrained_cfg architecture.
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=rng)))
+    net = timm.create_model("resnet18", pretrained=False, num_classes=3).eval()
+    x = torch.rand(2, 3, 64, 64, generator=rng)
+    by_preset = cams_multi(net, x, layers=("last-conv", "stride16"))
+    assert torch.equal(by_preset["last-conv", "logit"]["layercam"],
+                       cams(net, x, layer="layer4.1.conv2")["layercam"])
+    assert by_preset["stride16", "logit"]["layercam"].shape == (2, 4, 4)
+    cap = capture(net, x, layer="block", score="softmax")
+    assert cap.layer == "layer4" and cap.score == "softmax"
+
+
+# ---------------------------------------------------------------------------------------- gradcam++_tfkv
+
+
+def _tfkv_reference(A, g, score):
+    """tf-keras-vis's GradcamPlusPlus in float64 NumPy, channels first, from its source: Y = exp(score) per
+    image; alpha_denom = 2 Y g^2 + Y g^3 sum(A) plus 1 where Y g^2 == 0; alpha normalised over space (a zero
+    sum replaced by 1); weights relu(Y g) alpha summed over space; map relu(sum_k w_k A_k)."""
+    B, K, h, w = A.shape
+    out = np.zeros((B, h, w))
+    for b in range(B):
+        e = np.exp(score[b])
+        for k in range(K):
+            first = e * g[b, k]
+            second = first * g[b, k]
+            third = second * g[b, k]
+            denom = 2.0 * second + third * A[b, k].sum()
+            denom = denom + (second == 0.0)
+            alphas = second / denom
+            total = alphas.sum()
+            alphas = alphas / (total + (total == 0.0))
+            out[b] += (np.maximum(first, 0.0) * alphas).sum() * A[b, k]
+    return np.maximum(out, 0.0)
+
+
+def test_gradcam_plusplus_tfkv_matches_tf_keras_vis_formula_on_hand_made_gradients(rng):
+    A = torch.rand(3, 6, 5, 7, generator=rng, dtype=torch.float64) * 2 - 0.3
+    g = torch.randn(3, 6, 5, 7, generator=rng, dtype=torch.float64)
+    g[:, 0] = 0  # no gradient in a channel: alpha sums to 0
+    g[:, 1] = -g[:, 1].abs()  # only negative gradients: weight 0 but alpha non-zero
+    g[:, 2][torch.rand(g[:, 2].shape, generator=rng, dtype=torch.float64) < 0.8] = 0  # sparse
+    g[1, 3] = 0.5  # constant over space
+    g[2, 4] *= 1e-30  # tiny gradients (a saturated softmax): g^2 underflows in float32
+    score = torch.randn(3, generator=rng, dtype=torch.float64).numpy()
+    ref = _tfkv_reference(_np(A), _np(g), score)
+    got = METHODS["gradcam++_tfkv"](A, g, 0.0).numpy() * np.exp(score)[:, None, None]
+    assert (ref > 0).any()
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-12)
+    # float32 input gives the float64 maps to float32 accuracy, tiny gradients included (no underflow to 0).
+    lone = torch.zeros_like(g)
+    lone[:, 4] = g[:, 4]  # the tiny-gradient channel alone decides image 2's map
+    ref32 = _tfkv_reference(_np(A), _np(lone), np.zeros(3))
+    got32 = METHODS["gradcam++_tfkv"](A.float(), lone.float(), 0.0).double().numpy()
+    assert ref32[2].max() > 0
+    np.testing.assert_allclose(got32, ref32, rtol=1e-5, atol=1e-5 * ref32.max())
+    for method in ("gradcam++", "gradcam++_tfkv"):
+        assert torch.isfinite(METHODS[method](A.float(), 1e-30 * g.float(), 0.0)).all(), method
+    # pytorch-grad-cam's reading is another map (alpha not normalised).
+    assert not np.allclose(METHODS["gradcam++"](A, g, 0.0).numpy() * np.exp(score)[:, None, None], ref)
+
+
+@pytest.mark.parametrize("arch", ["resnet10t", "resnet18"])
+def test_gradcam_plusplus_tfkv_matches_tf_keras_vis_formula_on_network_gradients(rng, arch):
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=rng)))
+    model = _randomize_bn(build(arch, 4), rng)
+    x = torch.rand(3, 1, 96, 96, generator=rng)
+    layers = ("last-conv", "stride16", "block", "backbone.layer2.0.conv1")
+    multi = cams_multi(model, x, methods=("gradcam++_tfkv",), layers=layers, scores=("logit", "softmax"))
+    structured = 0
+    for layer in layers:
+        for score in ("logit", "softmax"):
+            cap = capture(model, x, layer=layer, score=score)
+            # The engine's float32 maps are the method applied to the captured float32 (A, g).
+            _close(multi[layer, score]["gradcam++_tfkv"], METHODS["gradcam++_tfkv"](cap.activations, cap.gradients),
+                   f"{layer} {score}")
+            A, g = cap.activations.double(), cap.gradients.double()
+            nz = float((g != 0).double().mean())
+            assert nz > 0
+            if layer == "last-conv":  # followed by BatchNorm, the residual sum and a ReLU
+                assert nz < 0.9, f"{layer}: the gradient should be sparse, {nz:.2f} non-zero"
+            z = cap.logits.double()
+            s = z if score == "logit" else z.softmax(1)
+            s = s.gather(1, cap.targets[:, None])[:, 0].numpy()
+            ref = _tfkv_reference(A.numpy(), g.numpy(), s)
+            ours = METHODS["gradcam++_tfkv"](A, g, 0.0).numpy() * np.exp(s)[:, None, None]
+            np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-12 * ref.max(), err_msg=f"{layer} {score}")
+            structured += bool((ref.max(axis=(1, 2)) > ref.min(axis=(1, 2))).any())
+    assert structured >= 4, f"only {structured} of 8 (layer, score) pairs gave non-constant maps"
+
+
+@pytest.mark.parametrize("arch", ["resnet10t", "resnet18"])
+def test_block_layer_gradient_is_uniform_and_gradcam_plusplus_tfkv_equals_layercam(rng, arch):
+    """Below only global average pooling and a linear head the gradient is constant over space, for the logit
+    and the softmax probability; the normalised alphas are then 1 / (hw) and tf-keras-vis's Grad-CAM++ is
+    LayerCAM exactly."""
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=rng)))
+    model = _randomize_bn(build(arch, 5), rng)
+    x = torch.rand(4, 1, 96, 128, generator=rng)
+    for score in SCORES:
+        cap = capture(model, x, layer="block", score=score)
+        g = cap.gradients
+        assert torch.equal(g, g[:, :, :1, :1].expand_as(g))
+        assert (g != 0).all()
+    out = cams_multi(model, x, methods=("gradcam++_tfkv", "layercam"), layers="block", scores=SCORES)
+    for score in SCORES:
+        tfkv, lc = out["block", score]["gradcam++_tfkv"], out["block", score]["layercam"]
+        assert (lc.amax(dim=(1, 2)) > lc.amin(dim=(1, 2))).any()
+        torch.testing.assert_close(tfkv, lc, rtol=1e-5, atol=1e-6 * float(lc.abs().max()))
 
 
 @pytest.mark.gpu

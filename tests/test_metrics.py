@@ -57,22 +57,69 @@ def test_centroid_and_peak_shift(rng, levels):
         M.centroid_shift(b, neg)
 
 
+def _fractional_iou(x, y, k):
+    """Top-k IoU with tied pixels at the cut weighted (k - #above) / #tied, by numpy on the flat maps."""
+
+    def weights(m):
+        t = np.sort(m)[::-1][k - 1]
+        above, tied = m > t, m == t
+        return above + tied * ((k - above.sum()) / tied.sum())
+
+    inter = float(weights(x.ravel()) @ weights(y.ravel()))
+    return inter / (2 * k - inter)
+
+
 @pytest.mark.parametrize("levels", [None, 2, 5])
 def test_topk_iou_brute_force_with_ties(rng, levels):
     a, b = _maps(rng, 7, 13, 17, levels).float(), _maps(rng, 7, 13, 17, levels).float()
-    b[0] = a[0]  # identical maps: IoU 1 at every fraction
+    b[0] = a[0]  # identical maps: IoU 1 at every fraction under the index rule
+    b[1] = 0  # an all-zero map: every pixel tied
     fr = (0.05, 0.1, 0.2, 0.3, 0.37)
     got = M.topk_iou(a, b, fr)
-    assert got.shape == (7, 5)
+    got_index = M.topk_iou(a, b, fr, ties="index")
+    assert got.shape == got_index.shape == (7, 5) and got.dtype == got_index.dtype == torch.float64
+    assert torch.equal(got, M.topk_iou(a, b, fr, ties="fractional"))
     for i in range(7):
         for t, f in enumerate(fr):
             k = _k(13 * 17, f)
-            sa, sb = _top_set(a[i].numpy(), k), _top_set(b[i].numpy(), k)
-            assert got[i, t].item() == pytest.approx(len(sa & sb) / len(sa | sb), abs=1e-12), (i, f)
-    assert (got[0] == 1).all()
+            x, y = a[i].numpy(), b[i].numpy()
+            sa, sb = _top_set(x, k), _top_set(y, k)
+            assert got_index[i, t].item() == pytest.approx(len(sa & sb) / len(sa | sb), abs=1e-12), (i, f)
+            assert got[i, t].item() == pytest.approx(_fractional_iou(x, y, k), abs=1e-12), (i, f)
+    assert (got_index[0] == 1).all()
+    if levels is None:  # distinct values: no tie group is cut and both rules agree exactly
+        assert torch.equal(got[2:], got_index[2:])
     a[3, 4, 5] = math.inf
-    got = M.topk_iou(a, b, fr)  # a non-finite map must not reach the kernel (which would raise)
-    assert got[3].isnan().all() and got[[0, 1, 2, 4, 5, 6]].isfinite().all()
+    for ties in ("fractional", "index"):
+        got = M.topk_iou(a, b, fr, ties=ties)  # a non-finite map must not reach the kernel (which would raise)
+        assert got[3].isnan().all() and got[[0, 1, 2, 4, 5, 6]].isfinite().all()
+
+
+def test_topk_iou_fractional_ties_do_not_reward_shared_zeros(rng):
+    # Two sparse (ReLU'd) maps with disjoint supports: their top 10 % are the few positives plus zeros. The index
+    # rule takes the same low-index zeros in both and reports overlap; the fractional rule spreads the cut over
+    # all zeros, so the IoU is what a random tie break would give on average, whatever the pixel order.
+    h, w = 12, 15
+    a, b = torch.zeros(4, h, w, dtype=torch.float64), torch.zeros(4, h, w, dtype=torch.float64)
+    for i in range(4):
+        on = torch.randperm(h * w, generator=rng)[:10]
+        a[i].view(-1)[on[:5]] = torch.rand(5, generator=rng, dtype=torch.float64) + 0.5
+        b[i].view(-1)[on[5:]] = torch.rand(5, generator=rng, dtype=torch.float64) + 0.5
+    fr = (0.1, 0.2)
+    frac, index = M.topk_iou(a, b, fr), M.topk_iou(a, b, fr, ties="index")
+    for i in range(4):
+        for t, f in enumerate(fr):
+            k = _k(h * w, f)
+            share = (k - 5) / (h * w - 5)  # weight of each zero pixel: the cut takes k - 5 of h w - 5 zeros
+            # pixels zero in both maps, plus each map's 5 positives (weight 1) against the other's zeros
+            inter = (h * w - 10) * share**2 + 10 * share
+            assert frac[i, t].item() == pytest.approx(inter / (2 * k - inter), rel=1e-12)
+    assert (index > frac).all()
+    perm = torch.randperm(h * w, generator=rng)
+    pa, pb = a.flatten(1)[:, perm].reshape(4, h, w), b.flatten(1)[:, perm].reshape(4, h, w)
+    assert torch.equal(M.topk_iou(pa, pb, fr), frac)
+    with pytest.raises(ValueError, match="ties must be 'fractional' or 'index'"):
+        M.topk_iou(a, b, fr, ties="random")
 
 
 @pytest.mark.parametrize("levels", [None, 4])

@@ -29,6 +29,62 @@ def test_cam_layer_is_the_last_feature_map(arch, size, fmap):
         assert (feats >= 0).all(), "post-activation layer must be non-negative"
 
 
+def _inception_side(side: int, stride: int) -> int:
+    """Map side of timm's inception_v3 at output stride 16 or 32: its stem and reduction blocks use unpadded
+    3 x 3 convolutions and poolings, so the side is not side / stride."""
+    h = (side - 3) // 2 + 1 - 2  # Conv2d_1a (3 x 3, stride 2), Conv2d_2a (3 x 3)
+    h = (h - 3) // 2 + 1 - 2  # Conv2d_2b (padded), max pool (3 x 3, stride 2), Conv2d_4a (3 x 3)
+    h = (h - 3) // 2 + 1  # max pool (3 x 3, stride 2): stride 8
+    h = (h - 3) // 2 + 1  # Mixed_6a: stride 16
+    return h if stride == 16 else (h - 3) // 2 + 1  # Mixed_7a: stride 32
+
+
+@pytest.mark.parametrize("arch, side", [("densenet201", 128), ("resnetv2_50", 128), ("inception_v3", 160),
+                                        ("resnet18", 128), ("resnet10t", 128), ("resnet10t", 224)])
+def test_layer_presets_run_once_last_conv_runs_last_and_strides_hold(arch, side):
+    """Hooks on every nn.Conv2d of the whole classifier: the last-conv preset is the last convolution to run;
+    every preset runs once with a 4-D output at its output stride (block, last-conv: 32; stride16: 16)."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    m = models.build(arch, 3).eval()
+    names = {p: models.cam_layer_name(arch, p) for p in models.LAYER_PRESETS}
+    assert names["block"] == m.spec.cam_layer and m.cam_layer is models.resolve_layer(m.backbone, names["block"])
+    convs, seen = [], {}
+    hooks = [mod.register_forward_hook(lambda mod, i, o, n=n: convs.append(n))
+             for n, mod in m.named_modules() if isinstance(mod, nn.Conv2d)]
+    for p, n in names.items():
+        hooks.append(models.resolve_layer(m.backbone, n).register_forward_hook(
+            lambda mod, i, o, p=p: seen.setdefault(p, []).append(tuple(o.shape))))
+    with torch.no_grad():
+        m(torch.rand(1, 1, side, side))
+    for h in hooks:
+        h.remove()
+    assert convs[-1] == "backbone." + names["last-conv"]
+    assert isinstance(models.resolve_layer(m.backbone, names["last-conv"]), nn.Conv2d)
+    for preset, stride in (("block", 32), ("last-conv", 32), ("stride16", 16)):
+        assert len(seen[preset]) == 1, f"{preset} ran {len(seen[preset])} times"
+        shape = seen[preset][0]
+        want = _inception_side(side, stride) if arch == "inception_v3" else side // stride
+        assert len(shape) == 4 and shape[-2:] == (want, want), (preset, shape)
+
+
+def test_layer_preset_names_and_keras_counterparts():
+    assert models.LAYER_PRESETS == ("block", "last-conv", "stride16")
+    keras = {arch: tuple(models.keras_layer_name(arch, p) for p in models.LAYER_PRESETS) for arch in models.STUDY_ARCHS}
+    assert keras == {"densenet201": ("relu", "conv5_block32_2_conv", "pool4_relu"),
+                     "resnetv2_50": ("post_relu", "conv5_block3_3_conv", "conv4_block5_out"),
+                     "inception_v3": ("mixed10", "conv2d_93", "mixed7")}
+    assert models.cam_layer_name("densenet201", "last-conv") == "features.denseblock4.denselayer32.conv2"
+    assert models.cam_layer_name("resnet18", "layer4.0") == "layer4.0"  # a dotted name passes through
+    assert models.keras_layer_name("resnet18", "block") is None
+    assert models.keras_layer_name("densenet201", "features.norm5") is None
+    with pytest.raises(ValueError, match="densenet201"):
+        models.cam_layer_name("densenet999", "block")
+    with pytest.raises(ValueError, match="densenet201"):
+        models.keras_layer_name("densenet999", "block")
+
+
 def test_gray_input_equals_three_equal_channels():
     m = models.build("resnet10t", 3).eval()
     x = torch.rand(3, 1, 65, 71)

@@ -16,7 +16,7 @@ TINY = [
     'metrics.sample_set="all"', "metrics.n_boot=20", "fisher.n_spectrum=3", "fisher.n_components=2",
     "fisher.eps_grid=[0.05]", "fisher.alphas=[1.0]", "fisher.batch_size=2", "report.enabled=false",
     "train.finetune.per_arch.resnet18.epochs=2", "train.finetune.per_arch.resnet18.patience=2",
-    "model.input_scale={resnet18 = 1.5}",
+    "model.input_scale={resnet18 = 1.5}", "metrics.min_per_class=1",
 ]
 
 
@@ -49,7 +49,7 @@ def test_archive_holds_every_stage(full_run):
         assert r.maps(arch, "finetune", "gradcam++").shape[1:] == (grid, grid)
         assert attrs["lr"] == cfg.train.finetune.lr and attrs["batch_size"] == cfg.train.finetune.batch_size
     assert r.config == cfg
-    assert r.attrs["schema_version"] == 1 and r.attrs["git_commit"]
+    assert r.attrs["schema_version"] == 2 and r.attrs["git_commit"]
 
 
 def test_archived_logits_are_the_checkpoints_outputs(full_run):
@@ -84,12 +84,105 @@ def test_archived_iou_matches_brute_force_on_archived_maps(full_run):
             b = torch.as_tensor(r.maps(arch, "finetune", method))
             up = lambda m: F.interpolate(m[:, None], size=(64, 64), mode="bilinear", align_corners=False)[:, 0]  # noqa
             a, b = up(a).numpy().reshape(len(a), -1), up(b).numpy().reshape(len(b), -1)
-            per = r.drift(arch, method)
+            per = r.drift(arch, method, r.primary_cell()._replace(norm="none"))  # the raw maps' metrics
             k = int(np.ceil(0.2 * a.shape[1]))
+
+            def weights(m):  # top-k membership, tied pixels at the k-th value sharing the remaining places
+                t = np.sort(m)[::-1][k - 1]
+                return (m > t) + (m == t) * ((k - (m > t).sum()) / (m == t).sum())
+
             for i in np.flatnonzero(per["valid"]):
-                ta = set(np.argsort(-a[i], kind="stable")[:k])
-                tb = set(np.argsort(-b[i], kind="stable")[:k])
-                assert per["iou@20"][i] == pytest.approx(len(ta & tb) / len(ta | tb), abs=1e-6)
+                inter = float(weights(a[i]) @ weights(b[i]))
+                assert per["iou@20"][i] == pytest.approx(inter / (2 * k - inter), abs=1e-6)
+
+
+def test_every_protocol_cell_is_archived_with_its_settings(full_run):
+    """Maps per layer and score, drift per (layer, score, normalisation) and method, rankings per cell; the
+    normalised metrics equal a brute-force recomputation from the archived raw maps."""
+    import torch.nn.functional as F
+
+    from drift.archive import Cell
+    from drift.models import cam_layer_name
+
+    cfg, _, r = full_run
+    acfg, mcfg = cfg.attribution, cfg.metrics
+    assert r.primary_cell() == Cell(acfg.layers[0], acfg.scores[0], mcfg.normalize[0])
+    assert len(r.cells()) == len(acfg.layers) * len(acfg.scores) * len(mcfg.normalize)
+    for arch in cfg.run.archs:
+        assert set(r.layers(arch)) == set(acfg.layers)
+        for layer in acfg.layers:
+            info = r.layer_info(arch, layer)
+            assert info["module"] == cam_layer_name(arch, layer)
+            for score in acfg.scores:
+                agr = r.agreement(arch, layer, score)
+                assert set(agr) == {"transfer", "finetune"}
+                for norm in mcfg.normalize:
+                    cell = Cell(layer, score, norm)
+                    assert set(r.methods(arch, cell)) == set(acfg.methods)
+                    for method in acfg.methods:
+                        a = torch.as_tensor(r.maps(arch, "transfer", method, layer, score)).double()
+                        b = torch.as_tensor(r.maps(arch, "finetune", method, layer, score)).double()
+                        up = lambda m: F.interpolate(m[:, None], size=(64, 64), mode="bilinear",  # noqa: E731
+                                                     align_corners=False)[:, 0].numpy()
+                        a, b = up(a), up(b)
+                        if norm == "minmax":
+                            mm = lambda m: (m - m.min((1, 2), keepdims=True)) / np.ptp(m, (1, 2), keepdims=True)  # noqa
+                            a, b = mm(a), mm(b)
+                        per = r.drift(arch, method, cell)
+                        ys, xs = np.mgrid[0:64, 0:64]
+                        for i in np.flatnonzero(per["valid"]):
+                            ca = np.array([(a[i] * ys).sum(), (a[i] * xs).sum()]) / a[i].sum()
+                            cb = np.array([(b[i] * ys).sum(), (b[i] * xs).sum()]) / b[i].sum()
+                            want = np.linalg.norm(ca - cb) / np.hypot(64, 64)
+                            assert per["centroid_shift"][i] == pytest.approx(want, rel=1e-4, abs=1e-6)
+    for cell in r.cells():
+        assert set(r.ranking(cell)) == set(mcfg.ranking_metrics)
+
+
+def test_rankings_use_one_common_sample(full_run):
+    """tp_all: the ranked images are those classified correctly by both checkpoints of every architecture."""
+    cfg, _, r = full_run
+    labels = r.read("data/test/labels")
+    want = np.ones(len(labels), dtype=bool)
+    for arch in cfg.run.archs:
+        for stage in ("transfer", "finetune"):
+            want &= r.evaluation(arch, stage)["logits"].argmax(1) == labels
+    st = r.stats_attrs()
+    assert st["ranking_sample_set"] == "tp_all" and st["n_ranked"] == int(want.sum())
+    np.testing.assert_array_equal(r.read("stats/ranked"), want)
+
+
+def test_changed_analysis_settings_are_recomputed_on_resume(tmp_path, monkeypatch):
+    """A resume under another normalisation recomputes drift and statistics only; another layer recomputes the
+    maps too; the archive records the new settings and never keeps stale cells."""
+    import drift.attribution as attribution
+    import drift.pipeline as pl
+    from drift.archive import Cell
+
+    base = ['run.archs=["resnet10t", "resnet18"]', "fisher.enabled=false", 'metrics.ranking_sample_set="all"']
+    first = Pipeline(tiny(tmp_path, *base)).run()
+    before_maps = ArchiveReader(first).maps("resnet10t", "finetune", "layercam", tiny(tmp_path).attribution.layers[0],
+                                            "logit")
+
+    def boom(*a, **k):
+        raise AssertionError("training ran again")
+
+    monkeypatch.setattr(pl, "train_transfer", boom)
+    monkeypatch.setattr(pl, "train_finetune", boom)
+    calls = []
+    real = attribution.cams_multi
+    monkeypatch.setattr(attribution, "cams_multi", lambda *a, **k: calls.append(1) or real(*a, **k))
+    r = ArchiveReader(Pipeline(tiny(tmp_path, *base, 'metrics.normalize=["sum"]')).run())
+    assert not calls  # the maps did not change
+    assert r.config.metrics.normalize == ["sum"]
+    assert {c.norm for c in r.cells()} == {"sum"}
+    layer = r.config.attribution.layers[0]
+    np.testing.assert_array_equal(r.maps("resnet10t", "finetune", "layercam", layer, "logit"),
+                                  before_maps)
+    assert r.ranking(Cell(r.primary_cell().layer, "logit", "sum"))
+    r = ArchiveReader(Pipeline(tiny(tmp_path, *base, 'metrics.normalize=["sum"]', 'attribution.layers=["block"]')).run())
+    assert calls and r.layers("resnet10t") == ["block"]
+    assert {c.layer for c in r.cells()} == {"block"}
 
 
 def test_confounder_marker_masks_and_marker_mass_are_archived(tmp_path):
@@ -107,10 +200,10 @@ def test_confounder_marker_masks_and_marker_mass_are_archived(tmp_path):
     for method in cfg.attribution.methods:
         b = torch.as_tensor(r.maps("resnet10t", "finetune", method))
         b = F.interpolate(b[:, None], size=(64, 64), mode="bilinear", align_corners=False)[:, 0].double().numpy()
-        per = r.drift("resnet10t", method)
+        per = r.drift("resnet10t", method, r.primary_cell()._replace(norm="none"))  # on the raw maps
         for i in np.flatnonzero(per["valid"]):
             assert per["marker_mass_ft"][i] == pytest.approx(b[i][marker[i]].sum() / b[i].sum(), abs=1e-5)
-        assert "marker_mass" in r.drift_summary("resnet10t", method)["paired"]
+        assert "marker_mass" in r.drift_summary("resnet10t", method, r.primary_cell()._replace(norm="none"))["paired"]
 
 
 def test_seed_study_with_a_fixed_data_seed_is_comparable(tmp_path):

@@ -21,7 +21,7 @@ import scipy.stats
 import torch
 
 from drift import figures, report
-from drift.archive import Archive, ArchiveError, write_tree
+from drift.archive import Archive, ArchiveError, Cell, write_tree
 from drift.config import Config
 from drift.data import SYNTHETIC_CLASSES, load_synthetic
 
@@ -112,15 +112,15 @@ def build_archive(path: Path, gen: torch.Generator, archs=ARCHS, methods=METHODS
             truth["models"][(arch, stage)] = {"test": ev, **attrs}
     if upto == "train":
         return truth
+    cell = primary_cell(cfg)
     for arch in archs:
         tree = {st: {m: (_u(gen, n, 3, 3) * 2).astype(np.float16) for m in methods} for st in ("transfer", "finetune")}
-        for st in tree:
-            tree[st]["targets"] = test["labels"]
         truth["attr"][arch] = tree
         with ar.stage(f"attributions/{arch}") as f:
             g = f.require_group(f"attributions/{arch}")
-            write_tree(g, tree)
-            g.attrs.update({"layer": "layer4", "target": "true", "eps": 0.0})
+            write_tree(g, {cell.layer: {cell.score: tree}, "targets": {st: test["labels"] for st in tree}})
+            g.attrs.update({"target": "true", "eps": 0.0})
+            g[cell.layer].attrs.update({"module": "layer4.1.conv2", "keras": "", "grid": [3, 3]})
     for arch in archs:
         tree = {}
         for method in methods:
@@ -146,8 +146,8 @@ def build_archive(path: Path, gen: torch.Generator, archs=ARCHS, methods=METHODS
                                            "selected": selected}, "degenerate": deg, "summary": summary}
         truth["drift"].update({(arch, m): tree[m] for m in methods})
         with ar.stage(f"drift/{arch}") as f:
+            write_tree(f.require_group(cell.drift_path(arch)), tree)
             g = f.require_group(f"drift/{arch}")
-            write_tree(g, tree)
             g.attrs["sample_set"] = "tp_both"
             g.attrs["n_selected"] = 9
         tree = {}
@@ -183,15 +183,21 @@ def build_archive(path: Path, gen: torch.Generator, archs=ARCHS, methods=METHODS
         tree[metric] = {"rankings": {m: json.dumps(order if i == 0 or not rev else order[::-1])
                                      for i, m in enumerate(methods)},
                         "means": {m: {a: float(_u(gen, 1)[0]) for a in archs} for m in methods},
-                        "kendall_tau": {" vs ".join(methods): tau}, "kendall_p": {" vs ".join(methods): 0.5},
+                        "kendall_tau": {" vs ".join(methods): tau},
                         "reverses": {" vs ".join(methods): rev}, "fully_reversed": {" vs ".join(methods): rev},
                         "p_reverse": {" vs ".join(methods): float(_u(gen, 1)[0])},
                         "p_fully_reversed": {" vs ".join(methods): float(_u(gen, 1)[0])},
                         "higher_is_stable": metric != "centroid_shift", "absolute": False}
     truth["ranking"] = tree
     with ar.stage("stats") as f:
-        write_tree(f.require_group("stats/ranking"), tree)
+        write_tree(f.require_group(f"stats/ranking/{cell.key}"), tree)
+        f["stats"].attrs.update({"ranking_sample_set": "tp_all", "n_ranked": 7, "n_ranked_per_class": json.dumps(
+            [1, 2, 1, 2, 1]), "min_per_class": 1, "verdict": "a sentence"})
     return truth
+
+
+def primary_cell(cfg: Config) -> Cell:
+    return Cell(cfg.attribution.layers[0], cfg.attribution.scores[0], cfg.metrics.normalize[0])
 
 
 def sklearn_scores(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
@@ -405,7 +411,7 @@ def test_tables_equal_the_archive(full):
     for metric, rr in truth["ranking"].items():
         pair = " vs ".join(METHODS)
         assert close(kendall[(metric, pair)][2], rr["kendall_tau"][pair])
-        assert kendall[(metric, pair)][4] == ("yes" if rr["reverses"][pair] else "no")
+        assert kendall[(metric, pair)][3] == ("yes" if rr["reverses"][pair] else "no")
         for m in METHODS:
             assert ranking[(metric, m)][2] == " > ".join(json.loads(rr["rankings"][m]))
     fisher = rows_by(t["tbl-fisher"], 2)

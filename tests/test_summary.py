@@ -63,7 +63,8 @@ def test_summary_text_shows_small_values(tmp_path, rng):
         g.attrs.update({"best_epoch": 2, "seconds": 12.0})
     with ar.stage("drift/m") as f:
         g = f.require_group("drift/m")
-        write_tree(g, {"gradcam": {"summary": {"entropy_change": {"mean": mean, "lo": lo, "hi": hi}}}})
+        write_tree(g, {"block": {"logit": {"none": {"gradcam": {"summary": {
+            "entropy_change": {"mean": mean, "lo": lo, "hi": hi}}}}}}})
         g.attrs["n_selected"] = 5
     with ar.stage("fisher/m") as f:
         write_tree(f.require_group("fisher/m"), {"transfer": {

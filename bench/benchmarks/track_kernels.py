@@ -71,7 +71,7 @@ class KernelError:
         np = need("numpy")
         dk = self.dk
         f = dk.topk_iou if impl == "kernel" else dk.topk_iou_reference
-        inter, union, _ = f(self.a, self.b, FRACTIONS)
+        inter, union, _ = f(self.a, self.b, FRACTIONS, ties="index")
         sync(self.dev)
         fa = self.a.float().reshape(N, -1).cpu().numpy()
         fb = self.b.float().reshape(N, -1).cpu().numpy()

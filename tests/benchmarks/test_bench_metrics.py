@@ -3,6 +3,7 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 from scipy import stats
 from skimage.metrics import structural_similarity
@@ -16,10 +17,12 @@ def cam_like(n: int, h: int, w: int, rng: torch.Generator) -> torch.Tensor:
     return torch.nn.functional.interpolate(low, size=(h, w), mode="bilinear", align_corners=False)[:, 0]
 
 
-def numpy_topk(m: np.ndarray, k: int) -> np.ndarray:
-    out = np.zeros(m.size, dtype=bool)
-    out[np.argsort(-m.ravel(), kind="stable")[:k]] = True
-    return out
+def numpy_topk_weights(m: np.ndarray, k: int) -> np.ndarray:
+    """Top-k membership with fractional ties: 1 above the k-th value, (k - n_above) / n_tied at it, 0 below."""
+    m = m.ravel()
+    t = np.sort(m)[::-1][k - 1]
+    above, tied = m > t, m == t
+    return above + tied * ((k - above.sum()) / tied.sum())
 
 
 def numpy_centroid(m: np.ndarray) -> np.ndarray:
@@ -57,8 +60,8 @@ def check_against_references(out: dict, A: np.ndarray, B: np.ndarray, L: np.ndar
         for key, f in (("iou@05", 0.05), ("iou@10", 0.1), ("iou@20", 0.2), ("iou@30", 0.3)):
             k = math.ceil(round(f * h * w, 9))
             # top-k sets are taken on the float32 maps (metrics.topk_iou's documented input precision)
-            sa, sb = numpy_topk(A[i].astype(np.float32), k), numpy_topk(B[i].astype(np.float32), k)
-            assert out[key][i] == (sa & sb).sum() / (sa | sb).sum(), (key, i)
+            inter = float(numpy_topk_weights(A[i].astype(np.float32), k) @ numpy_topk_weights(B[i].astype(np.float32), k))
+            assert out[key][i] == pytest.approx(inter / (2 * k - inter), abs=1e-12), (key, i)
         # SSIM of the min-max normalised maps (skimage's Gaussian-window definition, data range 1).
         na = (A[i] - A[i].min()) / (A[i].max() - A[i].min())
         nb = (B[i] - B[i].min()) / (B[i].max() - B[i].min())
