@@ -7,33 +7,79 @@ Jacobian of the logits with respect to the input and p (C,) the predicted probab
     sigmoid:  G_c = sqrt(p_c (1 - p_c)) * J_c
 
 and the kernel returns K = G G^T (C, C) and, optionally, G x (C,). Since m is a per-column (per-d) quantity, G
-can be formed tile by tile along D: each tile of J is centred before the product, which avoids the cancellation
-of the expanded form J (diag(p) - p p^T) J^T when p is nearly one-hot.
+is formed tile by tile along D, each tile centred before any product, which avoids the cancellation of the
+expanded form J (diag(p) - p p^T) J^T when p is nearly one-hot.
 
-Work split: the grid is (row blocks of K, splits of D, B). Each program walks its contiguous range of D in
-tiles of BLOCK_D, accumulates its row block of G G^T with ``tl.dot`` (C padded with masked rows to at least
-16, tl.dot's smallest tile) and writes a partial sum to a workspace (S, B, C, C). A second kernel adds the S
+Centring in float32 on the most probable class a = argmax p. With delta = 1 - sum_j p_j (a, delta and the row
+scales are computed by the launcher in float64 from the float32 p and rounded once; the kernel has no float64),
+
+    J_c - m = (J_c - J_a) - r,   r = sum_j p_j (J_j - J_a) - delta J_a,
+
+an identity for any p. Every term is O(|J_c - J_a|) or O((1 - p_a) |J|): nothing cancels against |J| itself, so
+float32 gives each G_c to a few ulps of its own size even for p_a = 1 - 1e-6, where the direct float32
+J_c - m keeps only a few correct bits of G_a (the torch reference's float32 error).
+
+Error rule (what the tests assert, and why the arithmetic is IEEE fp32 throughout): the kernel's error against a
+float64 evaluation must be at most twice the error of the torch reference evaluated in float32 on the same
+inputs (plus 4 float32 ulps of max |K| for tiny problems). The kernel therefore has to be at least about as
+accurate as an fp32 GEMM whatever the inputs, on every run. It uses IEEE fp32 products (FMA, one rounding per
+product-add) and keeps the sequential part of every sum short: per program at most ``tiles_per_split`` terms
+per accumulator lane (C <= 16) or INNER_TILES * BLOCK_D FMAs before a fresh accumulator (C > 16), then a tree
+over the lanes and an ordered sum of the split partials; an fp32 GEMM over D chains up to D terms. TF32
+(10-bit mantissa, ~1e-3 relative error a product) misses the rule by orders of magnitude; tf32x3 (hi/lo split)
+drops the lo*lo product and accumulates in the tensor cores, which align with truncation rather than IEEE
+round-to-nearest, so no bound ties it to the reference's error: it stays selectable with ``precision=`` for
+C > 16, at the caller's risk, and is not the default.
+
+Work split: the grid is (row blocks of K, splits of D, B); each program walks its contiguous range of D in tiles
+of BLOCK_D and writes a partial (rows I of) G G^T to a workspace (S, B, C, C). A second kernel adds the S
 partials in a fixed order and symmetrises, so the result is bitwise reproducible run to run (no atomics).
-J is read once (row blocks of a sample share their tiles through L2 when C > 128).
+
+* C <= 16 (the study's classes; C padded to C_PAD <= 16): broadcast-and-FMA, no ``tl.dot``. Each program keeps
+  a (C_PAD, C_PAD, BLOCK_D) accumulator, adds g[:, None, :] * g[None, :, :] per tile (independent lanes, no
+  reduction in the loop) and reduces over the BLOCK_D lanes once at the end. Each thread owns one column of the
+  tile and all C_PAD^2 products of it, so no product is computed twice (a 16 x 16 ``tl.dot`` tile, the smallest
+  there is, is replicated in every warp) and no tensor core is involved; the accumulator is at most 32 fp32
+  registers a thread (BLOCK_D = 32 * 32 * num_warps / C_PAD^2).
+* C > 16: IEEE ``tl.dot`` (FMA) of the row block g_I (BLOCK_CI, BLOCK_D) with g^T (BLOCK_D, C_PAD), an output tile
+  of at least 32 x 32 so that every thread owns distinct outputs; beyond C = 64 rows of K are split in blocks
+  (a program then reads its own rows of J a second time, from cache). Compute-bound for C >= 100 (C_PAD^2 FMAs
+  a column); the study's C <= 16 stays bandwidth-bound.
+
+Resources (``python -m drift_kernels.compile_check``; table in docs/kernels-compile.md): for the launches the
+dispatch layer makes, no register spills and at most ~32 KB of shared memory a program on sm_80, sm_89 and
+sm_90a, which leaves every launch within the 99 KB of sm_86 / sm_89.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
 from . import _common
-from ._common import MAX_CLASSES, cdiv, interpreting, launch_device, next_pow2, sm_count
+from ._common import MAX_CLASSES, cdiv, interpreting, next_pow2
 from ._validate import check_fisher_inputs, check_kernel_fisher
 
-#: Precision of the fp32 ``tl.dot`` on a GPU. Plain TF32 (10-bit mantissa) gives ~1e-3 relative error, far
-#: beyond the fp32 reference; tf32x3 (hi/lo split, three products) is within fp32 accuracy at tensor-core speed.
-GPU_PRECISION = "tf32x3"
+#: Largest padded class count served by the broadcast-and-FMA path; beyond it, ``tl.dot``.
+SMALL_C = 16
+
+#: fp32 accumulator registers a thread on the broadcast path (sets BLOCK_D from C_PAD and num_warps); 64 leaves
+#: ptxas too little room on some targets (it settles on 128 registers a thread and spills).
+ACC_PER_THREAD = 32
+
+#: Input precision of the ``tl.dot`` path (C > 16) on a GPU: exact fp32 products (see the module docstring).
+GPU_PRECISION = "ieee"
+
+#: ``tl.dot`` path: tiles summed into one fresh accumulator before it is added to the running sum, which bounds
+#: every sequential FMA chain to INNER_TILES * BLOCK_D terms (``tl.dot`` would otherwise chain the whole split).
+INNER_TILES = 16
 
 #: Under the interpreter a tile's product is one numpy matmul, which sums its whole length in order; the tile is
 #: cut into this many pieces, multiplied as one batch and summed after, which keeps the fp32 error near the
-#: reference's at the cost of one batched matmul (a GPU tile is summed by the tensor cores in steps of 8).
+#: reference's at the cost of one batched matmul (``tl.dot`` path only).
 INTERPRETER_PIECES = 8
 
 #: Programs launched per streaming multiprocessor when choosing the split of D (enough to hide memory latency).
@@ -44,6 +90,9 @@ PROGRAMS_PER_SM = 4
 def _fisher_gram_partial_kernel(
     J,
     P,
+    S,
+    CENTRE,
+    DELTA,
     X,
     KP,
     GXP,
@@ -55,16 +104,25 @@ def _fisher_gram_partial_kernel(
     stride_xb,
     SOFTMAX: tl.constexpr,
     HAS_X: tl.constexpr,
+    USE_DOT: tl.constexpr,
     C_PAD: tl.constexpr,
     BLOCK_CI: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    INNER: tl.constexpr,
     SUB: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """Partial K[s, b, I, :] = G[I, Ds] G[:, Ds]^T and G[I, Ds] x[Ds] over the D range Ds of split s.
 
-    J (B, C, D) with stride 1 along D; P (B, C) float32 contiguous; X (B, D) stride 1 along D;
-    KP (S, B, C, C) and GXP (S, B, C) float32 contiguous workspaces.
+    G[c, d] = scale_c ((J[c, d] - J[a, d]) - r[d]) (softmax; see the module docstring) or scale_c J[c, d]
+    (sigmoid), in float32. Without USE_DOT (C_PAD <= 16, one row block, BLOCK_CI == C_PAD): a
+    (C_PAD, C_PAD, BLOCK_D) fp32 accumulator of g[i, d] g[j, d], reduced over d after the loop. With USE_DOT:
+    part (BLOCK_CI, C_PAD) = sum of g_I g^T by ``tl.dot`` over INNER tiles (one FMA chain of at most
+    INNER * BLOCK_D terms; SUB-long pieces under the interpreter), added to acc after every INNER tiles.
+
+    J (B, C, D) with stride 1 along D; P (B, C) and the scales S (B, C) float32 contiguous; CENTRE (B,) int32
+    the class a and DELTA (B,) float32 (softmax only); X (B, D) stride 1 along D; KP (S, B, C, C) and
+    GXP (S, B, C) float32 contiguous workspaces.
     """
     pid_i = tl.program_id(0)
     s = tl.program_id(1)
@@ -73,59 +131,77 @@ def _fisher_gram_partial_kernel(
 
     rows = tl.arange(0, C_PAD)
     row_ok = rows < C
-    # G is formed in float64 and rounded once to float32: with p nearly one-hot, J_c - m cancels to ~1e-6 of J,
-    # and a float32 centre would leave only a few correct bits in that row.
-    p = tl.load(P + b * C + rows, mask=row_ok, other=0.0).to(tl.float64)
+    # Scales, a and delta come from the launcher (float64 there, rounded once): no float64 in the kernel.
+    scale = tl.load(S + b * C + rows, mask=row_ok, other=0.0)
     if SOFTMAX:
-        scale = tl.sqrt(p)
-    else:
-        scale = tl.sqrt(tl.maximum(p * (1.0 - p), 0.0))
+        p = tl.load(P + b * C + rows, mask=row_ok, other=0.0)
+        a = tl.load(CENTRE + b)
+        delta = tl.load(DELTA + b)
 
     ri = pid_i * BLOCK_CI + tl.arange(0, BLOCK_CI)
     ri_ok = ri < C
-    p_i = tl.load(P + b * C + ri, mask=ri_ok, other=0.0).to(tl.float64)
-    if SOFTMAX:
-        scale_i = tl.sqrt(p_i)
-    else:
-        scale_i = tl.sqrt(tl.maximum(p_i * (1.0 - p_i), 0.0))
+    if BLOCK_CI != C_PAD:
+        scale_i = tl.load(S + b * C + ri, mask=ri_ok, other=0.0)
 
     j_base = J + b * stride_jb
-    acc = tl.zeros((BLOCK_CI, C_PAD), dtype=tl.float32)
-    gx = tl.zeros((BLOCK_CI,), dtype=tl.float32)
+    if USE_DOT:
+        acc = tl.zeros((BLOCK_CI, C_PAD), dtype=tl.float32)
+        gx = tl.zeros((BLOCK_CI,), dtype=tl.float32)
+    else:
+        acc3 = tl.zeros((C_PAD, C_PAD, BLOCK_D), dtype=tl.float32)
+        gx2 = tl.zeros((C_PAD, BLOCK_D), dtype=tl.float32)
     d0 = s.to(tl.int64) * tiles_per_split * BLOCK_D
-    for t in range(0, tiles_per_split):
-        cols = d0 + t * BLOCK_D + tl.arange(0, BLOCK_D)
-        col_ok = cols < D
-        j = tl.load(
-            j_base + rows[:, None] * stride_jc + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0
-        ).to(tl.float64)
-        # Centre the tile before any product: the cancellation happens here, once per element, not in K.
-        if SOFTMAX:
-            centre = tl.sum(p[:, None] * j, axis=0)
-        else:
-            centre = tl.zeros((BLOCK_D,), dtype=tl.float64)
-        g = (scale[:, None] * (j - centre[None, :])).to(tl.float32)
-        if BLOCK_CI == C_PAD:
-            g_i = g
-        else:
-            # C > 128: this program owns rows I of K; the full tile (for the centre and the columns of K) and
-            # its own rows are both read, the second time from cache.
-            j_i = tl.load(
-                j_base + ri[:, None] * stride_jc + cols[None, :], mask=ri_ok[:, None] & col_ok[None, :], other=0.0
-            ).to(tl.float64)
-            g_i = (scale_i[:, None] * (j_i - centre[None, :])).to(tl.float32)
-        # A fresh accumulator per tile (or per SUB-long piece of it), added to the running sum: the rounding
-        # error grows with the piece length plus the number of pieces, not with the whole range of D. (A compiler
-        # may fold the add into the product's accumulator; that costs accuracy, never correctness.)
-        if SUB == BLOCK_D:
-            acc += tl.dot(g_i, tl.trans(g), input_precision=PRECISION)
-        else:
-            g_i3 = tl.permute(tl.reshape(g_i, (BLOCK_CI, BLOCK_D // SUB, SUB)), (1, 0, 2))
-            g_3 = tl.permute(tl.reshape(g, (C_PAD, BLOCK_D // SUB, SUB)), (1, 2, 0))
-            acc += tl.sum(tl.dot(g_i3, g_3, input_precision=PRECISION), axis=0)
+    for t0 in range(0, tiles_per_split, INNER):
+        if USE_DOT:
+            part = tl.zeros((BLOCK_CI, C_PAD), dtype=tl.float32)
+        for t in range(t0, tl.minimum(t0 + INNER, tiles_per_split)):
+            cols = d0 + t * BLOCK_D + tl.arange(0, BLOCK_D)
+            col_ok = cols < D
+            j = tl.load(
+                j_base + rows[:, None] * stride_jc + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0
+            ).to(tl.float32)
+            if SOFTMAX:
+                # Centre on row a (read again, from cache): J_c - m = (J_c - J_a) - r, r small when p_a ~ 1.
+                j_a = tl.load(j_base + a * stride_jc + cols, mask=col_ok, other=0.0).to(tl.float32)
+                dj = j - j_a[None, :]
+                r = tl.sum(p[:, None] * dj, axis=0) - delta * j_a
+                g = scale[:, None] * (dj - r[None, :])
+            else:
+                g = scale[:, None] * j
+            if HAS_X:
+                xv = tl.load(X + b * stride_xb + cols, mask=col_ok, other=0.0).to(tl.float32)
+            if USE_DOT:
+                if BLOCK_CI == C_PAD:
+                    g_i = g
+                else:
+                    j_i = tl.load(
+                        j_base + ri[:, None] * stride_jc + cols[None, :],
+                        mask=ri_ok[:, None] & col_ok[None, :],
+                        other=0.0,
+                    ).to(tl.float32)
+                    if SOFTMAX:
+                        g_i = scale_i[:, None] * ((j_i - j_a[None, :]) - r[None, :])
+                    else:
+                        g_i = scale_i[:, None] * j_i
+                if SUB == BLOCK_D:
+                    part = tl.dot(g_i, tl.trans(g), part, input_precision=PRECISION)
+                else:
+                    g_i3 = tl.permute(tl.reshape(g_i, (BLOCK_CI, BLOCK_D // SUB, SUB)), (1, 0, 2))
+                    g_3 = tl.permute(tl.reshape(g, (C_PAD, BLOCK_D // SUB, SUB)), (1, 2, 0))
+                    part += tl.sum(tl.dot(g_i3, g_3, input_precision=PRECISION), axis=0)
+                if HAS_X:
+                    gx += tl.sum(g_i * xv[None, :], axis=1)
+            else:
+                # Independent lanes: one product per (i, j, d) a tile, no reduction inside the loop.
+                acc3 += g[:, None, :] * g[None, :, :]
+                if HAS_X:
+                    gx2 += g * xv[None, :]
+        if USE_DOT:
+            acc += part
+    if not USE_DOT:
+        acc = tl.sum(acc3, axis=2)
         if HAS_X:
-            xv = tl.load(X + b * stride_xb + cols, mask=col_ok, other=0.0).to(tl.float32)
-            gx += tl.sum(g_i * xv[None, :], axis=1)
+            gx = tl.sum(gx2, axis=1)
 
     part = s.to(tl.int64) * n_batch + b
     kp = KP + part * C * C + ri[:, None] * C + rows[None, :]
@@ -170,29 +246,50 @@ def _fisher_gram_reduce_kernel(
         tl.store(GX + b * C + idx, gx, mask=g_ok & (pid == 0))
 
 
-def _config(C: int, D: int, on_gpu: bool) -> tuple[int, int, int, int]:
-    """(C_PAD, BLOCK_CI, BLOCK_D, num_warps) for C classes and D input dimensions.
+class _Config(NamedTuple):
+    """Launch meta-parameters of the partial kernel."""
 
-    GPU: the accumulator BLOCK_CI x C_PAD is at most 16384 values (64 registers a thread with 8 warps); rows of
-    at least 32 contiguous values keep the loads coalesced.
+    c_pad: int
+    block_ci: int
+    block_d: int
+    use_dot: bool
+    num_warps: int
+    num_stages: int = 3
+
+
+def _config(C: int, D: int, on_gpu: bool) -> _Config:
+    """Meta-parameters for C classes and D input dimensions.
+
+    GPU, C_PAD <= 16: 8 warps and BLOCK_D = ACC_PER_THREAD * 256 / C_PAD^2 (32 to 256), so that the broadcast
+    accumulator is at most 32 registers a thread. GPU, C_PAD >= 32: an output tile BLOCK_CI x C_PAD of at most 32
+    values a thread (rows of K in blocks of 64 for C_PAD = 128, of 16 with 2 pipeline stages for 256), and short
+    tiles (32 columns for C_PAD = 32, 16 for 64, 8 beyond) because the FMA ``tl.dot`` keeps a BLOCK_D-long slice
+    of both operands in registers. Chosen with ``python -m drift_kernels.compile_check``: at neighbouring
+    settings ptxas spills a few bytes a thread on some target (it trades them for an occupancy step), here none.
     Interpreter: few, large tiles, because every tile costs a round of numpy calls.
     """
-    c_pad = max(16, next_pow2(C))
-    block_ci = min(c_pad, 64) if c_pad > 128 else c_pad
+    use_dot = next_pow2(C) > SMALL_C
+    c_pad = max(16, next_pow2(C)) if use_dot else max(2, next_pow2(C))
+    if not use_dot:
+        if not on_gpu:
+            return _Config(c_pad, c_pad, max(16, min(next_pow2(D), (1 << 18) // (c_pad * c_pad))), False, 4)
+        num_warps = 8
+        block_d = max(32, min(256, ACC_PER_THREAD * 32 * num_warps // (c_pad * c_pad)))
+        return _Config(c_pad, c_pad, block_d, False, num_warps)
     if not on_gpu:
-        block_d = max(16, min(next_pow2(D), (1 << 18) // c_pad))
-        return c_pad, block_ci, block_d, 4
-    # Every GPU tile is 8192 values (16 x 512 ... 256 x 32): 32 registers a thread with 8 warps, and 10-25 KB
-    # of useful loads in flight per program for C = 5 ... 100 in float32.
-    block_d = max(32, 8192 // c_pad)
-    return c_pad, block_ci, block_d, 8
+        block_ci = min(c_pad, 64) if c_pad > 128 else c_pad
+        return _Config(c_pad, block_ci, max(16, min(next_pow2(D), (1 << 18) // (block_ci * c_pad))), True, 4)
+    block_ci, block_d, num_warps, stages = {32: (32, 32, 4, 3), 64: (64, 16, 4, 3), 128: (64, 8, 8, 3)}.get(
+        c_pad, (16, 8, 8, 2)
+    )
+    return _Config(c_pad, block_ci, block_d, True, num_warps, stages)
 
 
 def _split(B: int, n_row_blocks: int, n_tiles: int, device: torch.device) -> int:
     """Tiles per split of D: enough programs for every SM, each a contiguous run of whole tiles."""
     if device.type != "cuda":
         return n_tiles
-    target = PROGRAMS_PER_SM * sm_count(device)
+    target = PROGRAMS_PER_SM * _common.sm_count(device)
     n_split = max(1, min(n_tiles, cdiv(target, B * n_row_blocks)))
     return cdiv(n_tiles, n_split)
 
@@ -234,11 +331,12 @@ def _launch(
         raise ValueError(f"the Triton kernel takes at most 65535 samples per call (a grid axis), got B = {B}")
     device = J.device
     on_gpu = device.type == "cuda" and not interpreting()
-    c_pad, block_ci, cfg_block_d, num_warps = _config(C, D, on_gpu)
-    block_d = cfg_block_d if block_d is None else block_d
-    if block_d < 16 or block_d & (block_d - 1):
+    cfg = _config(C, D, on_gpu)
+    if block_d is None:
+        block_d = cfg.block_d
+    elif block_d < 16 or block_d & (block_d - 1):
         raise ValueError(f"block_d must be a power of two >= 16, got {block_d}")
-    n_row_blocks = cdiv(C, block_ci)
+    n_row_blocks = cdiv(C, cfg.block_ci)
     n_tiles = cdiv(D, block_d)
     if tiles_per_split is None:
         tiles_per_split = _split(B, n_row_blocks, n_tiles, device)
@@ -249,6 +347,7 @@ def _launch(
         precision = GPU_PRECISION if on_gpu else "ieee"
 
     p32 = p.to(torch.float32).contiguous()
+    scale, centre, delta = _row_constants(p32, head)
     if x is not None and (x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or x.stride(1) != 1):
         x = x.to(torch.float32).contiguous()
     if out is None:
@@ -263,28 +362,52 @@ def _launch(
     gxp = _common.alloc((n_split, B, C), torch.float32, device) if x is not None else kp
     x_arg = x if x is not None else p32
 
-    with launch_device(J):
+    with _common.launch_device(J):
         grid = (n_row_blocks, n_split, B)
-        args = (J, p32, x_arg, kp, gxp, C, D, tiles_per_split, J.stride(0), J.stride(1), x_arg.stride(0))
+        args = (J, p32, scale, centre, delta, x_arg, kp, gxp, C, D, tiles_per_split)
+        args += (J.stride(0), J.stride(1), x_arg.stride(0))
         meta = dict(
             SOFTMAX=head == "softmax",
             HAS_X=x is not None,
-            C_PAD=c_pad,
-            BLOCK_CI=block_ci,
+            USE_DOT=cfg.use_dot,
+            C_PAD=cfg.c_pad,
+            BLOCK_CI=cfg.block_ci,
             BLOCK_D=block_d,
-            SUB=block_d if on_gpu else max(16, block_d // INTERPRETER_PIECES),
+            INNER=INNER_TILES,
+            SUB=block_d if on_gpu or not cfg.use_dot else max(16, block_d // INTERPRETER_PIECES),
             PRECISION=precision,
         )
         if autotune:
             _tuned_kernel()[grid](*args, **meta)
         else:
-            _fisher_gram_partial_kernel[grid](*args, **meta, num_warps=num_warps)
+            _fisher_gram_partial_kernel[grid](*args, **meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         red_block = min(1024, max(16, next_pow2(C * C))) if on_gpu else max(16, next_pow2(C * C))
         gx_out = Gx if x is not None else K
         _fisher_gram_reduce_kernel[(cdiv(C * C, red_block), B)](
             kp, gxp, K, gx_out, n_split, B, C, HAS_X=x is not None, BLOCK=red_block, num_warps=4
         )
     return K, (Gx if x is not None else None)
+
+
+def _row_constants(p: torch.Tensor, head: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sample constants of the factor, in float64 and rounded once (B x C values, negligible next to J).
+
+    Args:
+        p: (B, C) float32 probabilities.
+        head: 'softmax' or 'sigmoid'.
+
+    Returns:
+        scale (B, C) float32: sqrt(p) or sqrt(p (1 - p)); a (B,) int32 = argmax p, the centring class; and
+        delta (B,) float32 = 1 - sum p (a and delta are used by the softmax head only).
+    """
+    p64 = p.to(torch.float64)
+    if head == "softmax":
+        scale = p64.sqrt()
+    else:
+        scale = (p64 * (1 - p64)).clamp_min(0).sqrt()
+    centre = p.argmax(dim=1).to(torch.int32)
+    delta = (1 - p64.sum(dim=1)).to(torch.float32)
+    return scale.to(torch.float32).contiguous(), centre.contiguous(), delta.contiguous()
 
 
 def _check_out(name: str, t: torch.Tensor | None, shape: tuple[int, ...], device: torch.device) -> None:
@@ -320,8 +443,8 @@ def fisher_gram_triton(
         out: optional preallocated (K, Gx) float32 contiguous outputs (Gx may be None when x is None).
         block_d: tile length along D (power of two >= 16); default from the number of classes.
         tiles_per_split: tiles of D per program; default spreads the work over every SM (one split on CPU).
-        precision: ``tl.dot`` input precision ('ieee', 'tf32x3', 'tf32'); default 'tf32x3' on a GPU, 'ieee'
-            under the interpreter.
+        precision: ``tl.dot`` input precision for C > 16 ('ieee', 'tf32x3', 'tf32'); default 'ieee', the only
+            one that meets the error rule of the module docstring (C <= 16 never uses ``tl.dot``).
         autotune: pick num_warps / num_stages with ``triton.autotune`` (reproducible only within a process).
 
     Returns:

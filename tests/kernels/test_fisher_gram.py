@@ -60,6 +60,31 @@ def test_more_than_128_classes_uses_row_blocks(C, rng, poison):
     _check(J, p, x, "softmax", K, Gx, f"C={C}")
 
 
+@pytest.mark.parametrize("C", [6, 20])
+def test_fresh_accumulator_every_inner_tiles(C, rng, poison, monkeypatch):
+    # tiles_per_split = 7 with INNER_TILES = 3: chunks of 3, 3 and 1 tiles (a partial last chunk), on both paths.
+    monkeypatch.setattr(fg, "INNER_TILES", 3)
+    B, D = 2, 7 * 2 * 16 - 5
+    J = jacobian(B, C, D, torch.float32, rng)
+    p = probabilities(B, C, "softmax", rng)
+    x = torch.randn(B, D, generator=rng)
+    K, Gx = fg.fisher_gram_triton(J, p, x, block_d=16, tiles_per_split=7)
+    _check(J, p, x, "softmax", K, Gx, f"INNER_TILES=3 C={C}")
+
+
+@pytest.mark.parametrize("C", [5, 20])
+def test_centring_on_the_most_probable_class_with_unnormalised_p(C, rng, poison):
+    # p need not sum to 1 (float32 softmax rounds; callers pass their own p): delta = 1 - sum p enters the centre.
+    B, D = 3, 97
+    J = jacobian(B, C, D, torch.float32, rng)
+    p = probabilities(B, C, "softmax", rng, one_hot=True)
+    p[0] *= 0.999  # sum 0.999
+    p[1, (int(p[1].argmax()) + 1) % C] += 1e-3  # sum 1.001, the argmax not where jacobian() put its largest row
+    x = torch.randn(B, D, generator=rng)
+    K, Gx = fg.fisher_gram_triton(J, p, x, block_d=32)
+    _check(J, p, x, "softmax", K, Gx, f"unnormalised p C={C}")
+
+
 def test_default_launch_through_the_dispatch(rng, poison):
     B, C, D = 3, 5, 3 * 17 * 19
     J = jacobian(B, C, D, torch.float32, rng)
