@@ -8,7 +8,10 @@ the later stages resume where the last run stopped.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -21,7 +24,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .archive import Archive, ArchiveReader, write_tree
+from .archive import Archive, ArchiveReader, OutputError, write_tree
 from .config import Config, StageConfig
 from .models import (
     Classifier,
@@ -78,6 +81,84 @@ def provenance(cfg: Config, device: torch.device) -> dict:
     }
 
 
+def _make_out(out: Path) -> None:
+    """Create the output folder, or say in one line why it cannot be (a file in the way, no permission)."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output folder (--out / run.out) {out} is a file, not a folder")
+    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise OutputError(f"cannot create the output folder {out}: {blocker} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the output folder {out}: {exc.strerror or exc}") from None
+
+
+def _nothing_finished(path: Path) -> bool:
+    """Whether the archive at ``path`` records no finished stage (a readable drift archive only)."""
+    try:
+        reader = ArchiveReader(path)
+    except Exception:  # unreadable or foreign: Archive() reports it
+        return False
+    return not reader.stages
+
+
+class RunLock:
+    """``<out>/.lock`` holding the pid of the run writing the folder: a second run is refused while that process
+    lives; the lock of a process that no longer exists (killed, machine restarted) is taken over.
+
+    One process may hold it several times over (pipelines built one after the other in one session).
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.held = False
+
+    def acquire(self) -> None:
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                pid = self._owner()
+                if pid == os.getpid():
+                    self.held = True
+                    return
+                if pid is not None and _alive(pid):
+                    raise OutputError(f"output folder {self.path.parent} is in use by another drift run (pid {pid}, "
+                                      f"lock {self.path}); wait for it to finish or use another --out") from None
+                log(f"{self.path}: taking over the stale lock of a run that no longer exists (pid {pid})")
+                self.path.unlink(missing_ok=True)
+                continue
+            except OSError as exc:
+                raise OutputError(f"output folder {self.path.parent} is not writable: {exc.strerror or exc}") from None
+            with os.fdopen(fd, "w") as fh:
+                fh.write(f"{os.getpid()}\n")
+            self.held = True
+            return
+        raise OutputError(f"cannot take the lock {self.path}: other runs keep creating it")
+
+    def _owner(self) -> int | None:
+        try:
+            return int(self.path.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def release(self) -> None:
+        if self.held and self._owner() == os.getpid():
+            self.path.unlink(missing_ok=True)
+        self.held = False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a process of another user
+        return True
+    return True
+
+
 @dataclass
 class Trained:
     model: Classifier
@@ -90,29 +171,96 @@ class Pipeline:
     def __init__(self, cfg: Config, fresh: bool = False, force: tuple[str, ...] = ()):
         self.cfg = cfg
         self.out = Path(cfg.run.out)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.path = self.out / "archive.h5"
-        if fresh and self.path.exists():
-            self.path.unlink()
-        self.device = resolve_device(cfg.run.device)
-        if cfg.run.threads:
-            torch.set_num_threads(cfg.run.threads)
-        self.archive = Archive(self.path, cfg.to_toml(), cfg.science_hash(), provenance(cfg, self.device))
+        _make_out(self.out)
+        self.lock = RunLock(self.out / ".lock")
+        self.lock.acquire()
+        try:
+            self.path = self.out / "archive.h5"
+            if self.path.exists() and (fresh or _nothing_finished(self.path)):
+                # --fresh, or a run that failed before finishing any step: nothing worth keeping, whatever the
+                # config that run was started with.
+                self.path.unlink()
+            self.device = resolve_device(cfg.run.device)
+            if cfg.run.threads:
+                torch.set_num_threads(cfg.run.threads)
+            self.archive = Archive(self.path, cfg.to_toml(), cfg.science_hash(), provenance(cfg, self.device))
+            self.environment = self._environment()
+        except BaseException:
+            self.lock.release()
+            raise
         self.force = set(force)
         self._splits = None
+        self._data_fingerprint: str | None = None
         self._models: dict[tuple[str, str], Trained] = {}
         self.timings: dict[str, float] = {}
 
     # ------------------------------------------------------------------ helpers
     def _todo(self, name: str, step: str) -> bool:
-        """Whether ``name`` must be (re)computed: forced, never committed, or committed under other settings."""
+        """Whether ``name`` must be (re)computed: forced, never committed, or committed under other settings,
+        other data or another environment (logged, naming what changed)."""
         if step in self.force:
             return True
-        if self.archive.done(name, self.cfg.step_hash(step)):
+        stamp = self._stamp(step)
+        if self.archive.done(name, stamp["fingerprint"]):
             return False
-        if self.archive.done(name):
-            log(f"{name}: settings changed since it was computed; computing it again")
+        entry = self.archive.entry(name)
+        if entry is not None:
+            old = entry.get("inputs") or {}
+            changed = [k for k, v in stamp["inputs"].items() if k in old and old[k] != v]
+            if "data" in changed:
+                what = "the data changed (images added, removed, relabelled or modified)"
+            elif "settings" in changed or not changed:
+                what = "settings changed"
+            else:
+                what = ", ".join(f"{k} changed ({old[k]} -> {stamp['inputs'][k]})" for k in changed)
+            log(f"{name}: {what} since it was computed; computing it again")
         return True
+
+    def _environment(self) -> dict[str, str]:
+        """What the results of training and every later step depend on beyond the config: the effective CPU thread
+        count (``run.threads`` applied, or torch's default from the machine's cores), the device type, the
+        training precision resolved on that device, and the torch and timm versions. Another thread count alone
+        changes floating-point reduction order, hence the checkpoints."""
+        import timm
+
+        from .train import resolve_precision
+
+        train = self.cfg.train
+        precision = sorted({f"{st}={resolve_precision(getattr(train, st).for_arch(a).precision, self.device)}"
+                            for a in self.cfg.run.archs for st in STAGES})
+        return {"threads": str(torch.get_num_threads()), "device": self.device.type, "precision": ",".join(precision),
+                "torch": torch.__version__, "timm": timm.__version__}
+
+    @property
+    def data_fingerprint(self) -> str:
+        """Hash of the data as read: for real data every split's ids, labels and file sizes and modification times
+        (and the skipped files), for synthetic data its settings (the images are a function of them)."""
+        if self._data_fingerprint is None:
+            if self.cfg.data.source == "synthetic":
+                self._data_fingerprint = self.cfg.part_hash("data")
+            else:
+                s = self.splits
+                h = hashlib.sha256(json.dumps(list(s.class_names)).encode())
+                for name, part in (("train", s.train), ("val", s.val), ("test", s.test)):
+                    for i, path, label in zip(part.ids, part.paths or [], part.labels.tolist()):
+                        try:
+                            st = os.stat(path)
+                            stat = (st.st_size, st.st_mtime_ns)
+                        except OSError:
+                            stat = (-1, -1)
+                        h.update(json.dumps([name, i, label, *stat]).encode())
+                h.update(json.dumps([list(x) for x in s.skipped]).encode())
+                self._data_fingerprint = h.hexdigest()[:16]
+        return self._data_fingerprint
+
+    def _stamp(self, step: str) -> dict:
+        """``fingerprint`` and ``inputs`` of a step (see :meth:`drift.archive.Archive.stage`): its settings and the
+        data, and from training on the environment (:meth:`_environment`)."""
+        inputs = {"settings": self.cfg.step_hash(step), "data": self.data_fingerprint}
+        if step != "data":
+            inputs.update(self.environment)
+        fingerprint = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+        return {"fingerprint": fingerprint, "inputs": inputs}
 
     @property
     def splits(self):
@@ -125,10 +273,10 @@ class Pipeline:
                                                    d.difficulty, d.confounder)
             elif d.source == "folder":
                 self._splits = data.load_folder(d.path, d.image_size, self.cfg.data_seed, d.val_fraction,
-                                                d.test_fraction, d.skip_bad)
+                                                d.test_fraction, d.skip_bad, classes=d.classes or None)
             else:
                 self._splits = data.load_csv(d.path, d.image_size, self.cfg.data_seed, d.val_fraction,
-                                             d.test_fraction, d.skip_bad)
+                                             d.test_fraction, d.skip_bad, classes=d.classes or None)
         return self._splits
 
     @property
@@ -140,6 +288,13 @@ class Pipeline:
 
     # ------------------------------------------------------------------ stages
     def run(self, steps: tuple[str, ...] = ALL_STEPS) -> Path:
+        """Run (or resume) ``steps``; the output folder's lock is released when it returns or fails."""
+        try:
+            return self._run(steps)
+        finally:
+            self.lock.release()
+
+    def _run(self, steps: tuple[str, ...]) -> Path:
         t0 = time.perf_counter()
         if "data" in steps:
             self.stage_data()
@@ -199,7 +354,7 @@ class Pipeline:
                           "test": np.bincount(test.labels, minlength=len(self.class_names))}
         tree["skipped"] = {"files": np.asarray([f for f, _ in s.skipped] or [""])[: len(s.skipped)],
                            "reasons": np.asarray([r for _, r in s.skipped] or [""])[: len(s.skipped)]}
-        with self.archive.stage("data", replace=("data",), started=t0, fingerprint=self.cfg.step_hash("data")) as f:
+        with self.archive.stage("data", replace=("data",), started=t0, **self._stamp("data")) as f:
             g = f.require_group("data")
             g.attrs["class_names"] = json.dumps(self.class_names)
             g.attrs["n_skipped"] = len(s.skipped)
@@ -227,33 +382,147 @@ class Pipeline:
         load_backbone_weights(model, load_state(w), w)
         return model, w
 
+    #: Version of the synthetic-source recipe (source task, pretraining, cache file format); part of the cache key.
+    _SOURCE_RECIPE = 4
+
     def _source_weights(self, model: Classifier) -> str:
-        from .data import make_source
+        """Load the synthetic-source backbone of ``model.arch`` into ``model`` (pretrained and cached on first use).
 
-        cfg = self.cfg
-        key = json.dumps({"arch": model.arch, "size": cfg.data.image_size, "source": vars(cfg.source), "recipe": 3,
-                          "seed": cfg.run.seed}, sort_keys=True)
-        import hashlib
+        Returns:
+            The weights' origin: source task, its held-out accuracy, the pretraining run and the cache file; the
+            same string whether the weights were pretrained now or read from the cache.
+        """
+        payload = self.source_backbone(self.cfg, model.arch, self.device)
+        path = self.source_cache_path(self.cfg, model.arch)
+        load_backbone_weights(model, payload, str(path))
+        return self._source_origin(payload["meta"], path)
 
+    @staticmethod
+    def _source_side(cfg: Config, arch: str) -> int:
+        """The side of the images ``arch`` sees under ``cfg`` (as :meth:`input_size`)."""
+        return round(cfg.data.image_size * cfg.model.input_scale.get(arch, 1.0))
+
+    @staticmethod
+    def source_cache_path(cfg: Config, arch: str) -> Path:
+        """Cache file of the synthetic-source weights of ``arch``: ``<cache_dir>/source/<arch>-<side>px-<key>.pt``.
+
+        The key hashes what the weights depend on: architecture, the input side the backbone sees, the
+        ``[source]`` settings, the recipe version and ``run.seed``.
+        """
+        side = Pipeline._source_side(cfg, arch)
+        key = json.dumps({"arch": arch, "size": side, "source": dataclasses.asdict(cfg.source),
+                          "recipe": Pipeline._SOURCE_RECIPE, "seed": cfg.run.seed}, sort_keys=True)
         digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-        path = Path(cfg.model.cache_dir) / "source" / f"{model.arch}-{cfg.data.image_size}px-{digest}.pt"
-        if path.is_file():
-            load_backbone_weights(model, load_state(path), str(path))
-            log(f"{model.arch}: synthetic-source weights from cache {path}")
-            return f"synthetic-source (cached {path.name})"
-        src = make_source(cfg.source.n_train, cfg.data.image_size, cfg.run.seed + 7919)
-        st = StageConfig(epochs=cfg.source.epochs, lr=cfg.source.lr, batch_size=cfg.source.batch_size,
-                         patience=cfg.source.epochs)
+        return Path(cfg.model.cache_dir) / "source" / f"{arch}-{side}px-{digest}.pt"
+
+    @staticmethod
+    def source_backbone(cfg: Config, arch: str, device: torch.device, progress: bool | None = None) -> dict:
+        """The synthetic-source backbone of ``arch`` under ``cfg``: read from the cache, or pretrained and cached.
+
+        A cache file is used only when its sha256 matches the sidecar ``<file>.sha256`` written after it; a
+        missing sidecar, a truncated or altered file is reported and the weights are pretrained again.
+
+        Args:
+            cfg: The run's config (``[source]``, ``model.cache_dir``, ``run.seed``, the input side of ``arch``).
+            arch: Registry name of the backbone.
+            device: Where to pretrain.
+            progress: Progress bars (default ``cfg.run.progress``).
+
+        Returns:
+            ``{"state_dict": backbone tensors, "meta": {"task", "description", "classes", "source_accuracy",
+            "n_train", "n_val", "epochs", "input_size", "seconds", ...}}``.
+        """
+        path = Pipeline.source_cache_path(cfg, arch)
+        payload = Pipeline._read_source_cache(path)
+        if payload is not None:
+            log(f"{arch}: synthetic-source weights from cache {path}")
+            return payload
+        src = cfg.source
+        log(f"{arch}: no cached synthetic-source weights for this config; pretraining once on the {src.task} task "
+            f"({src.n_train} images x {src.epochs} epoch{'s' if src.epochs != 1 else ''} at "
+            f"{Pipeline._source_side(cfg, arch)} px)")
+        payload = Pipeline._pretrain_source(cfg, arch, device, cfg.run.progress if progress is None else progress)
+        Pipeline._write_source_cache(path, payload)
+        meta = payload["meta"]
+        log(f"{arch}: pretrained in {meta['seconds']:.0f} s, held-out source accuracy {meta['source_accuracy']:.3f} "
+            f"({len(meta['classes'])} classes); cached {path}")
+        return payload
+
+    @staticmethod
+    def _pretrain_source(cfg: Config, arch: str, device: torch.device, progress: bool) -> dict:
+        from .data import SOURCE_TASKS
+
+        src = cfg.source
+        if src.task not in SOURCE_TASKS:
+            raise ValueError(f"source.task must be one of {', '.join(SOURCE_TASKS)}, got {src.task!r}")
+        task = SOURCE_TASKS[src.task]
+        side = Pipeline._source_side(cfg, arch)
         t0 = time.perf_counter()
-        res = pretrain_source(model, src, len(src.class_names), st, self.device, cfg.run.seed, cfg.run.progress)
-        calibrate_bn(model, src, self.device)  # exact statistics of the final weights, not a running average
-        log(f"{model.arch}: synthetic-source pretraining, {len(res.history['epoch'])} epochs, "
-            f"final loss {res.history['train_loss'][-1]:.3f}, {time.perf_counter() - t0:.0f} s")
+        seed = cfg.run.seed + 7919  # source images never share a stream with the chest task's
+        train = task.make(src.n_train, side, seed)
+        heldout = task.make(src.n_val, side, seed, offset=src.n_train)
+        st = StageConfig(epochs=src.epochs, lr=src.lr, batch_size=src.batch_size, patience=src.epochs,
+                         bn_frozen=False, schedule=src.schedule, precision=src.precision)
+        # The pretraining draws from torch's global generator; forking it keeps every later stage's random
+        # numbers the same whether the weights came from the cache or were pretrained in this process.
+        devices = [device.index or 0] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(cfg.run.seed)
+            model = build(arch, len(task.classes), cfg.model.dropout)
+            res = pretrain_source(model, train, len(task.classes), st, device, cfg.run.seed, progress, heldout,
+                                  f"{arch} source pretraining")
+        meta = {"task": task.name, "description": task.description, "classes": list(task.classes),
+                "source_accuracy": res.history["heldout_accuracy"][0], "final_loss": res.history["train_loss"][-1],
+                "n_train": src.n_train, "n_val": src.n_val, "epochs": src.epochs, "lr": src.lr,
+                "batch_size": src.batch_size, "precision": res.precision, "input_size": side, "arch": arch,
+                "recipe": Pipeline._SOURCE_RECIPE, "seconds": time.perf_counter() - t0}
+        state = {k: v.detach().cpu().clone() for k, v in model.backbone.state_dict().items()}
+        return {"state_dict": state, "meta": meta}
+
+    @staticmethod
+    def _read_source_cache(path: Path) -> dict | None:
+        """The cached payload at ``path``, or None when absent, or (reported) incomplete or corrupt."""
+        if not path.is_file():
+            return None
+        sidecar = path.with_name(path.name + ".sha256")
+        expected = sidecar.read_text().split()[0] if sidecar.is_file() and sidecar.stat().st_size else ""
+        # Checked before unpickling anything: a partly written or altered file is never loaded.
+        if not expected or sha256_file(path) != expected:
+            why = "no sha256 sidecar" if not expected else "sha256 mismatch"
+            log(f"{path}: cache file incomplete or corrupt ({why}); pretraining again")
+            return None
+        try:
+            payload = load_state(path)
+        except ValueError as exc:
+            log(f"{path}: unreadable cache file ({exc}); pretraining again")
+            return None
+        if not isinstance(payload.get("meta"), dict):
+            log(f"{path}: cache file without metadata; pretraining again")
+            return None
+        return payload
+
+    @staticmethod
+    def _write_source_cache(path: Path, payload: dict) -> None:
+        """Write ``payload`` atomically, then its sha256 sidecar: a file without a matching sidecar is incomplete."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save({"state_dict": model.backbone.state_dict()}, tmp)
-        tmp.replace(path)
-        return f"synthetic-source (trained, cached {path.name})"
+        sidecar = path.with_name(path.name + ".sha256")
+        sidecar.unlink(missing_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        torch.save(payload, tmp)
+        digest = sha256_file(tmp)
+        os.replace(tmp, path)
+        tmp = sidecar.with_name(f"{sidecar.name}.{os.getpid()}.tmp")
+        tmp.write_text(f"{digest}  {path.name}\n")
+        os.replace(tmp, sidecar)
+
+    @staticmethod
+    def _source_origin(meta: dict, path: Path) -> str:
+        """One line on synthetic-source weights: task, held-out accuracy, pretraining run, cache file."""
+        epochs = meta["epochs"]
+        return (f"synthetic-source: {meta['task']} task ({len(meta['classes'])} classes: {meta['description']}), "
+                f"held-out accuracy {meta['source_accuracy']:.3f}; pretrained on {meta['n_train']} images x {epochs} "
+                f"epoch{'s' if epochs != 1 else ''} at {meta['input_size']} px in {meta['seconds']:.0f} s; "
+                f"cache {path.name}")
 
     # ---- training
     def checkpoint_path(self, arch: str, stage: str) -> Path:
@@ -303,7 +572,7 @@ class Pipeline:
         log(f"{arch} {stage}: test accuracy {ev.accuracy:.3f}, macro AUC {ev.macro_auc:.3f} "
             f"(best epoch {res.best_epoch + 1}, {res.seconds:.0f} s)")
         name = f"models/{arch}/{stage}"
-        with self.archive.stage(name, replace=(name,), started=t0, fingerprint=self.cfg.step_hash("train")) as f:
+        with self.archive.stage(name, replace=(name,), started=t0, **self._stamp("train")) as f:
             g = f.require_group(name)
             write_tree(g, {"history": res.history, "test": ev.to_dict()})
             g.attrs.update({"checkpoint": str(ckpt), "sha256": sha, "best_epoch": res.best_epoch,
@@ -352,7 +621,7 @@ class Pipeline:
         for (layer, score, stage, m), parts in maps.items():
             tree.setdefault(layer, {}).setdefault(score, {}).setdefault(stage, {})[m] = (
                 torch.cat(parts).numpy().astype(np.float32))
-        with self.archive.stage(name, replace=(name,), started=t0, fingerprint=self.cfg.step_hash("attributions")) as f:
+        with self.archive.stage(name, replace=(name,), started=t0, **self._stamp("attributions")) as f:
             g = f.require_group(name)
             write_tree(g, tree)
             g.attrs.update({"target": acfg.target, "eps": acfg.eps, "methods": json.dumps(list(acfg.methods)),
@@ -403,7 +672,7 @@ class Pipeline:
                         a, b = normalize(up["transfer", method], norm), normalize(up["finetune", method], norm)
                         cell.setdefault(norm, {})[method] = self._pair_tree(a, b, lung, lesion, marker, selected,
                                                                             n_classes, stats, pair_metrics)
-        with self.archive.stage(name, replace=(name,), started=t0, fingerprint=self.cfg.step_hash("drift")) as f:
+        with self.archive.stage(name, replace=(name,), started=t0, **self._stamp("drift")) as f:
             g = f.require_group(name)
             write_tree(g, tree)
             g.attrs["sample_set"] = mcfg.sample_set
@@ -497,7 +766,7 @@ class Pipeline:
                                          "x_high": high_all.numpy().astype(np.float32),
                                          "x_low": (x_all - high_all).numpy().astype(np.float32),
                                          "k": torch.cat(ks).numpy(), "energy_share": torch.cat(shares).numpy()}
-        with self.archive.stage(name, replace=(name,), started=t0, fingerprint=self.cfg.step_hash("fisher")) as f:
+        with self.archive.stage(name, replace=(name,), started=t0, **self._stamp("fisher")) as f:
             write_tree(f.require_group(name), tree)
         self.timings[name] = time.perf_counter() - t0
         log(f"{arch}: iFIM spectra of {n} images and perturbations of {min(fc.n_components, len(test))} "
@@ -531,7 +800,7 @@ class Pipeline:
                                                                    stats)
         verdict = grid_verdict(tree, acfg.methods, mcfg.ranking_metrics)
         counts = np.bincount(labels[ranked], minlength=n_classes) if ranked.any() else np.zeros(n_classes, int)
-        with self.archive.stage("stats", replace=("stats",), started=t0, fingerprint=self.cfg.step_hash("stats")) as f:
+        with self.archive.stage("stats", replace=("stats",), started=t0, **self._stamp("stats")) as f:
             g = f.require_group("stats")
             write_tree(g.require_group("ranking"), tree)
             write_tree(g, {"ranked": ranked})
@@ -581,25 +850,29 @@ def grid_verdict(tree: dict, methods: list[str], metrics: list[str]) -> str:
     """
     pairs = [f"{a} vs {b}" for i, a in enumerate(methods) for b in methods[i + 1:]
              if {"layercam"} & {a, b} and any(m.startswith("gradcam++") for m in (a, b))]
+    between = "LayerCAM and Grad-CAM++"
     if not pairs:
         pairs = [f"{a} vs {b}" for i, a in enumerate(methods) for b in methods[i + 1:]]
+        between = "methods"
     parts = []
     for metric in metrics:
         key = metric.replace("/", "_")
-        hits = total = 0
+        hits = total = unranked = 0
         for by_score in tree.values():
             for by_norm in by_score.values():
                 for cell in by_norm.values():
                     rr = cell.get(key, {})
+                    unranked += "unranked" in rr
                     for p in pairs:
                         if p in rr.get("reverses", {}):
                             total += 1
                             hits += bool(rr["reverses"][p])
         if total:
-            how = ("in every cell" if hits == total else "in no cell" if hits == 0
-                   else "only in some cells: the conclusion hinges on the protocol")
-            parts.append(f"by {metric} the most stable architecture differs between methods in {hits} of {total} "
-                         f"(cell, method pair) combinations ({how})")
+            how = ("in every one" if hits == total else "in none" if hits == 0
+                   else "in some only: the conclusion hinges on the protocol")
+            parts.append(f"by {metric} the most stable architecture differs between {between} in {hits} "
+                         f"of {total} (cell, method pair) combinations ({how})"
+                         + (f", {unranked} cells not ranked" if unranked else ""))
     if not parts:
         return "no ranking could be made (fewer than two architectures or methods with scored images)"
     return "; ".join(parts) + "."

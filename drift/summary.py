@@ -81,7 +81,7 @@ def ranking_table(rank: dict) -> str:
     rows = []
     for metric, rr in rank.items():
         if "unranked" in rr:
-            rows.append([metric, f"not ranked: {rr['unranked']}", "-", "-", "-", "-"])
+            rows.append([metric, "-", "not ranked (see the report)", "-", "-", "-"])
             continue
         for i, (method, order) in enumerate(rr.get("rankings", {}).items()):
             rows.append([metric if i == 0 else "", method, _order(order), "", "", ""])
