@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +42,9 @@ class DataConfig:
     val_fraction: float = 0.15
     test_fraction: float = 0.2
     skip_bad: bool = False
+    # Real data: the expected class names, in label order. A label or class folder outside the list is an error
+    # (a typo never becomes a class of its own); empty = the sorted names found in the data.
+    classes: list[str] = field(default_factory=list)
     # Seed of the synthetic images and of the real-data split; -1 = run.seed. Fix it to vary only training
     # (initialisation, batch order, dropout) across run seeds: the archives then share one test set.
     seed: int = -1
@@ -47,9 +52,9 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    weights: str = "none"  # none (random init) | synthetic-source | imagenet | <checkpoint path>
+    weights: str = "synthetic-source"  # synthetic-source | none (random init) | imagenet | <checkpoint path>
     weights_file: str = ""  # local ImageNet weights file (imagenet)
-    cache_dir: str = ".cache/drift"  # synthetic-source weights are cached here
+    cache_dir: str = ".cache/drift"  # synthetic-source weights are cached here (`drift pretrain` fills it)
     dropout: float = 0.2
     # Per-architecture input scale: the model resamples its input to round(scale x data.image_size) px. The study
     # feeds InceptionV3 299 px and the others 224 px (299 / 224 = 1.33); the demo draws 160 px images and
@@ -60,12 +65,21 @@ class ModelConfig:
 
 @dataclass
 class SourceConfig:
-    """Pretraining on the synthetic source task (stand-in for ImageNet when no weights are at hand)."""
+    """Pretraining on a synthetic source task (stand-in for ImageNet when no weights are at hand).
 
-    n_train: int = 300
+    The whole backbone trains with a temporary linear head on ``n_train`` source images drawn at the side the
+    backbone sees, then its BatchNorm statistics are re-estimated and ``n_val`` held-out images give the source
+    accuracy. Every value here is part of the weights' cache key.
+    """
+
+    task: str = "lesion-attributes"  # lesion-attributes | textures (drift.data.SOURCE_TASKS)
+    n_train: int = 2000
+    n_val: int = 300
     epochs: int = 1
-    lr: float = 1e-3
-    batch_size: int = 32
+    lr: float = 2e-3
+    batch_size: int = 16
+    schedule: str = "onecycle"  # constant | onecycle
+    precision: str = "auto"  # fp32 | bf16 | auto
 
 
 @dataclass
@@ -123,7 +137,7 @@ class MetricsConfig:
     sample_set: str = "tp_both"  # per-architecture drift tables: tp_both | all | tp_either | tp_all
     # Map normalisation before the metrics, applied to both checkpoints' maps alike: minmax | sum | none. The
     # first is the primary one; every one listed is scored (a cell of the protocol grid).
-    normalize: list[str] = field(default_factory=lambda: ["minmax", "none"])
+    normalize: list[str] = field(default_factory=lambda: ["minmax"])
     # Images on which architectures are ranked: tp_all (correct under both checkpoints of every architecture:
     # one common sample, so the ranking is not confounded with each architecture's class mix) or a per-arch rule.
     ranking_sample_set: str = "tp_all"
@@ -312,6 +326,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.seed must be >= 0, or -1 for run.seed, got {cfg.data.seed}")
     if not 32 <= cfg.data.image_size <= 1024:
         raise ConfigError(f"data.image_size must be in [32, 1024], got {cfg.data.image_size}")
+    _check_run_and_data(cfg)
     if cfg.attribution.target not in ("true", "predicted"):
         raise ConfigError(f"attribution.target must be 'true' or 'predicted', got {cfg.attribution.target!r}")
     for key in ("sample_set", "ranking_sample_set"):
@@ -343,6 +358,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"metrics.fractions: {f} is outside (0, 1]")
     if cfg.fisher.head not in ("softmax", "sigmoid"):
         raise ConfigError(f"fisher.head must be softmax or sigmoid, got {cfg.fisher.head!r}")
+    _check_analysis(cfg)
     for arch, scale in cfg.model.input_scale.items():
         if arch not in REGISTRY:
             raise ConfigError(f"model.input_scale: unknown architecture {arch!r}; "
@@ -361,6 +377,86 @@ def validate(cfg: Config) -> None:
                 raise ConfigError(f"train.{name}.per_arch: unknown architecture {arch!r}; "
                                   f"registered: {', '.join(sorted(REGISTRY))}")
             _check_stage(st.for_arch(arch, f"train.{name}"), f"train.{name}.per_arch.{arch}")
+
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+
+
+def _int_at_least(value: Any, key: str, low: int, meaning: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{key} must be an integer >= {low}{meaning}, got {value!r}")
+
+
+def _number_list(values: list, key: str, low: float, high: float, low_open: bool = True) -> None:
+    """A non-empty list of numbers in (low, high] (or [low, high] when not ``low_open``)."""
+    if not values:
+        raise ConfigError(f"{key} is empty")
+    bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+    for v in values:
+        if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                or v > high or v < low or (low_open and v == low)):
+            raise ConfigError(f"{key}: {v!r} is not a finite number in {bounds}")
+
+
+def _check_run_and_data(cfg: Config) -> None:
+    """Run and data settings that would otherwise fail (or mislead) only after minutes of compute."""
+    if not isinstance(cfg.run.device, str) or not _DEVICE.fullmatch(cfg.run.device):
+        raise ConfigError(f"run.device must be auto, cpu, cuda or cuda:N (N a GPU index), got {cfg.run.device!r}")
+    _int_at_least(cfg.run.threads, "run.threads", 0, " (0 keeps torch's default)")
+    d = cfg.data
+    for key in ("n_train", "n_val", "n_test"):
+        _int_at_least(getattr(d, key), f"data.{key}", 1, " (images of that split, synthetic data)")
+    for key in ("val_fraction", "test_fraction"):
+        v = getattr(d, key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
+            raise ConfigError(f"data.{key} must be a number in (0, 1), got {v!r}")
+    if d.val_fraction + d.test_fraction >= 1:
+        raise ConfigError(f"data.val_fraction + data.test_fraction must be < 1 (train keeps the rest), got "
+                          f"{d.val_fraction} + {d.test_fraction}")
+    for key in ("difficulty", "confounder"):
+        v = getattr(d, key)
+        if not 0 <= v <= 1:
+            raise ConfigError(f"data.{key} must be in [0, 1], got {v!r}")
+    if d.classes:
+        if not all(isinstance(c, str) and c.strip() for c in d.classes):
+            raise ConfigError(f"data.classes must list non-empty class names, got {d.classes!r}")
+        if len(d.classes) < 2:
+            raise ConfigError(f"data.classes must list at least 2 classes, got {d.classes!r}")
+        _check_list(d.classes, "data.classes", None)
+        if d.source == "synthetic":
+            raise ConfigError("data.classes applies to real data (data.source = folder or csv); the synthetic "
+                              "task has its own classes")
+
+
+def _check_analysis(cfg: Config) -> None:
+    """Attribution, metrics and iFIM settings, checked before any compute."""
+    from .metrics import iou_key
+    from .stats import STABILITY_DIRECTION
+
+    _int_at_least(cfg.attribution.batch_size, "attribution.batch_size", 1)
+    if not math.isfinite(cfg.attribution.eps) or cfg.attribution.eps < 0:
+        raise ConfigError(f"attribution.eps must be a finite number >= 0, got {cfg.attribution.eps!r}")
+    _number_list(cfg.metrics.fractions, "metrics.fractions", 0, 1)
+    _check_list(cfg.metrics.fractions, "metrics.fractions", None)
+    known = [k for k in STABILITY_DIRECTION if not k.startswith("iou@")]
+    known = [iou_key(f) for f in cfg.metrics.fractions] + known
+    _check_list(cfg.metrics.ranking_metrics, "metrics.ranking_metrics", None)
+    for m in cfg.metrics.ranking_metrics:
+        if m not in known:
+            raise ConfigError(f"metrics.ranking_metrics: unknown metric {m!r}; known: {', '.join(known)} (iou@XX "
+                              "keys follow metrics.fractions)")
+    fc = cfg.fisher
+    _int_at_least(fc.n_spectrum, "fisher.n_spectrum", 0, " (test images with eigenvalues; 0 = all)")
+    _int_at_least(fc.n_components, "fisher.n_components", 1, " (test images with components and perturbations)")
+    _int_at_least(fc.n_draws, "fisher.n_draws", 1)
+    _int_at_least(fc.batch_size, "fisher.batch_size", 1)
+    if not 0 < fc.energy <= 1:
+        raise ConfigError(f"fisher.energy must be in (0, 1], got {fc.energy!r}")
+    _number_list(fc.eps_grid, "fisher.eps_grid", 0, math.inf, low_open=False)
+    _check_list(fc.eps_grid, "fisher.eps_grid", None)
+    _number_list(fc.alphas, "fisher.alphas", 0, 1, low_open=False)
+    _check_list(fc.alphas, "fisher.alphas", None)
+    _int_at_least(cfg.report.n_examples, "report.n_examples", 0)
 
 
 def _check_list(values: list, key: str, allowed: tuple[str, ...] | None) -> None:

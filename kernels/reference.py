@@ -119,8 +119,13 @@ def topk_classes_reference(a: torch.Tensor, fraction: float) -> tuple[torch.Tens
         tied pixels the top set takes (1 <= need <= #{v == t}).
     """
     flat = _flat64(a)
-    k = topk_count(flat.shape[1], fraction)
-    t = torch.sort(flat, dim=1, descending=True).values[:, k - 1 : k]
+    return _classes(flat, torch.sort(flat, dim=1, descending=True).values, topk_count(flat.shape[1], fraction))
+
+
+def _classes(flat: torch.Tensor, desc: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Above / tied masks and the tied pixels taken, for maps ``flat`` (N, P) whose rows sorted descending are
+    ``desc``: one sort serves every fraction."""
+    t = desc[:, k - 1 : k]
     above, tied = flat > t, flat == t
     return above, tied, k - above.sum(1)
 
@@ -197,11 +202,19 @@ def topk_iou_reference(
         union = torch.stack(unions, 1).to(torch.int64)
         return inter, union, inter.to(torch.float32) / union.to(torch.float32)
     counts, need_a, need_b = [], [], []
+    # float32 holds every float16 / bfloat16 / float32 value exactly, so order and ties are those of the input.
+    fa, fb = (_flat64(m) if m.dtype == torch.float64 else m.reshape(m.shape[0], -1).to(torch.float32) for m in (a, b))
+    da, db = (torch.sort(m, dim=1, descending=True).values for m in (fa, fb))
     for f in fractions:
-        above_a, tied_a, r_a = topk_classes_reference(a, f)
-        above_b, tied_b, r_b = topk_classes_reference(b, f)
-        pairs = ((above_a, above_b), (above_a, tied_b), (tied_a, above_b), (tied_a, tied_b))
-        counts.append(torch.stack([(x & y).sum(1) for x, y in pairs] + [tied_a.sum(1), tied_b.sum(1)], 1))
+        k = topk_count(fa.shape[1], f)
+        above_a, tied_a, r_a = _classes(fa, da, k)
+        above_b, tied_b, r_b = _classes(fb, db, k)
+        # Class codes 0 below, 1 tied, 2 above; one bincount of the nine (a, b) code pairs per row counts them all.
+        code = (2 * above_a + tied_a).to(torch.int64) * 3 + (2 * above_b + tied_b).to(torch.int64)
+        rows = torch.arange(code.shape[0], device=code.device)[:, None] * 9
+        c = torch.bincount((code + rows).reshape(-1), minlength=code.shape[0] * 9).reshape(-1, 3, 3)
+        counts.append(torch.stack([c[:, 2, 2], c[:, 2, 1], c[:, 1, 2], c[:, 1, 1], c[:, 1].sum(1), c[:, :, 1].sum(1)],
+                                  1))
         need_a.append(r_a)
         need_b.append(r_b)
     n_pix = a.shape[1] * a.shape[2]

@@ -16,7 +16,7 @@ TINY = [
     'metrics.sample_set="all"', "metrics.n_boot=20", "fisher.n_spectrum=3", "fisher.n_components=2",
     "fisher.eps_grid=[0.05]", "fisher.alphas=[1.0]", "fisher.batch_size=2", "report.enabled=false",
     "train.finetune.per_arch.resnet18.epochs=2", "train.finetune.per_arch.resnet18.patience=2",
-    "model.input_scale={resnet18 = 1.5}", "metrics.min_per_class=1",
+    "model.input_scale={resnet18 = 1.5}", "metrics.min_per_class=1", 'metrics.normalize=["minmax", "none"]',
 ]
 
 
@@ -310,3 +310,107 @@ def test_shipped_smoke_config_runs_end_to_end(tmp_path, capsys):
             assert ev["accuracy"] == pytest.approx(float(np.mean(ev["logits"].argmax(1) == ev["labels"])))
             assert len(r.history(arch, stage)["epoch"]) <= getattr(cfg.train, stage).epochs
     assert (tmp_path / "report" / "report.html").is_file()
+
+
+# ---- synthetic-source weights: cache key, cache integrity, a real transfer stage
+
+SOURCE_TINY = ["model.weights=synthetic-source", "source.n_train=12", "source.n_val=6", "source.batch_size=6",
+               'source.precision="fp32"', 'run.archs=["resnet10t"]', "model.input_scale={}"]
+
+
+def test_source_cache_key_follows_architecture_input_size_and_source_config(tmp_path):
+    base = tiny(tmp_path, *SOURCE_TINY, f'model.cache_dir="{tmp_path}"')
+    path = Pipeline.source_cache_path(base, "resnet10t")
+    assert path.parent == tmp_path / "source" and path.name.startswith("resnet10t-64px-")
+    assert Pipeline.source_cache_path(tiny(tmp_path, *SOURCE_TINY, f'model.cache_dir="{tmp_path}"'),
+                                      "resnet10t") == path
+    changed = [
+        Pipeline.source_cache_path(base, "resnet18"),
+        Pipeline.source_cache_path(tiny(tmp_path, *SOURCE_TINY, f'model.cache_dir="{tmp_path}"',
+                                        "data.image_size=96"), "resnet10t"),
+        Pipeline.source_cache_path(tiny(tmp_path, *SOURCE_TINY, f'model.cache_dir="{tmp_path}"',
+                                        "source.n_train=13"), "resnet10t"),
+        Pipeline.source_cache_path(tiny(tmp_path, *SOURCE_TINY, f'model.cache_dir="{tmp_path}"',
+                                        'source.task="textures"'), "resnet10t"),
+        Pipeline.source_cache_path(tiny(tmp_path, *SOURCE_TINY, f'model.cache_dir="{tmp_path}"', "run.seed=1"),
+                                   "resnet10t"),
+    ]
+    assert len({path, *changed}) == len(changed) + 1
+    # The side the backbone sees is what the weights depend on (source images are drawn at that side): 96 px
+    # images and 64 px images resampled to 96 px share weights.
+    assert changed[1].name.startswith("resnet10t-96px-")
+    assert Pipeline.source_cache_path(tiny(tmp_path, *SOURCE_TINY, f'model.cache_dir="{tmp_path}"',
+                                           "model.input_scale={resnet10t = 1.5}"), "resnet10t") == changed[1]
+    # Settings the weights do not depend on leave the key alone.
+    assert Pipeline.source_cache_path(tiny(tmp_path, *SOURCE_TINY, f'model.cache_dir="{tmp_path}"',
+                                           "train.finetune.lr=0.1", "data.n_test=11"), "resnet10t") == path
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "no-sidecar"])
+def test_damaged_source_cache_is_rebuilt_not_loaded(tmp_path, monkeypatch, damage):
+    import drift.pipeline as pipeline_module
+
+    cfg = tiny(tmp_path, *SOURCE_TINY, f'model.cache_dir="{tmp_path}"')
+    calls = {"pretrain": 0, "load": []}
+    real_pretrain, real_load = pipeline_module.pretrain_source, pipeline_module.load_state
+
+    def counting_pretrain(*args, **kwargs):
+        calls["pretrain"] += 1
+        return real_pretrain(*args, **kwargs)
+
+    def recording_load(path):
+        calls["load"].append(path)
+        return real_load(path)
+
+    monkeypatch.setattr(pipeline_module, "pretrain_source", counting_pretrain)
+    monkeypatch.setattr(pipeline_module, "load_state", recording_load)
+    first = Pipeline.source_backbone(cfg, "resnet10t", torch.device("cpu"))
+    path = Pipeline.source_cache_path(cfg, "resnet10t")
+    assert calls["pretrain"] == 1 and path.is_file() and path.with_name(path.name + ".sha256").is_file()
+    again = Pipeline.source_backbone(cfg, "resnet10t", torch.device("cpu"))  # a sound file is loaded
+    assert calls["pretrain"] == 1 and calls["load"] == [path]
+    assert all(torch.equal(again["state_dict"][k], v) for k, v in first["state_dict"].items())
+    data = path.read_bytes()
+    if damage == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "flip":
+        path.write_bytes(data[:-100] + bytes([data[-100] ^ 1]) + data[-99:])
+    else:
+        path.with_name(path.name + ".sha256").unlink()
+    calls["load"].clear()
+    rebuilt = Pipeline.source_backbone(cfg, "resnet10t", torch.device("cpu"))
+    assert calls["pretrain"] == 2 and calls["load"] == []  # never unpickled the damaged file
+    assert set(rebuilt["state_dict"]) == set(first["state_dict"])
+    from drift.models import sha256_file
+
+    assert path.with_name(path.name + ".sha256").read_text().split()[0] == sha256_file(path)
+    Pipeline.source_backbone(cfg, "resnet10t", torch.device("cpu"))
+    assert calls["pretrain"] == 2 and calls["load"] == [path]
+
+
+def test_pretrain_command_fills_the_cache_and_stage_1_keeps_the_source_backbone(tmp_path, capsys):
+    """`drift pretrain` makes the weights `drift run` then loads; stage 1 trains the head only: every backbone
+    parameter and BatchNorm running statistic of the stage-1 checkpoint equals the cached source weights."""
+    from drift.models import load_checkpoint
+
+    extra = [*SOURCE_TINY, f'model.cache_dir="{tmp_path / "cache"}"']
+    sets = [a for item in [*TINY, *extra, f'run.out="{tmp_path / "run"}"'] for a in ("--set", item)]
+    assert main(["pretrain", *sets, "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "pretraining once on the lesion-attributes task" in out and "held-out accuracy" in out
+    assert "wall time" in out and not (tmp_path / "run" / "archive.h5").exists()
+    cfg = tiny(tmp_path / "run", *extra)
+    cached = Pipeline.source_backbone(cfg, "resnet10t", torch.device("cpu"))
+    assert "from cache" in capsys.readouterr().out
+    pipe = Pipeline(cfg)
+    pipe.trained("resnet10t", "transfer")
+    assert "pretraining" not in capsys.readouterr().out
+    ckpt = load_checkpoint(pipe.checkpoint_path("resnet10t", "transfer"), "resnet10t", 5)
+    backbone = ckpt.backbone.state_dict()
+    assert set(backbone) == set(cached["state_dict"])
+    for k, v in cached["state_dict"].items():
+        assert torch.equal(backbone[k], v), k
+    assert any("running_var" in k for k in backbone)
+    attrs = ArchiveReader(pipe.path).read("models/resnet10t/transfer")
+    assert attrs["weights"].startswith("synthetic-source: lesion-attributes task") and attrs["bn_frozen"]
+    assert "held-out accuracy" in attrs["weights"]
