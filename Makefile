@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.drift-installed
 
-.PHONY: run smoke test browser lint bench-gpu bench-cpu asv-quick clean
+.PHONY: run smoke test browser lint bench-gpu bench-cpu asv-quick gpu-check clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ lint: $(STAMP)
 bench-gpu: $(STAMP)
 	$(PY) -m pytest tests/benchmarks -q --benchmark-enable --benchmark-json=results/pytest-benchmark-gpu.json
 	$(PY) bench/gpu_kernels.py --json results/gpu_kernels.json
+
+# On a CUDA machine: compiled-kernel tests, kernel resources, kernel / CAM / iFIM timings under results/gpu/
+# (bench/gpu_check.py; about 6 minutes). Runs .venv's python when there is one, else the machine's own.
+gpu-check:
+	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) bench/gpu_check.py
 
 bench-cpu: $(STAMP)
 	$(PY) -m pytest tests/benchmarks -q --benchmark-enable --benchmark-json=results/pytest-benchmark-cpu.json

@@ -18,7 +18,8 @@ kernel modules) is restored after every call, so interpreter tests in the same p
 Command line (prints one table row per kernel launch and target)::
 
     python -m drift_kernels.compile_check [--ops fisher_gram fisher_project topk_iou] [--classes 5 14 100 200]
-        [--dtypes float32 float16 bfloat16] [--targets sm_80 sm_89 sm_90a] [--markdown]
+        [--dtypes float32 float16 bfloat16] [--ties fractional index] [--targets sm_80 sm_89 sm_90a] [--markdown]
+        [--device]                                  # this machine's GPU instead of --targets
 """
 
 from __future__ import annotations
@@ -69,6 +70,36 @@ TARGETS: dict[str, Target] = {
     "sm_89": Target("sm_89", 89, 101376, 142, "L40S, RTX 40xx (sm_86 has the same shared limit)"),
     "sm_90a": Target("sm_90a", 90, 232448, 132, "H100, H200"),
 }
+
+
+def _target(target: str | Target) -> Target:
+    return TARGETS[target] if isinstance(target, str) else target
+
+
+def device_target(device: int | str | torch.device = 0) -> Target:
+    """The :class:`Target` of a CUDA device of this machine: its capability, SM count and shared memory limit.
+
+    Queries CUDA when called (never at import). The name is the one ptxas and Triton use for the capability
+    (``sm_90a`` for 9.0, ``sm_86`` for 8.6).
+
+    Args:
+        device: a CUDA device index, name or ``torch.device``.
+
+    Returns:
+        The target, e.g. ``Target("sm_90a", 90, 232448, 132, "NVIDIA H200")``.
+    """
+    props = torch.cuda.get_device_properties(device)
+    arch = 10 * props.major + props.minor
+    try:
+        from triton.backends.nvidia.compiler import sm_arch_from_capability
+
+        name = sm_arch_from_capability(arch)
+    except ImportError:  # Triton without its NVIDIA backend: compilation reports the error per launch
+        name = f"sm_{arch}{'a' if arch >= 90 else ''}"
+    limit = int(getattr(props, "shared_memory_per_block_optin", 0) or 0)
+    if not limit:
+        limit = next((t.shared_limit for t in TARGETS.values() if t.arch == arch), TARGETS["sm_89"].shared_limit)
+    return Target(name, arch, limit, props.multi_processor_count, props.name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,8 +317,8 @@ def _jit(fn: Callable) -> Any:
     return JITFunction(fn)
 
 
-#: A compilation job: (module, kernel attribute name, argument values, meta-parameters, target name).
-_Job = tuple[str, str, tuple, tuple, str]
+#: A compilation job: (module, kernel attribute name, argument values, meta-parameters, target).
+_Job = tuple[str, str, tuple, tuple, Target]
 
 
 def _kernel_fn(module: str, name: str) -> Callable:
@@ -302,8 +333,7 @@ def _compile_job(job: _Job) -> CompileReport:
     from triton.compiler import ASTSource
     from triton.runtime.jit import create_function_from_signature
 
-    module, name, args, meta, target_name = job
-    tgt = TARGETS[target_name]
+    module, name, args, meta, tgt = job
     gpu_target = GPUTarget("cuda", tgt.arch, 32)
     kwargs = dict(meta, debug=False, instrumentation_mode="")
     try:
@@ -364,17 +394,19 @@ def _freeze(args: Sequence[Any], meta: Mapping[str, Any]) -> tuple[tuple, tuple]
     return args, tuple(sorted(meta.items()))
 
 
-def compile_many(items: Sequence[tuple[Launch, str]], workers: int | None = None) -> list[CompileReport]:
-    """Reports of (launch, target name) pairs, in order, compiled in parallel where needed.
+def compile_many(items: Sequence[tuple[Launch, str | Target]], workers: int | None = None) -> list[CompileReport]:
+    """Reports of (launch, target) pairs (a target name of :data:`TARGETS` or a :class:`Target`), in order,
+    compiled in parallel where needed.
 
     Compilations are cached per process. In a process that runs kernels through Triton's interpreter the
-    compiler runs in up to ``workers`` subprocesses (default: the CPU count, at most 4).
+    compiler runs in up to ``workers`` subprocesses (default: the CPU count, at most 4); elsewhere it runs in this
+    process unless ``workers`` > 1 is given.
     """
-    jobs = [(ln.module, ln.name, *_freeze(ln.args, ln.meta), TARGETS[t].name) for ln, t in items]
+    jobs = [(ln.module, ln.name, *_freeze(ln.args, ln.meta), _target(t)) for ln, t in items]
     todo = list(dict.fromkeys(j for j in jobs if j not in _REPORTS))
     if todo:
         with _LOCK:
-            if _compiles_here():
+            if _compiles_here() and (workers or 1) <= 1:
                 reports = [_compile_job(j) for j in todo]
             else:
                 n = max(1, min(len(todo), workers or min(4, os.cpu_count() or 1)))
@@ -520,7 +552,7 @@ STUDY_FRACTIONS = (0.05, 0.1, 0.2, 0.3)
 class Case:
     """One dispatch-level problem: operation, classes, J dtype, head, x (fisher_gram), m (fisher_project).
 
-    For topk_iou only dtype (of the maps) matters; C, head, with_x and m are ignored.
+    For topk_iou only dtype (of the maps) and ties (the tie rule) matter; C, head, with_x and m are ignored.
     """
 
     op: str
@@ -531,12 +563,13 @@ class Case:
     m: int = STUDY_M
     B: int = STUDY_B
     D: int = STUDY_D
+    ties: str = "fractional"
 
     def describe(self) -> str:
         dt = str(self.dtype).removeprefix("torch.")
         if self.op == "topk_iou":
             n, h, w = STUDY_MAPS
-            return f"N={n} {h}x{w} T={len(STUDY_FRACTIONS)} {dt}"
+            return f"N={n} {h}x{w} T={len(STUDY_FRACTIONS)} {dt}{' index' if self.ties == 'index' else ''}"
         if self.op == "fisher_project":
             return f"C={self.C} m={self.m} {dt} {self.head}"
         return f"C={self.C} {dt} {self.head}{' +x' if self.with_x else ''}"
@@ -544,7 +577,7 @@ class Case:
 
 def dispatch_launches(case: Case, target: str | Target = "sm_90a") -> list[Launch]:
     """The launches the dispatch layer makes for case on a GPU of target's kind (see :func:`record_launches`)."""
-    tgt = TARGETS[target] if isinstance(target, str) else target
+    tgt = _target(target)
     dt = case.dtype
 
     if case.op == "fisher_gram":
@@ -569,7 +602,7 @@ def dispatch_launches(case: Case, target: str | Target = "sm_90a") -> list[Launc
 
         def make() -> tuple:
             a = torch.empty(*STUDY_MAPS, dtype=dt, device="cuda")
-            return a, torch.empty_like(a), STUDY_FRACTIONS
+            return a, torch.empty_like(a), STUDY_FRACTIONS, case.ties
 
         return record_launches("topk_iou_kernel", make, tgt.n_sm)
     raise ValueError(f"unknown op {case.op!r}; expected fisher_gram, fisher_project or topk_iou")
@@ -584,10 +617,12 @@ class Row:
     report: CompileReport
 
 
-def check(cases: Sequence[Case], targets: Sequence[str] = tuple(TARGETS)) -> list[Row]:
-    """Compile every launch of every case for every target (see :func:`dispatch_launches`)."""
+def check(
+    cases: Sequence[Case], targets: Sequence[str | Target] = tuple(TARGETS), workers: int | None = None
+) -> list[Row]:
+    """Compile every launch of every case for every target (see :func:`dispatch_launches`, :func:`compile_many`)."""
     planned = [(case, launch, t) for case in cases for t in targets for launch in dispatch_launches(case, t)]
-    reports = compile_many([(launch, t) for _, launch, t in planned])
+    reports = compile_many([(launch, t) for _, launch, t in planned], workers)
     return [Row(case, launch, rep) for (case, launch, _), rep in zip(planned, reports)]
 
 
@@ -598,12 +633,13 @@ def study_cases(
     heads: Sequence[str] = ("softmax", "sigmoid"),
     with_x: Sequence[bool] = (False, True),
     ms: Sequence[int] = (STUDY_M,),
+    ties: Sequence[str] = ("fractional",),
 ) -> list[Case]:
-    """Every combination of the given options (x for fisher_gram, m for fisher_project; topk_iou: per dtype)."""
+    """Every combination of the given options (x for fisher_gram, m for fisher_project; topk_iou: dtype x ties)."""
     cases = []
     for op in ops:
         if op == "topk_iou":
-            cases += [Case(op, dtype=dt) for dt in dtypes]
+            cases += [Case(op, dtype=dt, ties=rule) for dt in dtypes for rule in ties]
             continue
         for C in classes:
             for dt in dtypes:
@@ -656,15 +692,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--heads", nargs="+", default=["softmax", "sigmoid"])
     parser.add_argument("--with-x", nargs="+", choices=["no", "yes"], default=["no", "yes"], help="fisher_gram")
     parser.add_argument("--m", nargs="+", type=int, default=[STUDY_M], help="columns of W (fisher_project)")
+    parser.add_argument(
+        "--ties", nargs="+", choices=["fractional", "index"], default=["fractional", "index"], help="topk_iou"
+    )
     parser.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS))
+    parser.add_argument(
+        "--device", action="store_true", help="compile for this machine's CUDA device 0 (capability, SMs, shared limit)"
+    )
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    parser.add_argument("--workers", type=int, default=None, help="compile in this many subprocesses")
     args = parser.parse_args(argv)
     if ptxas_path() is None:
         print("ptxas not found: install triton with its NVIDIA backend or set TRITON_PTXAS_PATH", file=sys.stderr)
         return 2
     dtypes = [getattr(torch, name) for name in args.dtypes]
-    cases = study_cases(args.ops, args.classes, dtypes, args.heads, [x == "yes" for x in args.with_x], args.m)
-    rows = check(cases, args.targets)
+    with_x = [x == "yes" for x in args.with_x]
+    cases = study_cases(args.ops, args.classes, dtypes, args.heads, with_x, args.m, args.ties)
+    targets: list[str | Target] = list(args.targets)
+    if args.device:
+        if not torch.cuda.is_available():
+            print("--device: no CUDA device on this machine", file=sys.stderr)
+            return 2
+        targets = [device_target(0)]
+        tgt = targets[0]
+        print(f"device 0: {tgt.gpus}, {tgt.name}, {tgt.n_sm} SMs, {tgt.shared_limit} B shared memory a block")
+    rows = check(cases, targets, workers=args.workers)
     print(format_table(rows, markdown=args.markdown))
     bad = [r for r in rows if not r.report.ok]
     for r in bad:
@@ -675,4 +727,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # The importable module's main, not this __main__ copy: compile workers unpickle its classes by module name.
+    from drift_kernels.compile_check import main as _main
+
+    sys.exit(_main())

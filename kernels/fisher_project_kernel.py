@@ -9,13 +9,26 @@ G_c = sqrt(p_c (1 - p_c)) J_c), the kernel returns
 With K = G G^T = U diag(lambda) U^T, W = U diag(lambda)^-1/2 gives the orthonormal eigenvectors
 V = G^T U diag(lambda)^-1/2 of the Fisher matrix F = G^T G; a W of one column gives one projection.
 
-Work split: one program per (tile of BLOCK_D columns, sample). It reads its tile of J once, centres it, and
-writes its rows of Y; nothing is shared between programs, so the result is reproducible without any reduction.
-For m <= 16 the sum over c is a broadcast multiply and a reduction per output column (no padding of C to
-tl.dot's 16); for larger m a ``tl.dot`` per block of 16 to 64 columns of W.
+Work split: one program per (tile of BLOCK_D columns, sample). It reads its tile of J, centres it, and writes
+its rows of Y; nothing is shared between programs, so the result is reproducible without any reduction.
+
+* m <= 16 (the study's m = 4): the sum over c is a broadcast multiply and a reduction per output column (no
+  padding of C to tl.dot's 16), G centred in float64 and rounded once to float32.
+* m > 16: ``tl.dot`` over blocks of BLOCK_C classes, per block of 32 or 64 columns of W, with the treatment of
+  :mod:`drift_kernels.fisher_gram_kernel`: G centred in float32 on the most probable class a,
+
+      J_c - mu = (J_c - J_a) - r,   mu = sum_j p_j J_j,   r = sum_j p_j (J_j - J_a) - delta J_a,
+
+  with delta = 1 - sum_j p_j; the row scales, a and delta are computed by the launcher in float64 and rounded
+  once (no float64 tile). A program reads its J tile block by block, once for r (softmax) and once per block of
+  W's columns (from cache). The (BLOCK_D, M_PAD) accumulator and a (BLOCK_C, BLOCK_D) block of G are all a
+  program holds, whatever C, so no launch spills or needs more than the 99 KB of shared memory of sm_86 / sm_89
+  (docs/kernels-compile.md).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -24,12 +37,18 @@ import triton.language as tl
 from . import _common
 from ._common import MAX_CLASSES, cdiv, interpreting, launch_device, next_pow2
 from ._validate import check_fisher_inputs, check_kernel_fisher
+from .fisher_gram_kernel import _row_constants
 
 #: Precision of the fp32 ``tl.dot`` on a GPU (the m > 16 path); as in ``fisher_gram_kernel.GPU_PRECISION``.
 GPU_PRECISION = "tf32x3"
 
 #: Largest m served by the broadcast-and-reduce path; beyond it, tl.dot.
 SMALL_M = 16
+
+#: ``tl.dot`` path on a GPU: classes a block, columns of J a tile, warps a program.
+DOT_BLOCK_C = 16
+DOT_BLOCK_D = 32
+DOT_WARPS = 4
 
 
 @triton.jit
@@ -47,13 +66,12 @@ def _fisher_project_kernel(
     C_PAD: tl.constexpr,
     BLOCK_D: tl.constexpr,
     M_PAD: tl.constexpr,
-    USE_DOT: tl.constexpr,
-    PRECISION: tl.constexpr,
 ):
-    """Y[b, Dt, :] = G[b, :, Dt]^T W[b] for the column tile Dt of this program.
+    """Y[b, Dt, :] = G[b, :, Dt]^T W[b] for the column tile Dt of this program (m <= 16).
 
-    J (B, C, D) with stride 1 along D; P (B, C), W (B, C, M) and Y (B, D, M) float32 contiguous. With USE_DOT,
-    M_PAD is the width of one block of columns of W, looped over; otherwise M_PAD >= M covers all of them.
+    J (B, C, D) with stride 1 along D; P (B, C), W (B, C, M) and Y (B, D, M) float32 contiguous; M_PAD >= M.
+    G[c, d] = sqrt(p_c) (J[c, d] - sum_j p_j J[j, d]) (softmax) or sqrt(p_c (1 - p_c)) J[c, d] (sigmoid), in
+    float64, rounded once to float32; Y[d, k] = sum_c G[c, d] W[c, k] by a broadcast product and a sum over c.
     """
     pid_d = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -81,38 +99,119 @@ def _fisher_project_kernel(
     ks = tl.arange(0, M_PAD)
     w_base = W + b * C * M
     y_base = Y + b * D * M
-    if USE_DOT:
-        g_t = tl.trans(g)
-        for m0 in range(0, M, M_PAD):
-            k_ok = (m0 + ks) < M
-            w_ptr = w_base + rows[:, None] * M + (m0 + ks)[None, :]
-            w = tl.load(w_ptr, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            y = tl.dot(g_t, w, input_precision=PRECISION)
-            tl.store(y_base + cols[:, None] * M + (m0 + ks)[None, :], y, mask=col_ok[:, None] & k_ok[None, :])
-    else:
-        y = tl.zeros((BLOCK_D, M_PAD), dtype=tl.float32)
-        for k in tl.static_range(M_PAD):
-            w_k = tl.load(w_base + rows * M + k, mask=row_ok & (k < M), other=0.0)
-            y_k = tl.sum(g * w_k[:, None], axis=0)
-            y = tl.where(ks[None, :] == k, y_k[:, None], y)
-        tl.store(y_base + cols[:, None] * M + ks[None, :], y, mask=col_ok[:, None] & (ks < M)[None, :])
+    y = tl.zeros((BLOCK_D, M_PAD), dtype=tl.float32)
+    for k in tl.static_range(M_PAD):
+        w_k = tl.load(w_base + rows * M + k, mask=row_ok & (k < M), other=0.0)
+        y_k = tl.sum(g * w_k[:, None], axis=0)
+        y = tl.where(ks[None, :] == k, y_k[:, None], y)
+    tl.store(y_base + cols[:, None] * M + ks[None, :], y, mask=col_ok[:, None] & (ks < M)[None, :])
 
 
-def _config(C: int, D: int, m: int, on_gpu: bool) -> tuple[int, int, int, bool, int]:
-    """(C_PAD, BLOCK_D, M_PAD, USE_DOT, num_warps) for C classes, D columns and m columns of W.
+@triton.jit
+def _fisher_project_dot_kernel(
+    J,
+    P,
+    S,
+    CENTRE,
+    DELTA,
+    W,
+    Y,
+    C,
+    D,
+    M,
+    stride_jb,
+    stride_jc,
+    SOFTMAX: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    M_PAD: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Y[b, Dt, :] = G[b, :, Dt]^T W[b] for the column tile Dt of this program (m > 16), by ``tl.dot``.
 
-    GPU: a J tile of at most 8192 values and an output tile of at most 4096, so registers stay below ~100 a
-    thread; interpreter: large tiles, because every tile costs a round of numpy calls.
+    G[c, d] = scale_c ((J[c, d] - J[a, d]) - r[d]), r = sum_j p_j (J[j, d] - J[a, d]) - delta J[a, d] (softmax)
+    or scale_c J[c, d] (sigmoid), in float32; Y[d, k0:k0 + M_PAD] = sum over class blocks c0 of
+    G[c0:c0 + BLOCK_C, d]^T W[c0:c0 + BLOCK_C, k0:k0 + M_PAD], accumulated by ``tl.dot``.
+
+    J (B, C, D) with stride 1 along D; P and the scales S (B, C) float32; CENTRE (B,) int32 the class a and
+    DELTA (B,) float32 (softmax only); W (B, C, M) and Y (B, D, M) float32 contiguous.
     """
-    use_dot = m > SMALL_M
-    c_pad = max(16, next_pow2(C)) if use_dot else max(2, next_pow2(C))
-    m_pad = min(64, next_pow2(m)) if use_dot else max(2, next_pow2(m))
+    pid_d = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    cols = pid_d.to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    j_base = J + b * stride_jb
+    cr = tl.arange(0, BLOCK_C)
+    if SOFTMAX:
+        a = tl.load(CENTRE + b)
+        delta = tl.load(DELTA + b)
+        j_a = tl.load(j_base + a * stride_jc + cols, mask=col_ok, other=0.0).to(tl.float32)
+        r = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            rows = c0 + cr
+            row_ok = rows < C
+            p = tl.load(P + b * C + rows, mask=row_ok, other=0.0)
+            j = tl.load(
+                j_base + rows[:, None] * stride_jc + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0
+            ).to(tl.float32)
+            r += tl.sum(p[:, None] * (j - j_a[None, :]), axis=0)
+        r = r - delta * j_a
+
+    ks = tl.arange(0, M_PAD)
+    for m0 in range(0, M, M_PAD):
+        k_ok = (m0 + ks) < M
+        y = tl.zeros((BLOCK_D, M_PAD), dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            rows = c0 + cr
+            row_ok = rows < C
+            scale = tl.load(S + b * C + rows, mask=row_ok, other=0.0)
+            j = tl.load(
+                j_base + rows[:, None] * stride_jc + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0
+            ).to(tl.float32)
+            if SOFTMAX:
+                g = scale[:, None] * ((j - j_a[None, :]) - r[None, :])
+            else:
+                g = scale[:, None] * j
+            w = tl.load(
+                W + b * C * M + rows[:, None] * M + (m0 + ks)[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
+            )
+            y = tl.dot(tl.trans(g), w, y, input_precision=PRECISION)
+        tl.store(Y + b * D * M + cols[:, None] * M + (m0 + ks)[None, :], y, mask=col_ok[:, None] & k_ok[None, :])
+
+
+class _Config(NamedTuple):
+    """Launch meta-parameters: classes padded (broadcast path) or a block of classes (``tl.dot`` path)."""
+
+    c_pad: int
+    block_c: int
+    block_d: int
+    m_pad: int
+    use_dot: bool
+    num_warps: int
+
+
+def _config(C: int, D: int, m: int, on_gpu: bool) -> _Config:
+    """Meta-parameters for C classes, D columns and m columns of W.
+
+    m <= 16, GPU: a J tile of at most 8192 values and an output tile of at most 4096, so registers stay below
+    ~100 a thread. m > 16, GPU: classes in blocks of BLOCK_C <= 32, columns of W in blocks of 32 or 64, a
+    (BLOCK_D, M_PAD) accumulator of at most 32 values a thread. Interpreter: large tiles and all classes in one
+    block, because every tile costs a round of numpy calls.
+    """
+    if m <= SMALL_M:
+        c_pad = max(2, next_pow2(C))
+        m_pad = max(2, next_pow2(m))
+        if not on_gpu:
+            block_d = max(16, min(next_pow2(D), (1 << 18) // c_pad, (1 << 18) // m_pad))
+            return _Config(c_pad, c_pad, block_d, m_pad, False, 4)
+        block_d = max(16, min(1024, 8192 // c_pad, 4096 // m_pad))
+        return _Config(c_pad, c_pad, block_d, m_pad, False, 8 if c_pad * block_d >= 8192 else 4)
+    c_pad = max(16, next_pow2(C))
+    m_pad = min(64, next_pow2(m))
     if not on_gpu:
         block_d = max(16, min(next_pow2(D), (1 << 18) // c_pad, (1 << 18) // m_pad))
-        return c_pad, block_d, m_pad, use_dot, 4
-    block_d = max(16, min(1024, 8192 // c_pad, 4096 // m_pad))
-    num_warps = 8 if c_pad * block_d >= 8192 else 4
-    return c_pad, block_d, m_pad, use_dot, num_warps
+        return _Config(c_pad, c_pad, block_d, m_pad, True, 4)
+    return _Config(c_pad, min(c_pad, DOT_BLOCK_C), DOT_BLOCK_D, m_pad, True, DOT_WARPS)
 
 
 def _launch(
@@ -131,8 +230,8 @@ def _launch(
     m = W.shape[2]
     device = J.device
     on_gpu = device.type == "cuda" and not interpreting()
-    c_pad, cfg_block_d, m_pad, use_dot, num_warps = _config(C, D, m, on_gpu)
-    block_d = cfg_block_d if block_d is None else block_d
+    cfg = _config(C, D, m, on_gpu)
+    block_d = cfg.block_d if block_d is None else block_d
     if block_d < 16 or block_d & (block_d - 1):
         raise ValueError(f"block_d must be a power of two >= 16, got {block_d}")
     if precision is None:
@@ -148,25 +247,21 @@ def _launch(
             f"out must be a contiguous float32 tensor of shape {(B, D, m)} on {device}, "
             f"got {out.dtype} {tuple(out.shape)} on {out.device}"
         )
+    grid = (cdiv(D, block_d), B)
+    softmax = head == "softmax"
     with launch_device(J):
-        _fisher_project_kernel[(cdiv(D, block_d), B)](
-            J,
-            p32,
-            w32,
-            out,
-            C,
-            D,
-            m,
-            J.stride(0),
-            J.stride(1),
-            SOFTMAX=head == "softmax",
-            C_PAD=c_pad,
-            BLOCK_D=block_d,
-            M_PAD=m_pad,
-            USE_DOT=use_dot,
-            PRECISION=precision,
-            num_warps=num_warps,
-        )
+        if cfg.use_dot:
+            scale, centre, delta = _row_constants(p32, head)
+            _fisher_project_dot_kernel[grid](
+                J, p32, scale, centre, delta, w32, out, C, D, m, J.stride(0), J.stride(1),
+                SOFTMAX=softmax, BLOCK_C=cfg.block_c, BLOCK_D=block_d, M_PAD=cfg.m_pad, PRECISION=precision,
+                num_warps=cfg.num_warps,
+            )  # fmt: skip
+        else:
+            _fisher_project_kernel[grid](
+                J, p32, w32, out, C, D, m, J.stride(0), J.stride(1),
+                SOFTMAX=softmax, C_PAD=cfg.c_pad, BLOCK_D=block_d, M_PAD=cfg.m_pad, num_warps=cfg.num_warps,
+            )  # fmt: skip
     return out
 
 

@@ -30,8 +30,15 @@ and a binary search gives n_above, hence r. Stage 2 (this kernel): each program 
 them in flat order, tile by tile, and compares every pixel against all T thresholds at once. Fractional: it
 accumulates the six counts. Index: it keeps a running count of the pixels equal to each threshold (a cumulative
 sum within the tile plus the count carried from earlier tiles) to cut the ties exactly, and counts |A & B| and
-|A | B| per fraction. Comparisons are IEEE (so -0.0 == +0.0), exact in float32 for float16, bfloat16 and float32
-maps.
+|A | B| per fraction. Comparisons are IEEE (so -0.0 == +0.0) and run in each map's own dtype: a threshold is a
+value of its map (or +inf for a padded fraction), so its float32 copy converts back exactly and v > t, v == t
+read the same as in float32, while a float16 / bfloat16 tile holds two values a register.
+
+Tiles on a GPU: two map pairs a program and at most 32 comparisons a thread (ROWS x T_PAD x BLOCK <= 8192 at
+8 warps) for the fractional rule, 16 for the index rule, whose running tie count keeps a cumulative sum of the
+tile live. For the study's T = 4 both compile without spills on sm_80, sm_89 and sm_90a; with twice the index
+tile ptxas spills on sm_80 / sm_89, and float16 maps widened to float32 spilled on sm_90a (fractional rule).
+``python -m drift_kernels.compile_check --ops topk_iou`` prints the resources (docs/kernels-compile.md).
 """
 
 from __future__ import annotations
@@ -71,9 +78,10 @@ def _topk_iou_kernel(
 ):
     """Per map pair n and fraction f, the pixel counts of the tie rule (see the module docstring for the maths).
 
-    A, B (N, HW) with stride 1 along HW; TA, TB (N, T) float32 thresholds; NA, NB (N, T) int32 numbers r of
-    threshold-valued pixels to take (read by the index rule only). OUT (N, T, P) int64 counts, last axis:
-    FRACTIONAL, P = 6: #{a>, b>}, #{a>, b=}, #{a=, b>}, #{a=, b=}, #{a=}, #{b=}; index, P = 2: |A & B|, |A | B|.
+    A, B (N, HW) float32, float16 or bfloat16 with stride 1 along HW; TA, TB (N, T) float32 thresholds, values of
+    the maps; NA, NB (N, T) int32 numbers r of threshold-valued pixels to take (read by the index rule only).
+    OUT (N, T, P) int64 counts, last axis: FRACTIONAL, P = 6: #{a>, b>}, #{a>, b=}, #{a=, b>}, #{a=, b=}, #{a=},
+    #{b=}; index, P = 2: |A & B|, |A | B|.
     A program takes ROWS consecutive map pairs (2 on a GPU; many under the interpreter, where every program costs
     a round of Python calls). Tiles are (ROWS, T_PAD, BLOCK): every map and fraction at once.
     """
@@ -83,8 +91,9 @@ def _topk_iou_kernel(
     rf = rr[:, None] * T + fr[None, :]
     rf_ok = r_ok[:, None] & (fr < T)[None, :]
     # Padded fractions and maps get an unreachable threshold and count nothing; their counts are never stored.
-    ta = tl.load(TA + rf, mask=rf_ok, other=float("inf"))[:, :, None]
-    tb = tl.load(TB + rf, mask=rf_ok, other=float("inf"))[:, :, None]
+    # Thresholds in the maps' dtypes (exact: each is a value of its map, or +inf), compared without widening.
+    ta = tl.load(TA + rf, mask=rf_ok, other=float("inf")).to(A.dtype.element_ty)[:, :, None]
+    tb = tl.load(TB + rf, mask=rf_ok, other=float("inf")).to(B.dtype.element_ty)[:, :, None]
     need_a = tl.load(NA + rf, mask=rf_ok, other=0)[:, :, None]
     need_b = tl.load(NB + rf, mask=rf_ok, other=0)[:, :, None]
     # c0..c3: fractional class-pair counts, or (c0, c1) = index |A & B|, |A | B|; seen_a, seen_b: ties so far.
@@ -97,8 +106,8 @@ def _topk_iou_kernel(
     for start in range(0, HW, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         ok = r_ok[:, None] & (offs < HW)[None, :]
-        va = tl.load(A + rr[:, None] * stride_a + offs[None, :], mask=ok, other=0.0).to(tl.float32)[:, None, :]
-        vb = tl.load(B + rr[:, None] * stride_b + offs[None, :], mask=ok, other=0.0).to(tl.float32)[:, None, :]
+        va = tl.load(A + rr[:, None] * stride_a + offs[None, :], mask=ok, other=0.0)[:, None, :]
+        vb = tl.load(B + rr[:, None] * stride_b + offs[None, :], mask=ok, other=0.0)[:, None, :]
         ok = ok[:, None, :]
         gt_a = (va > ta) & ok
         eq_a = (va == ta) & ok
@@ -161,17 +170,20 @@ def _readable(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
-def _config(N: int, n_pix: int, T: int, on_gpu: bool) -> tuple[int, int, int, int]:
+def _config(N: int, n_pix: int, T: int, on_gpu: bool, fractional: bool = True) -> tuple[int, int, int, int]:
     """(ROWS, BLOCK, T_PAD, num_warps): a ROWS x T_PAD x BLOCK comparison tile.
 
-    GPU: two maps per program (N is in the thousands) and at most 8192 comparisons a tile. Interpreter: up to
-    2^18 comparisons a tile, spread over as many maps as fit, because every program and tile costs Python calls.
+    GPU: two maps per program (N is in the thousands) and at most 8192 comparisons a tile (fractional rule) or
+    4096 (index rule), 8 warps for a full tile: 32 or 16 comparisons a thread (register budget: module
+    docstring). Interpreter: up to 2^18 comparisons a tile, spread over as many maps as fit, because every
+    program and tile costs Python calls.
     """
     t_pad = max(2, next_pow2(T))
     if on_gpu:
         # Two maps per program keep every tile dimension above 1 (size-1 axes are the least exercised layouts).
-        block = max(16, min(next_pow2(n_pix), 4096 // t_pad))
-        return 2, block, t_pad, (8 if 2 * block * t_pad >= 8192 else 4)
+        max_tile = 8192 if fractional else 4096
+        block = max(16, min(next_pow2(n_pix), max_tile // (2 * t_pad)))
+        return 2, block, t_pad, (8 if 2 * block * t_pad >= max_tile else 4)
     block = max(16, min(next_pow2(n_pix), (1 << 18) // t_pad))
     rows = max(1, min(next_pow2(N), (1 << 18) // (t_pad * block)))
     return rows, block, t_pad, 4
@@ -220,14 +232,14 @@ def _launch(
     ks = torch.tensor([topk_count(n_pix, f) for f in fractions], dtype=torch.int64, device=device)
     ta, need_a = topk_thresholds(fa, ks)
     tb, need_b = topk_thresholds(fb, ks)
-    rows, cfg_block, t_pad, num_warps = _config(N, n_pix, T, on_gpu)
+    fractional = ties == "fractional"
+    rows, cfg_block, t_pad, num_warps = _config(N, n_pix, T, on_gpu, fractional)
     block = cfg_block if block is None else block
     if block < 16 or block & (block - 1):
         raise ValueError(f"block must be a power of two >= 16, got {block}")
     rows = rows if rows_per_program is None else rows_per_program
     if rows < 1 or rows & (rows - 1):
         raise ValueError(f"rows_per_program must be a power of two >= 1, got {rows}")
-    fractional = ties == "fractional"
     counts = _common.alloc((N, T, N_PLANES[ties]), torch.int64, device)
     with launch_device(a):
         _topk_iou_kernel[(cdiv(N, rows),)](

@@ -2,6 +2,14 @@
 
 Triton decides at decoration time whether a kernel is compiled or interpreted, so the interpreter must be
 switched on before anything imports ``drift_kernels``: that is why it is set here, at conftest import.
+
+Two sessions, chosen by ``TRITON_INTERPRET`` as the session starts:
+
+* unset or ``1`` (the default, ``make test``): kernels run through Triton's interpreter, on CPU tensors too;
+  tests marked ``gpu`` (compiled kernels on a CUDA device) are skipped.
+* ``0`` (``TRITON_INTERPRET=0 python -m pytest tests/kernels`` on a CUDA machine): kernels are compiled for the
+  device; tests marked ``gpu`` run, and tests marked ``interpreter`` (kernels on CPU tensors through the
+  interpreter) are skipped unless they are also marked ``gpu``.
 """
 
 import os
@@ -13,14 +21,26 @@ import torch  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+#: Kernels compiled for a GPU in this session (TRITON_INTERPRET=0 given by the caller), not interpreted.
+COMPILED = os.environ["TRITON_INTERPRET"] != "1"
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "interpreter: runs the kernels on CPU tensors through Triton's interpreter (skipped with TRITON_INTERPRET=0)",
+    )
+
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
+    no_cuda = pytest.mark.skip(reason="needs a CUDA device")
+    compiled = pytest.mark.skip(reason="kernels through Triton's interpreter; TRITON_INTERPRET=0 compiles them")
     for item in items:
         if "gpu" in item.keywords:
-            item.add_marker(skip)
+            if not torch.cuda.is_available():
+                item.add_marker(no_cuda)
+        elif COMPILED and "interpreter" in item.keywords:
+            item.add_marker(compiled)
 
 
 @pytest.fixture

@@ -13,6 +13,9 @@ import torch
 from drift_kernels.reference import fisher_gram_reference, fisher_project_reference, topk_iou_reference
 from kernel_checks import probabilities
 
+# Interpreter session only: skipped with TRITON_INTERPRET=0 (kernels compiled for a CUDA device).
+pytestmark = pytest.mark.interpreter
+
 
 @pytest.fixture
 def env(monkeypatch):

@@ -10,6 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from kernel_checks import assert_error_rule, gpu, jacobian, kernels_module, probabilities
 
+# Interpreter session only: with TRITON_INTERPRET=0 these are skipped, the gpu-marked ones run compiled.
+pytestmark = pytest.mark.interpreter
+
 fg = kernels_module("fisher_gram_kernel")
 
 

@@ -10,6 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from kernel_checks import assert_error_rule, gpu, jacobian, kernels_module, probabilities
 
+# Interpreter session only: with TRITON_INTERPRET=0 these are skipped, the gpu-marked ones run compiled.
+pytestmark = pytest.mark.interpreter
+
 fp = kernels_module("fisher_project_kernel")
 
 
@@ -41,6 +44,22 @@ def test_near_one_hot_probabilities(m, rng, poison):
     p = probabilities(B, C, "softmax", rng, one_hot=True)
     W = torch.randn(B, C, m, generator=rng)
     _check(J, p, W, "softmax", fp.fisher_project_triton(J, p, W, block_d=32), f"one-hot m={m}")
+
+
+@pytest.mark.parametrize("head, one_hot", [("softmax", False), ("softmax", True), ("sigmoid", False)])
+@pytest.mark.parametrize("C, m", [(100, 40), (200, 70)])
+def test_gpu_tiling_of_the_dot_path(C, m, head, one_hot, rng, poison, monkeypatch):
+    # The GPU's launch for m > 16 (classes in blocks of 16, columns of W in blocks of 64), through the interpreter:
+    # several class blocks, the last one cut short, one or two column blocks, centring on the argmax class.
+    cfg = fp._config(C, 4096, m, on_gpu=True)
+    assert cfg.use_dot and cfg.block_c < C and C % cfg.block_c and m % cfg.m_pad
+    monkeypatch.setattr(fp, "_config", lambda *args: cfg)
+    B, D = 2, 3 * 29
+    J = jacobian(B, C, D, torch.bfloat16, rng)
+    p = probabilities(B, C, head, rng, one_hot=one_hot)
+    W = torch.randn(B, C, m, generator=rng)
+    Y = fp.fisher_project_triton(J, p, W, head)
+    _check(J, p, W, head, Y, f"GPU tiling C={C} m={m} {head}{' one-hot' if one_hot else ''}")
 
 
 def test_eigenvectors_of_the_fisher_matrix_are_orthonormal(rng):

@@ -6,6 +6,11 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
+# Interpreter session only: skipped with TRITON_INTERPRET=0 (kernels compiled for a CUDA device).
+pytestmark = pytest.mark.interpreter
+
 SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "gpu_kernels.py"
 
 

@@ -18,6 +18,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from kernel_checks import gpu, kernels_module, topk_counts_bruteforce
 
+# Interpreter session only: with TRITON_INTERPRET=0 these are skipped, the gpu-marked ones run compiled.
+pytestmark = pytest.mark.interpreter
+
 tk = kernels_module("topk_iou_kernel")
 
 # 13 x 17 = 221 pixels: 0.05 -> 11.05 -> 12, 0.1 -> 22.1 -> 23, 0.3 -> 66.3 -> 67, 20/221 -> exactly 20
