@@ -12,8 +12,10 @@ Root attributes
     config              the run config as TOML text (of the newest stage, when a resume changed analysis settings)
     science_hash        hash of the settings the checkpoints depend on (resume refuses another hash)
     seed, data_seed, git_commit, device, created, versions (JSON: python, torch, timm, h5py, numpy, drift)
-    stages              JSON list of finished stages, in order, each {"name", "seconds", "finished", "fingerprint"}:
-                        the fingerprint hashes the settings the stage depends on; a stale stage is recomputed
+    stages              JSON list of finished stages, in order, each {"name", "seconds", "finished", "fingerprint",
+                        "inputs"}: the fingerprint hashes what the stage depends on (its settings, the data, and
+                        from training on the thread count, device, precision, torch and timm versions: "inputs");
+                        a stale stage is recomputed
 data/                   class_names (attr, JSON), test/ids, test/labels, test/lung_masks, test/lesion_masks
                         (bool, synthetic only), test/marker_masks (bool, confounder on),
                         skipped/files, skipped/reasons (inputs skipped under skip_bad)
@@ -91,6 +93,11 @@ class ArchiveError(RuntimeError):
     """An archive that cannot be used: missing, not HDF5, corrupt, of another schema or another config."""
 
 
+class OutputError(ArchiveError):
+    """An output that cannot be written: ``--out`` is a file or read-only, another run holds the folder, the disk
+    is full. The message is one line naming the path."""
+
+
 def _open_checked(path: Path, mode: str = "r") -> h5py.File:
     if not path.is_file():
         raise ArchiveError(f"archive not found: {path}")
@@ -142,7 +149,10 @@ def read_tree(node: h5py.Group | h5py.Dataset) -> Any:
     if isinstance(node, h5py.Dataset):
         data = node[()]
         if node.dtype.kind == "O" or h5py.check_string_dtype(node.dtype) is not None:
-            return np.asarray(data, dtype=object).astype(str)
+            # Stored as UTF-8 (write_tree): decode explicitly, numpy's astype(str) would assume ASCII.
+            flat = [v.decode("utf-8") if isinstance(v, bytes) else str(v)
+                    for v in np.asarray(data, dtype=object).reshape(-1)]
+            return np.asarray(flat, dtype=str).reshape(np.shape(data))
         return data
     out: dict[str, Any] = {}
     for k, v in node.attrs.items():
@@ -208,6 +218,14 @@ class Archive:
         with _open_checked(self.path) as f:
             return [s["name"] for s in json.loads(f.attrs.get("stages", "[]"))]
 
+    def entry(self, name: str) -> dict | None:
+        """The ``stages`` record of stage ``name`` (name, seconds, finished, fingerprint, inputs), None if absent."""
+        with _open_checked(self.path) as f:
+            for s in json.loads(f.attrs.get("stages", "[]")):
+                if s["name"] == name:
+                    return s
+        return None
+
     def done(self, name: str, fingerprint: str | None = None) -> bool:
         """Whether stage ``name`` is committed (and, given ``fingerprint``, was committed under that fingerprint)."""
         with _open_checked(self.path) as f:
@@ -218,7 +236,7 @@ class Archive:
 
     @contextmanager
     def stage(self, name: str, replace: tuple[str, ...] = (), started: float | None = None,
-              fingerprint: str = "") -> Iterator[h5py.File]:
+              fingerprint: str = "", inputs: Mapping[str, Any] | None = None) -> Iterator[h5py.File]:
         """A transaction writing one stage: yields the (copied) file; commits atomically on success.
 
         Args:
@@ -228,6 +246,8 @@ class Archive:
                 ``seconds`` cover the work and not only the write (default: when the transaction opens).
             fingerprint: hash of the settings the stage's results depend on (:meth:`drift.config.Config.step_hash`),
                 recorded so that a resume under other settings recomputes the stage (:meth:`done`).
+            inputs: the parts the fingerprint hashes (settings, data, threads, device, ...), recorded so that a
+                resume can say which of them changed.
         """
         t0 = time.perf_counter() if started is None else started
         shutil.copyfile(self.path, self._tmp)
@@ -242,6 +262,8 @@ class Archive:
                          "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
                 if fingerprint:
                     entry["fingerprint"] = fingerprint
+                if inputs:
+                    entry["inputs"] = dict(inputs)
                 stages.append(entry)
                 f.attrs["stages"] = json.dumps(stages)
                 if self._config_text:

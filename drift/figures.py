@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import Normalize, TwoSlopeNorm
@@ -46,6 +48,15 @@ DIVERGING = "PuOr_r"
 LINESTYLES = ("-", "--", ":", "-.")
 MARKERS = ("o", "s", "^", "D", "v", "P")
 Z95 = 1.959963984540054  # standard normal 97.5% quantile
+
+
+@contextmanager
+def plain_text() -> Iterator[None]:
+    """Figures drawn (and rendered) inside show text as written: a ``$`` in a class name or id never starts
+    matplotlib's mathtext, where ``$\\foo$`` would fail to parse and abort the whole report. Labels that are
+    meant as mathtext ask for it with ``parse_math=True``."""
+    with matplotlib.rc_context({"text.parse_math": False}):
+        yield
 
 
 def new_figure(width: float, height: float) -> Figure:
@@ -351,7 +362,7 @@ def fisher_spectra(shares: Mapping[tuple[str, str], np.ndarray], archs: Sequence
             ax.set_xticks(idx)
         ax.set_title(arch, fontsize=9)
         ax.set_xlabel("eigenvalue index i")
-        ax.set_ylabel(r"eigenvalue share $\lambda_i \,/\, \Sigma_j \lambda_j$")
+        ax.set_ylabel(r"eigenvalue share $\lambda_i \,/\, \Sigma_j \lambda_j$", parse_math=True)
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

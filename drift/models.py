@@ -310,8 +310,18 @@ def save_checkpoint(model: Classifier, path: str | os.PathLike, meta: dict | Non
     payload = {"arch": model.arch, "num_classes": model.num_classes, "input_size": model.input_size,
                "state_dict": model.state_dict()}
     payload["meta"] = {k: str(v) for k, v in (meta or {}).items()}
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        # Disk full, quota, read-only folder (torch's zip writer reports these as RuntimeError): no partial file
+        # is left under either name.
+        tmp.unlink(missing_ok=True)
+        from .archive import OutputError
+
+        lines = str(exc).strip().splitlines()
+        why = getattr(exc, "strerror", None) or (lines[-1] if lines else type(exc).__name__)
+        raise OutputError(f"cannot write checkpoint {path}: {why}") from None
     return sha256_file(path)
 
 
@@ -323,7 +333,10 @@ def load_state(path: str | os.PathLike) -> dict:
     if path.suffix == ".safetensors" or path.name.endswith("model.safetensors"):
         from safetensors.torch import load_file
 
-        return {"state_dict": load_file(str(path))}
+        try:
+            return {"state_dict": load_file(str(path))}
+        except Exception as exc:  # safetensors raises its own error types for a truncated or foreign file
+            raise ValueError(f"cannot read weights from {path}: not a valid safetensors file ({exc})") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt file, or pickled objects that weights_only refuses

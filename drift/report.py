@@ -1019,10 +1019,15 @@ def build_report(archive: str | os.PathLike) -> list[Section]:
         TypeError: ``archive`` is not a path.
         drift.archive.ArchiveError: the file is missing or not a drift archive.
     """
-    path = _check_path(archive, "archive")
-    run = _Run.open(path)
     from . import figures
 
+    with figures.plain_text():
+        return _build_report(archive, figures)
+
+
+def _build_report(archive: str | os.PathLike, figures) -> list[Section]:
+    path = _check_path(archive, "archive")
+    run = _Run.open(path)
     sections = [_overview(run, path), _configuration(run), _provenance(run), _data(run)]
     cls, histories = _classification(run)
     if histories:
@@ -1111,8 +1116,33 @@ def render_html(sections: Sequence[Section], title: str) -> str:
     return "".join(parts)
 
 
+_MD_SPECIAL = re.compile(r"([\\`*$~])|(?<!\S)_|_(?!\S)|\](?=\()")
+_MD_LINE_START = re.compile(r"^(\s*)([#>+=-]|\d+[.)])")
+
+
+def _md_inline(text: Any) -> str:
+    """``text`` as literal inline Markdown: class names, ids and paths from the data never format, link or inject
+    HTML. ``&``, ``<``, ``>`` become entities (an ``<img onerror=...>`` in a class name stays text); Markdown's
+    inline syntax is backslash-escaped (``* ` $ ~ \\``, ``_`` next to a space or an end, the ``](`` of a
+    link); newlines become spaces."""
+    out = html.escape(str(text), quote=False).replace("\r", " ").replace("\n", " ")
+    return _MD_SPECIAL.sub(lambda m: "\\" + m.group(0), out)
+
+
+def _md_text(text: Any) -> str:
+    """A paragraph or heading as literal Markdown: :func:`_md_inline`, and a leading ``#``, ``-``, ``+``, ``=``,
+    ``>`` or ``1.`` that would start a heading, list or quote is escaped too."""
+    return _MD_LINE_START.sub(lambda m: m.group(1) + "\\" + m.group(2), _md_inline(text))
+
+
 def _md_cell(c: str) -> str:
-    return str(c).replace("|", "\\|").replace("\n", " ")
+    return _md_inline(c).replace("|", "\\|")
+
+
+def _md_fence(text: str) -> str:
+    """A code fence longer than any backtick run in ``text`` (a class name with ``` cannot close it early)."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    return "`" * max(3, longest + 1)
 
 
 def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -1123,20 +1153,23 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def render_markdown(sections: Sequence[Section], title: str, figure_dir: str = "figures") -> str:
     """The same document as Markdown; figures are referenced as ``<figure_dir>/<figure id>.png``."""
-    out = [f"# {title}", ""]
+    out = [f"# {_md_text(title)}", ""]
     for s in sections:
-        out += [f"## {s.title}", ""]
+        out += [f"## {_md_text(s.title)}", ""]
         for b in s.blocks:
             if isinstance(b, Table):
-                out += [f"**{b.caption}**", "", _md_table(b.header, b.rows), ""]
+                out += [f"**{_md_inline(b.caption)}**", "", _md_table(b.header, b.rows), ""]
             elif isinstance(b, Figure):
-                out += [f"![{b.caption}]({figure_dir}/{b.id}.png)", "", f"*{b.caption}*", ""]
+                # Alt text cannot hold brackets (one would end it); they read as parentheses there.
+                alt = _md_inline(b.caption.replace("[", "(").replace("]", ")"))
+                out += [f"![{alt}]({figure_dir}/{b.id}.png)", "", f"*{_md_inline(b.caption)}*", ""]
             elif b.kind == "pre":
-                out += ["```toml", b.text, "```", ""]
+                fence = _md_fence(b.text)
+                out += [f"{fence}toml", b.text, fence, ""]
             elif b.kind == "h3":
-                out += [f"### {b.text}", ""]
+                out += [f"### {_md_text(b.text)}", ""]
             else:
-                out += [f"> **Note:** {b.text}" if b.kind == "note" else b.text, ""]
+                out += [f"> **Note:** {_md_text(b.text)}" if b.kind == "note" else _md_text(b.text), ""]
     return "\n".join(out)
 
 

@@ -16,8 +16,11 @@ anything else Pillow decodes, and DICOM when pydicom is installed (``pip install
 from __future__ import annotations
 
 import csv
+import errno
 import functools
 import os
+import posixpath
+import stat
 import warnings
 from collections import Counter
 from collections.abc import Sequence
@@ -195,7 +198,8 @@ def _drop_bad(paths: Sequence[Path], names: Sequence[str], skip_bad: bool,
     if bad and not skip_bad:
         listed = "; ".join(err for _, err in bad[:_MAX_LISTED])
         more = f" (and {len(bad) - _MAX_LISTED} more)" if len(bad) > _MAX_LISTED else ""
-        raise DataError(f"{len(bad)} bad input file(s): {listed}{more}. Fix or remove them, or pass skip_bad=True")
+        raise DataError(f"{len(bad)} bad input file(s): {listed}{more}. Fix or remove them, or skip them with "
+                        f"--set data.skip_bad=true (skip_bad=True in Python)")
     for name, err in bad:
         warnings.warn(f"skipping {err}", DataWarning, stacklevel=3)
         skipped.append((name, err))
@@ -348,8 +352,28 @@ def _visible(p: Path | str) -> bool:
     return not (p if isinstance(p, str) else p.name).startswith((".", "__"))
 
 
-def _class_folders(folder: Path) -> dict[str, list[Path]]:
-    """``{class name: sorted files under folder/<class>/ (recursive, hidden entries skipped)}``."""
+def _broken_link(p: Path) -> str | None:
+    """Why the symbolic link ``p`` yields no image file (dangling, a loop, a folder), or None if it does."""
+    try:
+        target = p.stat()
+    except FileNotFoundError:
+        return f"{p}: dangling symbolic link (its target {os.readlink(p)!r} does not exist)"
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return f"{p}: symbolic link loop"
+        return f"{p}: unreadable symbolic link ({e.strerror})"
+    if stat.S_ISDIR(target.st_mode):
+        return f"{p}: symbolic link to a folder (links to folders are not followed, so a loop cannot recurse)"
+    return None
+
+
+def _class_folders(folder: Path, root: Path | None = None,
+                   skipped: list[tuple[str, str]] | None = None) -> dict[str, list[Path]]:
+    """``{class name: sorted files under folder/<class>/ (recursive, hidden entries skipped)}``.
+
+    Symbolic links that give no file (dangling, loops, links to folders) are left out with a `DataWarning` and
+    recorded in ``skipped`` as ``(path relative to root, reason)``: a missing image is never silent.
+    """
     dirs = sorted(p for p in folder.iterdir() if p.is_dir() and _visible(p))
     if not dirs:
         raise DataError(f"{folder}: no class sub-folders found; expected {folder}/<class>/<image files>")
@@ -359,8 +383,14 @@ def _class_folders(folder: Path) -> dict[str, list[Path]]:
                       DataWarning, stacklevel=3)
     out = {}
     for d in dirs:
-        files = sorted(p for p in d.rglob("*") if p.is_file()
-                       and all(_visible(part) for part in p.relative_to(d).parts))
+        entries = [p for p in d.rglob("*") if all(_visible(part) for part in p.relative_to(d).parts)]
+        for p in sorted(p for p in entries if p.is_symlink()):
+            why = _broken_link(p)
+            if why is not None:
+                warnings.warn(f"skipping {why}", DataWarning, stacklevel=3)
+                if skipped is not None:
+                    skipped.append((p.relative_to(root or folder).as_posix(), why))
+        files = sorted(p for p in entries if p.is_file())
         if not files:
             raise DataError(f"class folder {d} is empty: class {d.name!r} has no image files")
         out[d.name] = files
@@ -368,10 +398,14 @@ def _class_folders(folder: Path) -> dict[str, list[Path]]:
 
 
 def load_folder(root: str | os.PathLike, size: int, seed: int, val_fraction: float = 0.15,
-                test_fraction: float = 0.2, skip_bad: bool = False) -> Splits:
+                test_fraction: float = 0.2, skip_bad: bool = False, *,
+                classes: Sequence[str] | None = None) -> Splits:
     """Load ``root/<class>/*`` (split here) or ``root/{train,val,test}/<class>/*`` (already split).
 
-    Class names are the sorted class folder names (of ``train`` when pre-split). Without a split layout the
+    Class names are ``classes`` when given (a class folder outside it is an error naming the folder, so a typo
+    never becomes a class of its own), else the sorted class folder names (of ``train`` when pre-split). Symbolic
+    links that give no file are left out with a `DataWarning` and recorded in `Splits.skipped`. Without a split
+    layout the
     images are split stratified by class with target fractions ``(1 - val - test, val, test)`` (see
     `assign_splits`; each image is its own group, as folders carry no patient ids: use `load_csv` with a
     ``patient_id`` column to keep patients together). In a pre-split layout the fractions are ignored, except
@@ -386,13 +420,15 @@ def load_folder(root: str | os.PathLike, size: int, seed: int, val_fraction: flo
         test_fraction: Target test fraction, in (0, 1); ``val_fraction + test_fraction < 1``.
         skip_bad: Skip unreadable files with a `DataWarning`, recording them in `Splits.skipped`, instead of
             raising. Structural problems (an empty class, a single class, a split without some class) still raise.
+        classes: The expected class names, in label order.
 
     Returns:
         `Splits` of lazily loaded `ImageSet` items ``(1, size, size)`` float32 in [0, 1].
 
     Raises:
         DataError: Missing root, no or empty class folders, fewer than two classes, a split missing a class,
-            bad files (unless ``skip_bad``), a mix of split and class folders at the top level.
+            bad files (unless ``skip_bad``), a mix of split and class folders at the top level, a class folder
+            not in ``classes`` or a class of ``classes`` without a folder.
         TypeError, ValueError: Bad ``size``, ``seed`` or fractions.
     """
     size = check_int(size, "size", 1, 4096)
@@ -407,7 +443,7 @@ def load_folder(root: str | os.PathLike, size: int, seed: int, val_fraction: flo
     split_dirs = [name for name in top if name in SPLIT_NAMES]
     skipped: list[tuple[str, str]] = []
     if not split_dirs:
-        by_class = _class_folders(root)
+        by_class = _class_folders(root, root, skipped)
         layout = {None: by_class}
     else:
         others = [name for name in top if name not in SPLIT_NAMES]
@@ -417,7 +453,7 @@ def load_folder(root: str | os.PathLike, size: int, seed: int, val_fraction: flo
         for required in ("train", "test"):
             if required not in split_dirs:
                 raise DataError(f"{root}: pre-split layout has no {required!r} folder (found {', '.join(split_dirs)})")
-        layout = {name: _class_folders(root / name) for name in SPLIT_NAMES if name in split_dirs}
+        layout = {name: _class_folders(root / name, root, skipped) for name in SPLIT_NAMES if name in split_dirs}
         class_set = set(layout["train"])
         for name, by_class in layout.items():
             missing, extra = sorted(class_set - set(by_class)), sorted(set(by_class) - class_set)
@@ -428,6 +464,20 @@ def load_folder(root: str | os.PathLike, size: int, seed: int, val_fraction: flo
                 raise DataError(f"split {name!r} ({root / name}) has class(es) {', '.join(map(repr, extra))} "
                                 f"that train lacks")
     class_names = tuple(sorted(next(iter(layout.values()))))
+    if classes is not None:
+        expected = tuple(str(c) for c in classes)
+        if len(set(expected)) != len(expected):
+            raise ValueError(f"classes has duplicate names: {expected}")
+        for s, by_class in layout.items():
+            where = root if s is None else root / s
+            extra = [name for name in sorted(by_class) if name not in expected]
+            if extra:
+                raise DataError(f"{where}: class folder(s) {', '.join(repr(str(where / e)) for e in extra)} not in "
+                                f"the expected classes ({', '.join(expected)}); fix the folder name or data.classes")
+            missing = [name for name in expected if name not in by_class]
+            if missing:
+                raise DataError(f"{where}: no folder for expected class(es) {', '.join(map(repr, missing))}")
+        class_names = expected
     _check_classes(class_names, np.arange(len(class_names)), str(root))
     paths, labels, split_of = [], [], []
     for s, by_class in layout.items():
@@ -519,7 +569,7 @@ def load_csv(manifest: str | os.PathLike, size: int, seed: int, val_fraction: fl
         raise DataError(f"manifest {manifest} repeats column(s) {', '.join(dup)}")
     col = {name: header.index(name) for name in ("path", "label", "split", "patient_id") if name in header}
     records = []
-    seen: dict[str, int] = {}
+    seen: dict[str, tuple[int, str]] = {}
     for line, row in enumerate(rows[1:], start=2):
         if not any(cell.strip() for cell in row):
             continue
@@ -529,9 +579,17 @@ def load_csv(manifest: str | os.PathLike, size: int, seed: int, val_fraction: fl
         for name, value in rec.items():
             if not value:
                 raise DataError(f"{manifest} line {line}: empty {name!r}")
-        if rec["path"] in seen:
-            raise DataError(f"{manifest} line {line}: path {rec['path']!r} already listed on line {seen[rec['path']]}")
-        seen[rec["path"]] = line
+        # Two spellings of one file (img/a.png, ./img/a.png, an absolute path) would give one id to two rows and
+        # could put the image in two splits: compare the normalised paths.
+        given = rec["path"]
+        rec["path"] = posixpath.normpath(given)
+        key = os.path.normpath(os.path.join(base, rec["path"]))
+        if key in seen:
+            first_line, first = seen[key]
+            same = "" if first == given else f" as {first!r} (the same file)"
+            raise DataError(f"{manifest} line {line}: path {given!r} already listed on line {first_line}{same}; "
+                            f"list each image once")
+        seen[key] = (line, given)
         if "split" in rec:
             alias = _SPLIT_ALIASES.get(rec["split"].lower())
             if alias is None:

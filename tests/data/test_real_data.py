@@ -388,3 +388,58 @@ def test_assign_splits_rejects_bad_arguments():
         assign_splits(labels + 1, None, (0.6, 0.2, 0.2), 0, ("a", "b"))
     with pytest.raises(ValueError, match="groups has 2"):
         assign_splits(labels, ["p", "q"], (0.6, 0.2, 0.2), 0, ("a", "b"))
+
+
+# -- nothing silently wrong ----------------------------------------------------------------------------------------
+
+def test_csv_two_spellings_of_one_path_are_rejected_naming_both_rows(rng, tmp_path):
+    for c in ("a", "b"):
+        for i in range(4):
+            _save(tmp_path / "img" / f"{c}{i}.png", _u8(rng, 5, 5))
+    rows = [f"img/{c}{i}.png,{c}" for c in "ab" for i in range(4)]
+    for twin in ("./img/a0.png", "img//a0.png", "img/../img/a0.png", str(tmp_path / "img" / "a0.png")):
+        with pytest.raises(DataError, match=rf"line 10: path '{twin}' already listed on line 2 as 'img/a0.png'"):
+            load_csv(_write_manifest(tmp_path / "m.csv", "path,label", [*rows, f"{twin},b"]), 5, 0)
+    splits = load_csv(_write_manifest(tmp_path / "ok.csv", "path,label", [f"./{r}" for r in rows]), 5, 0)
+    assert sorted(i for s in _all(splits) for i in s.ids) == sorted(r.split(",")[0] for r in rows)
+
+
+def test_folder_classes_reject_a_typo_folder_and_fix_the_order(rng, tmp_path):
+    _make_classes(tmp_path, rng, {"covid": 5, "normal": 5, "Covid": 3})
+    with pytest.raises(DataError, match=r"class folder\(s\) '.*/Covid' not in the expected classes"):
+        load_folder(tmp_path, 8, 0, classes=("normal", "covid"))
+    with pytest.raises(DataError, match="no folder for expected class.*'effusion'"):
+        load_folder(tmp_path, 8, 0, classes=("normal", "covid", "Covid", "effusion"))
+    splits = load_folder(tmp_path, 8, 0, classes=("normal", "covid", "Covid"), test_fraction=0.25)
+    assert splits.class_names == ("normal", "covid", "Covid")
+    assert {i.split("/")[0] for s in _all(splits) for i, label in zip(s.ids, s.labels) if label == 0} == {"normal"}
+
+
+def test_csv_label_typo_is_an_error_naming_the_row(rng, tmp_path):
+    for i in range(8):
+        _save(tmp_path / f"{i}.png", _u8(rng, 5, 5))
+    rows = [f"{i}.png,{'covid' if i % 2 else 'normal'}" for i in range(7)] + ["7.png,Covid"]
+    with pytest.raises(DataError, match="line 9: unknown label 'Covid'"):
+        load_csv(_write_manifest(tmp_path / "m.csv", "path,label", rows), 5, 0, classes=("normal", "covid"))
+
+
+def test_broken_symlinks_are_warned_and_recorded(rng, tmp_path):
+    _make_classes(tmp_path, rng, {"a": 5, "b": 5})
+    (tmp_path / "a" / "dangling.png").symlink_to(tmp_path / "gone.png")
+    (tmp_path / "b" / "loop1.png").symlink_to(tmp_path / "b" / "loop2.png")
+    (tmp_path / "b" / "loop2.png").symlink_to(tmp_path / "b" / "loop1.png")
+    (tmp_path / "b" / "up").symlink_to(tmp_path)  # a folder loop, never followed
+    (tmp_path / "a" / "good.png").symlink_to(tmp_path / "a" / "img000.png")  # a working link is an image
+    with pytest.warns(DataWarning) as caught:
+        splits = load_folder(tmp_path, 8, 0, test_fraction=0.25)
+    text = " ".join(str(w.message) for w in caught)
+    assert "dangling" in text and "loop" in text
+    assert sorted(f for f, _ in splits.skipped) == ["a/dangling.png", "b/loop1.png", "b/loop2.png", "b/up"]
+    assert "a/good.png" in {i for s in _all(splits) for i in s.ids}
+
+
+def test_bad_file_message_gives_the_cli_spelling(rng, tmp_path):
+    _make_classes(tmp_path, rng, {"a": 5, "b": 5})
+    _truncated_png(tmp_path / "a" / "bad.png", rng)
+    with pytest.raises(DataError, match=r"--set data\.skip_bad=true"):
+        load_folder(tmp_path, 8, 0)
