@@ -874,7 +874,10 @@ def grid_verdict(tree: dict, methods: list[str], metrics: list[str]) -> str:
                          f"of {total} (cell, method pair) combinations ({how})"
                          + (f", {unranked} cells not ranked" if unranked else ""))
     if not parts:
-        return "no ranking could be made (fewer than two architectures or methods with scored images)"
+        why = next((cell[m.replace("/", "_")]["unranked"] for by_score in tree.values() for by_norm in by_score.values()
+                    for cell in by_norm.values() for m in metrics if "unranked" in cell.get(m.replace("/", "_"), {})),
+                   "fewer than two architectures with drift metrics")
+        return f"no cell of the grid could be ranked ({why})"
     return "; ".join(parts) + "."
 
 

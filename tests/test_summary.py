@@ -100,3 +100,5 @@ def test_grid_verdict_counts_reversals_between_layercam_and_gradcampp(rng):
     one = {"L": {"s": {"n": {"iou@20": {"reverses": {p: True for p in pairs}}}}}}
     assert "in 2 of 2" in grid_verdict(one, methods, ["iou@20"]) and "(in every one)" in grid_verdict(
         one, methods, ["iou@20"])
+    none = {"L": {"s": {"n": {"iou@20": {"unranked": "too few images"}}}}}
+    assert grid_verdict(none, methods, ["iou@20"]) == "no cell of the grid could be ranked (too few images)"
