@@ -231,8 +231,9 @@ def test_input_size_resamples_like_interpolate_and_survives_a_checkpoint(tmp_pat
         models.build("resnet10t", 3, input_size=8)
 
 
-def test_imagenet_weights_never_download(tmp_path, monkeypatch):
+def test_imagenet_weights_offline_and_absent_name_the_model(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline: nothing is fetched, the error names what was looked for
     m = models.build("resnet10t", 3)
     with pytest.raises(FileNotFoundError, match="resnet10t"):
         models.load_imagenet(m)
