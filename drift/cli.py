@@ -1,4 +1,4 @@
-"""Command line: ``drift run | attribute | metrics | fisher | summary | report | compare | bench``."""
+"""Command line: ``drift run | pretrain | attribute | metrics | fisher | summary | report | compare | bench``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 EPILOG = """examples:
   drift run                                   the demo study (synthetic data, three backbones, CPU-sized)
   drift run --config configs/smoke.toml       seconds-long run for a first check
+  drift pretrain                              pretrain the demo's backbones on the synthetic source task once
   drift run --config configs/paper.toml --set data.path=/data/cxr --out runs/paper
   drift run --set train.finetune.lr=1e-5 --set run.archs='["densenet201"]'
   drift summary runs/demo/archive.h5          print the headline tables of an archive
@@ -39,6 +40,17 @@ def build_parser() -> argparse.ArgumentParser:
                                    "statistics -> report, all into <out>/archive.h5. Re-running with the same "
                                    "config skips finished stages.")
     _add_run_args(p)
+    p = sub.add_parser("pretrain", help="pretrain the config's backbones on the synthetic source task and cache them",
+                       description="Make the synthetic-source weights of every backbone in run.archs (what "
+                                   "model.weights = \"synthetic-source\" loads) and cache them under "
+                                   "<model.cache_dir>/source/, so that `drift run` with the same config finds them. "
+                                   "Backbones already cached are only checked.")
+    p.add_argument("--config", "-c", help="TOML config (default: the built-in demo, same as configs/demo.toml)")
+    p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set source.n_train=1000 (repeatable)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (overrides run.device; default auto)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(out=None)
     for name, steps, text in (
         ("attribute", ("data", "train", "attributions"), "compute attribution maps of both checkpoints again"),
         ("metrics", ("data", "train", "attributions", "drift", "stats"), "compute drift metrics and statistics "
@@ -90,14 +102,42 @@ def main(argv: list[str] | None = None) -> int:
     from .archive import ArchiveError
     from .config import ConfigError
 
+    previous = _on_sigterm(_terminate)
     try:
         return _dispatch(args)
     except (ConfigError, ArchiveError, FileNotFoundError, ValueError) as exc:
         print(f"drift {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"drift {args.command}: interrupted; finished stages are kept in the archive", file=sys.stderr)
-        return 130
+    except OSError as exc:  # a read-only or full output folder met outside the pipeline (report, compare, bench)
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"drift {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:
+        how = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        print(f"drift {args.command}: {how}; finished stages are kept in the archive", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
+    finally:
+        _on_sigterm(previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM as an exception: it unwinds like Ctrl-C, so an open archive transaction removes its ``.tmp`` and
+    the output folder's lock is released."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
+def _on_sigterm(handler):
+    """Install ``handler`` for SIGTERM; returns the previous one (None outside the main thread, where Python
+    cannot install handlers)."""
+    import signal
+    import threading
+
+    if handler is None or threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, handler)
 
 
 def _dispatch(args) -> int:
@@ -117,6 +157,8 @@ def _dispatch(args) -> int:
             print(f"data and training: {pipe.timings['data+training']:.0f} s")
         print(f"wall time: {time.perf_counter() - t0:.0f} s")
         return 0
+    if args.command == "pretrain":
+        return _pretrain(_config(args))
     if args.command == "summary":
         from .summary import print_summary
 
@@ -142,3 +184,26 @@ def _dispatch(args) -> int:
         print(export(args.source, args.out))
         return 0
     return 2
+
+
+def _pretrain(cfg) -> int:
+    import torch
+
+    from .pipeline import Pipeline
+    from .train import resolve_device
+
+    if cfg.model.weights != "synthetic-source":
+        print(f"note: this config's model.weights is {cfg.model.weights!r}; `drift run` with it will not load "
+              "these weights (set model.weights = \"synthetic-source\")")
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    device = resolve_device(cfg.run.device)
+    t0 = time.perf_counter()
+    for arch in cfg.run.archs:
+        t = time.perf_counter()
+        meta = Pipeline.source_backbone(cfg, arch, device)["meta"]
+        print(f"{arch}: {meta['task']} held-out accuracy {meta['source_accuracy']:.3f} "
+              f"({meta['input_size']} px; pretraining took {meta['seconds']:.0f} s when made), "
+              f"{time.perf_counter() - t:.0f} s now; {Pipeline.source_cache_path(cfg, arch)}")
+    print(f"wall time: {time.perf_counter() - t0:.0f} s")
+    return 0

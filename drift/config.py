@@ -68,14 +68,16 @@ class SourceConfig:
     """Pretraining on a synthetic source task (stand-in for ImageNet when no weights are at hand).
 
     The whole backbone trains with a temporary linear head on ``n_train`` source images drawn at the side the
-    backbone sees, then its BatchNorm statistics are re-estimated and ``n_val`` held-out images give the source
-    accuracy. Every value here is part of the weights' cache key.
+    backbone sees (windows of ``crop`` times that side), then its BatchNorm statistics are re-estimated on whole
+    images and ``n_val`` held-out whole images give the source accuracy. Every value here is part of the
+    weights' cache key.
     """
 
     task: str = "lesion-attributes"  # lesion-attributes | textures (drift.data.SOURCE_TASKS)
-    n_train: int = 2000
+    crop: float = 1.0  # train on windows of this fraction of the side around the opacity (1 = whole images)
+    n_train: int = 3000
     n_val: int = 300
-    epochs: int = 1
+    epochs: int = 2
     lr: float = 2e-3
     batch_size: int = 16
     schedule: str = "onecycle"  # constant | onecycle

@@ -383,7 +383,7 @@ class Pipeline:
         return model, w
 
     #: Version of the synthetic-source recipe (source task, pretraining, cache file format); part of the cache key.
-    _SOURCE_RECIPE = 4
+    _SOURCE_RECIPE = 5
 
     def _source_weights(self, model: Classifier) -> str:
         """Load the synthetic-source backbone of ``model.arch`` into ``model`` (pretrained and cached on first use).
@@ -438,9 +438,10 @@ class Pipeline:
             log(f"{arch}: synthetic-source weights from cache {path}")
             return payload
         src = cfg.source
+        side = Pipeline._source_side(cfg, arch)
+        what = f"{round(side * src.crop)} px windows of {side} px images" if src.crop < 1 else f"{side} px images"
         log(f"{arch}: no cached synthetic-source weights for this config; pretraining once on the {src.task} task "
-            f"({src.n_train} images x {src.epochs} epoch{'s' if src.epochs != 1 else ''} at "
-            f"{Pipeline._source_side(cfg, arch)} px)")
+            f"({src.n_train} {what} x {src.epochs} epoch{'s' if src.epochs != 1 else ''})")
         payload = Pipeline._pretrain_source(cfg, arch, device, cfg.run.progress if progress is None else progress)
         Pipeline._write_source_cache(path, payload)
         meta = payload["meta"]
@@ -459,8 +460,14 @@ class Pipeline:
         side = Pipeline._source_side(cfg, arch)
         t0 = time.perf_counter()
         seed = cfg.run.seed + 7919  # source images never share a stream with the chest task's
-        train = task.make(src.n_train, side, seed)
+        crop = round(side * src.crop) if src.crop < 1 else 0
+        if crop and crop < get_spec(arch).min_size:
+            raise ValueError(f"source.crop = {src.crop} gives {crop} px windows; {arch} needs >= "
+                             f"{get_spec(arch).min_size} px")
+        train = task.make(src.n_train, side, seed, crop=crop)
+        # Held-out and BatchNorm images are whole radiographs: what the backbone sees in the transfer stage.
         heldout = task.make(src.n_val, side, seed, offset=src.n_train)
+        calibration = task.make(BN_CALIBRATION_IMAGES, side, seed, offset=src.n_train + src.n_val) if crop else None
         st = StageConfig(epochs=src.epochs, lr=src.lr, batch_size=src.batch_size, patience=src.epochs,
                          bn_frozen=False, schedule=src.schedule, precision=src.precision)
         # The pretraining draws from torch's global generator; forking it keeps every later stage's random
@@ -470,10 +477,10 @@ class Pipeline:
             torch.manual_seed(cfg.run.seed)
             model = build(arch, len(task.classes), cfg.model.dropout)
             res = pretrain_source(model, train, len(task.classes), st, device, cfg.run.seed, progress, heldout,
-                                  f"{arch} source pretraining")
+                                  f"{arch} source pretraining", calibration)
         meta = {"task": task.name, "description": task.description, "classes": list(task.classes),
                 "source_accuracy": res.history["heldout_accuracy"][0], "final_loss": res.history["train_loss"][-1],
-                "n_train": src.n_train, "n_val": src.n_val, "epochs": src.epochs, "lr": src.lr,
+                "n_train": src.n_train, "n_val": src.n_val, "crop": crop or side, "epochs": src.epochs, "lr": src.lr,
                 "batch_size": src.batch_size, "precision": res.precision, "input_size": side, "arch": arch,
                 "recipe": Pipeline._SOURCE_RECIPE, "seconds": time.perf_counter() - t0}
         state = {k: v.detach().cpu().clone() for k, v in model.backbone.state_dict().items()}
@@ -520,8 +527,10 @@ class Pipeline:
         """One line on synthetic-source weights: task, held-out accuracy, pretraining run, cache file."""
         epochs = meta["epochs"]
         return (f"synthetic-source: {meta['task']} task ({len(meta['classes'])} classes: {meta['description']}), "
-                f"held-out accuracy {meta['source_accuracy']:.3f}; pretrained on {meta['n_train']} images x {epochs} "
-                f"epoch{'s' if epochs != 1 else ''} at {meta['input_size']} px in {meta['seconds']:.0f} s; "
+                f"held-out accuracy {meta['source_accuracy']:.3f}; pretrained on {meta['n_train']} "
+                + (f"{meta['crop']} px windows of " if meta["crop"] != meta["input_size"] else "")
+                + f"{meta['input_size']} px images x {epochs} "
+                f"epoch{'s' if epochs != 1 else ''} in {meta['seconds']:.0f} s; "
                 f"cache {path.name}")
 
     # ---- training

@@ -392,9 +392,35 @@ def train_finetune(model: Classifier, train: Dataset, val: Dataset, cfg: StageCo
 
 
 def pretrain_source(model: Classifier, source: Dataset, n_classes: int, cfg: StageConfig, device: torch.device,
-                    seed: int, progress: bool = True) -> StageResult:
-    """Train the whole backbone on the synthetic source task with a temporary head (ImageNet stand-in)."""
+                    seed: int, progress: bool = True, heldout: Dataset | None = None,
+                    desc: str = "source pretraining", calibration: Dataset | None = None) -> StageResult:
+    """Train the whole backbone on a synthetic source task with a temporary head (ImageNet stand-in).
+
+    The temporary head is global average pooling and a linear layer to the source task's ``n_classes``; the
+    model's own head is left untouched. After training, BatchNorm statistics are re-estimated on (up to 256 of)
+    the ``calibration`` images (:func:`calibrate_bn`): the exact statistics of the final weights, which a
+    frozen-BatchNorm transfer stage keeps, instead of a running average taken while the weights moved. The
+    held-out images are then scored with the temporary head.
+
+    Args:
+        model: The classifier whose backbone is pretrained (every parameter trains, BatchNorm in training mode).
+        source: Training images ``(1, S, S)`` with labels in ``[0, n_classes)``.
+        n_classes: Number of source classes.
+        cfg: Epochs, lr, batch size, schedule and precision of the run (see :func:`fit`; no validation set).
+        device: Where to train.
+        seed: Seed of the head's initialisation and of the batch order.
+        progress: Show progress bars.
+        heldout: Images of the source task not trained on.
+        desc: Progress bar label.
+        calibration: Images of the BatchNorm statistics (default ``source``), e.g. whole images when the
+            training images are windows of them.
+
+    Returns:
+        The run's `StageResult`; ``history["heldout_accuracy"]`` holds one value, the temporary head's accuracy
+        on ``heldout`` (NaN without held-out images).
+    """
     unfreeze(model, bn_frozen=False)
+    torch.manual_seed(seed)
     temp = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(model.backbone.num_features, n_classes))
     temp.to(device)
     model.to(device)
@@ -407,8 +433,16 @@ def pretrain_source(model: Classifier, source: Dataset, n_classes: int, cfg: Sta
         def forward(self, x):
             return self.temp(self.model.features(x))
 
-    torch.manual_seed(seed)
     net = _Net()
-    res = fit(net, net, source, None, cfg, device, seed, progress, "source pretraining")
+    res = fit(net, net, source, None, cfg, device, seed, progress, desc)
+    t0 = time.perf_counter()
+    calibrate_bn(model, source if calibration is None else calibration, device, progress=progress,
+                 precision=cfg.precision, max_images=BN_CALIBRATION_IMAGES)
+    accuracy = float("nan")
+    if heldout is not None and len(heldout):
+        logits, labels = predict(net, heldout, device, progress=progress, desc="held-out source images")
+        accuracy = float((logits.argmax(1) == labels).mean())
+    res.history["heldout_accuracy"] = [accuracy]
+    res.seconds += time.perf_counter() - t0
     model.eval()
     return res

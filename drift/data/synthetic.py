@@ -58,6 +58,10 @@ _GLYPHS = tuple(np.array([[c == "#" for c in row] for row in g.split()], dtype=b
     "##### ..#.. ..#.. ..#.. #####",
 ))
 
+#: Attributes of the generic opacities of `render_chest_opacity` (the lesion-attribute source task).
+OPACITY_TEXTURES: tuple[str, ...] = ("solid", "mottled", "reticular")
+OPACITY_EXTENTS: tuple[str, ...] = ("focal", "extensive")
+
 _SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 _DOMAIN = 0xC4E5  # separates this task's random streams from the source task's
 
@@ -306,6 +310,58 @@ class _Painter:
         density = envelope * weight * (np.float32(amp) * mesh + np.float32(0.25 * amp))
         return density, envelope
 
+    # -- generic opacities of the lesion-attribute source task (render_chest_opacity) -----------------------------
+    def opacity(self, texture: str, extent: str) -> tuple[np.ndarray, np.ndarray]:
+        """An opacity described by its attributes: ``(density to add, soft support)``, both ``(S, S)`` float32.
+
+        ``focal``: one to three round or oval spots (radius 0.035-0.12 body units times the size factor; 0.06 at
+        least for the textured ones, so a net or a mottle has room to show) anywhere in either lung.
+        ``extensive``: a large part of one lung or (30 %) of both, each a big oval (radius 0.16-0.3) or the lung
+        below or above a tilted line at mid height. ``solid``: homogeneous with a sharp edge; ``mottled``: patchy
+        density with a fuzzy border; ``reticular``: a fine net (mesh about 0.09 body units). The shapes are
+        generic: no fissure, meniscus or air bronchogram, and every texture comes at every extent.
+        """
+        rng, x, y, s = self.rng, self.x, self.y, self.size
+        border = np.float32(0.0 if texture == "solid" else 0.035) * smooth_noise(rng, s, 10)
+        support = np.zeros_like(x)
+        if extent == "focal":
+            lo = 0.035 if texture == "solid" else 0.06
+            for _ in range(rng.choice(3, p=(0.6, 0.25, 0.15)) + 1):
+                r = max(rng.uniform(lo, 0.12) * self._size_factor(), 2.0 * self.px)
+                cx, cy = self._point_in_lung(self.lungs[rng.integers(2)], (0.1, 0.9), r + self.px)
+                depth = ellipse_depth(x, y, cx, cy, r * rng.uniform(0.8, 1.25), r * rng.uniform(0.8, 1.25),
+                                      rng.uniform(0.0, math.pi))
+                support = np.maximum(support, soft_step(depth + border, self.edge))
+            support = support * self.lesion_field
+        elif extent == "extensive":
+            for k in ((0,), (1,), (0, 1))[rng.choice(3, p=(0.35, 0.35, 0.3))]:
+                lung = self.lungs[k]
+                if rng.random() < 0.5:
+                    cx, cy = self._point_in_lung(lung, (0.25, 0.75), 0.05)
+                    depth = ellipse_depth(x, y, cx, cy, rng.uniform(0.16, 0.3), rng.uniform(0.16, 0.3),
+                                          rng.uniform(0.0, math.pi))
+                else:
+                    level = lung.y_top + rng.uniform(0.35, 0.65) * (lung.y_bot - lung.y_top)
+                    tilt = rng.uniform(-0.4, 0.4)
+                    lateral = x * np.float32(lung.side) - np.float32(lung.cx)
+                    depth = y - np.float32(level) - np.float32(tilt) * lateral
+                    depth = depth if rng.random() < 0.6 else -depth
+                support = np.maximum(support, soft_step(depth + border, 1.5 * self.edge) * self.lesion_fields[k])
+        else:
+            raise ValueError(f"extent must be one of {OPACITY_EXTENTS}, got {extent!r}")
+        if texture == "solid":
+            density = np.float32(rng.uniform(0.16, 0.24) * self._contrast()) * support
+        elif texture == "mottled":
+            patches = np.clip(np.float32(0.65) + np.float32(0.5) * smooth_noise(rng, s, 32), 0.1, 1.0)
+            density = np.float32(rng.uniform(0.15, 0.22) * self._contrast()) * support * patches
+        elif texture == "reticular":
+            cells = int(np.clip(round(2.0 / max(0.09, 10.0 / s)), 4, 40))
+            mesh = np.exp(-(smooth_noise(rng, s, cells) * np.float32(1.0 / 0.3)) ** 2)
+            density = np.float32(rng.uniform(0.1, 0.15) * self._contrast()) * support * (mesh + np.float32(0.25))
+        else:
+            raise ValueError(f"texture must be one of {OPACITY_TEXTURES}, got {texture!r}")
+        return density, support
+
     def marker(self, cls: int) -> tuple[np.ndarray, np.ndarray]:
         """Tag plate of class ``cls`` in image coordinates: ``(intensity to paint, bool mask)``."""
         cu, cv = MARKER_SLOTS[cls]
@@ -372,6 +428,51 @@ def render_chest(rng: np.random.Generator, size: int, label: int, difficulty: fl
         img = np.where(marker_mask, paint, img)
     img += finish_rng.standard_normal((size, size), dtype=np.float32) * np.float32(0.006 + 0.03 * difficulty)
     return np.clip(img, 0.0, 1.0).astype(np.float32, copy=False), painter.lung_mask, lesion_mask, marker_mask
+
+
+def render_chest_opacity(rng: np.random.Generator, size: int, texture: str, extent: str,
+                         difficulty: float = 0.5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Draw a synthetic chest radiograph carrying one generic opacity of the given attributes.
+
+    The patient, distractors and finishing (window, gamma, noise) are those of `render_chest`; in place of a
+    class's lesion the image gets `_Painter.opacity` of ``texture`` (`OPACITY_TEXTURES`) and ``extent``
+    (`OPACITY_EXTENTS`). ``difficulty`` scales contrast, size, noise and distractors as in `render_chest`.
+
+    Args:
+        rng: Random stream (``np.random.default_rng(seed)`` is fine); the drawing is a deterministic function of it.
+        size: Side ``S`` of the square image in pixels.
+        texture: ``solid``, ``mottled`` or ``reticular``.
+        extent: ``focal`` or ``extensive``.
+        difficulty: In [0, 1].
+
+    Returns:
+        ``(image, lung_mask, opacity_mask)``: ``(S, S)`` float32 in [0, 1] and two ``(S, S)`` bool.
+
+    Raises:
+        ValueError: If ``texture`` or ``extent`` is not one of the listed attributes.
+    """
+    if texture not in OPACITY_TEXTURES:
+        raise ValueError(f"texture must be one of {OPACITY_TEXTURES}, got {texture!r}")
+    if extent not in OPACITY_EXTENTS:
+        raise ValueError(f"extent must be one of {OPACITY_EXTENTS}, got {extent!r}")
+    anatomy_rng, lesion_rng, finish_rng = rng.spawn(3)
+    painter = _Painter(anatomy_rng, size, difficulty)
+    img = painter.anatomy() + painter.distractors()
+    painter.rng = lesion_rng
+    min_pixels = max(4, round(8e-4 * size * size))
+    for _ in range(16):
+        density, support = painter.opacity(texture, extent)
+        mask = (support > 0.5) & painter.lung_mask
+        if mask.sum() >= min_pixels:
+            break
+    else:
+        raise RuntimeError(f"could not place a {extent} {texture} opacity at size {size}")
+    img += density
+    lo, hi = finish_rng.uniform(-0.04, 0.06), finish_rng.uniform(0.8, 1.05)
+    gamma = math.exp(finish_rng.uniform(-0.25, 0.25))
+    img = np.clip((img - np.float32(lo)) * np.float32(1.0 / (hi - lo)), 0.0, 1.0) ** np.float32(gamma)
+    img += finish_rng.standard_normal((size, size), dtype=np.float32) * np.float32(0.006 + 0.03 * difficulty)
+    return np.clip(img, 0.0, 1.0).astype(np.float32, copy=False), painter.lung_mask, mask
 
 
 def _split(seed: int, split: str, n: int, offset: int, size: int, difficulty: float, confounder: float) -> ImageSet:

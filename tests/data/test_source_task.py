@@ -1,4 +1,4 @@
-"""The synthetic source (pretraining) task."""
+"""The synthetic source (pretraining) tasks: textures and lesion attributes."""
 
 import hashlib
 
@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from drift.data import SOURCE_CLASSES, make_source
+from drift.data import (
+    LESION_SOURCE_CLASSES,
+    SOURCE_CLASSES,
+    SOURCE_TASKS,
+    SYNTHETIC_CLASSES,
+    make_lesion_source,
+    make_source,
+)
 
 
 def _seed(rng: torch.Generator) -> int:
@@ -68,3 +75,104 @@ def test_classes_are_separable_by_texture_statistics(rng):
 def test_bad_arguments_are_named(kwargs, exc, word):
     with pytest.raises(exc, match=word):
         make_source(**(dict(n=3, size=32, seed=0) | kwargs))
+
+
+# ---- the lesion-attribute source task (the default pretraining task)
+
+def _chest_digest(splits) -> str:
+    h = hashlib.sha256()
+    for part in (splits.train, splits.val, splits.test):
+        # Pixels at 1e-3 resolution: the chest task's outputs, robust to last-bit differences of a BLAS product.
+        h.update(np.round(part.images().numpy() * 1000).astype(np.int32).tobytes())
+        for a in (part.labels, part.lung_masks, part.lesion_masks, part.marker_masks):
+            h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def test_chest_task_is_unchanged_by_the_source_generator():
+    # Digest of the chest task as drawn before the opacity painter joined drift.data.synthetic.
+    from drift.data import load_synthetic
+
+    s = load_synthetic(7, 3, 4, 48, seed=11, difficulty=0.3, confounder=0.5)
+    assert _chest_digest(s) == "be377fdf3734c1eda55e8235989e7535ed6dff08856c278beafcc13b38575f6a"
+
+
+def test_lesion_source_is_deterministic_and_seed_dependent(rng):
+    seed = _seed(rng)
+    a, b, c = (make_lesion_source(12, 48, seed), make_lesion_source(12, 48, seed),
+               make_lesion_source(12, 48, seed + 1))
+    for x, y in ((a.images(), b.images()), (a.lung_masks, b.lung_masks), (a.lesion_masks, b.lesion_masks),
+                 (a.labels, b.labels)):
+        assert np.array_equal(np.asarray(x), np.asarray(y))
+    assert a.ids == b.ids == [f"lsrc-{seed}-{i:05d}" for i in range(12)]
+    assert not torch.equal(a.images(), c.images())
+    # A held-out draw continues the sequence: other images, other ids.
+    d = make_lesion_source(6, 48, seed, offset=12)
+    assert d.ids == [f"lsrc-{seed}-{i:05d}" for i in range(12, 18)]
+    assert not any(torch.equal(x, y) for x in d.images() for y in a.images())
+
+
+def test_no_source_label_is_a_target_class():
+    targets = {c.lower() for c in SYNTHETIC_CLASSES}
+    for task in SOURCE_TASKS.values():
+        names = [c.lower() for c in task.classes]
+        assert len(set(names)) == len(names)
+        assert not targets & set(names)
+        # Nor does a source label name a target class inside it (e.g. "focal-nodule").
+        assert not any(t in part for c in names for part in c.split("-") for t in targets)
+    assert SOURCE_TASKS["lesion-attributes"].classes == LESION_SOURCE_CLASSES
+
+
+def test_lesion_source_shapes_balance_and_masks(rng):
+    n, size = 18, 64
+    s = make_lesion_source(n, size, _seed(rng))
+    assert s.class_names == LESION_SOURCE_CLASSES and len(s) == n
+    counts = np.bincount(s.labels, minlength=len(LESION_SOURCE_CLASSES))
+    assert counts.min() == counts.max() == n // len(LESION_SOURCE_CLASSES)
+    x = s.images()
+    assert x.shape == (n, 1, size, size) and x.dtype == torch.float32 and x.min() >= 0 and x.max() <= 1
+    # Every image shows an opacity, inside the lung fields.
+    assert s.lesion_masks.reshape(n, -1).sum(1).min() >= 4
+    assert not (s.lesion_masks & ~s.lung_masks).any()
+
+
+def test_extent_and_texture_show_in_the_opacity(rng):
+    # The attributes are visible: extensive opacities cover more lung than focal ones, and at the same patient
+    # and opacity support a solid opacity is smoother inside than a reticular one.
+    from drift.data import render_chest_opacity
+
+    seed = _seed(rng)
+    area = {e: np.mean([render_chest_opacity(np.random.default_rng([seed, i]), 64, "solid", e)[2].sum()
+                        for i in range(8)]) for e in ("focal", "extensive")}
+    assert area["extensive"] > 2 * area["focal"]
+    roughness = {}
+    for t in ("solid", "reticular"):
+        vals = []
+        for i in range(8):
+            img, _, mask = render_chest_opacity(np.random.default_rng([seed, 100 + i]), 96, t, "extensive", 0.0)
+            lap = np.abs(4 * img[1:-1, 1:-1] - img[:-2, 1:-1] - img[2:, 1:-1] - img[1:-1, :-2] - img[1:-1, 2:])
+            vals.append(lap[mask[1:-1, 1:-1]].mean())
+        roughness[t] = np.mean(vals)
+    assert roughness["reticular"] > roughness["solid"]
+
+
+@pytest.mark.parametrize(("kwargs", "word"), [(dict(texture="nodule"), "texture"), (dict(extent="lobar"), "extent")])
+def test_unknown_opacity_attributes_are_named(kwargs, word):
+    from drift.data import render_chest_opacity
+
+    with pytest.raises(ValueError, match=word):
+        render_chest_opacity(**(dict(rng=np.random.default_rng(0), size=48, texture="solid", extent="focal")
+                                | kwargs))
+
+
+def test_lesion_source_windows_hold_the_opacity_at_full_scale(rng):
+    # A window is a cut of the whole radiograph of the same stream, with the opacity inside it.
+    seed = _seed(rng)
+    whole, windows = make_lesion_source(6, 64, seed), make_lesion_source(6, 64, seed, crop=32)
+    assert windows.images().shape == (6, 1, 32, 32) and np.array_equal(whole.labels, windows.labels)
+    assert (windows.lesion_masks.reshape(6, -1).sum(1) > 0).all()
+    for i in range(6):
+        big, small = whole.images()[i, 0].numpy(), windows.images()[i, 0].numpy()
+        assert any(np.array_equal(big[r:r + 32, c:c + 32], small) for r in range(33) for c in range(33))
+    with pytest.raises(ValueError, match="crop"):
+        make_lesion_source(2, 64, seed, crop=8)
