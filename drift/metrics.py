@@ -269,7 +269,7 @@ def _gaussian_window(device: torch.device) -> torch.Tensor:
 
 
 def _band(n: int, device: torch.device) -> torch.Tensor:
-    """(n - SSIM_WINDOW + 1, n) float64 matrix whose row i holds the Gaussian window at columns i .. i + SSIM_WINDOW - 1."""
+    """(n - SSIM_WINDOW + 1, n) float64 matrix; row i holds the Gaussian window at columns i .. i + SSIM_WINDOW - 1."""
     k = _gaussian_window(device)
     rows = torch.arange(n - SSIM_WINDOW + 1, device=device)
     band = torch.zeros(n - SSIM_WINDOW + 1, n, dtype=torch.float64, device=device)

@@ -640,8 +640,8 @@ class Pipeline:
                 g[layer].attrs.update({"module": cam_layer_name(arch, layer),
                                        "keras": keras_layer_name(arch, layer) or "", "grid": list(grid)})
         self.timings[name] = time.perf_counter() - t0
-        grids = ", ".join(f"{layer} {'x'.join(map(str, tree[layer][acfg.scores[0]]['transfer'][acfg.methods[0]].shape[1:]))}"
-                          for layer in acfg.layers)
+        first = {layer: tree[layer][acfg.scores[0]]["transfer"][acfg.methods[0]] for layer in acfg.layers}
+        grids = ", ".join(f"{layer} {'x'.join(map(str, m.shape[1:]))}" for layer, m in first.items())
         log(f"{arch}: attribution maps ({grids}) for {len(acfg.methods)} methods x {len(acfg.scores)} scores x "
             f"2 checkpoints in {self.timings[name]:.0f} s")
 
@@ -831,9 +831,10 @@ class Pipeline:
                 values[arch][method] = (np.where(use, per[metric], np.nan), per["labels"])
         higher, absolute = stats.stability(metric)
         try:
-            return _as_tree(stats.rank_reversal(values, n_classes, higher_is_stable=higher, n_boot=self.cfg.metrics.n_boot,
+            m = self.cfg.metrics
+            return _as_tree(stats.rank_reversal(values, n_classes, higher_is_stable=higher, n_boot=m.n_boot,
                                                 seed=self.cfg.run.seed, absolute=absolute,
-                                                min_per_class=self.cfg.metrics.min_per_class))
+                                                min_per_class=m.min_per_class))
         except ValueError as exc:  # e.g. no image of an architecture left: record why, keep the rest
             warnings.warn(f"ranking by {metric} in cell ({cell}): {exc}", stacklevel=2)
             return {"unranked": str(exc)}

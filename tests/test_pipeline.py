@@ -87,7 +87,7 @@ def test_archived_iou_matches_brute_force_on_archived_maps(full_run):
             per = r.drift(arch, method, r.primary_cell()._replace(norm="none"))  # the raw maps' metrics
             k = int(np.ceil(0.2 * a.shape[1]))
 
-            def weights(m):  # top-k membership, tied pixels at the k-th value sharing the remaining places
+            def weights(m, k=k):  # top-k membership, tied pixels at the k-th value sharing the remaining places
                 t = np.sort(m)[::-1][k - 1]
                 return (m > t) + (m == t) * ((k - (m > t).sum()) / (m == t).sum())
 
@@ -180,7 +180,8 @@ def test_changed_analysis_settings_are_recomputed_on_resume(tmp_path, monkeypatc
     np.testing.assert_array_equal(r.maps("resnet10t", "finetune", "layercam", layer, "logit"),
                                   before_maps)
     assert r.ranking(Cell(r.primary_cell().layer, "logit", "sum"))
-    r = ArchiveReader(Pipeline(tiny(tmp_path, *base, 'metrics.normalize=["sum"]', 'attribution.layers=["block"]')).run())
+    block = tiny(tmp_path, *base, 'metrics.normalize=["sum"]', 'attribution.layers=["block"]')
+    r = ArchiveReader(Pipeline(block).run())
     assert calls and r.layers("resnet10t") == ["block"]
     assert {c.layer for c in r.cells()} == {"block"}
 

@@ -60,7 +60,8 @@ def check_against_references(out: dict, A: np.ndarray, B: np.ndarray, L: np.ndar
         for key, f in (("iou@05", 0.05), ("iou@10", 0.1), ("iou@20", 0.2), ("iou@30", 0.3)):
             k = math.ceil(round(f * h * w, 9))
             # top-k sets are taken on the float32 maps (metrics.topk_iou's documented input precision)
-            inter = float(numpy_topk_weights(A[i].astype(np.float32), k) @ numpy_topk_weights(B[i].astype(np.float32), k))
+            wa, wb = numpy_topk_weights(A[i].astype(np.float32), k), numpy_topk_weights(B[i].astype(np.float32), k)
+            inter = float(wa @ wb)
             assert out[key][i] == pytest.approx(inter / (2 * k - inter), abs=1e-12), (key, i)
         # SSIM of the min-max normalised maps (skimage's Gaussian-window definition, data range 1).
         na = (A[i] - A[i].min()) / (A[i].max() - A[i].min())
