@@ -418,7 +418,7 @@ def test_tables_equal_the_archive(full):
     for (arch, stage), f in truth["fisher"].items():
         row = fisher[(arch, stage)]
         assert int(row[2]) == 8 and close(row[3], f["eigen_share"][:, 0].mean())
-        assert abs(float(row[4]) - f["rank"].mean()) <= 0.005
+        assert abs(float(row[4]) - f["rank"].mean()) <= 0.005 + 1e-12  # printed to 2 decimals; x.xx5 rounds either way
         assert all(close(row[6 + j], f["summary"]["area_abs_conf_change"][j]) for j in range(3))
         if "perturbation" not in f:
             assert row[5] == "0" and row[9] == "nan [nan, nan]"
