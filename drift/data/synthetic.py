@@ -378,6 +378,25 @@ class _Painter:
 _LESIONS = {1: _Painter.consolidation, 2: _Painter.nodule, 3: _Painter.effusion, 4: _Painter.interstitial}
 
 
+def _place(painter: _Painter, draw, size: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Draw a lesion with ``draw() -> (density, support)``; one that landed (almost) outside the visible lung
+    field is redrawn (up to 16 times), since every lesion image must show one. Returns (density, bool mask)."""
+    min_pixels = max(4, round(8e-4 * size * size))
+    for _ in range(16):
+        density, support = draw()
+        mask = (support > 0.5) & painter.lung_mask
+        if mask.sum() >= min_pixels:
+            return density, mask
+    raise RuntimeError(f"could not place a {what} at size {size}")
+
+
+def _window(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A random display window and gamma, as radiographs come out of different exporters."""
+    lo, hi = rng.uniform(-0.04, 0.06), rng.uniform(0.8, 1.05)
+    gamma = math.exp(rng.uniform(-0.25, 0.25))
+    return np.clip((img - np.float32(lo)) * np.float32(1.0 / (hi - lo)), 0.0, 1.0) ** np.float32(gamma)
+
+
 def render_chest(rng: np.random.Generator, size: int, label: int, difficulty: float = 0.5,
                  marker: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Draw one synthetic chest radiograph of class ``label`` from the random stream ``rng``.
@@ -409,19 +428,10 @@ def render_chest(rng: np.random.Generator, size: int, label: int, difficulty: fl
     painter.rng = lesion_rng
     lesion_mask = np.zeros((size, size), dtype=bool)
     if label != 0:
-        # A lesion that landed (almost) outside the visible field is redrawn: every lesion image must show one.
-        min_pixels = max(4, round(8e-4 * size * size))
-        for _ in range(16):
-            density, support = _LESIONS[label](painter)
-            lesion_mask = (support > 0.5) & painter.lung_mask
-            if lesion_mask.sum() >= min_pixels:
-                break
-        else:
-            raise RuntimeError(f"could not place a {SYNTHETIC_CLASSES[label]} lesion at size {size}")
+        density, lesion_mask = _place(painter, lambda: _LESIONS[label](painter), size,
+                                      f"{SYNTHETIC_CLASSES[label]} lesion")
         img += density
-    lo, hi = finish_rng.uniform(-0.04, 0.06), finish_rng.uniform(0.8, 1.05)
-    gamma = math.exp(finish_rng.uniform(-0.25, 0.25))
-    img = np.clip((img - np.float32(lo)) * np.float32(1.0 / (hi - lo)), 0.0, 1.0) ** np.float32(gamma)
+    img = _window(img, finish_rng)
     marker_mask = np.zeros((size, size), dtype=bool)
     if marker:
         paint, marker_mask = painter.marker(label)
@@ -459,18 +469,9 @@ def render_chest_opacity(rng: np.random.Generator, size: int, texture: str, exte
     painter = _Painter(anatomy_rng, size, difficulty)
     img = painter.anatomy() + painter.distractors()
     painter.rng = lesion_rng
-    min_pixels = max(4, round(8e-4 * size * size))
-    for _ in range(16):
-        density, support = painter.opacity(texture, extent)
-        mask = (support > 0.5) & painter.lung_mask
-        if mask.sum() >= min_pixels:
-            break
-    else:
-        raise RuntimeError(f"could not place a {extent} {texture} opacity at size {size}")
+    density, mask = _place(painter, lambda: painter.opacity(texture, extent), size, f"{extent} {texture} opacity")
     img += density
-    lo, hi = finish_rng.uniform(-0.04, 0.06), finish_rng.uniform(0.8, 1.05)
-    gamma = math.exp(finish_rng.uniform(-0.25, 0.25))
-    img = np.clip((img - np.float32(lo)) * np.float32(1.0 / (hi - lo)), 0.0, 1.0) ** np.float32(gamma)
+    img = _window(img, finish_rng)
     img += finish_rng.standard_normal((size, size), dtype=np.float32) * np.float32(0.006 + 0.03 * difficulty)
     return np.clip(img, 0.0, 1.0).astype(np.float32, copy=False), painter.lung_mask, mask
 
