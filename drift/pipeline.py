@@ -796,8 +796,8 @@ class Pipeline:
         archs = [a for a in self.cfg.run.archs if reader.has(f"drift/{a}")]
         labels = self.splits.test.labels
         n_classes = len(self.class_names)
-        ranked = self.sample_mask(archs[0] if archs else None, mcfg.ranking_sample_set) if archs else np.zeros(
-            len(labels), dtype=bool)
+        ranked = (self.sample_mask(archs[0], mcfg.ranking_sample_set) if archs
+                  else np.zeros(len(labels), dtype=bool))
         tree: dict = {}
         for layer in acfg.layers if len(archs) > 1 else ():  # ranking needs two architectures
             for score in acfg.scores:

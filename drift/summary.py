@@ -66,11 +66,14 @@ def min_per_class(r: ArchiveReader) -> str:
         return "?"
 
 
+def _layercam_first(pairs) -> list[str]:
+    """Method pairs ("m1 vs m2"), those of LayerCAM with a Grad-CAM++ reading first."""
+    return sorted(pairs, key=lambda p: not ("layercam" in p and "gradcam++" in p))
+
+
 def _pairs(rr: dict) -> list[str]:
     """Method pairs of a ranking, those of LayerCAM with a Grad-CAM++ reading first."""
-    pairs = list(rr.get("reverses", {}))
-    key = lambda p: not ("layercam" in p and "gradcam++" in p)  # noqa: E731
-    return sorted(pairs, key=key)
+    return _layercam_first(rr.get("reverses", {}))
 
 
 def _order(v) -> str:
@@ -121,7 +124,7 @@ def agreement_rows(r: ArchiveReader) -> list[list[str]]:
             for score in r.keys(f"attributions/{arch}/{layer}"):
                 agr = r.agreement(arch, layer, score)
                 pairs = list(agr.get("transfer", {}))
-                for p in sorted(pairs, key=lambda p: not ("layercam" in p and "gradcam++" in p)):
+                for p in _layercam_first(pairs):
                     med = [_median(agr.get(st, {}).get(p)) for st in ("transfer", "finetune")]
                     rows.append([arch, layer, score, p, *med])
     return rows
