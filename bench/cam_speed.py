@@ -1,9 +1,10 @@
 """Throughput of the study's two CAM methods: drift's single pass against pytorch-grad-cam's two passes.
 
-drift computes Grad-CAM++ and LayerCAM from one forward and one backward pass (:func:`drift.attribution.cams`);
-pytorch-grad-cam runs ``GradCAMPlusPlus`` and ``LayerCAM`` each with its own forward and backward pass and does
-the maths in NumPy. Both run on the same DenseNet201 (random weights, the project's classifier) and the same
-batches, interleaved repeat by repeat so that machine noise hits both alike. Prints images/s of each and the
+The hot path ``CAMS`` of ``bench/benchmarks/_hotpaths.py``: drift computes Grad-CAM++ and LayerCAM from one
+forward and one backward pass (:func:`drift.attribution.cams`); pytorch-grad-cam runs ``GradCAMPlusPlus`` and
+``LayerCAM`` each with its own forward and backward pass and does the maths in NumPy. Both run on the same
+DenseNet201 (random weights, the project's classifier, grayscale input) and the same batches, interleaved repeat
+by repeat so that machine noise hits both alike. Prints images/s of each and the
 speed-up (reference time / drift time); ``--json`` writes the record.
 
     python bench/cam_speed.py                       # CPU: batch 16, 64 px
@@ -20,64 +21,27 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def run_drift(model, x, eps):
-    """Both maps from one pass, brought to the reference's output form (min-max normalised, input size)."""
-    from drift.attribution import cams, normalize, upsample
-
-    raw = cams(model, x, methods=("gradcam++", "layercam"), eps=eps)
-    return {m: normalize(upsample(v, tuple(x.shape[-2:])), "minmax") for m, v in raw.items()}
-
-
-def run_reference(model, x, targets):
-    from pytorch_grad_cam import GradCAMPlusPlus, LayerCAM
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-
-    wanted = [ClassifierOutputTarget(int(t)) for t in targets]
-    out = {}
-    for name, cls in (("gradcam++", GradCAMPlusPlus), ("layercam", LayerCAM)):
-        # One reference object at a time: two live objects would both hook every forward pass.
-        cam = cls(model=model, target_layers=[model.cam_layer])
-        try:
-            out[name] = cam(input_tensor=x, targets=wanted)
-        finally:
-            cam.activations_and_grads.release()
-    model.zero_grad(set_to_none=True)
-    return out
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/: the hot paths of its benchmarks package
+from benchmarks._hotpaths import CAMS, cam_inputs  # noqa: E402
+from benchmarks._support import sync  # noqa: E402
 
 
 def measure(device: str, size: int, batch: int, repeats: int, seed: int = 0) -> dict:
-    """Seconds per batch of both implementations (median over repeats) and their agreement."""
-    from drift.models import build
-
+    """Seconds per batch of both engines of ``CAMS`` (median over repeats) and the path's agreement check."""
     dev = torch.device(device)
-    torch.manual_seed(seed)
-    model = build("densenet201", num_classes=5).to(dev).eval()
-    x = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed)).to(dev)
-    with torch.no_grad():
-        targets = model(x).argmax(1)
-    eps = 1e-6  # pytorch-grad-cam's Grad-CAM++ constant, so that both compute the same maps
-
-    ours, ref = run_drift(model, x, eps), run_reference(model, x, targets)  # warm-up (kernel selection, caches)
-    err = max(float(np.abs(ours[m].cpu().numpy() - ref[m]).max()) for m in ours)
+    inputs = cam_inputs("densenet201", size, batch, dev, seed)
+    ours, ref = CAMS.call("drift", inputs), CAMS.call("pytorch-grad-cam", inputs)
+    err = CAMS.check(inputs, "drift", ours())["max_abs_diff"]  # also the warm-up (kernel selection, caches)
+    ref()
     t_ours, t_ref = [], []
     for _ in range(repeats):
-        for fn, times in (
-            (lambda: run_drift(model, x, eps), t_ours),
-            (lambda: run_reference(model, x, targets), t_ref),
-        ):
-            _sync(dev)
+        for fn, times in ((ours, t_ours), (ref, t_ref)):
+            sync(dev)
             t0 = time.perf_counter()
             fn()
-            _sync(dev)
+            sync(dev)
             times.append(time.perf_counter() - t0)
     med_ours, med_ref = statistics.median(t_ours), statistics.median(t_ref)
     return {

@@ -23,7 +23,9 @@ models/<arch>/<stage>/  history/{epoch, train_loss, val_loss, val_accuracy, val_
                         test/{logits (N, C), labels, accuracy, macro_auc, f1 (C,), confusion (C, C)}
                         attrs: checkpoint (path), sha256, best_epoch, best_val_auc, bn_frozen, weights (origin),
                         seconds, precision, schedule, epochs, lr, batch_size (the stage's settings for this arch),
-                        input_size (side of the images the backbone saw)
+                        input_size (side of the images the backbone saw), seed (training seed), processes (how
+                        many trained it: torchrun, drift.distributed), sync_bn (BatchNorm statistics over the
+                        global batch)
 attributions/<arch>/    attrs: target ("true"/"predicted"), eps, methods, scores (JSON); targets/<stage> (N,)
 attributions/<arch>/<layer>/
                         attrs: module (dotted name), keras (the Keras counterpart, presets of study backbones), grid
@@ -43,8 +45,35 @@ stats/ranking/<layer>/<score>/<norm>/<metric>/
                         rankings (JSON per method), means, kendall_tau, reverses, fully_reversed, p_reverse,
                         p_fully_reversed (paired bootstrap: one resample of images per replicate for every
                         method and architecture)
+stats/headline/         the run's headline numbers (drift.headline.compute), read by the summary, the report,
+                        ``drift compare`` and asv; attrs n_boot, seed, cell (primary cell key), metrics (JSON:
+                        the headline drift metrics)
+    classification/<arch>/<stage>
+                        attrs accuracy, macro_auc (stored test values), accuracy_lo/hi, macro_auc_lo/hi
+                        (percentile bootstrap over test images), best_epoch (1-based), seconds
+    drift/<arch>/<method>/<metric>
+                        mean, lo, hi, n_per_class, class_used (primary cell, as in the drift summary)
+    fisher/<arch>/<stage>
+                        attrs n_spectra, top_share, mean_rank, area_high, area_complement, area_random, gap,
+                        gap_lo, gap_hi, n_perturbed (the confidence gap, drift.headline.confidence_gap),
+                        wilcoxon_p, kl_ratio
+stats/examples/<arch>/  index (k,), ids (k,), images (k, H, W) float16 in [0, 1]: the test images the report
+                        shows with their maps (drift.headline.examples)
 fisher/<arch>/<stage>/  eigenvalues (N, r), rank (N,), probs (N, C), ids; components/{ids, x, x_high, x_low,
                         k, coefficients}; perturbation/<arrays of the perturbation experiment>; summary attrs
+replicas/<arch>/<stage>/seed<s>/
+                        a seed replica of a stage (``baselines.seeds``): as models/<arch>/<stage>/, plus attrs seed
+baselines/arch/<arch>/  attrs: seeds, stages, randomize (JSON), flag_pearson, n_images
+    floor/<stage>/<layer>/<score>/<norm>/<method>/seed<s>/
+                        the run's maps of <stage> vs the replica's, scored as drift/<arch>/... scores TL vs FT
+                        (per_sample, degenerate, summary)
+    floor/<stage>/<layer>/<score>/<norm>/<method>/against/<metric>/
+                        ratio (drift / floor of macro-mean instabilities), n, drift/floor/excess (aggregates)
+    randomisation/      fractions, n_modules (per cut), labels (JSON), normalize;
+                        <layer>/<score>/<method>/{cut<i>/(pair tree), pearson_by_cut, flagged}
+baselines/ranking/<stage>/<layer>/<score>/<norm>/<metric>/
+                        rankings of drift minus floor (as stats/ranking); attrs: verdict (one sentence), seeds,
+                        stages, n_ranked, ranking_sample_set
 bench/                  benchmark records (see ``drift bench export``)
 
 Atomicity: each stage is a transaction. The writer copies the archive to ``<name>.tmp``, writes the stage

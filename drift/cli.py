@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "statistics -> report, all into <out>/archive.h5. Re-running with the same "
                                    "config skips finished stages.")
     _add_run_args(p)
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="start N processes on this machine with torchrun (one per GPU on CUDA, gloo on the CPU); "
+                        "same as `torchrun --standalone --nproc_per_node N -m drift run ...`")
     p = sub.add_parser("pretrain", help="pretrain the config's backbones on the synthetic source task and cache them",
                        description="Make the synthetic-source weights of every backbone in run.archs (what "
                                    "model.weights = \"synthetic-source\" loads) and cache them under "
@@ -101,11 +104,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from .archive import ArchiveError
     from .config import ConfigError
+    from .distributed import RankFailed
 
+    if getattr(args, "nproc", 1) != 1:
+        return _launch(args.nproc, sys.argv[1:] if argv is None else list(argv))
     previous = _on_sigterm(_terminate)
     try:
         return _dispatch(args)
-    except (ConfigError, ArchiveError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, ArchiveError, FileNotFoundError, ValueError, RankFailed) as exc:
         print(f"drift {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # a read-only or full output folder met outside the pipeline (report, compare, bench)
@@ -142,15 +148,22 @@ def _on_sigterm(handler):
 
 def _dispatch(args) -> int:
     if args.command in ("run", "attribute", "metrics", "fisher"):
+        from . import distributed
+
+        cfg = _config(args)
+        distributed.check_batch_sizes(cfg)  # under torchrun: before the (slow) imports of the pipeline
         from .pipeline import ALL_STEPS, Pipeline
         from .summary import print_summary
 
-        cfg = _config(args)
         steps = getattr(args, "steps", ALL_STEPS)
         force = () if args.command == "run" else (steps[-1],) + (("stats",) if args.command == "metrics" else ())
         t0 = time.perf_counter()
         pipe = Pipeline(cfg, fresh=args.fresh, force=force)
         path = pipe.run(steps)
+        reports = distributed.is_main()
+        distributed.shutdown()
+        if not reports:  # several processes: rank 0 reports
+            return 0
         print_summary(path)
         print(f"\narchive: {path}")
         if "train" in steps:
@@ -179,11 +192,43 @@ def _dispatch(args) -> int:
         if args.bench_command != "export":
             print("drift bench: choose an action: export", file=sys.stderr)
             return 2
-        from .benchio import export
+        # The benchmark tooling lives beside the package, in the checkout's bench/ folder.
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        try:
+            from bench.benchio import export
+        except ImportError as exc:
+            print(f"drift bench export needs the source checkout's bench/benchio.py: {exc}", file=sys.stderr)
+            return 2
 
         print(export(args.source, args.out))
         return 0
     return 2
+
+
+def _launch(nproc: int, argv: list[str]) -> int:
+    """``drift run --nproc N ...``: the same command under ``torchrun --standalone --nproc_per_node N``."""
+    import os
+    import subprocess
+
+    if nproc < 1:
+        print(f"drift run: error: --nproc must be >= 1, got {nproc}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        print("drift run: error: --nproc inside a torchrun process; give the process count to torchrun only",
+              file=sys.stderr)
+        return 2
+    rest, skip = [], False
+    for a in argv:  # the command without --nproc
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "drift", *rest]
+    print(" ".join(cmd), flush=True)
+    return subprocess.run(cmd).returncode
 
 
 def _pretrain(cfg) -> int:

@@ -93,6 +93,9 @@ class StageConfig:
     weight_decay: float = 0.0
     optimizer: str = "adam"  # adam | adamw | sgd
     bn_frozen: bool = True  # BatchNorm in inference mode (always so in the transfer stage)
+    # Several CUDA processes (torchrun) with BatchNorm training (bn_frozen = false): batch statistics over the
+    # global batch (SyncBatchNorm) instead of each process's share. Recorded per model; off leaves the hash as is.
+    sync_bn: bool = False
     schedule: str = "constant"  # constant | onecycle (warm-up to lr over the first quarter, then cosine decay)
     precision: str = "fp32"  # fp32 | bf16 | auto: bf16 autocast of the training steps where the device has it
     # Per-architecture changes to the settings above, e.g. [train.finetune.per_arch.inception_v3] epochs = 5.
@@ -164,6 +167,28 @@ class FisherConfig:
 
 
 @dataclass
+class BaselinesConfig:
+    """Controls for the drift numbers (:mod:`drift.baselines`); both are off by default.
+
+    The seed floor repeats each stage in ``stages`` from the same starting point with other training seeds and
+    scores the drift between the run's model and each replica of the same stage (what drift looks like with no
+    change of stage). The randomisation check (cascading model randomisation, Adebayo et al. 2018) re-initialises
+    the fine-tuned model's layers from the head downwards and scores how far its maps move.
+    """
+
+    seeds: int = 0  # seed replicas per stage; 0 = no seed floor
+    replica_seeds: list[int] = field(default_factory=list)  # explicit replica seeds (override ``seeds``)
+    stages: list[str] = field(default_factory=lambda: ["finetune"])  # finetune and/or transfer
+    # Cascade cut points: the head and this fraction of the backbone's parameterised layers (weights and
+    # BatchNorm), counted from the top, are re-initialised; [] = no randomisation check.
+    randomize: list[float] = field(default_factory=list)
+    n_images: int = 48  # test images of the randomisation check (the first ones)
+    # A method whose maps keep a mean Pearson correlation >= this with the trained model's maps at every cut
+    # point is flagged: its maps carry little information about the model.
+    flag_pearson: float = 0.5
+
+
+@dataclass
 class ReportConfig:
     enabled: bool = True
     n_examples: int = 4
@@ -178,6 +203,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
     fisher: FisherConfig = field(default_factory=FisherConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
 
@@ -202,6 +228,9 @@ class Config:
         d = self.to_dict()
         for k in ("out", "progress", "threads"):
             d["run"].pop(k)
+        for stage in d["train"].values():  # sync_bn off: the hash of configs written before it existed
+            if not stage.get("sync_bn", True):
+                stage.pop("sync_bn")
         return hashlib.sha256(json.dumps({k: d[k] for k in sections}, sort_keys=True).encode()).hexdigest()[:16]
 
     def step_hash(self, step: str) -> str:
@@ -218,6 +247,7 @@ STEP_SECTIONS: dict[str, tuple[str, ...]] = {
     "drift": (*_TRAINED, "attribution", "metrics"),
     "fisher": (*_TRAINED, "fisher"),
     "stats": (*_TRAINED, "attribution", "metrics"),
+    "baselines": (*_TRAINED, "attribution", "metrics", "baselines"),
 }
 """Config sections each pipeline step depends on (its own and those of the steps before it)."""
 
@@ -272,17 +302,13 @@ def _coerce(current: Any, value: Any, path: str) -> Any:
 
 
 def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults, then the TOML file (if any), then ``key=value`` overrides (values parsed as TOML)."""
+    """Defaults, then the TOML file (if any), then ``key=value`` overrides (values parsed as TOML).
+
+    A file may start from another: a top-level ``extends = "other.toml"`` (relative to the file) loads that file
+    first and applies this one's values over it (tables merge key by key)."""
     cfg = Config()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            values = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: invalid TOML: {exc}") from None
-        _merge(cfg, values, "")
+        _merge(cfg, _read_toml(Path(path), ()), "")
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
@@ -300,6 +326,24 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
         _merge(cfg, nested, "")
     validate(cfg)
     return cfg
+
+
+def _read_toml(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    """The values of a config file with its ``extends`` chain applied (base first)."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}" + (f" (extended by {chain[-1]})" if chain else ""))
+    if path.resolve() in chain:
+        raise ConfigError(f"{path}: 'extends' forms a cycle: {' -> '.join(map(str, (*chain, path.resolve())))}")
+    try:
+        values = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    base = values.pop("extends", None)
+    if base is None:
+        return values
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: extends must be the path of another config file, got {base!r}")
+    return _merge_tables(_read_toml(path.parent / base, (*chain, path.resolve())), values)
 
 
 def from_toml_text(text: str) -> Config:
@@ -361,6 +405,7 @@ def validate(cfg: Config) -> None:
     if cfg.fisher.head not in ("softmax", "sigmoid"):
         raise ConfigError(f"fisher.head must be softmax or sigmoid, got {cfg.fisher.head!r}")
     _check_analysis(cfg)
+    _check_baselines(cfg)
     for arch, scale in cfg.model.input_scale.items():
         if arch not in REGISTRY:
             raise ConfigError(f"model.input_scale: unknown architecture {arch!r}; "
@@ -432,16 +477,15 @@ def _check_run_and_data(cfg: Config) -> None:
 
 def _check_analysis(cfg: Config) -> None:
     """Attribution, metrics and iFIM settings, checked before any compute."""
-    from .metrics import iou_key
-    from .stats import STABILITY_DIRECTION
+    from .metrics import registry
 
     _int_at_least(cfg.attribution.batch_size, "attribution.batch_size", 1)
     if not math.isfinite(cfg.attribution.eps) or cfg.attribution.eps < 0:
         raise ConfigError(f"attribution.eps must be a finite number >= 0, got {cfg.attribution.eps!r}")
     _number_list(cfg.metrics.fractions, "metrics.fractions", 0, 1)
     _check_list(cfg.metrics.fractions, "metrics.fractions", None)
-    known = [k for k in STABILITY_DIRECTION if not k.startswith("iou@")]
-    known = [iou_key(f) for f in cfg.metrics.fractions] + known
+    rankable = [s for s in registry(cfg.metrics.fractions) if s.higher_is_stable is not None]
+    known = [s.key for s in rankable if s.fraction is not None] + [s.key for s in rankable if s.fraction is None]
     _check_list(cfg.metrics.ranking_metrics, "metrics.ranking_metrics", None)
     for m in cfg.metrics.ranking_metrics:
         if m not in known:
@@ -459,6 +503,27 @@ def _check_analysis(cfg: Config) -> None:
     _number_list(fc.alphas, "fisher.alphas", 0, 1, low_open=False)
     _check_list(fc.alphas, "fisher.alphas", None)
     _int_at_least(cfg.report.n_examples, "report.n_examples", 0)
+
+
+def _check_baselines(cfg: Config) -> None:
+    """Seed-floor and randomisation-check settings."""
+    b = cfg.baselines
+    _int_at_least(b.seeds, "baselines.seeds", 0, " (seed replicas per stage; 0 = no seed floor)")
+    for s in b.replica_seeds:
+        _int_at_least(s, "baselines.replica_seeds", 0)
+    if len(set(b.replica_seeds)) != len(b.replica_seeds):
+        raise ConfigError(f"baselines.replica_seeds lists a seed twice: {b.replica_seeds}")
+    _check_list(b.stages, "baselines.stages", ("finetune", "transfer"))
+    if b.randomize:
+        _number_list(b.randomize, "baselines.randomize", 0, 1, low_open=False)
+        _check_list(b.randomize, "baselines.randomize", None)
+        if list(b.randomize) != sorted(b.randomize):
+            raise ConfigError(f"baselines.randomize must be increasing (a cascade from the head down), "
+                              f"got {b.randomize}")
+    _int_at_least(b.n_images, "baselines.n_images", 2, " (test images of the randomisation check)")
+    if (isinstance(b.flag_pearson, bool) or not isinstance(b.flag_pearson, (int, float))
+            or not -1 <= b.flag_pearson <= 1):
+        raise ConfigError(f"baselines.flag_pearson must be a correlation in [-1, 1], got {b.flag_pearson!r}")
 
 
 def _check_list(values: list, key: str, allowed: tuple[str, ...] | None) -> None:

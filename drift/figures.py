@@ -21,6 +21,8 @@ from matplotlib.colors import Normalize, TwoSlopeNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from .stats import mean_band
+
 __all__ = [
     "DIVERGING",
     "OKABE_ITO",
@@ -47,7 +49,6 @@ SEQUENTIAL = "viridis"
 DIVERGING = "PuOr_r"
 LINESTYLES = ("-", "--", ":", "-.")
 MARKERS = ("o", "s", "^", "D", "v", "P")
-Z95 = 1.959963984540054  # standard normal 97.5% quantile
 
 
 @contextmanager
@@ -116,31 +117,6 @@ def upsample_bilinear(m: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return top * (1 - fy)[:, None] + bottom * fy[:, None]
 
 
-def mean_band(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Mean over samples with a normal-approximation 95% band: mean +- 1.96 * std / sqrt(n).
-
-    Non-finite entries are left out per column; the band collapses onto the mean where n < 2.
-
-    Args:
-        values: (N, E) per-sample values at E points.
-
-    Returns:
-        (mean, lo, hi), each (E,); NaN where a column has no finite value.
-    """
-    v = np.asarray(values, dtype=np.float64)
-    if v.ndim != 2:
-        raise ValueError(f"values must have shape (N, E), got {v.shape}")
-    ok = np.isfinite(v)
-    n = ok.sum(0)
-    filled = np.where(ok, v, 0.0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.where(n > 0, filled.sum(0) / np.maximum(n, 1), np.nan)
-        dev = np.where(ok, v - mean, 0.0)
-        sd = np.sqrt((dev**2).sum(0) / np.maximum(n - 1, 1))
-        half = np.where(n >= 2, Z95 * sd / np.sqrt(np.maximum(n, 1)), 0.0)
-    return mean, mean - half, mean + half
-
-
 # ---------------------------------------------------------------------------------------------- attribution maps
 @dataclass
 class MapRow:
@@ -149,7 +125,7 @@ class MapRow:
     Attributes:
         title: Row label (sample id, class, method).
         tl, ft: (h, w) raw maps at the target layer's resolution.
-        image: (H, W) image in [0, 1], or None when it could not be regenerated (maps drawn alone).
+        image: (H, W) image in [0, 1], or None when the archive stores none (maps drawn alone).
     """
 
     title: str

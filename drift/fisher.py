@@ -1,7 +1,7 @@
 """Input-dependent Fisher information (iFIM) of a classifier: Jacobian engine, spectrum and components.
 
-Maths (DESIGN.md sections 1 and 4). For one input x with D elements, logits z(x) (C,), p = softmax(z) and the
-input Jacobian J = dz/dx (C x D), the Fisher factor G (C x D) has rows
+For one input x with D elements, logits z(x) (C,), p = softmax(z) and the input Jacobian J = dz/dx (C x D), the
+Fisher factor G (C x D) has rows
 
     softmax head:  G_c = sqrt(p_c) (J_c - p^T J)      (= sqrt(p_c) grad_x log p_c)
     sigmoid head:  G_c = sqrt(p_c (1 - p_c)) J_c      (independent Bernoulli outputs)
@@ -19,19 +19,9 @@ dtype-agnostic: a model run in float64 gives float64 Jacobians and the whole com
 (the torch references evaluate the kernels' maths in float64 then), which is how the tests compare against a
 brute-force D x D Fisher matrix to 1e-6.
 
-Jacobian routes (``bench/jacobian_routes.py``, all exact, agreeing to float32 rounding). Seconds per image,
-random-init timm models, 5 classes, 64 px, batch 16, 2 CPU threads:
-
-    =============  ======  ======  ============  =========
-    model          loop    vmap    batched_grad  replicate
-    =============  ======  ======  ============  =========
-    densenet201    TBD
-    small CNN      TBD
-    =============  ======  ======  ============  =========
-
-``loop`` (one forward, C backward passes over the retained graph) is the fastest route measured and the
-default. GPU timings were not measured on this machine; ``python bench/jacobian_routes.py --device cuda``
-measures them.
+Jacobian routes (:data:`JACOBIAN_ROUTES`, all exact, agreeing to float rounding): ``loop`` (one forward pass, C
+backward passes over the retained graph; the default), ``vmap``, ``batched_grad`` and ``replicate``.
+``bench/jacobian_routes.py`` times them side by side; docs/benchmarks.md holds the measurements.
 
 Memory bound of :func:`input_jacobian` (bytes, s = bytes per element of x):
 
@@ -71,18 +61,14 @@ __all__ = [
 HEADS = ("softmax", "sigmoid")
 
 # Relative eigenvalue tolerance by Jacobian dtype: an eigenvalue of K counts as zero at or below rtol * lambda_max.
-# float32: K accumulated in fp32 over D elements carries rounding of a few 1e-7 of its norm. Measured on a CNN
-# whose head has rank 3 of 10 classes (so eigenvalues 4.. are exactly zero), fp32 J and K: spurious eigenvalues
-# reached 1.2e-7 lambda_max at 32 px, 1.3e-7 at 64 px, 3.9e-7 at 128 px, so 1e-5 keeps a 25x margin over that
-# floor; a true eigenvalue below it carries under 1e-5 of any KL. float64 (fp32 J rounding alone gives ~1.5e-14;
-# float64 J far less): 1e-10. Half precisions: the fp32 floor scaled by the rounding of J's entries.
+# The rounding floor of K behind each value is measured in docs/design.md ("The iFIM step").
 _DEFAULT_RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 
 def default_rtol(dtype: torch.dtype) -> float:
     """Relative eigenvalue tolerance used when ``rtol`` is None, for a Jacobian of this dtype.
 
-    float64: 1e-10, float32: 1e-5, float16: 1e-3, bfloat16: 1e-2 (measurements behind them: see the source).
+    float64: 1e-10, float32: 1e-5, float16: 1e-3, bfloat16: 1e-2 (the measurements behind them: docs/design.md).
     """
     if dtype not in _DEFAULT_RTOL:
         raise TypeError(f"no default eigenvalue tolerance for Jacobian dtype {dtype}; pass rtol explicitly")
@@ -152,37 +138,42 @@ def _onehot_cotangents(z: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     return eye.unsqueeze(1).expand(stop - start, B, C)
 
 
+def _jacobian_by_chunks(
+    x: torch.Tensor, z: torch.Tensor, chunk: int, rows: Callable[[int, int], torch.Tensor]
+) -> torch.Tensor:
+    """J (B, C, D) assembled from ``rows(start, stop)``, the (stop - start, B, *S) gradients of logits start ..
+    stop - 1 of every sample, over chunks of ``chunk`` classes."""
+    (B, C), D = z.shape, x[0].numel()
+    J = torch.empty(B, C, D, dtype=x.dtype, device=x.device)
+    for start in range(0, C, chunk):
+        stop = min(C, start + chunk)
+        J[:, start:stop] = rows(start, stop).detach().reshape(stop - start, B, D).transpose(0, 1)
+    return J
+
+
 def _jacobian_vmap(model: nn.Module, x: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """torch.func: one vjp closure, vmapped over ``chunk`` one-hot cotangents at a time (jacrev with chunks)."""
     from torch.func import vjp, vmap
 
-    B, D = x.shape[0], x[0].numel()
     with torch.enable_grad():
         z, vjp_fn = vjp(model, x.detach())
-        z = _check_logits(z, B)
-        C = z.shape[1]
-        J = torch.empty(B, C, D, dtype=x.dtype, device=x.device)
-        for start in range(0, C, chunk):
-            stop = min(C, start + chunk)
-            (g,) = vmap(vjp_fn)(_onehot_cotangents(z, start, stop))
-            J[:, start:stop] = g.detach().reshape(stop - start, B, D).transpose(0, 1)
+        z = _check_logits(z, x.shape[0])
+        J = _jacobian_by_chunks(x, z, chunk, lambda start, stop: vmap(vjp_fn)(_onehot_cotangents(z, start, stop))[0])
     return J, z.detach()
 
 
 def _jacobian_batched_grad(model: nn.Module, x: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward pass, ``autograd.grad(..., is_grads_batched=True)`` over ``chunk`` classes at a time."""
-    B, D = x.shape[0], x[0].numel()
     xg = x.detach().requires_grad_(True)
     with torch.enable_grad():
-        z = _check_logits(model(xg), B)
+        z = _check_logits(model(xg), x.shape[0])
         C = z.shape[1]
-        J = torch.empty(B, C, D, dtype=x.dtype, device=x.device)
-        for start in range(0, C, chunk):
-            stop = min(C, start + chunk)
-            (g,) = torch.autograd.grad(
-                z, xg, _onehot_cotangents(z, start, stop), retain_graph=stop < C, is_grads_batched=True
-            )
-            J[:, start:stop] = g.detach().reshape(stop - start, B, D).transpose(0, 1)
+
+        def rows(start: int, stop: int) -> torch.Tensor:
+            cotangents = _onehot_cotangents(z, start, stop)
+            return torch.autograd.grad(z, xg, cotangents, retain_graph=stop < C, is_grads_batched=True)[0]
+
+        J = _jacobian_by_chunks(x, z, chunk, rows)
     return J, z.detach()
 
 
@@ -236,7 +227,7 @@ def input_jacobian(
         chunk: classes differentiated per backward call by the ``vmap``, ``batched_grad`` and ``replicate``
             routes (default min(C, 8)); the memory those routes add scales with it. ``loop`` handles one class
             per backward pass and ignores it.
-        route: one of ``JACOBIAN_ROUTES``; ``loop`` (default) was the fastest measured (module docstring).
+        route: one of ``JACOBIAN_ROUTES`` (module docstring); ``loop`` by default.
 
     Returns:
         J (B, C, D) with D = prod(S), and the logits (B, C), both detached.

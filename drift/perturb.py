@@ -1,4 +1,4 @@
-"""Perturbation experiments on the iFIM subspaces (DESIGN.md sections 1 and 4).
+"""Perturbation experiments on the iFIM subspaces (:mod:`drift.fisher` states the maths).
 
 For each image x and relative size eps, three unit directions u (all perturbations d = eps |x| u have the same
 L2 norm):
@@ -20,15 +20,15 @@ alone: not on the batch size, the device or the order samples are processed in.
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import numpy as np
-import scipy.stats
 import torch
-from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from .fisher import (
@@ -44,6 +44,8 @@ from .fisher import (
     ifim_from_jacobian,
     input_jacobian,
 )
+from .stats import area as _area
+from .stats import macro_auc, paired_test
 
 __all__ = [
     "KINDS",
@@ -54,6 +56,8 @@ __all__ = [
     "perturbation_directions",
     "removal_inputs",
     "run_perturbations",
+    "ifim_study",
+    "IFIMStudy",
     "sample_generator",
 ]
 
@@ -199,29 +203,6 @@ def removal_inputs(
     return high, comp
 
 
-def macro_auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Macro one-vs-rest ROC AUC: mean over classes c of AUC(labels == c, scores[:, c]).
-
-    Classes absent from ``labels`` (or present in every sample) have no AUC and are left out of the mean.
-
-    Args:
-        labels: (N,) int class indices.
-        scores: (N, C) class scores (probabilities).
-
-    Returns:
-        The mean AUC, NaN when no class has both positives and negatives or when scores are not finite.
-    """
-    labels, scores = np.asarray(labels), np.asarray(scores)
-    if len(labels) == 0 or not np.isfinite(scores).all():
-        return math.nan
-    aucs = []
-    for c in range(scores.shape[1]):
-        y = labels == c
-        if 0 < y.sum() < len(y):
-            aucs.append(roc_auc_score(y, scores[:, c]))
-    return float(np.mean(aucs)) if aucs else math.nan
-
-
 def _kl_from_logits(z0: torch.Tensor, z1: torch.Tensor, head: str) -> torch.Tensor:
     """KL(p(z0) || p(z1)) (..., C) -> (...): categorical (softmax) or summed Bernoulli KLs (sigmoid)."""
     if head == "softmax":
@@ -307,7 +288,8 @@ class PerturbationResult:
         for suffix, values in (("", self.abs_conf_change), ("_signed", self.conf_change)):
             # (3, E, N, m) -> mean over draws -> (3, N, E) -> area over eps -> (3, N)
             per_sample = _area(values[:, :, self.valid].mean(-1).transpose(0, 2, 1), self.eps)
-            stat, pval = _paired_wilcoxon(per_sample[hi], per_sample[co])
+            test = paired_test(per_sample[co], per_sample[hi])
+            stat, pval = test.statistic, test.pvalue
             out[f"wilcoxon{suffix}_statistic"], out[f"wilcoxon{suffix}_pvalue"] = stat, pval
         out["wilcoxon_n"] = int(self.valid.sum())
         for prefix, name in (("", "conf_change"), ("abs_", "abs_conf_change")):
@@ -339,22 +321,6 @@ class PerturbationResult:
         return out
 
 
-def _paired_wilcoxon(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    """Two-sided Wilcoxon signed-rank test of a - b; NaN when there is no nonzero difference to rank."""
-    if len(a) == 0 or not np.any(a != b):
-        return math.nan, math.nan
-    test = scipy.stats.wilcoxon(a, b)
-    return float(test.statistic), float(test.pvalue)
-
-
-def _area(y: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """Trapezoid integral of y (..., E) over x (E,), or y itself when E = 1."""
-    y = np.asarray(y, dtype=np.float64)
-    if len(x) == 1:
-        return y[..., 0]
-    return np.trapezoid(y, np.asarray(x, dtype=np.float64), axis=-1)
-
-
 def _grid(values, name: str, lo: float, hi: float) -> np.ndarray:
     arr = np.asarray(values, dtype=np.float64).reshape(-1) if values is not None else np.zeros(0)
     if arr.size == 0 or not np.isfinite(arr).all() or (arr < lo).any() or (arr > hi).any():
@@ -365,6 +331,188 @@ def _grid(values, name: str, lo: float, hi: float) -> np.ndarray:
 def _forward(model: nn.Module, inputs: torch.Tensor, batch_size: int) -> torch.Tensor:
     with torch.no_grad():
         return torch.cat([model(inputs[i : i + batch_size]) for i in range(0, inputs.shape[0], batch_size)])
+
+
+#: Outcomes of :class:`_Perturbations` with one value per sample (sample axis 0); the others have the sample axis 2.
+_PER_SAMPLE = ("clean_probs", "k", "rank", "energy_share", "valid", "x_norm", "high_norm")
+
+
+class _Perturbations:
+    """The experiment of :func:`run_perturbations`: :meth:`batch` measures one batch (its Jacobian computed by the
+    caller), :meth:`result` joins the batches' outcomes, in sample order, into a :class:`PerturbationResult`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        labels: torch.Tensor | np.ndarray | Sequence[int],
+        n: int,
+        eps_grid: Sequence[float],
+        alphas: Sequence[float],
+        k: int | None,
+        energy: float,
+        head: str,
+        n_draws: int,
+        seed: int,
+        batch_size: int,
+        rtol: float | None,
+    ) -> None:
+        _check_head(head)
+        lab = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)
+        if lab.shape != (n,) or not np.issubdtype(lab.dtype, np.integer):
+            raise ValueError(f"labels must be (N,) = ({n},) integers, got shape {lab.shape} dtype {lab.dtype}")
+        for name, v in (("batch_size", batch_size), ("n_draws", n_draws)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        self.model, self.lab, self.n = model, lab, n
+        self.eps = _grid(eps_grid, "eps_grid", 0.0, math.inf)
+        self.al = _grid(alphas, "alphas", 0.0, 1.0)
+        self.k, self.energy, self.head, self.m, self.seed = k, energy, head, n_draws, seed
+        self.batch_size, self.rtol = batch_size, rtol
+
+    def batch(
+        self, xb: torch.Tensor, J: torch.Tensor, z0: torch.Tensor, start: int, spectrum: IFIM | None = None
+    ) -> tuple[Directions, dict[str, np.ndarray]]:
+        """Measure samples start .. start + B - 1 from their inputs xb (B, *S), Jacobian J and logits z0.
+
+        Args:
+            spectrum: :func:`drift.fisher.ifim_from_jacobian` of (J, head probabilities of z0, xb); computed here
+                when None.
+
+        Returns:
+            The batch's :class:`Directions` (x_high and the components among them) and its outcomes as float64
+            arrays (sample axis 0 for the names in ``_PER_SAMPLE``, else 2).
+        """
+        model, head, lab = self.model, self.head, self.lab
+        E, A, m, nk = len(self.eps), len(self.al), self.m, len(KINDS)
+        nd = xb.dim() - 1
+        B, C = z0.shape
+        if lab.min() < 0 or lab.max() >= C:
+            raise ValueError(
+                f"labels must lie in [0, {C}) for a model with C = {C} logits, got [{lab.min()}, {lab.max()}]"
+            )
+        if spectrum is None:
+            spectrum = ifim_from_jacobian(J, head_probs(z0, head), xb, head, self.rtol, eigenvectors=False, logits=z0)
+        spec, p0 = spectrum, spectrum.probs
+        dirs = perturbation_directions(
+            J, p0, xb, head, self.k, self.energy, m, self.seed, first_index=start, spectrum=spec
+        )
+        out: dict[str, np.ndarray] = {}
+
+        def store(name: str, value: torch.Tensor) -> None:
+            out[name] = value.detach().double().cpu().numpy()
+
+        # (K, B, m, *S) unit directions; an empty high subspace perturbs nothing and its outcomes become NaN.
+        U = torch.nan_to_num(torch.stack([dirs.high, dirs.complement, dirs.random]))
+        xn = xb.flatten(1).norm(dim=1)  # (B,)
+        scale = torch.as_tensor(self.eps, dtype=xb.dtype, device=xb.device).view(1, E, 1, 1) * xn.view(1, 1, B, 1)
+        d = scale.view(1, E, B, 1, *([1] * nd)) * U.unsqueeze(1)  # (K, E, B, m, *S)
+        inputs = xb.view(1, 1, B, 1, *xb.shape[1:]) + d
+
+        # 1/2 d^T F d = 1/2 scale^2 |G u|^2 for unit u.
+        Gu = torch.stack([fisher_apply(J, p0, U[i].flatten(2).transpose(1, 2), head) for i in range(nk)])
+        q_unit = 0.5 * Gu.double().pow(2).sum(2)  # (K, B, m)
+        kl_pred = scale.double().pow(2) * q_unit.unsqueeze(1)
+
+        hi_in, co_in = removal_inputs(xb, dirs.x_high, dirs.complement, self.al)  # (A, B, *S), (A, B, m, *S)
+        bs = self.batch_size
+        z_pert = _forward(model, inputs.reshape(-1, *xb.shape[1:]), bs).view(nk, E, B, m, C)
+        # High removal is deterministic: one forward pass, its logits shared by the m draws.
+        z_hi = _forward(model, hi_in.reshape(-1, *xb.shape[1:]), bs).view(A, B, 1, C).expand(A, B, m, C)
+        z_co = _forward(model, torch.nan_to_num(co_in).reshape(-1, *xb.shape[1:]), bs).view(A, B, m, C)
+        z_rem = torch.stack([z_hi, z_co])  # (2, A, B, m, C)
+
+        pred0 = p0.argmax(1)
+        conf0 = p0.gather(1, pred0[:, None]).squeeze(1)
+        for prefix, z1, lead in (("", z_pert, (nk, E)), ("removal_", z_rem, (len(REMOVAL_KINDS), A))):
+            p1 = head_probs(z1, head)
+            pv = pred0.view(1, 1, B, 1, 1).expand(*lead, B, m, 1)
+            conf = conf0.view(1, 1, B, 1) - p1.gather(-1, pv).squeeze(-1)
+            store(prefix + "conf_change", conf)
+            store(prefix + "abs_conf_change", conf.abs())
+            store(prefix + "flip", (p1.argmax(-1) != pred0.view(1, 1, B, 1)).double())
+            store(prefix + "kl", _kl_from_logits(z0.view(1, 1, B, 1, C), z1, head))
+            store(prefix + "probs", p1)
+        store("kl_pred", kl_pred)
+        store("clean_probs", p0)
+        store("k", dirs.components.k)
+        store("rank", spec.rank)
+        store("energy_share", dirs.components.energy_share)
+        store("valid", dirs.components.k > 0)
+        store("x_norm", xn)
+        store("high_norm", dirs.x_high.flatten(1).norm(dim=1))
+        return dirs, out
+
+    def result(self, parts: Sequence[dict[str, np.ndarray]]) -> PerturbationResult:
+        """The experiment's outcome from the outcomes of :meth:`batch` covering samples 0 .. N - 1 in order."""
+        arrays = {
+            name: np.concatenate([p[name] for p in parts], axis=0 if name in _PER_SAMPLE else 2) for name in parts[0]
+        }
+        lab, N, m, eps, al = self.lab, self.n, self.m, self.eps, self.al
+        if len(arrays["valid"]) != N:
+            raise ValueError(f"the batches hold {len(arrays['valid'])} samples, not N = {N}")
+        E, nk = len(eps), len(KINDS)
+        valid = arrays.pop("valid").astype(bool)
+        if not valid.all():
+            warnings.warn(
+                f"{int((~valid).sum())} of {N} samples have an empty high-sensitivity subspace (F = 0 at x): their "
+                "high-kind outcomes are NaN and set-level accuracy/AUC use the other samples",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            hi = KINDS.index("high")
+            for name in ("conf_change", "abs_conf_change", "kl", "kl_pred", "flip"):
+                arrays[name][hi][:, ~valid] = np.nan
+            for name in ("removal_conf_change", "removal_abs_conf_change", "removal_kl", "removal_flip"):
+                arrays[name][:, :, ~valid] = np.nan
+
+        lv = lab[valid]
+
+        def set_metrics(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            """(L1, L2, N, m, C) -> accuracy and macro AUC (L1, L2, m) over the valid samples."""
+            L1, L2 = probs.shape[:2]
+            acc, auc = np.empty((L1, L2, m)), np.empty((L1, L2, m))
+            for i in range(L1):
+                for j in range(L2):
+                    for t in range(m):
+                        pr = probs[i, j, valid, t]
+                        acc[i, j, t] = np.mean(pr.argmax(-1) == lv) if len(lv) else np.nan
+                        auc[i, j, t] = macro_auc(lv, pr)
+            return acc, auc
+
+        accuracy, auc = set_metrics(arrays["probs"])
+        r_accuracy, r_auc = set_metrics(arrays["removal_probs"])
+        clean = arrays["clean_probs"]
+
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(arrays["kl_pred"] > 0, arrays["kl"] / arrays["kl_pred"], np.nan)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices (empty subspace everywhere) stay NaN
+            curves = {name: np.nanmean(arrays[name], axis=(2, 3)) for name in (*METRICS, "kl_pred")}
+            curves["kl_ratio"] = np.nanmedian(ratio.reshape(nk, E, -1), axis=-1)
+            removal_curves = {n: np.nanmean(arrays["removal_" + n], axis=(2, 3)) for n in METRICS}
+        curves["accuracy"], curves["auc"] = accuracy.mean(-1), auc.mean(-1)
+        removal_curves["accuracy"], removal_curves["auc"] = r_accuracy.mean(-1), r_auc.mean(-1)
+
+        arrays["k"], arrays["rank"] = arrays["k"].astype(np.int64), arrays["rank"].astype(np.int64)
+        return PerturbationResult(
+            head=self.head,
+            eps=eps,
+            alphas=al,
+            n_draws=m,
+            seed=int(self.seed),
+            labels=lab.astype(np.int64),
+            valid=valid,
+            clean_pred=clean.argmax(1),
+            clean_accuracy=float(np.mean(clean[valid].argmax(1) == lv)) if len(lv) else math.nan,
+            clean_auc=macro_auc(lv, clean[valid]),
+            accuracy=accuracy,
+            auc=auc,
+            removal_accuracy=r_accuracy,
+            removal_auc=r_auc,
+            curves=curves,
+            removal_curves=removal_curves,
+            **arrays,  # the per-sample outcomes of the batches, under their field names
+        )
 
 
 def run_perturbations(
@@ -408,160 +556,144 @@ def run_perturbations(
     if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[0] == 0:
         raise ValueError(f"x must be a (N, ...) tensor with N >= 1, got {getattr(x, 'shape', type(x).__name__)}")
     N = x.shape[0]
-    lab = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)
-    if lab.shape != (N,) or not np.issubdtype(lab.dtype, np.integer):
-        raise ValueError(f"labels must be (N,) = ({N},) integers, got shape {lab.shape} dtype {lab.dtype}")
-    eps = _grid(eps_grid, "eps_grid", 0.0, math.inf)
-    al = _grid(alphas, "alphas", 0.0, 1.0)
-    for name, v in (("batch_size", batch_size), ("n_draws", n_draws)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
-    E, A, m, nk, nr = len(eps), len(al), n_draws, len(KINDS), len(REMOVAL_KINDS)
-    nd = x.dim() - 1
-
-    arrays: dict[str, np.ndarray] = {}
-
-    def store(name: str, shape: tuple[int, ...], sl: tuple, value: torch.Tensor) -> None:
-        if name not in arrays:
-            arrays[name] = np.full(shape, np.nan, dtype=np.float64)
-        arrays[name][sl] = value.detach().double().cpu().numpy()
-
-    C = None
+    exp = _Perturbations(model, labels, N, eps_grid, alphas, k, energy, head, n_draws, seed, batch_size, rtol)
+    parts = []
     for start in range(0, N, batch_size):
         xb = x[start : start + batch_size]
-        B = xb.shape[0]
         J, z0 = input_jacobian(model, xb)
-        C = z0.shape[1]
-        if lab.min() < 0 or lab.max() >= C:
-            raise ValueError(
-                f"labels must lie in [0, {C}) for a model with C = {C} logits, got [{lab.min()}, {lab.max()}]"
+        parts.append(exp.batch(xb, J, z0, start)[1])
+    return exp.result(parts)
+
+
+@dataclass
+class IFIMStudy:
+    """iFIM spectra of n inputs, and the components and perturbation experiment of the first m of them.
+
+    Attributes:
+        eigenvalues: (n, r) float64 nonzero spectrum of F at each input (:class:`drift.fisher.IFIM`).
+        rank: (n,) int64 numerical rank of F.
+        probs: (n, C) float64 head probabilities at x.
+        x: (m, *S) the first m inputs, as ``load`` returned them.
+        x_high: (m, *S) V_k V_k^T x in x's dtype (x_low = x - x_high).
+        components: :class:`drift.fisher.Components` of the m inputs.
+        perturbation: :class:`PerturbationResult` of the m inputs.
+
+    Tensors are on the CPU.
+    """
+
+    eigenvalues: torch.Tensor
+    rank: torch.Tensor
+    probs: torch.Tensor
+    x: torch.Tensor
+    x_high: torch.Tensor
+    components: Components
+    perturbation: PerturbationResult
+
+
+@dataclass
+class _StudyBatch:
+    """One batch of :func:`ifim_study`, on the CPU: spectrum rows (below n) and component rows (below m)."""
+
+    eigenvalues: torch.Tensor
+    rank: torch.Tensor
+    probs: torch.Tensor
+    x: torch.Tensor
+    x_high: torch.Tensor
+    components: Components | None
+    outcomes: dict[str, np.ndarray] | None
+
+
+def _rows(spec: IFIM, n: int) -> IFIM:
+    """The spectrum of a batch's first n samples: every per-sample tensor cut to its first n rows."""
+    values = {f.name: getattr(spec, f.name) for f in fields(IFIM)}
+    return IFIM(**{name: v[:n] if isinstance(v, torch.Tensor) else v for name, v in values.items()})
+
+
+def ifim_study(
+    model: nn.Module,
+    load: Callable[[np.ndarray], torch.Tensor],
+    labels: torch.Tensor | np.ndarray | Sequence[int],
+    n_spectrum: int,
+    n_components: int,
+    schedule: Callable[[list[int]], list[int]] = list,
+    gather: Callable[[list[_StudyBatch]], list[_StudyBatch]] = list,
+    **settings: Any,
+) -> IFIMStudy:
+    """The iFIM spectrum of inputs 0 .. n - 1 and the components and perturbations of inputs 0 .. m - 1, from one
+    input Jacobian per batch.
+
+    The inputs are taken in batches [i b, (i + 1) b) of the first max(n, m) (b = ``batch_size``). Each batch's
+    Jacobian and spectrum (eigenvalues and the C x C eigenvectors U; the D-sized eigenvectors of F are never
+    formed) serve its rows below n (spectrum) and below m (perturbations, whose directions carry x_high and the
+    components). The result is that of :func:`drift.fisher.ifim` over batches [i b, (i + 1) b) of the first n,
+    :func:`run_perturbations` over the first m and :func:`drift.fisher.decompose` over batches of the first m,
+    with one Jacobian per image instead of up to three: bit for bit when n = m or min(n, m) is a multiple of b.
+    Otherwise those three differentiated the images of the batch straddling min(n, m) in two batches of different
+    sizes, which can change a Jacobian's last bits; here the smaller set's rows come from the larger set's batch.
+
+    Args:
+        model: classifier in eval mode, (B, *S) -> (B, C) logits.
+        load: ``load(idx)`` returns the inputs of the int64 indices ``idx`` as a (len(idx), *S) tensor on the
+            model's device.
+        labels: (m,) int class indices of inputs 0 .. m - 1.
+        n_spectrum: n >= 1, inputs with a spectrum.
+        n_components: m >= 1, inputs with components and perturbations.
+        schedule: the batches this process computes, given the start index of every batch (default: all).
+        gather: every batch's result in schedule order, given this process's (default: its own). With
+            ``drift.distributed.my_batches`` and ``gather_batches`` the processes of a run share the batches;
+            each batch is computed as one process computes it, so the result does not change.
+        settings: keyword arguments of :func:`run_perturbations` (eps_grid, alphas, k, energy, head, n_draws,
+            seed, batch_size, rtol), with its defaults.
+
+    Returns:
+        :class:`IFIMStudy`.
+    """
+    for name, v in (("n_spectrum", n_spectrum), ("n_components", n_components)):
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    n, m = int(n_spectrum), int(n_components)
+    defaults = list(inspect.signature(run_perturbations).parameters.values())[3:]
+    unknown = set(settings) - {p.name for p in defaults}
+    if unknown:
+        raise TypeError(f"ifim_study got unknown settings {sorted(unknown)}; see run_perturbations")
+    st = {p.name: settings.get(p.name, p.default) for p in defaults}
+    head, batch_size, rtol = st["head"], st["batch_size"], st["rtol"]
+    exp = _Perturbations(model, labels, m, **st)
+    total = max(n, m)
+    parts = []
+    for start in schedule(list(range(0, total, batch_size))):
+        xb = load(np.arange(start, min(total, start + batch_size)))
+        J, z = input_jacobian(model, xb)
+        spec = ifim_from_jacobian(J, head_probs(z, head), xb, head, rtol, eigenvectors=False, logits=z)
+        ns, nc = max(0, min(n - start, len(xb))), max(0, min(m - start, len(xb)))
+        dirs, outcomes = None, None
+        if nc == len(xb):
+            dirs, outcomes = exp.batch(xb, J, z, start, spec)
+        elif nc > 0:
+            dirs, outcomes = exp.batch(xb[:nc], J[:nc], z[:nc], start, _rows(spec, nc))
+        parts.append(
+            _StudyBatch(
+                eigenvalues=spec.eigenvalues[:ns].double().cpu(),
+                rank=spec.rank[:ns].cpu(),
+                probs=spec.probs[:ns].double().cpu(),
+                x=xb[:nc].cpu(),
+                x_high=xb[:0].cpu() if dirs is None else dirs.x_high.cpu(),
+                components=None
+                if dirs is None
+                else Components(**{f.name: getattr(dirs.components, f.name).cpu() for f in fields(Components)}),
+                outcomes=outcomes,
             )
-        p0 = head_probs(z0, head)
-        spec = ifim_from_jacobian(J, p0, xb, head, rtol, eigenvectors=False, logits=z0)
-        dirs = perturbation_directions(J, p0, xb, head, k, energy, m, seed, first_index=start, spectrum=spec)
-        valid = dirs.components.k > 0
-        sb = slice(start, start + B)
-
-        # (K, B, m, *S) unit directions; an empty high subspace perturbs nothing and its outcomes become NaN.
-        U = torch.nan_to_num(torch.stack([dirs.high, dirs.complement, dirs.random]))
-        xn = xb.flatten(1).norm(dim=1)  # (B,)
-        scale = torch.as_tensor(eps, dtype=x.dtype, device=x.device).view(1, E, 1, 1) * xn.view(1, 1, B, 1)
-        d = scale.view(1, E, B, 1, *([1] * nd)) * U.unsqueeze(1)  # (K, E, B, m, *S)
-        inputs = xb.view(1, 1, B, 1, *xb.shape[1:]) + d
-
-        # 1/2 d^T F d = 1/2 scale^2 |G u|^2 for unit u.
-        Gu = torch.stack([fisher_apply(J, p0, U[i].flatten(2).transpose(1, 2), head) for i in range(nk)])
-        q_unit = 0.5 * Gu.double().pow(2).sum(2)  # (K, B, m)
-        kl_pred = scale.double().pow(2) * q_unit.unsqueeze(1)
-
-        hi_in, co_in = removal_inputs(xb, dirs.x_high, dirs.complement, al)  # (A, B, *S), (A, B, m, *S)
-        z_pert = _forward(model, inputs.reshape(-1, *xb.shape[1:]), batch_size).view(nk, E, B, m, C)
-        # High removal is deterministic: one forward pass, its logits shared by the m draws.
-        z_hi = _forward(model, hi_in.reshape(-1, *xb.shape[1:]), batch_size).view(A, B, 1, C).expand(A, B, m, C)
-        z_co = _forward(model, torch.nan_to_num(co_in).reshape(-1, *xb.shape[1:]), batch_size).view(A, B, m, C)
-        z_rem = torch.stack([z_hi, z_co])  # (2, A, B, m, C)
-
-        pred0 = p0.argmax(1)
-        conf0 = p0.gather(1, pred0[:, None]).squeeze(1)
-        for prefix, z1, lead in (("", z_pert, (nk, E)), ("removal_", z_rem, (nr, A))):
-            p1 = head_probs(z1, head)
-            pv = pred0.view(1, 1, B, 1, 1).expand(*lead, B, m, 1)
-            conf = conf0.view(1, 1, B, 1) - p1.gather(-1, pv).squeeze(-1)
-            flip = (p1.argmax(-1) != pred0.view(1, 1, B, 1)).double()
-            klv = _kl_from_logits(z0.view(1, 1, B, 1, C), z1, head)
-            full = (*lead, N, m)
-            sl = (slice(None), slice(None), sb)
-            store(prefix + "conf_change", full, sl, conf)
-            store(prefix + "abs_conf_change", full, sl, conf.abs())
-            store(prefix + "flip", full, sl, flip)
-            store(prefix + "kl", full, sl, klv)
-            store(prefix + "probs", (*full, C), sl, p1)
-        store("kl_pred", (nk, E, N, m), (slice(None), slice(None), sb), kl_pred)
-        store("clean_probs", (N, C), (sb,), p0)
-        for name, v in (
-            ("k", dirs.components.k),
-            ("rank", spec.rank),
-            ("energy_share", dirs.components.energy_share),
-            ("valid", valid),
-            ("x_norm", xn),
-            ("high_norm", dirs.x_high.flatten(1).norm(dim=1)),
-        ):
-            store(name, (N,), (sb,), v)
-
-    valid = arrays.pop("valid").astype(bool)
-    if not valid.all():
-        warnings.warn(
-            f"{int((~valid).sum())} of {N} samples have an empty high-sensitivity subspace (F = 0 at x): their "
-            "high-kind outcomes are NaN and set-level accuracy/AUC use the other samples",
-            RuntimeWarning,
-            stacklevel=2,
         )
-        hi = KINDS.index("high")
-        for name in ("conf_change", "abs_conf_change", "kl", "kl_pred", "flip"):
-            arrays[name][hi][:, ~valid] = np.nan
-        for name in ("removal_conf_change", "removal_abs_conf_change", "removal_kl", "removal_flip"):
-            arrays[name][:, :, ~valid] = np.nan
-
-    lv = lab[valid]
-
-    def set_metrics(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(L1, L2, N, m, C) -> accuracy and macro AUC (L1, L2, m) over the valid samples."""
-        L1, L2 = probs.shape[:2]
-        acc, auc = np.empty((L1, L2, m)), np.empty((L1, L2, m))
-        for i in range(L1):
-            for j in range(L2):
-                for t in range(m):
-                    pr = probs[i, j, valid, t]
-                    acc[i, j, t] = np.mean(pr.argmax(-1) == lv) if len(lv) else np.nan
-                    auc[i, j, t] = macro_auc(lv, pr)
-        return acc, auc
-
-    accuracy, auc = set_metrics(arrays["probs"])
-    r_accuracy, r_auc = set_metrics(arrays["removal_probs"])
-    clean = arrays["clean_probs"]
-
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = np.where(arrays["kl_pred"] > 0, arrays["kl"] / arrays["kl_pred"], np.nan)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices (empty subspace everywhere) stay NaN
-        curves = {name: np.nanmean(arrays[name], axis=(2, 3)) for name in (*METRICS, "kl_pred")}
-        curves["kl_ratio"] = np.nanmedian(ratio.reshape(nk, E, -1), axis=-1)
-        removal_curves = {n: np.nanmean(arrays["removal_" + n], axis=(2, 3)) for n in METRICS}
-    curves["accuracy"], curves["auc"] = accuracy.mean(-1), auc.mean(-1)
-    removal_curves["accuracy"], removal_curves["auc"] = r_accuracy.mean(-1), r_auc.mean(-1)
-
-    return PerturbationResult(
-        head=head,
-        eps=eps,
-        alphas=al,
-        n_draws=m,
-        seed=int(seed),
-        labels=lab.astype(np.int64),
-        k=arrays["k"].astype(np.int64),
-        rank=arrays["rank"].astype(np.int64),
-        energy_share=arrays["energy_share"],
-        valid=valid,
-        x_norm=arrays["x_norm"],
-        high_norm=arrays["high_norm"],
-        clean_probs=clean,
-        clean_pred=clean.argmax(1),
-        clean_accuracy=float(np.mean(clean[valid].argmax(1) == lv)) if len(lv) else math.nan,
-        clean_auc=macro_auc(lv, clean[valid]),
-        conf_change=arrays["conf_change"],
-        abs_conf_change=arrays["abs_conf_change"],
-        kl=arrays["kl"],
-        kl_pred=arrays["kl_pred"],
-        flip=arrays["flip"],
-        probs=arrays["probs"],
-        accuracy=accuracy,
-        auc=auc,
-        removal_conf_change=arrays["removal_conf_change"],
-        removal_abs_conf_change=arrays["removal_abs_conf_change"],
-        removal_kl=arrays["removal_kl"],
-        removal_flip=arrays["removal_flip"],
-        removal_probs=arrays["removal_probs"],
-        removal_accuracy=r_accuracy,
-        removal_auc=r_auc,
-        curves=curves,
-        removal_curves=removal_curves,
+    parts = gather(parts)
+    with_components = [p for p in parts if p.components is not None]
+    return IFIMStudy(
+        eigenvalues=torch.cat([p.eigenvalues for p in parts]),
+        rank=torch.cat([p.rank for p in parts]),
+        probs=torch.cat([p.probs for p in parts]),
+        x=torch.cat([p.x for p in parts]),
+        x_high=torch.cat([p.x_high for p in parts]),
+        components=Components(
+            **{f.name: torch.cat([getattr(p.components, f.name) for p in with_components]) for f in fields(Components)}
+        ),
+        perturbation=exp.result([p.outcomes for p in with_components]),
     )

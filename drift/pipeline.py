@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__
-from .archive import Archive, ArchiveReader, OutputError, write_tree
+from . import __version__, distributed
+from .archive import ArchiveReader, OutputError, write_tree
 from .config import Config, StageConfig
 from .models import (
     Classifier,
@@ -50,11 +50,12 @@ from .train import (
 )
 
 STAGES = ("transfer", "finetune")
-ALL_STEPS = ("data", "train", "attributions", "drift", "fisher", "stats", "report")
+ALL_STEPS = ("data", "train", "attributions", "drift", "fisher", "stats", "baselines", "report")
 
 
 def log(msg: str) -> None:
-    print(msg, flush=True)
+    if distributed.is_main():  # one log for a run of several processes
+        print(msg, flush=True)
 
 
 def git_commit() -> str:
@@ -169,21 +170,27 @@ class Pipeline:
     """Runs (and resumes) one study described by a :class:`Config` into ``<out>/archive.h5``."""
 
     def __init__(self, cfg: Config, fresh: bool = False, force: tuple[str, ...] = ()):
+        distributed.init(cfg.run.device)  # a no-op unless started by torchrun with several processes
+        distributed.check_batch_sizes(cfg)
+        if not distributed.is_main():
+            cfg.run.progress = False  # progress bars of rank 0 only
         self.cfg = cfg
         self.out = Path(cfg.run.out)
         _make_out(self.out)
         self.lock = RunLock(self.out / ".lock")
-        self.lock.acquire()
+        if distributed.is_main():  # rank 0 holds the folder for every rank
+            self.lock.acquire()
         try:
             self.path = self.out / "archive.h5"
-            if self.path.exists() and (fresh or _nothing_finished(self.path)):
+            if distributed.is_main() and self.path.exists() and (fresh or _nothing_finished(self.path)):
                 # --fresh, or a run that failed before finishing any step: nothing worth keeping, whatever the
                 # config that run was started with.
                 self.path.unlink()
-            self.device = resolve_device(cfg.run.device)
+            self.device = distributed.local_device(resolve_device(cfg.run.device))
             if cfg.run.threads:
                 torch.set_num_threads(cfg.run.threads)
-            self.archive = Archive(self.path, cfg.to_toml(), cfg.science_hash(), provenance(cfg, self.device))
+            self.archive = distributed.open_archive(self.path, cfg.to_toml(), cfg.science_hash(),
+                                                    provenance(cfg, self.device))
             self.environment = self._environment()
         except BaseException:
             self.lock.release()
@@ -195,6 +202,7 @@ class Pipeline:
         self.timings: dict[str, float] = {}
 
     # ------------------------------------------------------------------ helpers
+    @distributed.decided_by_rank0
     def _todo(self, name: str, step: str) -> bool:
         """Whether ``name`` must be (re)computed: forced, never committed, or committed under other settings,
         other data or another environment (logged, naming what changed)."""
@@ -290,7 +298,8 @@ class Pipeline:
     def run(self, steps: tuple[str, ...] = ALL_STEPS) -> Path:
         """Run (or resume) ``steps``; the output folder's lock is released when it returns or fails."""
         try:
-            return self._run(steps)
+            with distributed.guard():  # several processes: a failure on one rank stops every rank, named
+                return self._run(steps)
         finally:
             self.lock.release()
 
@@ -315,8 +324,10 @@ class Pipeline:
                 self.stage_fisher(arch)
         if "stats" in steps:
             self.stage_stats()
+        if "baselines" in steps:
+            self.stage_baselines()
         self.timings["total"] = time.perf_counter() - t0
-        if "report" in steps and self.cfg.report.enabled:
+        if "report" in steps and self.cfg.report.enabled and distributed.is_main():
             self.stage_report()
         return self.path
 
@@ -443,7 +454,8 @@ class Pipeline:
         log(f"{arch}: no cached synthetic-source weights for this config; pretraining once on the {src.task} task "
             f"({src.n_train} {what} x {src.epochs} epoch{'s' if src.epochs != 1 else ''})")
         payload = Pipeline._pretrain_source(cfg, arch, device, cfg.run.progress if progress is None else progress)
-        Pipeline._write_source_cache(path, payload)
+        if distributed.is_main():  # every rank pretrained together; one writes the cache
+            Pipeline._write_source_cache(path, payload)
         meta = payload["meta"]
         log(f"{arch}: pretrained in {meta['seconds']:.0f} s, held-out source accuracy {meta['source_accuracy']:.3f} "
             f"({len(meta['classes'])} classes); cached {path}")
@@ -534,63 +546,79 @@ class Pipeline:
                 f"cache {path.name}")
 
     # ---- training
-    def checkpoint_path(self, arch: str, stage: str) -> Path:
-        return self.out / "checkpoints" / f"{arch}-{stage}.pt"
+    def checkpoint_path(self, arch: str, stage: str, seed: int | None = None) -> Path:
+        """Checkpoint file of (arch, stage); with ``seed``, of that seed replica of the stage."""
+        return self.out / "checkpoints" / (f"{arch}-{stage}.pt" if seed is None else f"{arch}-{stage}-seed{seed}.pt")
 
-    def trained(self, arch: str, stage: str) -> Trained:
-        """The model of (arch, stage): reloaded from its checkpoint when that stage is committed, else trained."""
-        if (arch, stage) in self._models:
-            return self._models[(arch, stage)]
-        name = f"models/{arch}/{stage}"
-        ckpt = self.checkpoint_path(arch, stage)
+    @staticmethod
+    def model_name(arch: str, stage: str, seed: int | None = None) -> str:
+        """Archive group of a trained model: ``models/<arch>/<stage>``, or ``replicas/<arch>/<stage>/seed<seed>``
+        for a seed replica (:mod:`drift.baselines`)."""
+        return f"models/{arch}/{stage}" if seed is None else f"replicas/{arch}/{stage}/seed{seed}"
+
+    def trained(self, arch: str, stage: str, seed: int | None = None) -> Trained:
+        """The model of (arch, stage): reloaded from its checkpoint when that stage is committed, else trained.
+
+        With ``seed``, the seed replica of the stage: the same stage trained again from the same starting point (the
+        initial weights for ``transfer``, the run's own transfer checkpoint for ``finetune``) with training seed
+        ``seed`` in place of ``run.seed``; ``seed = run.seed`` reproduces the run's own model.
+        """
+        key = (arch, stage) if seed is None else (arch, stage, seed)
+        if key in self._models:
+            return self._models[key]
+        name = self.model_name(arch, stage, seed)
+        ckpt = self.checkpoint_path(arch, stage, seed)
         if not self._todo(name, "train"):
             reader = ArchiveReader(self.path)
             attrs = reader.read(name)
-            if ckpt.is_file() and sha256_file(ckpt) == attrs.get("sha256"):
+            # Rank 0's verdict for every rank: a rank that cannot read the checkpoint then fails naming it.
+            if distributed.broadcast(ckpt.is_file() and sha256_file(ckpt) == attrs.get("sha256")
+                                     if distributed.is_main() else None):
                 model = load_checkpoint(ckpt, arch, len(self.class_names), self.cfg.model.dropout).to(self.device)
                 model.eval()
                 t = attrs["test"]
                 ev = evaluation_from_logits(np.asarray(t["logits"]), np.asarray(t["labels"]))
-                self._models[(arch, stage)] = Trained(model, ev)
-                return self._models[(arch, stage)]
+                self._models[key] = Trained(model, ev)
+                return self._models[key]
             warnings.warn(f"{name}: checkpoint {ckpt} missing or changed; training this stage again", stacklevel=2)
-        return self._train(arch, stage)
+        return self._train(arch, stage, seed)
 
-    def _train(self, arch: str, stage: str) -> Trained:
+    def _train(self, arch: str, stage: str, replica: int | None = None) -> Trained:
         t0 = time.perf_counter()
         cfg, s = self.cfg, self.splits
-        seed = cfg.run.seed
+        seed = cfg.run.seed if replica is None else replica
+        what = f"{arch} {stage}" + ("" if replica is None else f" (seed replica {replica})")
         st = getattr(cfg.train, stage).for_arch(arch, f"train.{stage}")
         if stage == "transfer":
             model, origin = self.initial_model(arch)
-            log(f"{arch}: weights {origin}")
-            res = train_transfer(model, s.train, s.val, st, self.device, seed, cfg.run.progress,
-                                 f"{arch} transfer")
+            log(f"{what}: weights {origin}")
+            res = train_transfer(model, s.train, s.val, st, self.device, seed, cfg.run.progress, what)
             bn_frozen = True
         else:
+            self.trained(arch, "transfer")  # make sure stage 1 is committed first
             model = load_checkpoint(self.checkpoint_path(arch, "transfer"), arch, len(self.class_names),
                                     cfg.model.dropout)
-            self.trained(arch, "transfer")  # make sure stage 1 is committed first
             origin = "transfer checkpoint"
-            res = train_finetune(model, s.train, s.val, st, self.device, seed + 1,
-                                 cfg.run.progress, f"{arch} finetune")
+            res = train_finetune(model, s.train, s.val, st, self.device, seed + 1, cfg.run.progress, what)
             bn_frozen = st.bn_frozen
         ev = evaluate(model, s.test, self.device, progress=cfg.run.progress)
-        ckpt = self.checkpoint_path(arch, stage)
-        sha = save_checkpoint(model, ckpt, {"stage": stage, "seed": seed})
-        log(f"{arch} {stage}: test accuracy {ev.accuracy:.3f}, macro AUC {ev.macro_auc:.3f} "
+        ckpt = self.checkpoint_path(arch, stage, replica)
+        sha = save_checkpoint(model, ckpt, {"stage": stage, "seed": seed}) if distributed.is_main() else ""
+        log(f"{what}: test accuracy {ev.accuracy:.3f}, macro AUC {ev.macro_auc:.3f} "
             f"(best epoch {res.best_epoch + 1}, {res.seconds:.0f} s)")
-        name = f"models/{arch}/{stage}"
+        name = self.model_name(arch, stage, replica)
         with self.archive.stage(name, replace=(name,), started=t0, **self._stamp("train")) as f:
             g = f.require_group(name)
             write_tree(g, {"history": res.history, "test": ev.to_dict()})
             g.attrs.update({"checkpoint": str(ckpt), "sha256": sha, "best_epoch": res.best_epoch,
                             "best_val_auc": res.best_val_auc, "bn_frozen": bn_frozen, "weights": origin,
-                            "seconds": res.seconds, "precision": res.precision,
+                            "seconds": res.seconds, "precision": res.precision, "seed": seed,
                             "schedule": st.schedule, "epochs": st.epochs, "lr": st.lr, "batch_size": st.batch_size,
-                            "input_size": self.input_size(arch)})
-        self._models[(arch, stage)] = Trained(model, ev)
-        return self._models[(arch, stage)]
+                            "input_size": self.input_size(arch), "processes": distributed.world_size(),
+                            "sync_bn": bool(st.sync_bn and not bn_frozen and distributed.world_size() > 1)})
+        key = (arch, stage) if replica is None else (arch, stage, replica)
+        self._models[key] = Trained(model, ev)
+        return self._models[key]
 
     # ---- attributions
     def targets(self, arch: str, stage: str) -> np.ndarray:
@@ -617,8 +645,8 @@ class Pipeline:
         for stage in STAGES:
             model = self.trained(arch, stage).model
             tgt = torch.as_tensor(self.targets(arch, stage))
-            for lo in tqdm(range(0, n, acfg.batch_size), desc=f"{arch} {stage} CAMs", disable=not self.cfg.run.progress,
-                           leave=False):
+            for lo in tqdm(distributed.my_batches(range(0, n, acfg.batch_size)), desc=f"{arch} {stage} CAMs",
+                           disable=not self.cfg.run.progress, leave=False):
                 idx = np.arange(lo, min(n, lo + acfg.batch_size))
                 x = self.test_images(idx).to(self.device)
                 res = cams_multi(model, x, tgt[idx].to(self.device), methods=tuple(acfg.methods),
@@ -627,6 +655,7 @@ class Pipeline:
                     for m, v in by_method.items():
                         maps.setdefault((layer, score, stage, m), []).append(v.float().cpu())
             tree["targets"][stage] = np.asarray(tgt)
+        maps = distributed.gather_batches(maps)  # several processes: every rank's batches, in order
         for (layer, score, stage, m), parts in maps.items():
             tree.setdefault(layer, {}).setdefault(score, {}).setdefault(stage, {})[m] = (
                 torch.cat(parts).numpy().astype(np.float32))
@@ -691,26 +720,28 @@ class Pipeline:
         log(f"{arch}: drift metrics of {n_cells} protocol cells x {len(acfg.methods)} methods in "
             f"{self.timings[name]:.0f} s")
 
-    def _pair_tree(self, a, b, lung, lesion, marker, selected, n_classes, stats, pair_metrics) -> dict:
-        """Per-image metrics of map pairs (a TL, b FT) and their summaries over the selected, valid images."""
+    def _pair_tree(self, a, b, lung, lesion, marker, selected, n_classes, stats, pair_metrics, n=None) -> dict:
+        """Per-image metrics of map pairs (a TL, b FT) and their summaries over the selected, valid images (the
+        first ``n`` test images when given, else all)."""
         test = self.splits.test
+        labels, ids = test.labels[:n], np.asarray(test.ids)[:n]
         mcfg = self.cfg.metrics
-        per = pair_metrics(a, b, lung_mask=lung, lesion_mask=lesion, fractions=tuple(mcfg.fractions),
-                           marker_mask=marker)
+        per = distributed.by_images(pair_metrics, len(a), a, b, lung_mask=lung, lesion_mask=lesion,
+                                    fractions=tuple(mcfg.fractions), marker_mask=marker)
         per = {k: v.cpu().numpy() for k, v in per.items()}
         valid = per.pop("valid").astype(bool)
         deg = {"transfer": per.pop("degenerate_tl"), "finetune": per.pop("degenerate_ft")}
         use = selected & valid
         summary = {}
         for metric, values in per.items():
-            agg = stats.aggregate(np.where(use, values, np.nan), test.labels, n_classes, mcfg.n_boot,
+            agg = stats.aggregate(np.where(use, values, np.nan), labels, n_classes, mcfg.n_boot,
                                   self.cfg.run.seed, min_per_class=mcfg.min_per_class)
             summary[metric] = _as_tree(agg)
         for q in ("entropy", "gini", "top10_mass", "lung_mass", "lesion_energy", "marker_mass"):
             tl, ft = per.get(f"{q}_tl"), per.get(f"{q}_ft")
             if tl is not None and ft is not None:
                 summary.setdefault("paired", {})[q] = _as_tree(stats.paired_test(tl[use], ft[use]))
-        return {"per_sample": {**per, "ids": np.asarray(test.ids), "labels": test.labels, "valid": valid,
+        return {"per_sample": {**per, "ids": ids, "labels": labels, "valid": valid,
                                "selected": selected},
                 "degenerate": deg, "summary": summary}
 
@@ -732,49 +763,35 @@ class Pipeline:
         name = f"fisher/{arch}"
         if not self._todo(name, "fisher"):
             return
-        from .fisher import decompose, ifim
-        from .perturb import run_perturbations
+        from .perturb import ifim_study
 
         fc = self.cfg.fisher
         test = self.splits.test
         n = len(test) if fc.n_spectrum <= 0 else min(fc.n_spectrum, len(test))
+        m = min(fc.n_components, len(test))
+        comp_idx = np.arange(m)
         t0 = time.perf_counter()
         tree = {}
         for stage in STAGES:
             model = self.trained(arch, stage).model.eval()
-            eig, rank, probs = [], [], []
-            for lo in range(0, n, fc.batch_size):
-                idx = np.arange(lo, min(n, lo + fc.batch_size))
-                res = ifim(model, self.test_images(idx).to(self.device), head=fc.head)
-                eig.append(res.eigenvalues.double().cpu())
-                rank.append(res.rank.cpu())
-                probs.append(res.probs.double().cpu())
-            eig_t = torch.cat(eig)
+            # One Jacobian per batch serves the spectra (first n images), components and perturbations (first m).
+            st = ifim_study(model, lambda idx: self.test_images(idx).to(self.device), test.labels[comp_idx], n, m,
+                            schedule=distributed.my_batches, gather=distributed.gather_batches,
+                            eps_grid=fc.eps_grid, alphas=fc.alphas, energy=fc.energy, head=fc.head,
+                            n_draws=fc.n_draws, seed=self.cfg.run.seed, batch_size=fc.batch_size)
+            eig_t, pert = st.eigenvalues, st.perturbation
             share = eig_t / eig_t.sum(1, keepdim=True).clamp_min(1e-300)
-            m = min(fc.n_components, len(test))
-            comp_idx = np.arange(m)
-            pert = run_perturbations(model, self.test_images(comp_idx).to(self.device),
-                                     torch.as_tensor(test.labels[comp_idx]).to(self.device), fc.eps_grid, fc.alphas,
-                                     energy=fc.energy, head=fc.head, n_draws=fc.n_draws, seed=self.cfg.run.seed,
-                                     batch_size=fc.batch_size)
             tree[stage] = {"eigenvalues": eig_t.numpy(), "eigen_share": share.numpy(),
-                           "rank": torch.cat(rank).numpy(), "probs": torch.cat(probs).numpy(),
+                           "rank": st.rank.numpy(), "probs": st.probs.numpy(),
                            "ids": np.asarray(test.ids[:n]), "perturbation": pert.to_arrays(),
                            "summary": _as_tree(pert.summary())}
-            xs, highs, ks, shares = [], [], [], []
-            for lo in range(0, m, fc.batch_size):
-                x = self.test_images(comp_idx[lo:lo + fc.batch_size]).to(self.device)
-                x_high, _, info = decompose(model, x, energy=fc.energy, head=fc.head)
-                xs.append(x.cpu())
-                highs.append(x_high.detach().float().cpu())
-                ks.append(info.k.cpu())
-                shares.append(info.energy_share.cpu())
-            x_all, high_all = torch.cat(xs), torch.cat(highs)
+            x_all, high_all = st.x, st.x_high.float()
             tree[stage]["components"] = {"ids": np.asarray([test.ids[i] for i in comp_idx]),
                                          "x": x_all.numpy().astype(np.float16),
                                          "x_high": high_all.numpy().astype(np.float32),
                                          "x_low": (x_all - high_all).numpy().astype(np.float32),
-                                         "k": torch.cat(ks).numpy(), "energy_share": torch.cat(shares).numpy()}
+                                         "k": st.components.k.numpy(),
+                                         "energy_share": st.components.energy_share.numpy()}
         with self.archive.stage(name, replace=(name,), started=t0, **self._stamp("fisher")) as f:
             write_tree(f.require_group(name), tree)
         self.timings[name] = time.perf_counter() - t0
@@ -784,10 +801,11 @@ class Pipeline:
     # ---- statistics across architectures
     def stage_stats(self) -> None:
         """Rank architectures by stability under each method in every cell of the protocol grid, on one sample
-        (``metrics.ranking_sample_set``), with paired bootstrap probabilities of a reversal."""
+        (``metrics.ranking_sample_set``), with paired bootstrap probabilities of a reversal; store the run's
+        headline numbers and example images for the readers (:mod:`drift.headline`)."""
         if not self._todo("stats", "stats"):
             return
-        from . import stats
+        from . import headline, stats
         from .archive import Cell
 
         t0 = time.perf_counter()
@@ -809,9 +827,12 @@ class Pipeline:
                                                                    stats)
         verdict = grid_verdict(tree, acfg.methods, mcfg.ranking_metrics)
         counts = np.bincount(labels[ranked], minlength=n_classes) if ranked.any() else np.zeros(n_classes, int)
+        numbers = headline.compute(reader, mcfg.n_boot, self.cfg.run.seed)
+        examples = headline.examples(reader, lambda idx: self.test_images(idx).numpy(), self.cfg.report.n_examples)
         with self.archive.stage("stats", replace=("stats",), started=t0, **self._stamp("stats")) as f:
             g = f.require_group("stats")
             write_tree(g.require_group("ranking"), tree)
+            write_tree(g, {"headline": numbers, "examples": examples})
             write_tree(g, {"ranked": ranked})
             g.attrs.update({"ranking_sample_set": mcfg.ranking_sample_set, "n_ranked": int(ranked.sum()),
                             "n_ranked_per_class": json.dumps(counts.tolist()), "min_per_class": mcfg.min_per_class,
@@ -819,6 +840,8 @@ class Pipeline:
         log(f"stats: architectures ranked on {int(ranked.sum())} images ({mcfg.ranking_sample_set}); {verdict}")
 
     def _rank(self, reader, cell, metric: str, archs: list[str], ranked: np.ndarray, n_classes: int, stats) -> dict:
+        from .metrics import stability
+
         values = {}
         for arch in archs:
             values[arch] = {}
@@ -829,7 +852,7 @@ class Pipeline:
                                    f"available: {sorted(k for k in per if k not in ('ids', 'labels'))}")
                 use = ranked & per["valid"].astype(bool)
                 values[arch][method] = (np.where(use, per[metric], np.nan), per["labels"])
-        higher, absolute = stats.stability(metric)
+        higher, absolute = stability(metric, self.cfg.metrics.fractions)
         try:
             m = self.cfg.metrics
             return _as_tree(stats.rank_reversal(values, n_classes, higher_is_stable=higher, n_boot=m.n_boot,
@@ -838,6 +861,12 @@ class Pipeline:
         except ValueError as exc:  # e.g. no image of an architecture left: record why, keep the rest
             warnings.warn(f"ranking by {metric} in cell ({cell}): {exc}", stacklevel=2)
             return {"unranked": str(exc)}
+
+    def stage_baselines(self) -> None:
+        """Seed floors and the randomisation check (:func:`drift.baselines.run_step`; off unless configured)."""
+        from .baselines import run_step
+
+        run_step(self)
 
     def stage_report(self) -> None:
         try:

@@ -1,16 +1,19 @@
-"""The headline tables of an archive, as plain text (printed at the end of ``drift run``)."""
+"""The headline tables of an archive, as plain text (printed at the end of ``drift run`` and by ``drift summary``).
+
+Every number comes from :func:`drift.headline.load` (stored by the statistics step) or is a stored result read
+as is; nothing is computed here. The parts are listed in :data:`SECTIONS`."""
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 
 import numpy as np
 
 from .archive import ArchiveReader
-
-HEADLINE = (("iou@20", "IoU@20%"), ("centroid_shift", "centroid shift"), ("pearson", "Pearson r"),
-            ("entropy_change", "entropy change"))
+from .headline import load
+from .metrics import metric_label
 
 
 def fmt(x, nd: int = 3) -> str:
@@ -130,72 +133,99 @@ def agreement_rows(r: ArchiveReader) -> list[list[str]]:
     return rows
 
 
-def summary_text(path: str | os.PathLike) -> str:
-    r = ArchiveReader(path)
-    out: list[str] = []
-    rows = []
-    for arch in r.archs():
-        for stage in ("transfer", "finetune"):
-            if r.has(f"models/{arch}/{stage}/test"):
-                ev = r.evaluation(arch, stage)
-                meta = r.read(f"models/{arch}/{stage}")
-                rows.append([arch, stage, _fmt(ev["accuracy"]), _fmt(ev["macro_auc"]),
-                             str(int(meta.get("best_epoch", -1)) + 1), f"{float(meta.get('seconds', 0)):.0f}"])
-    if rows:
-        out += ["Classification (test set)", table(["architecture", "stage", "accuracy", "macro AUC", "best epoch",
-                                                    "train s"], rows), ""]
+def _classification(r: ArchiveReader, h: dict) -> list[str]:
+    rows = [[arch, stage, _fmt(e["accuracy"]), _fmt(e["macro_auc"]), str(int(e.get("best_epoch", 0))),
+             f"{float(e.get('seconds', 0)):.0f}"]
+            for arch, by_stage in h["classification"].items() for stage, e in by_stage.items()]
+    if not rows:
+        return []
+    return ["Classification (test set)", table(["architecture", "stage", "accuracy", "macro AUC", "best epoch",
+                                                "train s"], rows), ""]
+
+
+def _drift(r: ArchiveReader, h: dict) -> list[str]:
+    metrics = json.loads(h.get("metrics", "[]"))
+    rows = [[arch, method, counts_text(s.get(metrics[0], {})), *[interval(s, m) for m in metrics]]
+            for arch, by_method in h["drift"].items() for method, s in by_method.items()] if metrics else []
+    if not rows:
+        return []
     cell = r.primary_cell()
-    rows = []
-    for arch in r.archs():
-        if not r.has(cell.drift_path(arch)):
-            continue
-        for method in r.methods(arch, cell):
-            s = r.drift_summary(arch, method, cell)
-            rows.append([arch, method, counts_text(s.get(HEADLINE[0][0], {})),
-                         *[interval(s, m) for m, _ in HEADLINE]])
-    if rows:
-        sample = r.read(f"drift/{r.archs()[0]}").get("sample_set", "?") if r.archs() else "?"
-        out += [f"Drift TL -> FT at layer {cell.layer}, score {cell.score}, maps normalised {cell.norm}; images "
-                f"{sample} (macro mean over classes with >= {min_per_class(r)} images, 95% bootstrap interval; "
-                "n = images, per class)",
-                table(["architecture", "method", "n", *[h for _, h in HEADLINE]], rows), ""]
+    sample = r.read(f"drift/{r.archs()[0]}").get("sample_set", "?") if r.has(f"drift/{r.archs()[0]}") else "?"
+    return [f"Drift TL -> FT at layer {cell.layer}, score {cell.score}, maps normalised {cell.norm}; images "
+            f"{sample} (macro mean over classes with >= {min_per_class(r)} images, 95% bootstrap interval; "
+            "n = images, per class)",
+            table(["architecture", "method", "n", *[metric_label(m) for m in metrics]], rows), ""]
+
+
+def _agreement(r: ArchiveReader, h: dict) -> list[str]:
     rows = agreement_rows(r)
-    if rows:
-        out += ["Method agreement: median per-image Pearson r between two methods' maps of the same checkpoint "
-                "(1 = one map; at a layer followed only by pooling and a linear head the methods nearly coincide)",
-                table(["architecture", "layer", "score", "methods", "transfer", "finetune"], rows), ""]
-    st = r.stats_attrs()
-    rank = r.ranking(cell)
-    if rank:
-        out += [f"Stability ranking of architectures at ({cell}), most stable first, on "
-                f"{st.get('n_ranked', '?')} images ({st.get('ranking_sample_set', '?')}; per class "
-                f"{'/'.join(map(str, json.loads(st.get('n_ranked_per_class', '[]'))))}); Kendall tau is descriptive "
-                "(three architectures); P(reverse) from a paired bootstrap of images",
-                ranking_table(rank), ""]
+    if not rows:
+        return []
+    return ["Method agreement: median per-image Pearson r between two methods' maps of the same checkpoint "
+            "(1 = one map; at a layer followed only by pooling and a linear head the methods nearly coincide)",
+            table(["architecture", "layer", "score", "methods", "transfer", "finetune"], rows), ""]
+
+
+def _ranking(r: ArchiveReader, h: dict) -> list[str]:
+    st, rank = h["stats"], h["ranking"]
+    if not rank:
+        return []
+    return [f"Stability ranking of architectures at ({r.primary_cell()}), most stable first, on "
+            f"{st.get('n_ranked', '?')} images ({st.get('ranking_sample_set', '?')}; per class "
+            f"{'/'.join(map(str, json.loads(st.get('n_ranked_per_class', '[]'))))}); Kendall tau is descriptive "
+            "(three architectures); P(reverse) from a paired bootstrap of images",
+            ranking_table(rank), ""]
+
+
+def _grid(r: ArchiveReader, h: dict) -> list[str]:
     rows = grid_rows(r)
-    if len(rows) > 1 or (rows and len(r.cells()) > 1):
-        out += ["Protocol sensitivity: does the most stable architecture differ between LayerCAM and Grad-CAM++? "
-                "(per cell of layers x scores x normalisations; P = paired bootstrap probability)",
-                table(["layer", "score", "maps", "metric", "rankings (most stable first)", "reverses (P)"], rows), ""]
-    if st.get("verdict"):
-        out += [f"Verdict: {st['verdict']}", ""]
-    rows = []
-    for arch in r.archs():
-        for stage in ("transfer", "finetune"):
-            if not r.has(f"fisher/{arch}/{stage}"):
-                continue
-            f = r.read(f"fisher/{arch}/{stage}")
-            share = np.asarray(f["eigen_share"])[:, 0]
-            summ = f.get("summary", {})
-            area = np.asarray(summ.get("area_abs_conf_change", [np.nan] * 3), dtype=float)
-            ratio = area[0] / area[1] if area[1] > 0 else float("nan")
-            rows.append([arch, stage, _fmt(np.nanmean(share)), _fmt(np.mean(f["rank"]), 1), _fmt(area[0], 4),
-                         _fmt(area[1], 4), _fmt(area[2], 4), _fmt(ratio, 1), _fmt(summ.get("wilcoxon_pvalue"), 4)])
-    if rows:
-        out += ["iFIM: top eigenvalue share, numerical rank, and |confidence change| under equal-norm perturbations "
-                "(area over eps) inside the high-sensitivity subspace, its complement and a random direction",
-                table(["architecture", "stage", "top share", "mean rank", "high", "complement", "random",
-                       "high/compl.", "Wilcoxon p"], rows), ""]
+    if not (len(rows) > 1 or (rows and len(r.cells()) > 1)):
+        return []
+    return ["Protocol sensitivity: does the most stable architecture differ between LayerCAM and Grad-CAM++? "
+            "(per cell of layers x scores x normalisations; P = paired bootstrap probability)",
+            table(["layer", "score", "maps", "metric", "rankings (most stable first)", "reverses (P)"], rows), ""]
+
+
+def _verdict(r: ArchiveReader, h: dict) -> list[str]:
+    return [f"Verdict: {h['stats']['verdict']}", ""] if h["stats"].get("verdict") else []
+
+
+def _fisher(r: ArchiveReader, h: dict) -> list[str]:
+    rows = [[arch, stage, _fmt(f["top_share"]), _fmt(f["mean_rank"], 1), _fmt(f["area_high"], 4),
+             _fmt(f["area_complement"], 4), _fmt(f["area_random"], 4),
+             f"{_fmt(f['gap'], 4)} [{_fmt(f['gap_lo'], 4)}, {_fmt(f['gap_hi'], 4)}]", _fmt(f["wilcoxon_p"], 4)]
+            for arch, by_stage in h["fisher"].items() for stage, f in by_stage.items()]
+    if not rows:
+        return []
+    return ["iFIM: top eigenvalue share, numerical rank, and |confidence change| under equal-norm perturbations "
+            "(area over eps) inside the high-sensitivity subspace, its complement and a random direction; the "
+            "confidence gap (high - complement, mean over images [95% bootstrap interval]) and its paired Wilcoxon p",
+            table(["architecture", "stage", "top share", "mean rank", "high", "complement", "random", "gap",
+                   "Wilcoxon p"], rows), ""]
+
+
+def _baselines(r: ArchiveReader, h: dict) -> list[str]:
+    from .baselines import summary_lines
+
+    return summary_lines(r, h)
+
+
+SECTIONS: list[Callable[[ArchiveReader, dict], list[str]]] = [
+    _classification, _drift, _agreement, _ranking, _grid, _verdict, _baselines, _fisher]
+"""The summary's parts in print order. Each takes the archive and its headline numbers (:func:`drift.headline.load`)
+and returns its lines (a caption, a table and a blank line; nothing when its stage has not run). A new part is a
+function of that signature appended here; numbers it prints belong in :func:`drift.headline.compute`."""
+
+
+def summary_text(path: str | os.PathLike) -> str:
+    """The headline tables of an archive as plain text: the parts of :data:`SECTIONS`, in order."""
+    r = ArchiveReader(path)
+    h = load(r)
+    out: list[str] = []
+    for part in SECTIONS:
+        out += part(r, h)
+    if not h["stored"] and out:
+        out = ["(the statistics step has not run: headline numbers computed on reading)", "", *out]
     return "\n".join(out)
 
 

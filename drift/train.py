@@ -6,8 +6,9 @@ them. That is exactly the frozen-backbone optimisation -- same losses, same grad
 cost of one forward pass instead of one per epoch. Stage 2 unfreezes everything (BatchNorm mode from the
 config) and trains end to end. Both keep the best epoch by validation macro AUC with early stopping.
 
-The loop holds no global state: the sampler and the writer are the caller's, so a data-parallel wrapper can
-be added around :func:`fit` later without rewriting it.
+The loop holds no global state: the sampler and the writer are the caller's. Under several processes
+(torchrun) :func:`fit` trains data-parallel and :func:`predict` spreads its batches over the processes, both
+through :mod:`drift.distributed` (a no-op for one process).
 """
 
 from __future__ import annotations
@@ -22,14 +23,16 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import confusion_matrix, f1_score, roc_auc_score
+from sklearn.metrics import confusion_matrix, f1_score
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
 
+from . import distributed
 from .config import StageConfig
 from .models import Classifier, freeze_backbone, unfreeze
+from .stats import macro_auc
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -61,15 +64,6 @@ class Evaluation:
         return asdict(self)
 
 
-def macro_auc(probs: np.ndarray, labels: np.ndarray) -> float:
-    """Macro one-vs-rest ROC AUC over the classes present in ``labels`` (NaN with fewer than two)."""
-    present = np.unique(labels)
-    if len(present) < 2:
-        return float("nan")
-    aucs = [roc_auc_score(labels == c, probs[:, c]) for c in present]
-    return float(np.mean(aucs))
-
-
 def evaluation_from_logits(logits: np.ndarray, labels: np.ndarray) -> Evaluation:
     n_classes = logits.shape[1]
     probs = torch.softmax(torch.as_tensor(logits, dtype=torch.float64), 1).numpy()
@@ -78,7 +72,7 @@ def evaluation_from_logits(logits: np.ndarray, labels: np.ndarray) -> Evaluation
         logits=logits.astype(np.float32),
         labels=labels.astype(np.int64),
         accuracy=float((pred == labels).mean()) if len(labels) else float("nan"),
-        macro_auc=macro_auc(probs, labels),
+        macro_auc=macro_auc(labels, probs),
         f1=f1_score(labels, pred, labels=np.arange(n_classes), average=None, zero_division=0).astype(np.float32),
         confusion=confusion_matrix(labels, pred, labels=np.arange(n_classes)).astype(np.int64),
     )
@@ -98,11 +92,13 @@ def predict(model: nn.Module, data: Dataset, device: torch.device, batch_size: i
     logits, labels = [], []
     try:
         with fast_layout(model, "fp32", device) as prepare:
-            for x, y in tqdm(DataLoader(data, batch_size=batch_size), desc=desc, disable=not progress, leave=False):
+            for x, y in tqdm(distributed.eval_loader(data, batch_size), desc=desc, disable=not progress,
+                             leave=False):
                 logits.append(model(prepare(x)).float().cpu())
                 labels.append(torch.as_tensor(y))
     finally:
         model.train(was_training)
+    logits, labels = distributed.gather_batches((logits, labels))  # several processes: all batches, in order
     return torch.cat(logits).numpy(), torch.cat(labels).numpy()
 
 
@@ -208,10 +204,13 @@ def fit(module: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], trai
     warms the learning rate up to ``cfg.lr`` over the first quarter of the planned steps and anneals it with a
     cosine (:func:`onecycle_factor`). Training steps and validation passes run channels-last (:func:`fast_layout`)
     and, when ``cfg.precision`` resolves to bf16, under bf16 autocast (weights and optimiser state stay fp32).
+    Under several processes ``module`` trains in DistributedDataParallel (``forward`` must be ``module``) on
+    each process's share of every global batch of ``cfg.batch_size`` (:class:`drift.distributed.DataParallel`);
+    every process validates on all of ``val`` and keeps the same epoch.
     """
     keep = keep or module
     gen = torch.Generator().manual_seed(seed)
-    loader = DataLoader(train, batch_size=cfg.batch_size, shuffle=True, generator=gen, drop_last=False)
+    loader = distributed.train_loader(train, cfg.batch_size, gen, f"{desc}: batch_size")
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"{desc}: no trainable parameters")
@@ -227,6 +226,8 @@ def fit(module: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], trai
     result = StageResult(history=hist, precision=precision)
     t_start = time.perf_counter()
     with fast_layout(module, precision, device) as prepare:
+        # Several processes: DistributedDataParallel, each rank's share of the global batch (distributed.py).
+        dp = distributed.DataParallel(module, forward, loader, device, cfg.sync_bn and not cfg.bn_frozen, desc)
         for epoch in range(cfg.epochs):
             t0 = time.perf_counter()
             module.train()
@@ -234,15 +235,16 @@ def fit(module: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], trai
             bar = tqdm(loader, desc=f"{desc} epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
             for x, y in bar:
                 y = torch.as_tensor(y).to(device)
-                loss = F.cross_entropy(forward(prepare(x)).float(), y)
+                loss = dp.loss(dp.forward(prepare(x)).float(), y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 if sched is not None:
                     sched.step()
-                total += loss.item() * len(y)
+                total += dp.loss_sum(loss, y)
                 count += len(y)
                 bar.set_postfix(loss=f"{total / count:.3f}")
+            total, count = dp.epoch_sums(total, count)
             module.eval()
             val_loss = val_acc = val_auc = float("nan")
             if val is not None and len(val):
@@ -266,6 +268,7 @@ def fit(module: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], trai
                 since += 1
                 if since >= cfg.patience:
                     break
+    dp.close()
     if best_state is not None:
         keep.load_state_dict(best_state)
     result.best_val_auc = float(best) if val is not None else float("nan")

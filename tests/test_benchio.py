@@ -1,4 +1,5 @@
-"""``drift bench export``: asv and pytest-benchmark records into HDF5, read back through ArchiveReader.bench().
+"""``drift bench export`` (bench/benchio.py): asv and pytest-benchmark records into HDF5, read back through
+ArchiveReader.bench().
 
 The inputs are produced by the tools themselves: a pytest-benchmark JSON from a real ``pytest --benchmark-json``
 run in a subprocess, and asv result files written by asv's own ``Results.save``. Every exported number is
@@ -18,8 +19,8 @@ import torch
 from asv.results import Results
 from asv.runner import BenchmarkResult
 
+from bench.benchio import STATUS_FAILED, STATUS_OK, STATUS_SKIPPED, export, read_source
 from drift.archive import SCHEMA_VERSION, Archive, ArchiveReader, write_tree
-from drift.benchio import STATUS_FAILED, STATUS_OK, STATUS_SKIPPED, export, read_source
 from drift.cli import main
 
 PYTEST_STATS = ("min", "max", "mean", "stddev", "median", "iqr", "q1", "q3", "ld15iqr", "hd15iqr", "ops", "total",

@@ -95,3 +95,41 @@ def test_per_arch_stage_settings_merge_and_resolve(tmp_path, rng):
 def test_bad_per_arch_settings_name_the_culprit(override, fragment):
     with pytest.raises(config.ConfigError, match=fragment.replace(".", r"\.")):
         config.load(None, [override])
+
+
+def test_extends_applies_the_base_file_first(tmp_path):
+    (tmp_path / "base.toml").write_text(
+        '[run]\nseed = 3\nout = "a"\n[data]\nn_test = 7\n[train.finetune.per_arch.resnet18]\nlr = 0.5\n')
+    (tmp_path / "child.toml").write_text(
+        'extends = "base.toml"\n[run]\nout = "b"\n[train.finetune.per_arch.resnet18]\nepochs = 2\n')
+    cfg = config.load(tmp_path / "child.toml")
+    assert (cfg.run.seed, cfg.run.out, cfg.data.n_test) == (3, "b", 7)
+    assert cfg.train.finetune.per_arch == {"resnet18": {"lr": 0.5, "epochs": 2}}
+    shipped = config.load("configs/baselines.toml")
+    demo = config.load("configs/demo.toml")
+    assert shipped.baselines.seeds == 2 and shipped.run.out != demo.run.out
+    assert (shipped.train, shipped.data, shipped.attribution) == (demo.train, demo.data, demo.attribution)
+
+
+def test_extends_errors_name_the_file(tmp_path):
+    (tmp_path / "a.toml").write_text('extends = "b.toml"\n')
+    (tmp_path / "b.toml").write_text('extends = "a.toml"\n')
+    with pytest.raises(config.ConfigError, match="'extends' forms a cycle"):
+        config.load(tmp_path / "a.toml")
+    (tmp_path / "c.toml").write_text('extends = "missing.toml"\n')
+    with pytest.raises(config.ConfigError, match=r"missing.toml \(extended by .*c.toml\)"):
+        config.load(tmp_path / "c.toml")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("baselines.seeds=-1", "baselines.seeds must be an integer >= 0"),
+    ('baselines.stages=["tl"]', "baselines.stages: 'tl' is not one of finetune, transfer"),
+    ("baselines.randomize=[0.5, 0.25]", "baselines.randomize must be increasing"),
+    ("baselines.randomize=[1.5]", r"baselines.randomize: 1.5 is not a finite number in \[0, 1\]"),
+    ("baselines.replica_seeds=[4, 4]", "baselines.replica_seeds lists a seed twice"),
+    ("baselines.flag_pearson=2", r"baselines.flag_pearson must be a correlation in \[-1, 1\]"),
+    ("baselines.n_images=1", "baselines.n_images must be an integer >= 2"),
+])  # fmt: skip
+def test_baselines_settings_are_checked(override, message):
+    with pytest.raises(config.ConfigError, match=message):
+        config.load(None, [override])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.linalg
+import scipy.special
 import torch
 from threadpoolctl import threadpool_limits
 from torch import nn
@@ -27,8 +28,7 @@ SHAPES = [(1, 12, 12), (3, 8, 8)]
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_blas_thread():
-    """Brute-force references run many tiny numpy eigh/matmul calls: a spinning BLAS pool only slows them down
-    (on a busy 2-core machine a 192 x 192 eigh took 0.5 s with two BLAS threads, 0.01 s with one)."""
+    """Brute-force references run many tiny numpy eigh/matmul calls: a spinning BLAS pool only slows them down."""
     with threadpool_limits(limits=1, user_api="blas"):
         yield
 
@@ -70,6 +70,15 @@ class TupleOut(nn.Module):
 def make(gen, shape, C, dtype=torch.float64, **kw):
     model = TinyCNN(shape[0], C, gen, **kw).to(dtype).eval()
     return model
+
+
+def model_and_factors(rng, shape, C, N, head="softmax"):
+    """A float64 TinyCNN with C classes, N random inputs of ``shape``, their Jacobian J, logits z and head
+    probabilities p."""
+    model = make(rng, shape, C)
+    x = torch.randn(N, *shape, generator=rng, dtype=torch.float64)
+    J, z = input_jacobian(model, x)
+    return model, x, J, z, head_probs(z, head)
 
 
 def brute_jacobian(model, x):
@@ -278,10 +287,7 @@ def test_decompose_matches_brute_force(rng, head, k):
 
 
 def test_decompose_from_jacobian_reuses_spectrum(rng):
-    model = make(rng, (1, 12, 12), 6)
-    x = torch.randn(4, 1, 12, 12, generator=rng, dtype=torch.float64)
-    J, z = input_jacobian(model, x)
-    p = head_probs(z)
+    model, x, J, z, p = model_and_factors(rng, (1, 12, 12), 6, 4)
     spec = ifim_from_jacobian(J, p, x, eigenvectors=True)
     xh1, xl1, i1 = decompose_from_jacobian(J, p, x, k=3, spectrum=spec)
     xh2, _, i2 = decompose(model, x, k=3)
@@ -299,10 +305,7 @@ def test_decompose_from_jacobian_reuses_spectrum(rng):
 
 @pytest.mark.parametrize("head", ["softmax", "sigmoid"])
 def test_fisher_apply_and_quadratic(rng, head):
-    model = make(rng, (3, 8, 8), 5)
-    x = torch.randn(3, 3, 8, 8, generator=rng, dtype=torch.float64)
-    J, z = input_jacobian(model, x)
-    p = head_probs(z, head)
+    model, x, J, z, p = model_and_factors(rng, (3, 8, 8), 5, 3, head)
     X = torch.randn(3, 192, 4, generator=rng, dtype=torch.float64)
     GX = fisher_apply(J, p, X, head)
     d = torch.randn(3, 3, 8, 8, generator=rng, dtype=torch.float64)
@@ -319,22 +322,20 @@ def test_fisher_apply_and_quadratic(rng, head):
 
 
 def kl(z0, z1, head):
-    """KL(p(z0) || p(z1)) from logits: categorical (softmax) or a sum of Bernoulli KLs (sigmoid)."""
-    if head == "softmax":
-        lp, lq = torch.log_softmax(z0, -1), torch.log_softmax(z1, -1)
-        return (lp.exp() * (lp - lq)).sum(-1)
-    ls = nn.functional.logsigmoid
-    p = torch.sigmoid(z0)
-    return (p * (ls(z0) - ls(z1)) + (1 - p) * (ls(-z0) - ls(-z1))).sum(-1)
+    """KL(p(z0) || p(z1)) in float64 SciPy: categorical over the classes (softmax), or the sum over classes of the
+    two-outcome categorical of logits (z, 0), i.e. (sigmoid(z), 1 - sigmoid(z)) (sigmoid)."""
+    a, b = z0.detach().double().numpy(), z1.detach().double().numpy()
+    if head == "sigmoid":
+        a, b = (np.stack([v, np.zeros_like(v)], -1) for v in (a, b))
+    lp, lq = scipy.special.log_softmax(a, -1), scipy.special.log_softmax(b, -1)
+    out = (np.exp(lp) * (lp - lq)).sum(-1)
+    return torch.from_numpy(out if head == "softmax" else out.sum(-1))
 
 
 @pytest.mark.parametrize("head", ["softmax", "sigmoid"])
 def test_kl_tends_to_second_order_prediction(rng, head):
     """KL / (1/2 d^T F d) - 1 = O(|d|): it shrinks tenfold per tenfold smaller eps."""
-    model = make(rng, (1, 12, 12), 4)
-    x = torch.randn(3, 1, 12, 12, generator=rng, dtype=torch.float64)
-    J, z = input_jacobian(model, x)
-    p = head_probs(z, head)
+    model, x, J, z, p = model_and_factors(rng, (1, 12, 12), 4, 3, head)
     spec = ifim_from_jacobian(J, p, x, head)
     # A random direction and the top eigenvector: both must approach the prediction.
     for u in (torch.randn(x.shape, generator=rng, dtype=torch.float64), spec.eigenvectors[:, 0]):
@@ -349,10 +350,7 @@ def test_kl_tends_to_second_order_prediction(rng, head):
 
 
 def test_bad_input_messages(rng):
-    model = make(rng, (1, 12, 12), 4)
-    x = torch.randn(2, 1, 12, 12, generator=rng, dtype=torch.float64)
-    J, z = input_jacobian(model, x)
-    p = head_probs(z)
+    model, x, J, z, p = model_and_factors(rng, (1, 12, 12), 4, 2)
     with pytest.raises(ValueError, match="head"):
         ifim_from_jacobian(J, p, x, head="tanh")
     with pytest.raises(ValueError, match=r"p must have shape"):

@@ -300,3 +300,47 @@ def test_pair_metrics_cuda_matches_cpu(rng):
     gpu = M.pair_metrics(a.cuda(), b.cuda(), lung_mask=lung.cuda(), lesion_mask=lung.cuda())
     for k, v in cpu.items():
         torch.testing.assert_close(gpu[k].cpu(), v, equal_nan=True, msg=k)
+
+
+# ------------------------------------------------------------------------------------------------- registry
+def test_registry_covers_pair_metrics_and_computes_them(rng):
+    """Every key pair_metrics returns has one registry entry whose function computes that value."""
+    fractions = (0.025, 0.2, 0.5)
+    a = torch.rand(3, 13, 17, generator=rng, dtype=torch.float64)
+    b = torch.rand(3, 13, 17, generator=rng, dtype=torch.float64)
+    lung = torch.rand(13, 17, generator=rng) > 0.5
+    lesion = torch.rand(13, 17, generator=rng) > 0.7
+    got = M.pair_metrics(a, b, lung_mask=lung, lesion_mask=lesion, fractions=fractions, marker_mask=~lung)
+    specs = {s.key: s for s in M.registry(fractions)}
+    assert len(specs) == len(M.registry(fractions))
+    keys = set(got) - {"valid", "degenerate_tl", "degenerate_ft"}
+    assert keys <= set(specs)
+    masks = {"lung_mass": lung, "lesion_energy": lesion, "marker_mass": ~lung, "pointing": lesion}
+    for key in keys:
+        s = specs[key]
+        if s.key.endswith(("_tl", "_ft", "_change")):
+            q, st = s.key.rsplit("_", 1)
+            args = (masks[q],) if q in masks else ()
+            tl, ft = s.fn(a, *args), s.fn(b, *args)
+            want = {"tl": tl, "ft": ft, "change": ft - tl}[st]
+        else:
+            want = s.fn(a, b)
+        torch.testing.assert_close(got[key], want.to(torch.float64), equal_nan=True)
+
+
+def test_registry_directions_labels_and_headline():
+    fr = (0.025, 0.05, 0.2)
+    assert M.stability("iou@2.5", fr) == (True, False) and M.stability("iou@05", fr) == (True, False)
+    assert M.stability("centroid_shift") == (False, False) and M.stability("peak_shift") == (False, False)
+    assert M.stability("entropy_change") == (False, True)
+    assert all(M.stability(k)[0] for k in ("pearson", "spearman", "ssim", "iou@10", "iou@30"))
+    with pytest.raises(ValueError, match="entropy_tl"):
+        M.stability("entropy_tl")
+    with pytest.raises(ValueError, match="iou@2.5"):
+        M.stability("iou@2.5")  # not a key of the default fractions
+    assert M.metric_label("iou@2.5", fr) == "IoU@2.5%" and M.metric_label("iou@20") == "IoU@20%"
+    assert M.metric_label("gini_change") == "gini change" and M.metric_label("unknown_key") == "unknown key"
+    assert M.metric_unit("centroid_shift") == "displacement (fraction of image diagonal)"
+    assert [s.key for s in M.headline_specs()] == list(M.HEADLINE_KEYS)
+    assert [s.key for s in M.headline_specs((0.1,))] == ["centroid_shift", "pearson", "entropy_change"]
+    assert M.metric_spec("iou@2.5", fr).fraction == 0.025

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import scipy.integrate
@@ -10,9 +12,11 @@ import torch
 from sklearn.metrics import accuracy_score, roc_auc_score
 from test_fisher import _one_blas_thread, brute_eig, brute_fisher, brute_jacobian, make  # noqa: F401
 
-from drift.fisher import decompose, head_probs, ifim_from_jacobian, input_jacobian
+import drift.perturb
+from drift.fisher import decompose, head_probs, ifim, ifim_from_jacobian, input_jacobian
 from drift.perturb import (
     KINDS,
+    ifim_study,
     macro_auc,
     perturbation_directions,
     removal_inputs,
@@ -238,3 +242,112 @@ def test_bad_arguments(rng):
     model.train()
     with pytest.raises(ValueError, match="eval mode"):
         run_perturbations(model, x, [0, 1])
+
+
+def _three_calls(model, x, labels, n, m, bs, head, energy, **kw):
+    """The study as three separate computations, each differentiating its own images: ifim over batches of the
+    first n, run_perturbations over the first m, decompose over batches of the first m."""
+    spectra = [ifim(model, x[lo : min(n, lo + bs)], head=head) for lo in range(0, n, bs)]
+    pert = run_perturbations(model, x[:m], labels[:m], energy=energy, head=head, batch_size=bs, **kw)
+    parts = [decompose(model, x[lo : min(m, lo + bs)], energy=energy, head=head) for lo in range(0, m, bs)]
+    return {
+        "eigenvalues": torch.cat([s.eigenvalues for s in spectra]),
+        "rank": torch.cat([s.rank for s in spectra]),
+        "probs": torch.cat([s.probs for s in spectra]),
+        "x_high": torch.cat([h for h, _, _ in parts]),
+        "k": torch.cat([c.k for _, _, c in parts]),
+        "energy_share": torch.cat([c.energy_share for _, _, c in parts]),
+        "coefficients": torch.cat([c.coefficients for _, _, c in parts]),
+    }, pert.to_arrays()
+
+
+@pytest.mark.parametrize(
+    "head,n,m,bs",
+    [
+        ("softmax", 6, 6, 4),  # every batch shared
+        ("sigmoid", 3, 8, 3),  # more perturbed images than spectra, batches aligned
+        ("softmax", 7, 5, 3),  # the spectrum's batch [3, 6) holds the last perturbed images 3, 4
+        ("sigmoid", 5, 9, 4),  # the perturbation's batch [4, 8) holds the last spectrum image 4
+    ],
+)
+def test_study_equals_the_three_separate_computations(rng, monkeypatch, head, n, m, bs):
+    """ifim_study differentiates each image once and reproduces the three computations it replaces.
+
+    Bit for bit where their batches coincide. Where min(n, m) is not a multiple of the batch size, the separate
+    computations differentiated the images of the straddling batch twice, in batches of two sizes, and the CPU
+    backend's Jacobians then differ in the last bits; the study keeps the larger set's batch, so that set stays
+    bit for bit and the smaller one agrees to float64 rounding."""
+    C, shape = int(torch.randint(3, 8, (1,), generator=rng)), (3, 9, 7)
+    model = make(rng, shape, C)
+    N = max(n, m)
+    x = torch.randn(N, *shape, generator=rng, dtype=torch.float64)
+    labels = torch.randint(C, (N,), generator=rng)
+    kw = dict(eps_grid=[0.02, 0.1], alphas=[0.5, 1.0], n_draws=2, seed=int(torch.randint(999, (1,), generator=rng)))
+    want, want_pert = _three_calls(model, x, labels, n, m, bs, head, energy=0.8, **kw)
+
+    differentiated = []
+
+    def counting(model, xb, *a, **k):
+        differentiated.append(len(xb))
+        return input_jacobian(model, xb, *a, **k)
+
+    monkeypatch.setattr(drift.perturb, "input_jacobian", counting)
+    got = ifim_study(model, lambda idx: x[torch.as_tensor(idx)], labels[:m], n, m, energy=0.8, head=head,
+                     batch_size=bs, **kw)
+    assert differentiated == [min(bs, N - lo) for lo in range(0, N, bs)]
+
+    aligned = n == m or min(n, m) % bs == 0
+    for name, value in want.items():
+        component = name in ("x_high", "k", "energy_share", "coefficients")
+        on = got.components if name in ("k", "energy_share", "coefficients") else got
+        if aligned or (m >= n) == component:
+            assert torch.equal(getattr(on, name), value), name
+        else:
+            torch.testing.assert_close(getattr(on, name), value, rtol=1e-12, atol=1e-15, msg=name)
+    assert torch.equal(got.x, x[:m])
+    pert = got.perturbation.to_arrays()
+    assert pert.keys() == want_pert.keys()
+    for key, value in want_pert.items():
+        if aligned or m >= n or value.dtype.kind not in "fc":
+            np.testing.assert_array_equal(pert[key], value, err_msg=key)
+        else:
+            np.testing.assert_allclose(pert[key], value, rtol=1e-9, atol=1e-15, err_msg=key)
+
+
+def test_study_shared_between_processes_equals_one_process(rng):
+    """Batches dealt out to two processes (even and odd batch numbers) and gathered back give the one-process
+    study bit for bit, batches without perturbed images included."""
+    C, shape = 4, (2, 7, 5)
+    model = make(rng, shape, C)
+    x = torch.randn(9, *shape, generator=rng, dtype=torch.float64)
+    labels = torch.randint(C, (3,), generator=rng)
+    kw = dict(eps_grid=[0.05], alphas=[1.0], n_draws=2, batch_size=2)
+
+    def study(**extra):
+        return ifim_study(model, lambda idx: x[torch.as_tensor(idx)], labels, 9, 3, **kw, **extra)
+
+    class Gathered(Exception):
+        pass
+
+    odd = []
+
+    def keep(parts):
+        odd.extend(parts)
+        raise Gathered
+
+    with pytest.raises(Gathered):
+        study(schedule=lambda starts: starts[1::2], gather=keep)
+    assert len(odd) == 2
+
+    def merge(even):
+        return [p for pair in itertools.zip_longest(even, odd) for p in pair if p is not None]
+
+    shared, alone = study(schedule=lambda starts: starts[0::2], gather=merge), study()
+    for name in ("eigenvalues", "rank", "probs", "x", "x_high"):
+        assert torch.equal(getattr(shared, name), getattr(alone, name)), name
+    assert shared.eigenvalues.shape[0] == 9 and shared.x_high.shape == (3, *shape)
+    for name in ("k", "coefficients", "energy_share", "norm_share"):
+        assert torch.equal(getattr(shared.components, name), getattr(alone.components, name)), name
+    a, b = shared.perturbation.to_arrays(), alone.perturbation.to_arrays()
+    for key in b:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)

@@ -259,7 +259,7 @@ def test_read_only_output_folder(tmp_path, capsys, monkeypatch):
             def denied(path, data):
                 raise PermissionError(errno.EACCES, "Permission denied", str(path))
 
-            monkeypatch.setattr(report, "_write_atomic", denied)
+            monkeypatch.setattr(report, "write_atomic", denied)
         assert main(["report", str(out / "archive.h5"), "--out", str(out / "report")]) == 2
         err = capsys.readouterr().err
         assert "Permission denied" in err and str(out) in err and "Traceback" not in err

@@ -20,10 +20,11 @@ import scipy.special
 import scipy.stats
 import torch
 
-from drift import figures, report
-from drift.archive import Archive, ArchiveError, Cell, write_tree
+from drift import figures, headline, report
+from drift.archive import Archive, ArchiveError, ArchiveReader, Cell, write_tree
 from drift.config import Config
 from drift.data import SYNTHETIC_CLASSES, load_synthetic
+from drift.metrics import HEADLINE_KEYS, metric_label
 
 SIZE = 32
 N_TEST = 13
@@ -75,6 +76,7 @@ def build_archive(path: Path, gen: torch.Generator, archs=ARCHS, methods=METHODS
     perturbation_archs = archs[:1] if perturbation_archs is None else perturbation_archs
     cfg = cfg or make_config(archs, methods, seed=seed)
     C = len(SYNTHETIC_CLASSES)
+    images_known = test is None
     if test is None:
         t = load_synthetic(cfg.data.n_train, cfg.data.n_val, cfg.data.n_test, SIZE, seed,
                            difficulty=cfg.data.difficulty).test
@@ -189,8 +191,13 @@ def build_archive(path: Path, gen: torch.Generator, archs=ARCHS, methods=METHODS
                         "p_fully_reversed": {" vs ".join(methods): float(_u(gen, 1)[0])},
                         "higher_is_stable": metric != "centroid_shift", "absolute": False}
     truth["ranking"] = tree
+    reader = ArchiveReader(path)
+    numbers = headline.compute(reader)
+    examples = headline.examples(reader, t.images, cfg.report.n_examples) if images_known else {}
+    truth["examples"], truth["split"] = examples, t if images_known else None
     with ar.stage("stats") as f:
         write_tree(f.require_group(f"stats/ranking/{cell.key}"), tree)
+        write_tree(f["stats"], {"headline": numbers, "examples": examples})
         f["stats"].attrs.update({"ranking_sample_set": "tp_all", "n_ranked": 7, "n_ranked_per_class": json.dumps(
             [1, 2, 1, 2, 1]), "min_per_class": 1, "verdict": "a sentence"})
     return truth
@@ -333,8 +340,8 @@ def brute_gap(pert: dict) -> tuple[float, np.ndarray]:
 
 
 # ============================================================================================ report tests
-SECTIONS = ("overview", "configuration", "provenance", "data", "classification", "drift", "degenerate", "ranking",
-            "examples", "fisher")
+SECTIONS = ("answer", "classification", "drift", "degenerate", "ranking", "examples", "fisher", "data", "overview",
+            "configuration", "provenance")
 
 
 def test_html_has_every_section_and_an_image_per_figure(full):
@@ -354,8 +361,8 @@ def test_html_has_every_section_and_an_image_per_figure(full):
         assert data[:8] == b"\x89PNG\r\n\x1a\n"
     files = {(d / "report" / "figures" / f"{f}.png").read_bytes() for f in expected}
     assert {base64.b64decode(s.split(",", 1)[1]) for s in page.imgs} == files
-    # the examples could be regenerated: no note says otherwise
-    assert not [n for n in page.notes if "could not be regenerated" in n]
+    # the example images are stored in the archive: no note says otherwise
+    assert not [n for n in page.notes if "no example images" in n]
     assert "n_test = 13" in html_path.read_text()  # the TOML configuration is in the page
 
 
@@ -453,44 +460,52 @@ def test_partial_archive_renders_and_says_what_is_missing(partial):
     assert "> **Note:**" in md and all((d / "report" / p).is_file() for p in re.findall(r"\]\(([^)]+)\)", md))
 
 
-def test_real_data_images_are_read_from_their_paths(tmp_path, rng):
-    from PIL import Image
+def test_answer_comes_first_and_equals_the_archive(full):
+    """The answer section opens the report; its numbers are the stored headline numbers, checked by brute force."""
+    d, truth, html_path = full
+    page = parse_html(html_path)
+    assert page.sections[0] == "answer"
+    t = page.tables
+    cls = rows_by(t["tbl-answer-classification"], 2)
+    for (arch, stage), m in truth["models"].items():
+        ref = brute_intervals(m["test"]["logits"], m["test"]["labels"], 200, 0)
+        for col, name in ((2, "accuracy"), (3, "macro_auc")):
+            value, lo, hi = interval_of(cls[(arch, stage)][col])
+            assert close(str(value), m["test"][name]) and close(str(lo), ref[name][1]) and close(str(hi), ref[name][2])
+    fisher = rows_by(t["tbl-answer-fisher"], 2)
+    for (arch, stage), f in truth["fisher"].items():
+        row = fisher[(arch, stage)]
+        assert close(row[2], f["eigen_share"][:, 0].mean()) and close(row[4], f["summary"]["wilcoxon_pvalue"])
+        if "perturbation" in f:
+            assert close(str(interval_of(row[3])[0]), brute_gap(f["perturbation"])[0])
+    ranking = rows_by(t["tbl-answer-ranking"], 2)
+    pair = " vs ".join(METHODS)
+    for metric, rr in truth["ranking"].items():
+        assert ranking[(metric, pair)][3] == ("yes" if rr["reverses"][pair] else "no")
+        assert ranking[(metric, METHODS[0])][2] == " > ".join(json.loads(rr["rankings"][METHODS[0]]))
 
-    root = tmp_path / "data"
-    ids, pixels = [], []
-    for i in range(5):
-        arr = torch.randint(0, 256, (SIZE, SIZE), generator=rng, dtype=torch.uint8).numpy()
-        p = root / SYNTHETIC_CLASSES[i % 2] / f"im{i}.png"
-        p.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(arr).save(p)
-        ids.append(p.relative_to(root).as_posix())
-        pixels.append(arr.astype(np.float64) / 255)
-    cfg = make_config(archs=("resnet10t",), source="folder", path=str(root), n_test=5)
-    test = {"ids": np.asarray(ids), "labels": np.arange(5) % 2}
-    build_archive(tmp_path / "a.h5", rng, archs=("resnet10t",), cfg=cfg, test=test, upto="train")
-    run = report._Run.open(tmp_path / "a.h5")
-    images, why = report.regenerate_images(run, [4, 1, 3])
-    assert why == ""
-    np.testing.assert_allclose(images, np.stack([pixels[4], pixels[1], pixels[3]]), atol=1e-6)
-    (root / ids[1]).unlink()
-    images, why = report.regenerate_images(run, [4, 1])
-    assert images is None and "im1.png" in why
 
-
-def test_examples_without_regenerable_images_get_a_note(tmp_path, rng):
-    cfg = make_config(archs=("resnet10t",))
-    t = load_synthetic(3, 2, N_TEST, SIZE, 0).test
-    labels = np.roll(t.labels, 1)  # not the set the config regenerates
-    test = {"ids": np.asarray(t.ids), "labels": labels, "lung_masks": t.lung_masks}
-    build_archive(tmp_path / "a.h5", rng, archs=("resnet10t",), cfg=cfg, test=test)
-    run = report._Run.open(tmp_path / "a.h5")
-    images, why = report.regenerate_images(run, [0])
-    assert images is None and "does not match" in why
-    section = report._examples(run)
+def test_examples_are_the_stored_test_images(full, tmp_path, rng):
+    d, truth, _ = full
+    t = truth["split"]
+    ex = ArchiveReader(d / "archive.h5").read("stats/examples")
+    assert set(ex) == set(ARCHS)
+    for arch in ARCHS:
+        idx = ex[arch]["index"]
+        assert len(idx) == 1 and list(ex[arch]["ids"]) == [t.ids[i] for i in idx]
+        np.testing.assert_allclose(ex[arch]["images"], t.images(idx).numpy()[:, 0], atol=1e-3)
+        usable = np.ones(N_TEST, bool)
+        for m in METHODS:
+            ps = truth["drift"][(arch, m)]["per_sample"]
+            usable &= ps["selected"] & ps["valid"]
+        assert list(idx) == headline.pick_examples(t.labels, usable if usable.any() else ~usable, 1)
+    # without stored images the maps are shown alone, with a note
+    test = {"ids": np.asarray(t.ids), "labels": t.labels}
+    build_archive(tmp_path / "a.h5", rng, archs=("resnet10t",), test=test)
+    section = report.examples.sections(report.Run.open(tmp_path / "a.h5"))[0]
     notes = [b.text for b in section.blocks if isinstance(b, report.Text) and b.kind == "note"]
-    assert any("could not be regenerated" in n for n in notes)
-    figs = [b for b in section.blocks if isinstance(b, report.Figure)]
-    assert [f.id for f in figs] == ["fig-examples-resnet10t"]
+    assert any("no example images" in n for n in notes)
+    assert [b.id for b in section.blocks if isinstance(b, report.Figure)] == ["fig-examples-resnet10t"]
 
 
 def test_pick_examples_matches_round_robin(rng):
@@ -505,14 +520,14 @@ def test_pick_examples_matches_round_robin(rng):
             for c in per_class:
                 if depth < len(per_class[c]):
                     brute.append(per_class[c][depth])
-        assert report.pick_examples(labels, usable, k) == brute[:k]
+        assert headline.pick_examples(labels, usable, k) == brute[:k]
     with pytest.raises(ValueError, match="labels"):
-        report.pick_examples(np.zeros(3, int), np.ones(4, bool), 1)
+        headline.pick_examples(np.zeros(3, int), np.ones(4, bool), 1)
     with pytest.raises(ValueError, match="n must"):
-        report.pick_examples(np.zeros(3, int), np.ones(3, bool), -1)
+        headline.pick_examples(np.zeros(3, int), np.ones(3, bool), -1)
 
 
-def test_fisher_gap_matches_loops(rng):
+def test_confidence_gap_matches_loops(rng):
     E, N, m = 4, 17, 3
     pert = {"kinds": np.array(["high", "complement", "random"], dtype="S"),
             "eps": np.sort(torch.rand(E, generator=rng, dtype=torch.float64).numpy()),
@@ -520,7 +535,7 @@ def test_fisher_gap_matches_loops(rng):
             "valid": torch.rand(N, generator=rng).numpy() > 0.3}
     pert["valid"][0] = True
     seed = int(torch.randint(0, 1000, (1,), generator=rng))
-    gap, lo, hi, n = report.fisher_gap(pert, n_boot=500, seed=seed)
+    gap, lo, hi, n = headline.confidence_gap(pert, n_boot=500, seed=seed)
     ref, diffs = brute_gap(pert)
     assert n == len(diffs) and gap == pytest.approx(ref, rel=1e-12, abs=1e-12)
     # the documented resampling protocol, written out
@@ -528,9 +543,9 @@ def test_fisher_gap_matches_loops(rng):
     boot = np.array([diffs[row].mean() for row in idx])
     assert (lo, hi) == pytest.approx(tuple(np.percentile(boot, [2.5, 97.5])), rel=1e-12, abs=1e-12)
     with pytest.raises(ValueError, match="abs_conf_change must have shape"):
-        report.fisher_gap({**pert, "eps": pert["eps"][:2]})
+        headline.confidence_gap({**pert, "eps": pert["eps"][:2]})
     with pytest.raises(KeyError, match="kinds"):
-        report.fisher_gap({k: v for k, v in pert.items() if k != "kinds"})
+        headline.confidence_gap({k: v for k, v in pert.items() if k != "kinds"})
 
 
 def test_bad_arguments_are_named(tmp_path, full):
@@ -568,7 +583,7 @@ def test_compare_differences_and_flags(tmp_path, rng, full):
     assert str(d / "archive.h5") in text and str(tmp_path / "b.h5") in text
     tables = _md_tables((tmp_path / "cmp.md").read_text())
     drift = rows_by(_table_starting(tables, "Drift headline"), 3)
-    labels = dict(report.HEADLINE)
+    labels = {k: metric_label(k) for k in HEADLINE_KEYS}
     for (arch, method), g in ta["drift"].items():
         for metric in labels:
             a, b = g["summary"][metric], tb["drift"][(arch, method)]["summary"][metric]
@@ -625,17 +640,17 @@ def test_classification_intervals_match_loops(rng):
         logits = torch.randn(n, C, generator=rng, dtype=torch.float64).numpy().round(1)  # ties in the scores
         logits[np.arange(n), labels] += float(torch.rand(1, generator=rng)) * 2
         seed = int(torch.randint(0, 1000, (1,), generator=rng))
-        got = report.classification_intervals(logits, labels, n_boot=300, seed=seed)
+        got = headline.classification_intervals(logits, labels, n_boot=300, seed=seed)
         ref = brute_intervals(logits, labels, 300, seed) if n > 1 else None
         for m in ("accuracy", "macro_auc"):
             if ref is None:  # one sample: accuracy is defined, AUC is not
                 assert np.isnan(got["macro_auc"]).all() if m == "macro_auc" else got[m][1] == got[m][2] == got[m][0]
                 continue
             assert got[m] == pytest.approx(ref[m], rel=1e-12, abs=1e-12), (n, m)
-    none = report.classification_intervals(logits, labels, n_boot=0)
+    none = headline.classification_intervals(logits, labels, n_boot=0)
     assert np.isnan(none["accuracy"][1:]).all() and np.isfinite(none["accuracy"][0])
     with pytest.raises(ValueError, match="logits must have shape"):
-        report.classification_intervals(logits[:, :, None], labels)
+        headline.classification_intervals(logits[:, :, None], labels)
 
 
 def _compare_classification(tmp_path, rng, logits_a: dict, logits_b: dict, labels: np.ndarray, n_boot: int = 100
@@ -643,9 +658,11 @@ def _compare_classification(tmp_path, rng, logits_a: dict, logits_b: dict, label
     """Two archives on one test set with the given test logits, compared; the parsed classification rows."""
     test = {"ids": np.asarray([f"img{i:04d}.png" for i in range(len(labels))]), "labels": labels}
     archs = tuple(sorted({a for a, _ in logits_a}))
-    ta = build_archive(tmp_path / "a.h5", rng, archs=archs, test=test, upto="train", logits=logits_a)
-    tb = build_archive(tmp_path / "b.h5", rng, archs=archs, test=test, upto="train", logits=logits_b)
-    report.compare(tmp_path / "a.h5", tmp_path / "b.h5", tmp_path / "cmp.md", n_boot=n_boot, seed=7)
+    cfg = make_config(archs, n_test=len(labels), seed=7)
+    cfg.metrics.n_boot = n_boot
+    ta = build_archive(tmp_path / "a.h5", rng, archs=archs, test=test, upto="train", logits=logits_a, cfg=cfg, seed=7)
+    tb = build_archive(tmp_path / "b.h5", rng, archs=archs, test=test, upto="train", logits=logits_b, cfg=cfg, seed=7)
+    report.compare(tmp_path / "a.h5", tmp_path / "b.h5", tmp_path / "cmp.md")
     tables = _md_tables((tmp_path / "cmp.md").read_text())
     return ta, tb, rows_by(_table_starting(tables, "Classification"), 2)
 
@@ -697,10 +714,6 @@ def test_compare_does_not_flag_nearly_identical_runs(tmp_path, rng):
         assert abs(m["test"]["accuracy"] - tb["models"][key]["test"]["accuracy"]) <= 0.02
     flags = _check_classification_rows(ta, tb, rows)
     assert flags == {k: ("no", "no") for k in keys}
-    # without resamples there is no interval and nothing is flagged
-    report.compare(tmp_path / "a.h5", tmp_path / "b.h5", tmp_path / "none.md", n_boot=0)
-    none = rows_by(_table_starting(_md_tables((tmp_path / "none.md").read_text()), "Classification"), 2)
-    assert all(r[5] == r[9] == "-" and "[" not in r[2] for r in none.values())
 
 
 def test_compare_refuses_other_classes_or_samples(tmp_path, rng):
@@ -734,19 +747,6 @@ def test_upsample_matches_torch_and_skimage(rng):
                                    rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match="shape"):
         figures.upsample_bilinear(np.zeros(3), (4, 4))
-
-
-def test_mean_band_matches_scipy(rng):
-    v = torch.randn(17, 5, generator=rng, dtype=torch.float64).numpy()
-    v[3, 2] = np.nan
-    mean, lo, hi = figures.mean_band(v)
-    for e in range(5):
-        col = v[np.isfinite(v[:, e]), e]
-        half = scipy.stats.norm.ppf(0.975) * scipy.stats.sem(col)
-        assert mean[e] == pytest.approx(col.mean()) and hi[e] - mean[e] == pytest.approx(half)
-        assert mean[e] - lo[e] == pytest.approx(half)
-    one = figures.mean_band(v[:1])
-    np.testing.assert_array_equal(one[1], one[0])
 
 
 def test_map_overlays_share_one_colour_scale_per_row(rng):

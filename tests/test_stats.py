@@ -10,16 +10,21 @@ import torch
 
 from drift.stats import (
     SELECTION_RULES,
-    STABILITY_DIRECTION,
     RankReversal,
-    _boot_images,
     aggregate,
+    area,
+    bootstrap,
     common_sample,
+    macro_auc,
+    macro_auc_rows,
+    mean_band,
     paired_test,
+    percentile_interval,
     rank_reversal,
+    resample,
     select_samples,
-    stability,
 )
+from drift.stats.ranking import _boot_images
 
 
 def _np_rng(rng):
@@ -504,11 +509,87 @@ def test_rank_reversal_min_per_class(rng):
         rank_reversal(data, 4, True, min_per_class=5)
 
 
-def test_stability_directions():
-    assert stability("iou@10") == (True, False) and stability("iou@2.5") == (True, False)
-    assert stability("centroid_shift") == (False, False)
-    assert stability("entropy_change") == (False, True)
-    assert all(STABILITY_DIRECTION[k] for k in ("pearson", "spearman", "ssim", "iou@05", "iou@30"))
-    assert not STABILITY_DIRECTION["peak_shift"]
-    with pytest.raises(ValueError, match="entropy_tl"):
-        stability("entropy_tl")
+# ------------------------------------------------------------------------------------- macro AUC, areas, bootstrap
+def test_macro_auc_matches_sklearn_over_present_classes(rng):
+    from sklearn.metrics import roc_auc_score
+
+    for n, c in ((23, 5), (7, 3), (40, 2), (11, 6)):
+        labels = torch.randint(0, c, (n,), generator=rng).numpy()
+        labels[:2] = [0, 1]
+        labels[labels == c - 1] = 0 if c > 2 else labels[labels == c - 1]  # one class absent (when C > 2)
+        scores = torch.randn(n, c, generator=rng, dtype=torch.float64).numpy().round(1)  # tied scores
+        present = sorted(set(labels.tolist()))
+        ref = float(np.mean([roc_auc_score(labels == k, scores[:, k]) for k in present]))
+        assert macro_auc(labels, scores) == pytest.approx(ref, rel=1e-12, abs=1e-12), (n, c)
+    assert math.isnan(macro_auc(np.zeros(9, dtype=int), scores[:9]))  # one class only: no AUC
+    assert math.isnan(macro_auc(np.zeros(0, dtype=int), np.zeros((0, 3))))
+    bad = scores.copy()
+    bad[3, 1] = np.nan
+    assert math.isnan(macro_auc(labels, bad))
+
+
+def test_macro_auc_rows_equal_one_row_at_a_time(rng):
+    B, N, C = 6, 17, 4
+    labels = torch.randint(0, C, (B, N), generator=rng).numpy()
+    labels[2] = 1  # a row with one class
+    scores = torch.rand(B, N, C, generator=rng, dtype=torch.float64).numpy()
+    got = macro_auc_rows(labels, scores)
+    want = [macro_auc(labels[b], scores[b]) for b in range(B)]
+    np.testing.assert_allclose(got, want, rtol=0, atol=0)
+    assert math.isnan(got[2])
+    with pytest.raises(ValueError, match="labels must be"):
+        macro_auc_rows(labels[0], scores)
+
+
+def test_area_is_the_trapezoid_rule(rng):
+    E = 5
+    x = np.sort(torch.rand(E, generator=rng, dtype=torch.float64).numpy())
+    y = torch.rand(3, 2, E, generator=rng, dtype=torch.float64).numpy()
+    brute = sum((x[e + 1] - x[e]) * (y[..., e] + y[..., e + 1]) / 2 for e in range(E - 1))
+    np.testing.assert_allclose(area(y, x), brute, rtol=1e-13)
+    np.testing.assert_array_equal(area(y[..., :1], x[:1]), y[..., 0])  # one point: the value itself
+    with pytest.raises(ValueError, match="grid"):
+        area(y, x[:3])
+
+
+def test_bootstrap_is_the_documented_resampling(rng):
+    n, n_boot = 13, 301
+    seed = int(torch.randint(0, 10**6, (1,), generator=rng))
+    v = torch.rand(n, generator=rng, dtype=torch.float64).numpy()
+    lo, hi = bootstrap(lambda idx: v[idx].mean(1), n, n_boot, seed, ci=0.9)
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    boot = np.array([v[row].mean() for row in idx])
+    assert (lo, hi) == pytest.approx(tuple(np.percentile(boot, [5, 95])), rel=1e-12)
+    # a one-class aggregate is the same bootstrap of the mean
+    agg = aggregate(v, np.zeros(n, dtype=int), 1, n_boot, seed, ci=0.9)
+    assert (agg.lo, agg.hi) == pytest.approx((lo, hi), rel=1e-12) and agg.mean == pytest.approx(v.mean())
+    # blocks draw the same indices as one call
+    blocks = np.concatenate([b for _, _, b in resample(n, n_boot, np.random.default_rng(seed))])
+    np.testing.assert_array_equal(blocks, idx)
+    assert percentile_interval([np.nan, 1.0, 3.0], 0.5) == pytest.approx((1.5, 2.5))
+    assert all(math.isnan(x) for x in percentile_interval([np.nan], 0.9))
+    assert all(math.isnan(x) for x in bootstrap(lambda idx: idx.mean(1), n, 0))
+
+
+def test_paired_test_with_no_difference_is_p_one(rng):
+    a = torch.rand(9, generator=rng, dtype=torch.float64).numpy()
+    t = paired_test(a, a.copy())
+    assert (t.statistic, t.pvalue, t.n, t.median_diff) == (0.0, 1.0, 9, 0.0)
+    b = a + torch.rand(9, generator=rng, dtype=torch.float64).numpy() - 0.3
+    ref = scipy.stats.wilcoxon(b, a)  # two-sided: symmetric in its arguments
+    assert paired_test(a, b).pvalue == pytest.approx(ref.pvalue)
+    assert paired_test(b, a).pvalue == pytest.approx(ref.pvalue)
+    assert math.isnan(paired_test([np.nan], [1.0]).pvalue)
+
+
+def test_mean_band_matches_scipy(rng):
+    v = torch.randn(21, 4, generator=rng, dtype=torch.float64).numpy()
+    v[3, 1] = np.nan
+    mean, lo, hi = mean_band(v)
+    for e in range(4):
+        col = v[:, e][np.isfinite(v[:, e])]
+        half = scipy.stats.norm.ppf(0.975) * scipy.stats.sem(col)
+        assert mean[e] == pytest.approx(col.mean()) and hi[e] - mean[e] == pytest.approx(half)
+        assert mean[e] - lo[e] == pytest.approx(half)
+    one = mean_band(v[:1])
+    np.testing.assert_array_equal(one[1][np.isfinite(one[0])], one[0][np.isfinite(one[0])])

@@ -102,3 +102,39 @@ def test_grid_verdict_counts_reversals_between_layercam_and_gradcampp(rng):
         one, methods, ["iou@20"])
     none = {"L": {"s": {"n": {"iou@20": {"unranked": "too few images"}}}}}
     assert grid_verdict(none, methods, ["iou@20"]) == "no cell of the grid could be ranked (too few images)"
+
+
+def test_summary_report_and_asv_print_the_same_headline_numbers(tmp_path_factory):
+    """One archive, three readers: the printed summary, the report's answer and asv's track numbers agree."""
+    from test_report import ARCHS, METHODS, full_report, interval_of, parse_html, rows_by
+
+    from bench.benchmarks.track_science import headline_numbers
+    from drift.archive import ArchiveReader
+
+    d, truth, html_path = full_report(tmp_path_factory)
+    asv = headline_numbers(ArchiveReader(d / "archive.h5"), list(ARCHS), list(METHODS))
+    text = summary.summary_text(d / "archive.h5")
+    lines = text.splitlines()
+    assert "has not run" not in text  # the numbers are the stored ones
+    t = parse_html(html_path).tables
+    cls = rows_by(t["tbl-answer-classification"], 2)
+    fisher = rows_by(t["tbl-answer-fisher"], 2)
+    drift = rows_by(t["tbl-drift-headline"], 2)
+    for arch in ARCHS:
+        for stage in ("transfer", "finetune"):
+            row = next(ln.split() for ln in lines if ln.split()[:2] == [arch, stage] and len(ln.split()) == 6)
+            assert row[2] == summary.fmt(asv[("accuracy", arch, stage)])
+            assert row[3] == summary.fmt(asv[("macro_auc", arch, stage)])
+            assert cls[(arch, stage)][2].split()[0] == row[2] and cls[(arch, stage)][3].split()[0] == row[3]
+            frow = next(ln.split() for ln in lines if ln.split()[:2] == [arch, stage] and len(ln.split()) > 6)
+            gap = asv[("confidence_gap", arch, stage)]
+            assert frow[2] == summary.fmt(asv[("top_eigen_share", arch, stage)]) == fisher[(arch, stage)][2]
+            assert frow[7] == summary.fmt(gap, 4)
+            assert fisher[(arch, stage)][3].split()[0] == summary.fmt(gap)
+        for method in METHODS:
+            row = next(ln for ln in lines if ln.split()[:2] == [arch, method])
+            iou, shift = asv[("iou@20", arch, method)], asv[("centroid_shift", arch, method)]
+            assert f"{summary.fmt(iou)} [" in row and f"{summary.fmt(shift)} [" in row
+            assert interval_of(drift[(arch, method)][3])[0] == float(summary.fmt(iou))
+            assert interval_of(drift[(arch, method)][4])[0] == float(summary.fmt(shift))
+            assert iou == truth["drift"][(arch, method)]["summary"]["iou@20"]["mean"]

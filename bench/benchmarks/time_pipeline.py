@@ -1,8 +1,8 @@
 """Speed and peak memory of the hot paths of ``drift run``, on CUDA when there is one, else on the CPU.
 
-* ``Cams``: Grad-CAM++ and LayerCAM of a batch, drift's engine (one forward and one backward pass serve both)
-  against pytorch-grad-cam (``GradCAMPlusPlus`` and ``LayerCAM``, a forward and a backward pass each).
-* ``Jacobian``: the exact input Jacobian J (B, C, D) and the iFIM spectrum built on it.
+* ``Cams``: Grad-CAM++ and LayerCAM of a batch, drift's engine against pytorch-grad-cam (``_hotpaths.CAMS``).
+* ``Jacobian``: the exact input Jacobian J (B, C, D) and the iFIM spectrum built on it (``_hotpaths.JACOBIAN``,
+  ``_hotpaths.IFIM_SPECTRUM``).
 * ``DriftMetrics``: every drift metric of a batch of (TL, FT) map pairs at input size, with lung and lesion masks.
 * ``SyntheticData``: generating the synthetic chest X-ray task.
 * ``Layouts``: a forward pass (what BatchNorm calibration, stage-1 features and validation cost per image) and a
@@ -13,6 +13,7 @@ Models are random-init (pretrained=False); inputs come from fixed seeds, so ever
 
 from __future__ import annotations
 
+from ._hotpaths import CAMS, IFIM_SPECTRUM, JACOBIAN, N_CLASSES, cam_inputs, classifier, images, jacobian_inputs
 from ._support import device, generator, need, need_attr, sync
 
 CAM_ARCHS = ["resnet18", "densenet201"]
@@ -21,56 +22,19 @@ CAM_BATCH = 4
 JAC_ARCHS = ["resnet18", "densenet201"]
 JAC_SIZE = 64
 JAC_BATCH = 4
-N_CLASSES = 5
-
-
-def classifier(arch: str, dev):
-    """drift's classifier (timm backbone + head), random init, eval mode, on ``dev``."""
-    torch = need("torch")
-    models = need("drift.models")
-    torch.manual_seed(0)
-    return need_attr(models, "build")(arch, N_CLASSES).eval().to(dev)
-
-
-def images(batch: int, size: int, dev):
-    """A batch (B, 1, H, W) of uniform [0, 1) grayscale images."""
-    return need("torch").rand(batch, 1, size, size, generator=generator(7)).to(dev)
 
 
 class Cams:
-    """Grad-CAM++ and LayerCAM maps of one batch: ``engine`` drift (shared pass) or pytorch-grad-cam."""
+    """Grad-CAM++ and LayerCAM maps of one batch (``_hotpaths.CAMS``): ``engine`` drift (shared pass) or
+    pytorch-grad-cam; both timings include min-max normalisation at the input size."""
 
     params = (["drift", "pytorch-grad-cam"], CAM_ARCHS)
     param_names = ["engine", "arch"]
     timeout = 300
 
     def setup(self, engine: str, arch: str) -> None:
-        torch = need("torch")
         self.dev = device()
-        model = classifier(arch, self.dev)
-        x = images(CAM_BATCH, CAM_SIZE, self.dev)
-        targets = torch.arange(CAM_BATCH, device=self.dev) % N_CLASSES
-        if engine == "drift":
-            cams = need_attr(need("drift.attribution"), "cams")
-            # eps = 1e-6: pytorch-grad-cam's Grad-CAM++ denominator term, so both engines compute the same maps.
-            self.fn = lambda: cams(model, x, targets, methods=("gradcam++", "layercam"), eps=1e-6)
-        else:
-            pgc = need("pytorch_grad_cam")
-            target_cls = need("pytorch_grad_cam.utils.model_targets").ClassifierOutputTarget
-            wanted = [target_cls(int(t)) for t in targets.tolist()]
-            layer = model.cam_layer
-
-            def run_reference():
-                out = []
-                for cls in (pgc.GradCAMPlusPlus, pgc.LayerCAM):
-                    cam = cls(model=model, target_layers=[layer])
-                    try:
-                        out.append(cam(input_tensor=x, targets=wanted))
-                    finally:
-                        cam.activations_and_grads.release()
-                return out
-
-            self.fn = run_reference
+        self.fn = CAMS.call(engine, cam_inputs(arch, CAM_SIZE, CAM_BATCH, self.dev))
         if self.dev.type == "cuda":
             self.call()  # warm-up: allocator, cuDNN algorithm choice (asv warms up itself, except with --quick)
 
@@ -87,33 +51,32 @@ class Cams:
 
 
 class Jacobian:
-    """Input Jacobian J (B, C, D) of the logits (route ``loop``) and the iFIM eigenvalues on top of it."""
+    """Input Jacobian J (B, C, D) of the logits (``_hotpaths.JACOBIAN``, route ``loop``) and the iFIM eigenvalues
+    on top of it (``_hotpaths.IFIM_SPECTRUM``)."""
 
     params = (JAC_ARCHS,)
     param_names = ["arch"]
     timeout = 300
 
     def setup(self, arch: str) -> None:
-        fisher = need("drift.fisher")
-        self.input_jacobian = need_attr(fisher, "input_jacobian")
-        self.ifim = need_attr(fisher, "ifim")
         self.dev = device()
-        self.model = classifier(arch, self.dev)
-        self.x = images(JAC_BATCH, JAC_SIZE, self.dev)
+        inputs = jacobian_inputs(arch, JAC_SIZE, JAC_BATCH, self.dev)
+        self.jacobian = JACOBIAN.call("loop", inputs)
+        self.spectrum = IFIM_SPECTRUM.call("drift", inputs)
         if self.dev.type == "cuda":  # warm-up: allocator, cuDNN algorithm choice
-            self.input_jacobian(self.model, self.x)
+            self.jacobian()
             sync(self.dev)
 
     def time_input_jacobian(self, arch: str) -> None:
-        self.input_jacobian(self.model, self.x)
+        self.jacobian()
         sync(self.dev)
 
     def peakmem_input_jacobian(self, arch: str) -> None:
-        self.input_jacobian(self.model, self.x)
+        self.jacobian()
         sync(self.dev)
 
     def time_ifim_spectrum(self, arch: str) -> None:
-        self.ifim(self.model, self.x, eigenvectors=False)
+        self.spectrum()
         sync(self.dev)
 
 

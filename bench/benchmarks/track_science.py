@@ -10,16 +10,18 @@ Tracked, per architecture of the smoke config:
 * per CAM method: top-20 % IoU between the TL and FT maps and the centroid shift (class-macro means over the
   selected samples, as in the archive's ``drift/<arch>/<method>/summary``);
 * per stage: the share of the iFIM trace held by the top eigenvalue (mean over the spectrum samples) and the
-  confidence gap of the perturbation experiment: the mean absolute change of predicted-class confidence under an
-  equal-norm perturbation along the high-sensitivity subspace minus that along its complement, at the largest
-  eps of the config.
+  confidence gap of the perturbation experiment (``drift.headline.confidence_gap``: area over eps of the
+  |change of predicted-class confidence| inside the high-sensitivity subspace minus inside its complement, mean
+  over images).
+
+Every number is read from the archive's headline numbers (``drift.headline.load``), the ones ``drift summary``
+and the report print.
 
 If the commit cannot run the study (a module missing, another config schema), every track is skipped.
 """
 
 from __future__ import annotations
 
-import math
 import tempfile
 import tomllib
 from pathlib import Path
@@ -44,41 +46,22 @@ ARCHS, METHODS = _smoke_axes()
 STAGES = ["transfer", "finetune"]
 
 
-def _finite_mean(values) -> float:
-    np = need("numpy")
-    v = np.asarray(values, dtype=np.float64).reshape(-1)
-    v = v[np.isfinite(v)]
-    return float(v.mean()) if v.size else math.nan
-
-
-def confidence_gap(fisher: dict) -> float:
-    """High-minus-complement mean absolute confidence change |p_pred(x) - p_pred(x + d)| at the largest eps.
-
-    Reads ``fisher/<arch>/<stage>``: ``summary/abs_confidence_gap`` (E,) over ``perturbation/eps`` (E,), written by
-    ``drift.perturb.PerturbationResult.summary``. The absolute change is that module's primary statistic (the
-    signed change of a random direction averages out to first order).
-    """
-    np = need("numpy")
-    eps = np.asarray(fisher["perturbation"]["eps"], dtype=np.float64).reshape(-1)
-    gap = np.asarray(fisher["summary"]["abs_confidence_gap"], dtype=np.float64).reshape(-1)
-    return float(gap[int(np.argmax(eps))])
-
-
-def _numbers(reader, archs, methods) -> dict:
+def headline_numbers(reader, archs, methods) -> dict:
+    """{(quantity, arch, stage or method): value} from the archive's headline numbers (``drift.headline.load``: the
+    numbers the statistics step stored, which ``drift summary`` and the report print too)."""
+    h = need_attr(need("drift.headline"), "load")(reader)
     out: dict = {}
     for arch in archs:
         for stage in STAGES:
-            ev = reader.evaluation(arch, stage)
-            out[("accuracy", arch, stage)] = float(ev["accuracy"])
-            out[("macro_auc", arch, stage)] = float(ev["macro_auc"])
-            fisher = reader.fisher(arch, stage)
-            share = need("numpy").asarray(fisher["eigen_share"], dtype="float64")
-            out[("top_eigen_share", arch, stage)] = _finite_mean(share[:, 0])
-            out[("confidence_gap", arch, stage)] = confidence_gap(fisher)
+            c, f = h["classification"][arch][stage], h["fisher"][arch][stage]
+            out[("accuracy", arch, stage)] = float(c["accuracy"])
+            out[("macro_auc", arch, stage)] = float(c["macro_auc"])
+            out[("top_eigen_share", arch, stage)] = float(f["top_share"])
+            out[("confidence_gap", arch, stage)] = float(f["gap"])
         for method in methods:
-            summary = reader.drift_summary(arch, method)
-            out[("iou@20", arch, method)] = float(summary["iou@20"]["mean"])
-            out[("centroid_shift", arch, method)] = float(summary["centroid_shift"]["mean"])
+            d = h["drift"][arch][method]
+            out[("iou@20", arch, method)] = float(d["iou@20"]["mean"])
+            out[("centroid_shift", arch, method)] = float(d["centroid_shift"]["mean"])
     return out
 
 
@@ -94,7 +77,7 @@ def setup_cache() -> dict:
             cfg = need_attr(config, "load")(str(SMOKE), [f'run.out="{tmp}"', "run.progress=false",
                                                          "report.enabled=false"])
             path = need_attr(pipeline, "Pipeline")(cfg, fresh=True).run()
-            return _numbers(need_attr(archive, "ArchiveReader")(path), ARCHS, METHODS)
+            return headline_numbers(need_attr(archive, "ArchiveReader")(path), ARCHS, METHODS)
     except (NotImplementedError, ImportError) as exc:  # an older commit without a module or function
         return {"skip": f"{type(exc).__name__}: {exc}"}
     except Exception as exc:

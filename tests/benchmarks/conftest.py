@@ -4,12 +4,12 @@ On a CPU machine every test runs once (pyproject's addopts has ``--benchmark-dis
 with ``--benchmark-enable`` the same tests are timed. On a GPU they use CUDA inputs and larger shapes.
 """
 
-import contextlib
 import os
 
 import pytest
 import torch
-from threadpoolctl import threadpool_limits
+
+from bench.benchmarks import _hotpaths as hotpaths
 
 
 def pytest_configure(config):
@@ -45,20 +45,5 @@ def timed(benchmark, bench_device):
 
 @pytest.fixture
 def single_thread():
-    """``with single_thread():`` runs a reference computation on one torch thread and one BLAS thread.
-
-    The references are many small operations (per-sample autograd, LAPACK on a few hundred rows); OpenBLAS and
-    torch's OpenMP pools spinning against each other on a 2-core machine make them 10 to 40 times slower.
-    """
-
-    @contextlib.contextmanager
-    def limit():
-        before = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            with threadpool_limits(1, user_api="blas"):
-                yield
-        finally:
-            torch.set_num_threads(before)
-
-    return limit
+    """``with single_thread():`` runs a reference computation on one torch thread and one BLAS thread."""
+    return hotpaths.single_thread

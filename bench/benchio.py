@@ -50,8 +50,8 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
-from .archive import Archive, ArchiveError, write_tree
+from drift import __version__
+from drift.archive import Archive, ArchiveError, write_tree
 
 __all__ = ["STATUS_FAILED", "STATUS_OK", "STATUS_SKIPPED", "export", "read_source"]
 

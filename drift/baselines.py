@@ -1,0 +1,554 @@
+"""Is the drift real? Two controls for every TL -> FT drift number.
+
+**Seed floor.** A stage trained again from the same starting point with another training seed (batch order,
+dropout, augmentation) changes its maps without any change of stage. The drift metrics between the run's model and
+such a replica of the *same* stage (FT vs FT', TL vs TL') are the floor below which a TL -> FT drift is
+indistinguishable from training noise. Each metric is read as an *instability* (:func:`instability`: 1 - value for
+the overlaps and correlations, the value for displacements, |value| for concentration changes), so that drift,
+floor, their ratio and their difference read the same way for every metric.
+
+**Randomisation check** (cascading model randomisation: Adebayo et al., "Sanity checks for saliency maps",
+NeurIPS 2018, section 3.1). The fine-tuned model's layers are re-initialised from the head downwards
+(:func:`cascade`); at each cut the maps of the randomised model are compared with the trained model's by the same
+metrics. A method whose maps barely move even when the whole network is random (mean Pearson r >= a threshold at
+every cut) is *flagged*: its maps, and hence its drift numbers, say little about the model.
+
+The pipeline's ``baselines`` step (:func:`run_step`) trains the replicas (archived and resumed like any stage:
+``replicas/<arch>/<stage>/seed<s>``), scores them, and ranks architectures by drift minus floor.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import stats
+from .archive import ArchiveReader, Cell, write_tree
+from .metrics import DEFAULT_FRACTIONS, stability
+
+REPLICA_SEED_OFFSET = 1000
+"""Replica ``r`` of a run with seed ``s`` trains with seed ``s + 1000 + r`` (unless ``baselines.replica_seeds``)."""
+
+MapsFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], dict[tuple[str, str], dict[str, torch.Tensor]]]
+"""(model, images, targets) -> {(layer, score): {method: maps (B, h, w)}}, e.g. :func:`drift.attribution.cams_multi`
+with the run's settings bound."""
+
+
+def replica_seeds(run_seed: int, n: int, explicit: Sequence[int] = ()) -> list[int]:
+    """The training seeds of the seed replicas: ``explicit`` when given, else ``run_seed + 1000 + r``, r < n."""
+    return [int(s) for s in explicit] if explicit else [run_seed + REPLICA_SEED_OFFSET + r for r in range(n)]
+
+
+def instability(metric: str, values: np.ndarray, fractions: Sequence[float] = DEFAULT_FRACTIONS) -> np.ndarray:
+    """Per-image values of a drift metric as an instability (0 = identical maps, larger = more change).
+
+    1 - v for metrics where higher is more stable (IoU, Pearson, Spearman, SSIM: all at most 1), |v| for the
+    ``*_change`` metrics ranked on their size, v for displacements (directions from :func:`drift.metrics.stability`;
+    ``fractions`` name the ``iou@XX`` keys). Non-finite values stay non-finite.
+    """
+    higher, absolute = stability(metric, fractions)
+    v = np.asarray(values, dtype=np.float64)
+    if absolute:
+        return np.abs(v)
+    return 1.0 - v if higher else v
+
+
+# ---------------------------------------------------------------------------------------------- randomisation
+@dataclass(frozen=True)
+class Cut:
+    """One cut of the cascade: the head and the top ``fraction`` of the backbone's parameterised layers."""
+
+    fraction: float
+    modules: tuple[str, ...]  # names of the re-initialised modules, head first, then downwards
+
+    @property
+    def label(self) -> str:
+        return "head" if self.fraction == 0 else f"head + top {self.fraction:.0%}"
+
+
+def parameterised_layers(model: nn.Module, x: torch.Tensor) -> list[str]:
+    """Names of the modules that own parameters directly (convolutions, linear layers, norms), in the order they
+    first run on ``x[:1]`` (modules that do not run are left out)."""
+    order: list[str] = []
+    hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: order.append(name))
+             for name, m in model.named_modules() if next(m.parameters(recurse=False), None) is not None]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(x[:1])
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return list(dict.fromkeys(order))
+
+
+def cascade(model: nn.Module, x: torch.Tensor, fractions: Sequence[float], head: str = "head") -> list[Cut]:
+    """Cut points of a cascading randomisation from the top of ``model`` down.
+
+    Args:
+        model: the classifier; modules under ``head`` (the classification head) are randomised at every cut.
+        x: a batch the model accepts (the execution order of its layers is read from ``x[:1]``).
+        fractions: increasing fractions in [0, 1]: each cut also randomises the last ``ceil(f x L)`` of the
+            backbone's L parameterised layers in execution order (0 = the head only, 1 = every layer).
+        head: name prefix of the head's modules.
+
+    Raises:
+        ValueError: no parameterised module under ``head``.
+    """
+    layers = parameterised_layers(model, x)
+    top = [n for n in layers if n == head or n.startswith(head + ".")]
+    if not top:
+        raise ValueError(f"randomisation: no parameterised module named {head!r} or under it; modules that run: "
+                         f"{layers[-5:]}")
+    body = [n for n in layers if n not in top][::-1]  # top of the backbone first
+    return [Cut(float(f), tuple(top[::-1] + body[:math.ceil(f * len(body))])) for f in fractions]
+
+
+def randomised(model: nn.Module, modules: Sequence[str], seed: int) -> nn.Module:
+    """A copy of ``model`` whose ``modules`` are re-initialised with their own initialiser (``reset_parameters``:
+    PyTorch's default initialisation of that layer type, running statistics of norms reset), seeded; modules
+    without one get Kaiming-uniform weights (a = sqrt(5), PyTorch's convolution default), unit scales and zero
+    biases. The model itself is left untouched."""
+    out = copy.deepcopy(model)
+    named = dict(out.named_modules())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for name in modules:
+            m = named[name]
+            if hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+                if hasattr(m, "reset_running_stats"):
+                    m.reset_running_stats()
+                continue
+            with torch.no_grad():
+                for pname, p in m.named_parameters(recurse=False):
+                    if p.ndim > 1:
+                        nn.init.kaiming_uniform_(p, a=math.sqrt(5))
+                    elif "bias" in pname:
+                        p.zero_()
+                    else:
+                        p.fill_(1.0)
+    return out.eval()
+
+
+def randomisation_maps(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, cuts: Sequence[Cut],
+                       maps_fn: MapsFn, seed: int, batch_size: int = 16
+                       ) -> list[dict[tuple[str, str], dict[str, torch.Tensor]]]:
+    """Maps of the randomised models, one dict per cut (as ``maps_fn`` returns them, on the CPU, float32).
+
+    Every cut re-initialises from the *trained* model with the same seed, so the layers randomised at one cut
+    carry the same random weights at every deeper cut (a cascade, as in Adebayo et al.)."""
+    out = []
+    for cut in cuts:
+        rand = randomised(model, cut.modules, seed)
+        parts: dict[tuple[str, str], dict[str, list[torch.Tensor]]] = {}
+        for lo in range(0, len(x), batch_size):
+            res = maps_fn(rand, x[lo:lo + batch_size], targets[lo:lo + batch_size])
+            for key, by_method in res.items():
+                for m, v in by_method.items():
+                    parts.setdefault(key, {}).setdefault(m, []).append(v.detach().float().cpu())
+        out.append({k: {m: torch.cat(v) for m, v in d.items()} for k, d in parts.items()})
+        del rand
+    return out
+
+
+def flagged(pearson_by_cut: Sequence[float], threshold: float) -> bool:
+    """Whether a method barely reacts to randomisation: its mean Pearson r with the trained maps stays at or
+    above ``threshold`` at every cut (NaN cuts, with no valid image, do not count; all NaN: not flagged)."""
+    r = np.asarray(pearson_by_cut, dtype=np.float64)
+    r = r[np.isfinite(r)]
+    return bool(r.size and (r >= threshold).all())
+
+
+# ---------------------------------------------------------------------------------------------- floors
+def against_floor(drift: np.ndarray, floors: Sequence[np.ndarray], metric: str, use: np.ndarray, labels: np.ndarray,
+                  n_classes: int, n_boot: int, seed: int, min_per_class: int,
+                  fractions: Sequence[float] = DEFAULT_FRACTIONS) -> dict:
+    """TL -> FT drift beside its seed floor, for one metric (per-image values, as the metric gives them).
+
+    The floor of an image is the mean instability over the replicas. Over the images in ``use`` with finite
+    drift and floor: the macro means (:func:`drift.stats.aggregate`) of the drift's instability, of the floor and of
+    their per-image difference (with bootstrap intervals), and ``ratio`` = drift mean / floor mean (inf when the
+    floor is 0 and the drift is not, NaN when both are 0).
+    """
+    d = instability(metric, drift, fractions)
+    f = np.mean([instability(metric, x, fractions) for x in floors], axis=0)
+    ok = use & np.isfinite(d) & np.isfinite(f)
+    agg = {}
+    for key, v in (("drift", d), ("floor", f), ("excess", d - f)):
+        agg[key] = stats.aggregate(np.where(ok, v, np.nan), labels, n_classes, n_boot, seed,
+                                   min_per_class=min_per_class)
+    dm, fm = agg["drift"].mean, agg["floor"].mean
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = float(np.float64(dm) / np.float64(fm)) if math.isfinite(dm) and math.isfinite(fm) else math.nan
+    return {"ratio": ratio, "n": int(ok.sum()), **{k: a for k, a in agg.items()}}
+
+
+def excess_values(drift: np.ndarray, floors: Sequence[np.ndarray], metric: str, use: np.ndarray,
+                  fractions: Sequence[float] = DEFAULT_FRACTIONS) -> np.ndarray:
+    """Per-image drift minus floor as instabilities (NaN outside ``use``): what :func:`floor_verdict` ranks."""
+    d = instability(metric, drift, fractions)
+    f = np.mean([instability(metric, x, fractions) for x in floors], axis=0)
+    return np.where(use & np.isfinite(d) & np.isfinite(f), d - f, np.nan)
+
+
+def _gradcam_pairs(methods: Sequence[str]) -> list[tuple[str, str]]:
+    pairs = [(a, b) for i, a in enumerate(methods) for b in methods[i + 1:]
+             if "layercam" in (a, b) and any(m.startswith("gradcam++") for m in (a, b))]
+    return pairs or [(a, b) for i, a in enumerate(methods) for b in methods[i + 1:]]
+
+
+def floor_verdict(raw: dict, corrected: dict, ratios: dict, methods: Sequence[str], stage: str, n_seeds: int,
+                  cell: str) -> str:
+    """One sentence: does the reversal between LayerCAM and Grad-CAM++ exceed the seed noise?
+
+    Args:
+        raw: ``{metric: rank reversal tree}`` of the TL -> FT drift in the cell (the statistics step's).
+        corrected: ``{metric: rank reversal tree}`` of drift minus floor in the same cell and sample.
+        ratios: ``{metric: [drift / floor ratio of every (arch, method)]}``.
+        methods, stage, n_seeds, cell: what the sentence names.
+    """
+    pairs = [" vs ".join(p) for p in _gradcam_pairs(methods)]
+    parts = []
+    for metric, rr in raw.items():
+        r = np.asarray(ratios.get(metric, []), dtype=np.float64)
+        r = r[np.isfinite(r)]
+        span = f"drift/floor {r.min():.2g}-{r.max():.2g}x" if r.size else "drift/floor undefined"
+        rev = [p for p in pairs if rr.get("reverses", {}).get(p)]
+        if "unranked" in rr or "unranked" in corrected.get(metric, {}):
+            parts.append(f"by {metric} ({span}) not ranked")
+        elif not rev:
+            parts.append(f"by {metric} ({span}) no reversal to test")
+        else:
+            cr = corrected.get(metric, {})
+            kept = [p for p in rev if cr.get("reverses", {}).get(p)]
+            if kept:
+                p_rev = ", ".join(f"{cr.get('p_reverse', {}).get(p, math.nan):.2f}" for p in kept)
+                parts.append(f"by {metric} ({span}) the reversal exceeds the seed noise (it persists on drift "
+                             f"minus floor, P {p_rev})")
+            else:
+                parts.append(f"by {metric} ({span}) the reversal does not survive the seed floor")
+    if not parts:
+        return f"Seed floor ({stage}, {n_seeds} replicas, {cell}): no ranking metric to judge"
+    return f"Seed floor ({stage}, {n_seeds} replica{'s' if n_seeds != 1 else ''}, {cell}): " + "; ".join(parts) + "."
+
+
+# ---------------------------------------------------------------------------------------------- pipeline step
+def run_step(pipe) -> None:
+    """The pipeline's ``baselines`` step: seed replicas and floors per architecture, the randomisation check, and
+    the floor-corrected ranking. A no-op when ``baselines.seeds`` (or ``replica_seeds``) and ``randomize`` are
+    empty."""
+    b = pipe.cfg.baselines
+    seeds = replica_seeds(pipe.cfg.run.seed, b.seeds, b.replica_seeds)
+    if not seeds and not b.randomize:
+        return
+    for arch in pipe.cfg.run.archs:
+        name = f"baselines/arch/{arch}"
+        if seeds:
+            for stage in b.stages:
+                for s in seeds:
+                    pipe.trained(arch, stage, s)
+        if pipe._todo(name, "baselines"):
+            _arch_step(pipe, arch, seeds, name)
+    if seeds and len(pipe.cfg.run.archs) > 1 and pipe._todo("baselines/ranking", "baselines"):
+        _ranking_step(pipe, seeds)
+
+
+def _cams(pipe, model: nn.Module, idx: np.ndarray, targets: np.ndarray) -> dict[tuple[str, str], dict[str, np.ndarray]]:
+    """The run's CAMs of ``model`` on test images ``idx`` (every method, layer and score), on the CPU."""
+    from .attribution import cams_multi
+
+    a = pipe.cfg.attribution
+    parts: dict = {}
+    for lo in range(0, len(idx), a.batch_size):
+        sel = idx[lo:lo + a.batch_size]
+        res = cams_multi(model, pipe.test_images(sel).to(pipe.device), torch.as_tensor(targets[sel]).to(pipe.device),
+                         methods=tuple(a.methods), layers=tuple(a.layers), scores=tuple(a.scores), eps=a.eps)
+        for key, by_method in res.items():
+            for m, v in by_method.items():
+                parts.setdefault(key, {}).setdefault(m, []).append(v.float().cpu())
+    return {k: {m: torch.cat(v).numpy() for m, v in d.items()} for k, d in parts.items()}
+
+
+def _pair(pipe, a: np.ndarray, b: np.ndarray, norm: str, size, selected: np.ndarray) -> dict:
+    """Per-image pair metrics and summaries of maps ``a`` vs ``b`` (as the drift step scores TL vs FT)."""
+    from . import stats as st
+    from .attribution import normalize, upsample
+    from .metrics import pair_metrics
+    from .pipeline import _marker_masks
+
+    test = pipe.splits.test
+    n = len(a)
+    lung = torch.as_tensor(test.lung_masks[:n]) if test.lung_masks is not None else None
+    lesion = torch.as_tensor(test.lesion_masks[:n]) if test.lesion_masks is not None else None
+    marker = _marker_masks(test)
+    marker = torch.as_tensor(marker[:n]) if marker is not None else None
+    ua = normalize(upsample(torch.as_tensor(a), size), norm)
+    ub = normalize(upsample(torch.as_tensor(b), size), norm)
+    return pipe._pair_tree(ua, ub, lung, lesion, marker, selected[:n], len(pipe.class_names), st, pair_metrics,
+                           n=n)
+
+
+def _arch_step(pipe, arch: str, seeds: list[int], name: str) -> None:
+    from .pipeline import _as_tree, log
+
+    t0 = time.perf_counter()
+    cfg, b = pipe.cfg, pipe.cfg.baselines
+    mcfg = cfg.metrics
+    reader = ArchiveReader(pipe.path)
+    test = pipe.splits.test
+    n = len(test)
+    size = tuple(pipe.test_images([0]).shape[-2:])
+    selected = pipe.sample_mask(arch, mcfg.sample_set)
+    tree: dict = {}
+    if seeds:
+        floor: dict = {}
+        for stage in b.stages:
+            targets = pipe.targets(arch, stage)
+            for s in seeds:
+                rep = _cams(pipe, pipe.trained(arch, stage, s).model.eval(), np.arange(n), targets)
+                for (layer, score), by_method in rep.items():
+                    for method, maps in by_method.items():
+                        own = reader.maps(arch, stage, method, layer, score)
+                        for norm in mcfg.normalize:
+                            node = (floor.setdefault(stage, {}).setdefault(layer, {}).setdefault(score, {})
+                                    .setdefault(norm, {}).setdefault(method, {}))
+                            node[f"seed{s}"] = _pair(pipe, own, maps, norm, size, selected)
+        # drift beside floor, per stage / cell / method / ranking metric
+        for by_layer in floor.values():
+            for layer, by_score in by_layer.items():
+                for score, by_norm in by_score.items():
+                    for norm, by_method in by_norm.items():
+                        cell = Cell(layer, score, norm)
+                        for method, reps in by_method.items():
+                            per = reader.drift(arch, method, cell)
+                            use = per["selected"].astype(bool) & per["valid"].astype(bool)
+                            comp = {}
+                            for metric in mcfg.ranking_metrics:
+                                fl = [r["per_sample"][metric] for r in reps.values()]
+                                ok = [r["per_sample"]["valid"] for r in reps.values()]
+                                fl = [np.where(v, x, np.nan) for v, x in zip(ok, fl)]
+                                res = against_floor(per[metric], fl, metric, use, per["labels"],
+                                                    len(pipe.class_names), mcfg.n_boot, cfg.run.seed,
+                                                    mcfg.min_per_class, mcfg.fractions)
+                                comp[metric.replace("/", "_")] = _as_tree(res)
+                            reps["against"] = comp
+        tree["floor"] = floor
+    if b.randomize:
+        tree["randomisation"] = _randomisation(pipe, arch, reader, size)
+    with pipe.archive.stage(name, replace=(name,), started=t0, **pipe._stamp("baselines")) as f:
+        g = f.require_group(name)
+        write_tree(g, tree)
+        g.attrs.update({"seeds": json.dumps(seeds), "stages": json.dumps(list(b.stages) if seeds else []),
+                        "randomize": json.dumps(list(b.randomize)), "flag_pearson": b.flag_pearson,
+                        "n_images": min(b.n_images, n) if b.randomize else 0})
+    pipe.timings[name] = time.perf_counter() - t0
+    what = []
+    if seeds:
+        what.append(f"seed floors of {len(seeds)} replica{'s' if len(seeds) != 1 else ''} x {len(b.stages)} "
+                    f"stage{'s' if len(b.stages) != 1 else ''}")
+    if b.randomize:
+        fl = [f"{m} at {layer}" for layer, by_score in tree["randomisation"].items() if isinstance(by_score, dict)
+              for by_method in by_score.values() for m, node in by_method.items() if node.get("flagged")]
+        what.append(f"randomisation check at {len(b.randomize)} cuts"
+                    + (f" (flagged: {', '.join(fl)})" if fl else " (no method flagged)"))
+    log(f"{arch}: {' and '.join(what)} in {pipe.timings[name]:.0f} s")
+
+
+def _randomisation(pipe, arch: str, reader, size) -> dict:
+    from .attribution import cams_multi
+
+    cfg, b, a = pipe.cfg, pipe.cfg.baselines, pipe.cfg.attribution
+    m = min(b.n_images, len(pipe.splits.test))
+    idx = np.arange(m)
+    model = pipe.trained(arch, "finetune").model.eval()
+    x = pipe.test_images(idx).to(pipe.device)
+    targets = torch.as_tensor(pipe.targets(arch, "finetune")[idx]).to(pipe.device)
+    cuts = cascade(model, x, b.randomize)
+
+    def maps_fn(model, xb, tb):
+        return cams_multi(model, xb, tb, methods=tuple(a.methods), layers=tuple(a.layers), scores=tuple(a.scores),
+                          eps=a.eps)
+
+    rand = randomisation_maps(model, x, targets, cuts, maps_fn, cfg.run.seed, a.batch_size)
+    norm = cfg.metrics.normalize[0]
+    everyone = np.ones(len(pipe.splits.test), dtype=bool)
+    out: dict = {"fractions": np.asarray([c.fraction for c in cuts]),
+                 "n_modules": np.asarray([len(c.modules) for c in cuts]),
+                 "labels": json.dumps([c.label for c in cuts])}
+    for layer in a.layers:
+        for score in a.scores:
+            for method in a.methods:
+                own = reader.maps(arch, "finetune", method, layer, score)[:m]
+                node: dict = {}
+                r_by_cut = []
+                for i, maps in enumerate(rand):
+                    pt = _pair(pipe, own, maps[(layer, score)][method].numpy(), norm, size, everyone)
+                    node[f"cut{i}"] = pt
+                    r_by_cut.append(pt["summary"]["pearson"]["mean"])
+                node["pearson_by_cut"] = np.asarray(r_by_cut)
+                node["flagged"] = flagged(r_by_cut, b.flag_pearson)
+                out.setdefault(layer, {}).setdefault(score, {})[method] = node
+    out["normalize"] = norm
+    return out
+
+
+def _ranking_step(pipe, seeds: list[int]) -> None:
+    """Rank architectures by drift minus floor in every cell, on the statistics step's sample, and say whether
+    the reversal between LayerCAM and Grad-CAM++ survives the floor."""
+    from .pipeline import _as_tree, log
+
+    t0 = time.perf_counter()
+    cfg, b, mcfg, a = pipe.cfg, pipe.cfg.baselines, pipe.cfg.metrics, pipe.cfg.attribution
+    reader = ArchiveReader(pipe.path)
+    archs = [x for x in cfg.run.archs if reader.has(f"drift/{x}") and reader.has(f"baselines/arch/{x}")]
+    ranked = pipe.sample_mask(archs[0], mcfg.ranking_sample_set)
+    n_classes = len(pipe.class_names)
+    tree: dict = {}
+    verdicts = []
+    for stage in b.stages:
+        for layer in a.layers:
+            for score in a.scores:
+                for norm in mcfg.normalize:
+                    cell = Cell(layer, score, norm)
+                    out = tree.setdefault(stage, {}).setdefault(layer, {}).setdefault(score, {}).setdefault(norm, {})
+                    ratios: dict[str, list[float]] = {}
+                    for metric in mcfg.ranking_metrics:
+                        values = {}
+                        for arch in archs:
+                            values[arch] = {}
+                            base = f"baselines/arch/{arch}/floor/{stage}/{cell.key}"
+                            for method in a.methods:
+                                per = reader.drift(arch, method, cell)
+                                fl = []
+                                for s in seeds:
+                                    r = reader.read(f"{base}/{method}/seed{s}/per_sample")
+                                    fl.append(np.where(r["valid"].astype(bool), r[metric], np.nan))
+                                use = ranked & per["valid"].astype(bool)
+                                values[arch][method] = (excess_values(per[metric], fl, metric, use, mcfg.fractions),
+                                                        per["labels"])
+                                ratios.setdefault(metric, []).append(
+                                    float(reader.read(f"{base}/{method}/against/{metric.replace('/', '_')}")
+                                          .get("ratio", math.nan)))
+                        try:
+                            rr = stats.rank_reversal(values, n_classes, higher_is_stable=False, n_boot=mcfg.n_boot,
+                                                     seed=cfg.run.seed, min_per_class=mcfg.min_per_class)
+                            out[metric.replace("/", "_")] = _as_tree(rr)
+                        except ValueError as exc:
+                            warnings.warn(f"ranking by {metric} minus its floor in cell ({cell}): {exc}", stacklevel=2)
+                            out[metric.replace("/", "_")] = {"unranked": str(exc)}
+                    if (layer, score, norm) == (a.layers[0], a.scores[0], mcfg.normalize[0]):
+                        raw = reader.ranking(cell)
+                        verdicts.append(floor_verdict(raw, out, ratios, a.methods, stage, len(seeds), str(cell)))
+    verdict = " ".join(verdicts)
+    with pipe.archive.stage("baselines/ranking", replace=("baselines/ranking",), started=t0,
+                            **pipe._stamp("baselines")) as f:
+        g = f.require_group("baselines/ranking")
+        write_tree(g, tree)
+        g.attrs.update({"verdict": verdict, "seeds": json.dumps(seeds), "stages": json.dumps(list(b.stages)),
+                        "n_ranked": int(ranked.sum()), "ranking_sample_set": mcfg.ranking_sample_set})
+    log(f"baselines: {verdict}")
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def _num(x) -> str:
+    return fmt(x, 3)
+
+
+def fmt(x, nd: int = 3) -> str:
+    from .summary import fmt as _fmt
+
+    return _fmt(x, nd)
+
+
+def floor_rows(reader: ArchiveReader, cell: Cell | None = None) -> tuple[list[str], list[list[str]]]:
+    """The drift-against-floor table of an archive in ``cell`` (default primary): header and rows, one per
+    architecture, method and floor stage, each ranking metric as ``drift / floor = ratio`` of macro-mean
+    instabilities (:func:`instability`) with the 95% interval of drift minus floor. Empty without a seed floor."""
+    cell = reader.primary_cell() if cell is None else cell
+    header, rows = ["architecture", "method", "floor"], []
+    metrics: list[str] = []
+    for arch in reader.keys("baselines/arch"):
+        base = f"baselines/arch/{arch}/floor"
+        if not reader.has(base):
+            continue
+        for stage in reader.keys(base):
+            path = f"{base}/{stage}/{cell.key}"
+            if not reader.has(path):
+                continue
+            for method in reader.keys(path):
+                against = reader.read(f"{path}/{method}/against")
+                metrics = metrics or list(against)
+                row = [arch, method, f"{stage} x{sum(k.startswith('seed') for k in reader.keys(f'{path}/{method}'))}"]
+                for m in metrics:
+                    a = against.get(m, {})
+                    ex = a.get("excess", {})
+                    row.append(f"{_num(a.get('drift', {}).get('mean'))} / {_num(a.get('floor', {}).get('mean'))} = "
+                               f"{fmt(a.get('ratio'), 2)}x [{_num(ex.get('lo'))}, {_num(ex.get('hi'))}]")
+                rows.append(row)
+    return header + [f"{m}: drift / floor = ratio [excess 95%]" for m in metrics], rows
+
+
+def randomisation_rows(reader: ArchiveReader) -> tuple[list[str], list[list[str]]]:
+    """The randomisation check of an archive: header and rows (architecture, layer, score, method, mean Pearson r
+    with the trained maps at each cut, flagged). Empty without the check."""
+    rows, labels = [], []
+    for arch in reader.keys("baselines/arch"):
+        path = f"baselines/arch/{arch}/randomisation"
+        if not reader.has(path):
+            continue
+        top = reader.read(path)
+        labels = json.loads(top.get("labels", "[]")) or labels
+        for layer, by_score in top.items():
+            if not isinstance(by_score, dict):
+                continue
+            for score, by_method in by_score.items():
+                for method, node in by_method.items():
+                    r = np.asarray(node.get("pearson_by_cut", []), dtype=float)
+                    rows.append([arch, layer, score, method, " -> ".join(_num(x) for x in r),
+                                 "FLAGGED" if _truthy(node.get("flagged")) else "no"])
+    cuts = " -> ".join(labels) if labels else "cuts"
+    return ["architecture", "layer", "score", "method", f"Pearson r with the trained maps ({cuts})", "flagged"], rows
+
+
+def _truthy(v) -> bool:
+    return v in (True, 1) or (isinstance(v, (np.bool_, np.integer)) and bool(v)) or v == "True"
+
+
+def verdict(reader: ArchiveReader) -> str:
+    """The run's sentence on the seed floor ("" when the archive has none)."""
+    return str(reader.read("baselines/ranking").get("verdict", "")) if reader.has("baselines/ranking") else ""
+
+
+def summary_lines(reader: ArchiveReader, headline: dict | None = None) -> list[str]:
+    """The summary's part on the controls: drift beside its seed floor, the randomisation check, the sentence."""
+    from .summary import table
+
+    out: list[str] = []
+    header, rows = floor_rows(reader)
+    if rows:
+        out += [f"Drift TL -> FT beside its seed floor at ({reader.primary_cell()}): macro-mean instability (1 - "
+                "overlap or correlation; displacement) of TL vs FT, and of the run's model vs seed replicas of the "
+                "same stage (the floor); ratio; 95% interval of drift minus floor", table(header, rows), ""]
+    header, rows = randomisation_rows(reader)
+    if rows:
+        thr = next((reader.read(f"baselines/arch/{a}").get("flag_pearson") for a in reader.keys("baselines/arch")),
+                   None)
+        out += ["Randomisation check (cascading re-initialisation of the fine-tuned model from the head down): "
+                f"a method is flagged when its maps keep r >= {_num(thr)} with the trained maps at every cut",
+                table(header, rows), ""]
+    v = verdict(reader)
+    if v:
+        out += [v, ""]
+    return out

@@ -1,0 +1,504 @@
+"""Running the pipeline on several processes (``torchrun``): world size, rank, gathers, barriers, the training
+sampler, and the archive as each rank sees it.
+
+Every function here is a no-op (or the plain single-process object) when ``torch.distributed`` is not
+initialised, so the pipeline has one code path. Under ``torchrun`` (or any launcher that sets ``WORLD_SIZE``,
+``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``) :func:`init` joins the process group: NCCL when
+the run's device is CUDA (one GPU per process, ``cuda:LOCAL_RANK``), gloo on the CPU.
+
+How the work is split, and why the results equal a single process's:
+
+* Evaluation, CAMs and iFIM spectra: the single-process batch schedule is kept and its batches are dealt out
+  round-robin (batch ``b`` to rank ``b mod N``, :func:`my_batches`); every rank computes whole batches exactly
+  as one process would, and :func:`gather_batches` puts them back in batch order on every rank. Same
+  checkpoints, same thread count: bit-identical arrays.
+* Drift metrics: the per-image metrics of contiguous image ranges (:func:`by_images`), then the summaries over
+  all images on every rank.
+* Training: :class:`GlobalBatchSampler` draws the single-process epoch order from the same generator and gives
+  each rank an equal share of every global batch (``train.<stage>.batch_size`` is the global batch);
+  :class:`DataParallel` wraps the module in ``DistributedDataParallel`` and scales each rank's loss so that the
+  averaged gradient is the gradient of the global batch's mean loss.
+* Archive and checkpoints: only rank 0 writes (:func:`open_archive`); the other ranks read the committed
+  archive and write their copy of each stage into memory. Every stage ends with a barrier, and whether a stage
+  runs is decided by rank 0 and broadcast (:func:`decided_by_rank0`), so the ranks never disagree about it.
+* Failures: :func:`guard` turns an exception on any rank into :class:`RankFailed` on every rank, naming the
+  rank and stage where it began (posted in the process group's key-value store).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from collections.abc import Callable, Iterator, Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
+
+from .archive import Archive
+
+#: The stage the pipeline is in (set by :func:`decided_by_rank0`), named by failure messages.
+_stage = "start-up"
+_FAILED_KEY = "drift/failed"
+
+
+class RankFailed(RuntimeError):
+    """A rank of a multi-process run failed; the message names the rank, the stage and the cause."""
+
+
+# ---------------------------------------------------------------------------------------------- process group
+def active() -> bool:
+    """Whether this process is one of several in an initialised process group."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    """Number of processes (1 without ``torch.distributed``)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    """This process's rank (0 without ``torch.distributed``)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    """Whether this process writes the archive, the checkpoints and the log (rank 0)."""
+    return rank() == 0
+
+
+def init(device: str = "auto", timeout_s: float = 1800.0) -> bool:
+    """Join the process group described by the launcher's environment (``WORLD_SIZE`` > 1); returns whether
+    this process is one of several.
+
+    NCCL when ``device`` is (or ``auto`` resolves to) CUDA, with ``cuda:LOCAL_RANK`` made the current device;
+    gloo otherwise. Idempotent: a second call, or a call in an already initialised group, changes nothing.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return active()
+    n = int(os.environ.get("WORLD_SIZE", "1"))
+    if n <= 1:
+        return False
+    if not dist.is_available():
+        raise RuntimeError(f"WORLD_SIZE={n} but this torch build has no torch.distributed")
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if local >= torch.cuda.device_count():
+            raise RuntimeError(f"rank {os.environ.get('RANK', '?')}: LOCAL_RANK {local} but only "
+                               f"{torch.cuda.device_count()} CUDA devices are visible; start at most that many "
+                               "processes per machine (torchrun --nproc_per_node)")
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+    return active()
+
+
+def shutdown() -> None:
+    """Leave the process group (at the end of a command)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def local_device(device: torch.device) -> torch.device:
+    """The device of this rank: ``cuda:LOCAL_RANK`` for a CUDA run of several processes, else ``device``."""
+    if device.type == "cuda" and active():
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _collective(what: str, fn: Callable[[], Any]) -> Any:
+    """Run one collective; a broken group (a rank died) becomes :class:`RankFailed` naming the stage."""
+    try:
+        return fn()
+    except RankFailed:
+        raise
+    except Exception as exc:
+        raise RankFailed(_posted() or f"rank {rank()} lost contact with another rank ({what}, stage {_stage}): "
+                                      f"{_first_line(exc)}") from exc
+
+
+def barrier(what: str = "") -> None:
+    """Wait for every rank (no-op for one process)."""
+    if active():
+        _collective(what or f"barrier after {_stage}", dist.barrier)
+
+
+def broadcast(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (a picklable object; unchanged for one process)."""
+    if not active():
+        return value
+    box = [value]
+    _collective("broadcast", lambda: dist.broadcast_object_list(box, src=0))
+    return box[0]
+
+
+def all_gather(value: Any) -> list[Any]:
+    """Every rank's ``value`` (picklable), in rank order, on every rank."""
+    if not active():
+        return [value]
+    out: list[Any] = [None] * world_size()
+    _collective("gather", lambda: dist.all_gather_object(out, value))
+    return out
+
+
+def all_sum(*values: float) -> tuple[float, ...]:
+    """Sums over ranks of floats (float64)."""
+    if not active():
+        return values
+    t = torch.tensor(values, dtype=torch.float64,
+                     device=torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl"
+                     else "cpu")
+    _collective("sum", lambda: dist.all_reduce(t))
+    return tuple(t.cpu().tolist())
+
+
+def decided_by_rank0(method: Callable[..., bool]) -> Callable[..., bool]:
+    """Decorate a pipeline method ``(self, name, ...) -> bool`` deciding whether stage ``name`` runs: rank 0
+    decides (and logs why) and broadcasts the answer, so every rank takes the same path. A stage that runs
+    becomes the current stage of failure messages."""
+    @functools.wraps(method)
+    def wrapper(self, name: str, *args, **kwargs) -> bool:
+        global _stage
+        if not active():
+            todo = method(self, name, *args, **kwargs)
+        else:
+            todo = bool(broadcast(method(self, name, *args, **kwargs) if is_main() else None))
+        if todo:
+            _stage = name
+        return todo
+    return wrapper
+
+
+# ---------------------------------------------------------------------------------------------- failures
+def _store():
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except Exception:  # no group, or a backend without one
+        return None
+
+
+def _posted() -> str | None:
+    """The failure message a rank posted, if any (and the store is still reachable)."""
+    store = _store()
+    if store is None:
+        return None
+    try:
+        if store.check([_FAILED_KEY]):
+            return store.get(_FAILED_KEY).decode()
+    except Exception:
+        return None
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+@contextlib.contextmanager
+def guard() -> Iterator[None]:
+    """Make a failure on one rank a failure of every rank, with one message naming where it began.
+
+    The rank where an exception starts posts ``rank R failed in stage S: <error>`` to the process group's store
+    and raises :class:`RankFailed` with it; a rank that then loses contact with it (its collectives break when
+    the failed process exits or is stopped by the launcher) raises the same message. A rank killed outright
+    posts nothing; the others then name themselves and the stage in which they lost contact. No-op for one
+    process.
+    """
+    try:
+        yield
+    except BaseException as exc:
+        if not active() or isinstance(exc, RankFailed):
+            raise
+        posted = _posted()
+        if posted is not None:  # another rank failed first: its message, not our broken collective
+            raise RankFailed(posted) from exc
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        if isinstance(exc, getattr(dist, "DistError", ())):  # e.g. DDP's gradient exchange with a dead rank
+            message = f"rank {rank()} lost contact with another rank (stage {_stage}): {_first_line(exc)}"
+        else:
+            message = f"rank {rank()} failed in stage {_stage}: {_first_line(exc)}"
+        store = _store()
+        if store is not None:
+            with contextlib.suppress(Exception):
+                store.set(_FAILED_KEY, message)
+        raise RankFailed(message) from exc
+
+
+# ---------------------------------------------------------------------------------------------- sharding
+def my_batches(batches: Sequence[Any]) -> list[Any]:
+    """This rank's share of a batch schedule: batches ``rank, rank + N, rank + 2N, ...``."""
+    return list(batches)[rank()::world_size()]
+
+
+def gather_batches(parts: Any) -> Any:
+    """Reassemble per-batch results computed over :func:`my_batches` into the full schedule's order.
+
+    ``parts`` is this rank's list (one entry per batch it computed), a dict of such lists, or a tuple of them;
+    returns the same structure holding every batch in schedule order, on every rank.
+    """
+    if not active():
+        return parts
+    every = all_gather(parts)
+    n = world_size()
+
+    def merge(lists: list[list]) -> list:
+        total = sum(len(x) for x in lists)
+        return [lists[b % n][b // n] for b in range(total)]
+
+    if isinstance(parts, dict):  # a rank without batches has no keys
+        keys = dict.fromkeys(k for r in every for k in r)
+        return {k: merge([r.get(k, []) for r in every]) for k in keys}
+    if isinstance(parts, tuple):
+        return tuple(merge([r[i] for r in every]) for i in range(len(parts)))
+    return merge(every)
+
+
+def image_range(n: int) -> slice:
+    """This rank's contiguous share of ``n`` images (sizes differ by at most one)."""
+    bounds = np.linspace(0, n, world_size() + 1).round().astype(int) if n else np.zeros(world_size() + 1, int)
+    k = rank()
+    return slice(int(bounds[k]), int(bounds[k + 1]))
+
+
+def by_images(fn: Callable[..., dict[str, torch.Tensor]], n: int, *tensors: torch.Tensor | None,
+              **kwargs: Any) -> dict[str, torch.Tensor]:
+    """``fn(*tensors, **kwargs)`` (a dict of per-image (n, ...) tensors), computed by each rank on its
+    :func:`image_range` of every tensor (and keyword tensor) whose first dimension is ``n``, and concatenated in
+    image order on every rank. One process: ``fn`` on everything."""
+    if not active():
+        return fn(*tensors, **kwargs)
+    sl = image_range(n)
+
+    def cut(t):
+        return t[sl] if torch.is_tensor(t) and t.ndim >= 3 and t.shape[0] == n else t
+
+    mine = fn(*(cut(t) for t in tensors), **{k: cut(v) for k, v in kwargs.items()})
+    every = all_gather({k: v.cpu() for k, v in mine.items()})
+    return {k: torch.cat([r[k] for r in every]) for k in mine}
+
+
+class ShardedBatches(Sampler[list[int]]):
+    """The batches ``[0, b), [b, 2b), ...`` of ``n`` items in order, this rank's share (:func:`my_batches`)."""
+
+    def __init__(self, n: int, batch_size: int):
+        self.batches = my_batches([list(range(lo, min(n, lo + batch_size))) for lo in range(0, n, batch_size)])
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def eval_loader(data: Dataset, batch_size: int) -> DataLoader:
+    """The in-order loader of an evaluation pass: all of ``data`` for one process, else this rank's batches of
+    the same schedule (reassemble with :func:`gather_batches`)."""
+    if not active():
+        return DataLoader(data, batch_size=batch_size)
+    return DataLoader(data, batch_sampler=ShardedBatches(len(data), batch_size))
+
+
+# ---------------------------------------------------------------------------------------------- training
+class GlobalBatchSampler(Sampler[list[int]]):
+    """This rank's share of every global batch of a shuffled epoch.
+
+    Each epoch's order is the permutation ``RandomSampler(data, generator=generator)`` gives a single process
+    (the same draws from the same generator), cut into global batches of ``batch_size``; rank ``r`` takes the
+    ``r``-th of ``N`` equal slices of each (``batch_size / N`` images; the last, smaller batch is split as evenly
+    as possible). A last batch with fewer images than processes is skipped on every rank. The union over ranks
+    of one step's images is the single process's batch of that step.
+
+    Raises:
+        ValueError: ``batch_size`` is not a multiple of the number of processes.
+    """
+
+    def __init__(self, data: Dataset, batch_size: int, generator: torch.Generator, n_proc: int | None = None,
+                 this_rank: int | None = None, where: str = "batch_size"):
+        self.world = world_size() if n_proc is None else n_proc
+        self.rank = rank() if this_rank is None else this_rank
+        if batch_size % self.world:
+            raise ValueError(f"{where} = {batch_size} (the global batch) is not divisible by the {self.world} "
+                             f"processes; use a multiple of {self.world}")
+        self.data, self.batch_size, self.generator = data, batch_size, generator
+        self.global_size = batch_size  # images in the global batch of the step last yielded
+
+    def __len__(self) -> int:
+        n, b = len(self.data), self.batch_size
+        return n // b + (n % b >= self.world)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = list(RandomSampler(self.data, generator=self.generator))
+        for lo in range(0, len(order), self.batch_size):
+            batch = order[lo:lo + self.batch_size]
+            if len(batch) < self.world:
+                continue
+            self.global_size = len(batch)
+            yield [int(i) for i in np.array_split(np.asarray(batch), self.world)[self.rank]]
+
+
+def train_loader(data: Dataset, batch_size: int, generator: torch.Generator, where: str = "batch_size") -> DataLoader:
+    """The shuffled training loader of :func:`drift.train.fit`: torch's one for one process, else one over
+    :class:`GlobalBatchSampler` (the same generator draws, so a run is reproducible for a given N)."""
+    if not active():
+        return DataLoader(data, batch_size=batch_size, shuffle=True, generator=generator, drop_last=False)
+    return DataLoader(data, batch_sampler=GlobalBatchSampler(data, batch_size, generator, where=where),
+                      generator=generator)
+
+
+class DataParallel:
+    """The data-parallel side of one training run: the forward function, the loss and the epoch's loss sums.
+
+    One process: ``forward`` and the plain mean cross-entropy, unchanged. Several: ``module`` (which must be
+    what ``forward`` calls) in ``DistributedDataParallel``, with ``sync_bn`` its BatchNorm layers converted to
+    ``SyncBatchNorm`` (CUDA only, statistics over the global batch); each rank's loss is its images' summed
+    cross-entropy times ``N / global batch size``, so that DDP's average of the ranks' gradients is the
+    gradient of the global batch's mean loss.
+    """
+
+    def __init__(self, module: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], loader: DataLoader,
+                 device: torch.device, sync_bn: bool = False, where: str = "training"):
+        self.loader, self.module = loader, module
+        self.forward = forward
+        self.ddp = None
+        self.synced = False
+        if not active():
+            return
+        if forward is not module:
+            raise ValueError(f"{where}: data-parallel training needs forward to be the trained module itself")
+        if sync_bn and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules()):
+            if device.type != "cuda":
+                raise ValueError(f"{where}: sync_bn needs CUDA devices (torch's SyncBatchNorm runs on GPUs only); "
+                                 f"this run trains on {device.type}")
+            module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+            self.synced = True
+        ids = [device.index if device.index is not None else torch.cuda.current_device()] \
+            if device.type == "cuda" else None
+        # static_graph: the same parameters take part in every step, and some may take none (source pretraining
+        # trains through a temporary head, the classifier's own head stays out of the loss).
+        self.ddp = nn.parallel.DistributedDataParallel(module, device_ids=ids, static_graph=True)
+        self.forward = self.ddp
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The loss to back-propagate for this rank's share of the step's global batch."""
+        if self.ddp is None:
+            return F.cross_entropy(logits, y)
+        size = self.loader.batch_sampler.global_size
+        return F.cross_entropy(logits, y, reduction="sum") * (world_size() / size)
+
+    def loss_sum(self, loss: torch.Tensor, y: torch.Tensor) -> float:
+        """This rank's summed per-image loss of the step (for the epoch's mean training loss)."""
+        if self.ddp is None:
+            return loss.item() * len(y)
+        return loss.item() * self.loader.batch_sampler.global_size / world_size()
+
+    def epoch_sums(self, total: float, count: int) -> tuple[float, int]:
+        """The epoch's loss sum and image count over every rank; buffers (BatchNorm statistics) of rank 0 are
+        given to every rank, so that validation and the kept weights agree across ranks."""
+        if self.ddp is None:
+            return total, count
+        for b in self.module.buffers():
+            _collective("broadcasting BatchNorm statistics", functools.partial(dist.broadcast, b, 0))
+        total, count = all_sum(total, count)
+        return total, int(count)
+
+    def close(self) -> None:
+        """After training: SyncBatchNorm layers back to plain BatchNorm (same parameters and statistics)."""
+        if self.synced:
+            _plain_batchnorm(self.module)
+
+
+def _plain_batchnorm(module: nn.Module) -> None:
+    """Replace every ``SyncBatchNorm`` below ``module`` by a ``BatchNorm2d`` holding its state."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.SyncBatchNorm):
+            bn = nn.BatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
+                                child.track_running_stats).to(next(child.buffers()).device)
+            bn.load_state_dict(child.state_dict())
+            bn.train(child.training)
+            if child.affine:
+                bn.weight.requires_grad_(child.weight.requires_grad)
+                bn.bias.requires_grad_(child.bias.requires_grad)
+            setattr(module, name, bn)
+        else:
+            _plain_batchnorm(child)
+
+
+def check_batch_sizes(cfg) -> None:
+    """Refuse, before any compute, a global training batch that the processes cannot share equally.
+
+    The number of processes is the process group's, or before it exists the launcher's ``WORLD_SIZE``.
+
+    Raises:
+        ValueError: naming the setting, its value and the number of processes.
+    """
+    n = world_size() if dist.is_available() and dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    if n == 1:
+        return
+    where = [(f"train.{st}", getattr(cfg.train, st).for_arch(a, f"train.{st}").batch_size, a)
+             for st in ("transfer", "finetune") for a in cfg.run.archs]
+    if cfg.model.weights == "synthetic-source":
+        where.append(("source", cfg.source.batch_size, None))
+    for key, size, arch in where:
+        if size % n:
+            what = f"{key}.batch_size" + (f" (for {arch})" if arch else "")
+            raise ValueError(f"{what} = {size} is the global batch and is not divisible by the {n} processes; "
+                             f"use a multiple of {n}")
+
+
+# ---------------------------------------------------------------------------------------------- archive
+class _LeaderArchive(Archive):
+    """Rank 0's archive: commits each stage, then waits for every rank at a barrier."""
+
+    @contextlib.contextmanager
+    def stage(self, name: str, *args, **kwargs) -> Iterator[h5py.File]:
+        with super().stage(name, *args, **kwargs) as f:
+            yield f
+        barrier(f"after committing {name}")
+
+
+class _FollowerArchive(Archive):
+    """A non-zero rank's view: reads the archive rank 0 writes; its stage writes go to memory only."""
+
+    def __init__(self, path: str | os.PathLike):  # no creation, no clean-up: rank 0 owns the file
+        self.path = Path(path)
+        self._tmp = self.path.with_name(self.path.name + ".tmp")
+        self._config_text = ""
+
+    @contextlib.contextmanager
+    def stage(self, name: str, *args, **kwargs) -> Iterator[h5py.File]:
+        with h5py.File(f"drift-rank{rank()}-{name}", "w", driver="core", backing_store=False) as f:
+            yield f
+        barrier(f"after committing {name}")
+
+
+def open_archive(path: str | os.PathLike, config_text: str, science_hash: str, provenance: dict) -> Archive:
+    """The run's :class:`~drift.archive.Archive` as this rank uses it.
+
+    One process: the archive. Several: rank 0 opens (creates, checks, cleans up) the archive first and owns
+    every write; each stage it commits is followed by a barrier. The other ranks wait for it, then read the
+    committed archive and write their (identical) stage trees into a throw-away in-memory file.
+    """
+    if not active():
+        return Archive(path, config_text, science_hash, provenance)
+    if is_main():
+        try:
+            archive = _LeaderArchive(path, config_text, science_hash, provenance)
+        except Exception as exc:
+            broadcast(str(exc))
+            raise
+        broadcast(None)
+        return archive
+    error = broadcast(None)
+    if error is not None:
+        raise RankFailed(f"rank 0 failed opening the archive {path}: {error}")
+    return _FollowerArchive(path)
