@@ -446,3 +446,27 @@ class ArchiveReader:
 def open_archive(path: str | os.PathLike) -> ArchiveReader:
     """Open an archive for reading (validates it first)."""
     return ArchiveReader(path)
+
+
+def as_tree(obj) -> dict:
+    """A stats/perturbation result (dataclass, dict, tuple) as a tree of arrays and scalars for the archive."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(obj):
+        obj = dataclasses.asdict(obj)
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            k = " vs ".join(map(str, k)) if isinstance(k, tuple) else k
+            if isinstance(v, dict) or dataclasses.is_dataclass(v):
+                out[str(k)] = as_tree(v)
+            elif isinstance(v, (list, tuple)) and v and isinstance(v[0], str):
+                out[str(k)] = json.dumps(list(v))
+            elif hasattr(v, "detach") and hasattr(v, "numpy"):  # a torch tensor
+                out[str(k)] = v.detach().cpu().numpy()
+            elif v is None:
+                continue
+            else:
+                out[str(k)] = v
+        return out
+    return {"value": obj}

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from . import stats
-from .archive import ArchiveReader, Cell, write_tree
+from .archive import ArchiveReader, Cell, as_tree, write_tree
 from .metrics import DEFAULT_FRACTIONS, stability
 
 REPLICA_SEED_OFFSET = 1000
@@ -301,7 +301,7 @@ def _pair(pipe, a: np.ndarray, b: np.ndarray, norm: str, size, selected: np.ndar
 
 
 def _arch_step(pipe, arch: str, seeds: list[int], name: str) -> None:
-    from .pipeline import _as_tree, log
+    from .rundir import log
 
     t0 = time.perf_counter()
     cfg, b = pipe.cfg, pipe.cfg.baselines
@@ -342,7 +342,7 @@ def _arch_step(pipe, arch: str, seeds: list[int], name: str) -> None:
                                 res = against_floor(per[metric], fl, metric, use, per["labels"],
                                                     len(pipe.class_names), mcfg.n_boot, cfg.run.seed,
                                                     mcfg.min_per_class, mcfg.fractions)
-                                comp[metric.replace("/", "_")] = _as_tree(res)
+                                comp[metric.replace("/", "_")] = as_tree(res)
                             reps["against"] = comp
         tree["floor"] = floor
     if b.randomize:
@@ -407,7 +407,7 @@ def _randomisation(pipe, arch: str, reader, size) -> dict:
 def _ranking_step(pipe, seeds: list[int]) -> None:
     """Rank architectures by drift minus floor in every cell, on the statistics step's sample, and say whether
     the reversal between LayerCAM and Grad-CAM++ survives the floor."""
-    from .pipeline import _as_tree, log
+    from .rundir import log
 
     t0 = time.perf_counter()
     cfg, b, mcfg, a = pipe.cfg, pipe.cfg.baselines, pipe.cfg.metrics, pipe.cfg.attribution
@@ -444,7 +444,7 @@ def _ranking_step(pipe, seeds: list[int]) -> None:
                         try:
                             rr = stats.rank_reversal(values, n_classes, higher_is_stable=False, n_boot=mcfg.n_boot,
                                                      seed=cfg.run.seed, min_per_class=mcfg.min_per_class)
-                            out[metric.replace("/", "_")] = _as_tree(rr)
+                            out[metric.replace("/", "_")] = as_tree(rr)
                         except ValueError as exc:
                             warnings.warn(f"ranking by {metric} minus its floor in cell ({cell}): {exc}", stacklevel=2)
                             out[metric.replace("/", "_")] = {"unranked": str(exc)}

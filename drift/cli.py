@@ -234,7 +234,7 @@ def _launch(nproc: int, argv: list[str]) -> int:
 def _pretrain(cfg) -> int:
     import torch
 
-    from .pipeline import Pipeline
+    from . import source_weights
     from .train import resolve_device
 
     if cfg.model.weights != "synthetic-source":
@@ -246,9 +246,9 @@ def _pretrain(cfg) -> int:
     t0 = time.perf_counter()
     for arch in cfg.run.archs:
         t = time.perf_counter()
-        meta = Pipeline.source_backbone(cfg, arch, device)["meta"]
+        meta = source_weights.backbone(cfg, arch, device)["meta"]
         print(f"{arch}: {meta['task']} held-out accuracy {meta['source_accuracy']:.3f} "
               f"({meta['input_size']} px; pretraining took {meta['seconds']:.0f} s when made), "
-              f"{time.perf_counter() - t:.0f} s now; {Pipeline.source_cache_path(cfg, arch)}")
+              f"{time.perf_counter() - t:.0f} s now; {source_weights.cache_path(cfg, arch)}")
     print(f"wall time: {time.perf_counter() - t0:.0f} s")
     return 0

@@ -8,13 +8,9 @@ the later stages resume where the last run stopped.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
-import platform
-import subprocess
-import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -23,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__, distributed
-from .archive import ArchiveReader, OutputError, write_tree
-from .config import Config, StageConfig
+from . import distributed, source_weights
+from .archive import ArchiveReader, as_tree, write_tree
+from .config import Config
 from .models import (
     Classifier,
     build,
@@ -37,13 +33,13 @@ from .models import (
     save_checkpoint,
     sha256_file,
 )
+from .rundir import RunLock, log, make_out, nothing_finished, provenance
 from .train import (
     BN_CALIBRATION_IMAGES,
     Evaluation,
     calibrate_bn,
     evaluate,
     evaluation_from_logits,
-    pretrain_source,
     resolve_device,
     train_finetune,
     train_transfer,
@@ -51,113 +47,6 @@ from .train import (
 
 STAGES = ("transfer", "finetune")
 ALL_STEPS = ("data", "train", "attributions", "drift", "fisher", "stats", "baselines", "report")
-
-
-def log(msg: str) -> None:
-    if distributed.is_main():  # one log for a run of several processes
-        print(msg, flush=True)
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, text=True,
-                             capture_output=True, timeout=5)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def provenance(cfg: Config, device: torch.device) -> dict:
-    import h5py
-    import timm
-
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    return {
-        "seed": cfg.run.seed,
-        "data_seed": cfg.data_seed,
-        "git_commit": git_commit(),
-        "device": f"{device} ({dev_name})",
-        "versions": {"python": sys.version.split()[0], "torch": torch.__version__, "timm": timm.__version__,
-                     "h5py": h5py.__version__, "numpy": np.__version__, "drift": __version__},
-    }
-
-
-def _make_out(out: Path) -> None:
-    """Create the output folder, or say in one line why it cannot be (a file in the way, no permission)."""
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"output folder (--out / run.out) {out} is a file, not a folder")
-    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
-    if blocker is not None:
-        raise OutputError(f"cannot create the output folder {out}: {blocker} is a file, not a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create the output folder {out}: {exc.strerror or exc}") from None
-
-
-def _nothing_finished(path: Path) -> bool:
-    """Whether the archive at ``path`` records no finished stage (a readable drift archive only)."""
-    try:
-        reader = ArchiveReader(path)
-    except Exception:  # unreadable or foreign: Archive() reports it
-        return False
-    return not reader.stages
-
-
-class RunLock:
-    """``<out>/.lock`` holding the pid of the run writing the folder: a second run is refused while that process
-    lives; the lock of a process that no longer exists (killed, machine restarted) is taken over.
-
-    One process may hold it several times over (pipelines built one after the other in one session).
-    """
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.held = False
-
-    def acquire(self) -> None:
-        for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                pid = self._owner()
-                if pid == os.getpid():
-                    self.held = True
-                    return
-                if pid is not None and _alive(pid):
-                    raise OutputError(f"output folder {self.path.parent} is in use by another drift run (pid {pid}, "
-                                      f"lock {self.path}); wait for it to finish or use another --out") from None
-                log(f"{self.path}: taking over the stale lock of a run that no longer exists (pid {pid})")
-                self.path.unlink(missing_ok=True)
-                continue
-            except OSError as exc:
-                raise OutputError(f"output folder {self.path.parent} is not writable: {exc.strerror or exc}") from None
-            with os.fdopen(fd, "w") as fh:
-                fh.write(f"{os.getpid()}\n")
-            self.held = True
-            return
-        raise OutputError(f"cannot take the lock {self.path}: other runs keep creating it")
-
-    def _owner(self) -> int | None:
-        try:
-            return int(self.path.read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            return None
-
-    def release(self) -> None:
-        if self.held and self._owner() == os.getpid():
-            self.path.unlink(missing_ok=True)
-        self.held = False
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # a process of another user
-        return True
-    return True
 
 
 @dataclass
@@ -176,13 +65,13 @@ class Pipeline:
             cfg.run.progress = False  # progress bars of rank 0 only
         self.cfg = cfg
         self.out = Path(cfg.run.out)
-        _make_out(self.out)
+        make_out(self.out)
         self.lock = RunLock(self.out / ".lock")
         if distributed.is_main():  # rank 0 holds the folder for every rank
             self.lock.acquire()
         try:
             self.path = self.out / "archive.h5"
-            if distributed.is_main() and self.path.exists() and (fresh or _nothing_finished(self.path)):
+            if distributed.is_main() and self.path.exists() and (fresh or nothing_finished(self.path)):
                 # --fresh, or a run that failed before finishing any step: nothing worth keeping, whatever the
                 # config that run was started with.
                 self.path.unlink()
@@ -393,9 +282,6 @@ class Pipeline:
         load_backbone_weights(model, load_state(w), w)
         return model, w
 
-    #: Version of the synthetic-source recipe (source task, pretraining, cache file format); part of the cache key.
-    _SOURCE_RECIPE = 5
-
     def _source_weights(self, model: Classifier) -> str:
         """Load the synthetic-source backbone of ``model.arch`` into ``model`` (pretrained and cached on first use).
 
@@ -403,147 +289,10 @@ class Pipeline:
             The weights' origin: source task, its held-out accuracy, the pretraining run and the cache file; the
             same string whether the weights were pretrained now or read from the cache.
         """
-        payload = self.source_backbone(self.cfg, model.arch, self.device)
-        path = self.source_cache_path(self.cfg, model.arch)
+        payload = source_weights.backbone(self.cfg, model.arch, self.device)
+        path = source_weights.cache_path(self.cfg, model.arch)
         load_backbone_weights(model, payload, str(path))
-        return self._source_origin(payload["meta"], path)
-
-    @staticmethod
-    def _source_side(cfg: Config, arch: str) -> int:
-        """The side of the images ``arch`` sees under ``cfg`` (as :meth:`input_size`)."""
-        return round(cfg.data.image_size * cfg.model.input_scale.get(arch, 1.0))
-
-    @staticmethod
-    def source_cache_path(cfg: Config, arch: str) -> Path:
-        """Cache file of the synthetic-source weights of ``arch``: ``<cache_dir>/source/<arch>-<side>px-<key>.pt``.
-
-        The key hashes what the weights depend on: architecture, the input side the backbone sees, the
-        ``[source]`` settings, the recipe version and ``run.seed``.
-        """
-        side = Pipeline._source_side(cfg, arch)
-        key = json.dumps({"arch": arch, "size": side, "source": dataclasses.asdict(cfg.source),
-                          "recipe": Pipeline._SOURCE_RECIPE, "seed": cfg.run.seed}, sort_keys=True)
-        digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-        return Path(cfg.model.cache_dir) / "source" / f"{arch}-{side}px-{digest}.pt"
-
-    @staticmethod
-    def source_backbone(cfg: Config, arch: str, device: torch.device, progress: bool | None = None) -> dict:
-        """The synthetic-source backbone of ``arch`` under ``cfg``: read from the cache, or pretrained and cached.
-
-        A cache file is used only when its sha256 matches the sidecar ``<file>.sha256`` written after it; a
-        missing sidecar, a truncated or altered file is reported and the weights are pretrained again.
-
-        Args:
-            cfg: The run's config (``[source]``, ``model.cache_dir``, ``run.seed``, the input side of ``arch``).
-            arch: Registry name of the backbone.
-            device: Where to pretrain.
-            progress: Progress bars (default ``cfg.run.progress``).
-
-        Returns:
-            ``{"state_dict": backbone tensors, "meta": {"task", "description", "classes", "source_accuracy",
-            "n_train", "n_val", "epochs", "input_size", "seconds", ...}}``.
-        """
-        path = Pipeline.source_cache_path(cfg, arch)
-        payload = Pipeline._read_source_cache(path)
-        if payload is not None:
-            log(f"{arch}: synthetic-source weights from cache {path}")
-            return payload
-        src = cfg.source
-        side = Pipeline._source_side(cfg, arch)
-        what = f"{round(side * src.crop)} px windows of {side} px images" if src.crop < 1 else f"{side} px images"
-        log(f"{arch}: no cached synthetic-source weights for this config; pretraining once on the {src.task} task "
-            f"({src.n_train} {what} x {src.epochs} epoch{'s' if src.epochs != 1 else ''})")
-        payload = Pipeline._pretrain_source(cfg, arch, device, cfg.run.progress if progress is None else progress)
-        if distributed.is_main():  # every rank pretrained together; one writes the cache
-            Pipeline._write_source_cache(path, payload)
-        meta = payload["meta"]
-        log(f"{arch}: pretrained in {meta['seconds']:.0f} s, held-out source accuracy {meta['source_accuracy']:.3f} "
-            f"({len(meta['classes'])} classes); cached {path}")
-        return payload
-
-    @staticmethod
-    def _pretrain_source(cfg: Config, arch: str, device: torch.device, progress: bool) -> dict:
-        from .data import SOURCE_TASKS
-
-        src = cfg.source
-        if src.task not in SOURCE_TASKS:
-            raise ValueError(f"source.task must be one of {', '.join(SOURCE_TASKS)}, got {src.task!r}")
-        task = SOURCE_TASKS[src.task]
-        side = Pipeline._source_side(cfg, arch)
-        t0 = time.perf_counter()
-        seed = cfg.run.seed + 7919  # source images never share a stream with the chest task's
-        crop = round(side * src.crop) if src.crop < 1 else 0
-        if crop and crop < get_spec(arch).min_size:
-            raise ValueError(f"source.crop = {src.crop} gives {crop} px windows; {arch} needs >= "
-                             f"{get_spec(arch).min_size} px")
-        train = task.make(src.n_train, side, seed, crop=crop)
-        # Held-out and BatchNorm images are whole radiographs: what the backbone sees in the transfer stage.
-        heldout = task.make(src.n_val, side, seed, offset=src.n_train)
-        calibration = task.make(BN_CALIBRATION_IMAGES, side, seed, offset=src.n_train + src.n_val) if crop else None
-        st = StageConfig(epochs=src.epochs, lr=src.lr, batch_size=src.batch_size, patience=src.epochs,
-                         bn_frozen=False, schedule=src.schedule, precision=src.precision)
-        # The pretraining draws from torch's global generator; forking it keeps every later stage's random
-        # numbers the same whether the weights came from the cache or were pretrained in this process.
-        devices = [device.index or 0] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(cfg.run.seed)
-            model = build(arch, len(task.classes), cfg.model.dropout)
-            res = pretrain_source(model, train, len(task.classes), st, device, cfg.run.seed, progress, heldout,
-                                  f"{arch} source pretraining", calibration)
-        meta = {"task": task.name, "description": task.description, "classes": list(task.classes),
-                "source_accuracy": res.history["heldout_accuracy"][0], "final_loss": res.history["train_loss"][-1],
-                "n_train": src.n_train, "n_val": src.n_val, "crop": crop or side, "epochs": src.epochs, "lr": src.lr,
-                "batch_size": src.batch_size, "precision": res.precision, "input_size": side, "arch": arch,
-                "recipe": Pipeline._SOURCE_RECIPE, "seconds": time.perf_counter() - t0}
-        state = {k: v.detach().cpu().clone() for k, v in model.backbone.state_dict().items()}
-        return {"state_dict": state, "meta": meta}
-
-    @staticmethod
-    def _read_source_cache(path: Path) -> dict | None:
-        """The cached payload at ``path``, or None when absent, or (reported) incomplete or corrupt."""
-        if not path.is_file():
-            return None
-        sidecar = path.with_name(path.name + ".sha256")
-        expected = sidecar.read_text().split()[0] if sidecar.is_file() and sidecar.stat().st_size else ""
-        # Checked before unpickling anything: a partly written or altered file is never loaded.
-        if not expected or sha256_file(path) != expected:
-            why = "no sha256 sidecar" if not expected else "sha256 mismatch"
-            log(f"{path}: cache file incomplete or corrupt ({why}); pretraining again")
-            return None
-        try:
-            payload = load_state(path)
-        except ValueError as exc:
-            log(f"{path}: unreadable cache file ({exc}); pretraining again")
-            return None
-        if not isinstance(payload.get("meta"), dict):
-            log(f"{path}: cache file without metadata; pretraining again")
-            return None
-        return payload
-
-    @staticmethod
-    def _write_source_cache(path: Path, payload: dict) -> None:
-        """Write ``payload`` atomically, then its sha256 sidecar: a file without a matching sidecar is incomplete."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        sidecar = path.with_name(path.name + ".sha256")
-        sidecar.unlink(missing_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        torch.save(payload, tmp)
-        digest = sha256_file(tmp)
-        os.replace(tmp, path)
-        tmp = sidecar.with_name(f"{sidecar.name}.{os.getpid()}.tmp")
-        tmp.write_text(f"{digest}  {path.name}\n")
-        os.replace(tmp, sidecar)
-
-    @staticmethod
-    def _source_origin(meta: dict, path: Path) -> str:
-        """One line on synthetic-source weights: task, held-out accuracy, pretraining run, cache file."""
-        epochs = meta["epochs"]
-        return (f"synthetic-source: {meta['task']} task ({len(meta['classes'])} classes: {meta['description']}), "
-                f"held-out accuracy {meta['source_accuracy']:.3f}; pretrained on {meta['n_train']} "
-                + (f"{meta['crop']} px windows of " if meta["crop"] != meta["input_size"] else "")
-                + f"{meta['input_size']} px images x {epochs} "
-                f"epoch{'s' if epochs != 1 else ''} in {meta['seconds']:.0f} s; "
-                f"cache {path.name}")
+        return source_weights.origin(payload["meta"], path)
 
     # ---- training
     def checkpoint_path(self, arch: str, stage: str, seed: int | None = None) -> Path:
@@ -736,11 +485,11 @@ class Pipeline:
         for metric, values in per.items():
             agg = stats.aggregate(np.where(use, values, np.nan), labels, n_classes, mcfg.n_boot,
                                   self.cfg.run.seed, min_per_class=mcfg.min_per_class)
-            summary[metric] = _as_tree(agg)
+            summary[metric] = as_tree(agg)
         for q in ("entropy", "gini", "top10_mass", "lung_mass", "lesion_energy", "marker_mass"):
             tl, ft = per.get(f"{q}_tl"), per.get(f"{q}_ft")
             if tl is not None and ft is not None:
-                summary.setdefault("paired", {})[q] = _as_tree(stats.paired_test(tl[use], ft[use]))
+                summary.setdefault("paired", {})[q] = as_tree(stats.paired_test(tl[use], ft[use]))
         return {"per_sample": {**per, "ids": ids, "labels": labels, "valid": valid,
                                "selected": selected},
                 "degenerate": deg, "summary": summary}
@@ -784,7 +533,7 @@ class Pipeline:
             tree[stage] = {"eigenvalues": eig_t.numpy(), "eigen_share": share.numpy(),
                            "rank": st.rank.numpy(), "probs": st.probs.numpy(),
                            "ids": np.asarray(test.ids[:n]), "perturbation": pert.to_arrays(),
-                           "summary": _as_tree(pert.summary())}
+                           "summary": as_tree(pert.summary())}
             x_all, high_all = st.x, st.x_high.float()
             tree[stage]["components"] = {"ids": np.asarray([test.ids[i] for i in comp_idx]),
                                          "x": x_all.numpy().astype(np.float16),
@@ -825,7 +574,7 @@ class Pipeline:
                     for metric in mcfg.ranking_metrics:
                         out[metric.replace("/", "_")] = self._rank(reader, cell, metric, archs, ranked, n_classes,
                                                                    stats)
-        verdict = grid_verdict(tree, acfg.methods, mcfg.ranking_metrics)
+        verdict = headline.grid_verdict(tree, acfg.methods, mcfg.ranking_metrics)
         counts = np.bincount(labels[ranked], minlength=n_classes) if ranked.any() else np.zeros(n_classes, int)
         numbers = headline.compute(reader, mcfg.n_boot, self.cfg.run.seed)
         examples = headline.examples(reader, lambda idx: self.test_images(idx).numpy(), self.cfg.report.n_examples)
@@ -855,7 +604,7 @@ class Pipeline:
         higher, absolute = stability(metric, self.cfg.metrics.fractions)
         try:
             m = self.cfg.metrics
-            return _as_tree(stats.rank_reversal(values, n_classes, higher_is_stable=higher, n_boot=m.n_boot,
+            return as_tree(stats.rank_reversal(values, n_classes, higher_is_stable=higher, n_boot=m.n_boot,
                                                 seed=self.cfg.run.seed, absolute=absolute,
                                                 min_per_class=m.min_per_class))
         except ValueError as exc:  # e.g. no image of an architecture left: record why, keep the rest
@@ -877,74 +626,7 @@ class Pipeline:
         log(f"report: {path}")
 
 
-def grid_verdict(tree: dict, methods: list[str], metrics: list[str]) -> str:
-    """One sentence: in how many cells of the protocol grid the most stable architecture differs between LayerCAM
-    and a Grad-CAM++ reading, per ranking metric, and whether that conclusion holds across the grid.
-
-    Args:
-        tree: ``{layer: {score: {norm: {metric: rank reversal tree}}}}`` as the statistics step stores it.
-        methods: the run's methods; pairs of ``layercam`` with each ``gradcam++*`` method are judged (all pairs
-            when either is absent).
-        metrics: the ranking metrics.
-    """
-    pairs = [f"{a} vs {b}" for i, a in enumerate(methods) for b in methods[i + 1:]
-             if {"layercam"} & {a, b} and any(m.startswith("gradcam++") for m in (a, b))]
-    between = "LayerCAM and Grad-CAM++"
-    if not pairs:
-        pairs = [f"{a} vs {b}" for i, a in enumerate(methods) for b in methods[i + 1:]]
-        between = "methods"
-    parts = []
-    for metric in metrics:
-        key = metric.replace("/", "_")
-        hits = total = unranked = 0
-        for by_score in tree.values():
-            for by_norm in by_score.values():
-                for cell in by_norm.values():
-                    rr = cell.get(key, {})
-                    unranked += "unranked" in rr
-                    for p in pairs:
-                        if p in rr.get("reverses", {}):
-                            total += 1
-                            hits += bool(rr["reverses"][p])
-        if total:
-            how = ("in every one" if hits == total else "in none" if hits == 0
-                   else "in some only: the conclusion hinges on the protocol")
-            parts.append(f"by {metric} the most stable architecture differs between {between} in {hits} "
-                         f"of {total} (cell, method pair) combinations ({how})"
-                         + (f", {unranked} cells not ranked" if unranked else ""))
-    if not parts:
-        why = next((cell[m.replace("/", "_")]["unranked"] for by_score in tree.values() for by_norm in by_score.values()
-                    for cell in by_norm.values() for m in metrics if "unranked" in cell.get(m.replace("/", "_"), {})),
-                   "fewer than two architectures with drift metrics")
-        return f"no cell of the grid could be ranked ({why})"
-    return "; ".join(parts) + "."
-
-
 def _marker_masks(test) -> np.ndarray | None:
     """The test split's shortcut-marker masks (bool), or None when the confounder is off or masks are unknown."""
     m = test.marker_masks
     return m.astype(bool) if m is not None and m.any() else None
-
-
-def _as_tree(obj) -> dict:
-    """A stats/perturbation result (dataclass, dict, tuple) as a tree of arrays and scalars for the archive."""
-    import dataclasses
-
-    if dataclasses.is_dataclass(obj):
-        obj = dataclasses.asdict(obj)
-    if isinstance(obj, dict):
-        out = {}
-        for k, v in obj.items():
-            k = " vs ".join(map(str, k)) if isinstance(k, tuple) else k
-            if isinstance(v, dict) or dataclasses.is_dataclass(v):
-                out[str(k)] = _as_tree(v)
-            elif isinstance(v, (list, tuple)) and v and isinstance(v[0], str):
-                out[str(k)] = json.dumps(list(v))
-            elif torch.is_tensor(v):
-                out[str(k)] = v.detach().cpu().numpy()
-            elif v is None:
-                continue
-            else:
-                out[str(k)] = v
-        return out
-    return {"value": obj}

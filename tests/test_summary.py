@@ -84,7 +84,7 @@ def test_summary_text_shows_small_values(tmp_path, rng):
 
 def test_grid_verdict_counts_reversals_between_layercam_and_gradcampp(rng):
     """The verdict's counts equal a brute-force count over a random grid (pairs without LayerCAM ignored)."""
-    from drift.pipeline import grid_verdict
+    from drift.headline import grid_verdict
 
     methods = ["gradcam++", "gradcam++_tfkv", "layercam"]
     pairs = ["gradcam++ vs gradcam++_tfkv", "gradcam++ vs layercam", "gradcam++_tfkv vs layercam"]
