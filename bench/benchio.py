@@ -382,7 +382,7 @@ def export(source: str | os.PathLike, out: str | os.PathLike) -> str:
         raise ValueError(f"--out {dest}: cannot add benchmark records to it: {exc}") from None
     stamp = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     paths = [f"bench/{tool}/{machine}/{rec}" for (tool, machine, rec), _, _ in records]
-    with archive.stage("bench") as f:
+    with archive.commit("bench") as f:
         for path, (_, tree, _) in zip(paths, records):
             if path in f:  # a record exported again replaces the old one as a whole
                 del f[path]

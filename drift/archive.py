@@ -264,7 +264,7 @@ class Archive:
         return False
 
     @contextmanager
-    def stage(self, name: str, replace: tuple[str, ...] = (), started: float | None = None,
+    def commit(self, name: str, replace: tuple[str, ...] = (), started: float | None = None,
               fingerprint: str = "", inputs: Mapping[str, Any] | None = None) -> Iterator[h5py.File]:
         """A transaction writing one stage: yields the (copied) file; commits atomically on success.
 

@@ -347,7 +347,7 @@ def _arch_step(pipe, arch: str, seeds: list[int], name: str) -> None:
         tree["floor"] = floor
     if b.randomize:
         tree["randomisation"] = _randomisation(pipe, arch, reader, size)
-    with pipe.archive.stage(name, replace=(name,), started=t0, **pipe._stamp("baselines")) as f:
+    with pipe.archive.commit(name, replace=(name,), started=t0, **pipe._stamp("baselines")) as f:
         g = f.require_group(name)
         write_tree(g, tree)
         g.attrs.update({"seeds": json.dumps(seeds), "stages": json.dumps(list(b.stages) if seeds else []),
@@ -452,7 +452,7 @@ def _ranking_step(pipe, seeds: list[int]) -> None:
                         raw = reader.ranking(cell)
                         verdicts.append(floor_verdict(raw, out, ratios, a.methods, stage, len(seeds), str(cell)))
     verdict = " ".join(verdicts)
-    with pipe.archive.stage("baselines/ranking", replace=("baselines/ranking",), started=t0,
+    with pipe.archive.commit("baselines/ranking", replace=("baselines/ranking",), started=t0,
                             **pipe._stamp("baselines")) as f:
         g = f.require_group("baselines/ranking")
         write_tree(g, tree)

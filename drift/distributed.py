@@ -460,8 +460,8 @@ class _LeaderArchive(Archive):
     """Rank 0's archive: commits each stage, then waits for every rank at a barrier."""
 
     @contextlib.contextmanager
-    def stage(self, name: str, *args, **kwargs) -> Iterator[h5py.File]:
-        with super().stage(name, *args, **kwargs) as f:
+    def commit(self, name: str, *args, **kwargs) -> Iterator[h5py.File]:
+        with super().commit(name, *args, **kwargs) as f:
             yield f
         barrier(f"after committing {name}")
 
@@ -475,7 +475,7 @@ class _FollowerArchive(Archive):
         self._config_text = ""
 
     @contextlib.contextmanager
-    def stage(self, name: str, *args, **kwargs) -> Iterator[h5py.File]:
+    def commit(self, name: str, *args, **kwargs) -> Iterator[h5py.File]:
         with h5py.File(f"drift-rank{rank()}-{name}", "w", driver="core", backing_store=False) as f:
             yield f
         barrier(f"after committing {name}")

@@ -1,7 +1,7 @@
 """The headline numbers of a run and its example images: computed once, by the statistics step, and stored.
 
 :func:`compute` derives from an archive everything the study's answer quotes, and :func:`examples` picks the test
-images the report shows; ``Pipeline.stage_stats`` stores both under ``stats/headline`` and ``stats/examples`` (see
+images the report shows; ``Pipeline.step_stats`` stores both under ``stats/headline`` and ``stats/examples`` (see
 :mod:`drift.archive`). ``drift summary``, the report, ``drift compare`` and asv's ``track_*`` read them through
 :func:`load` and only format them, so all four print the same numbers for the same archive. An archive whose
 statistics step has not run (an interrupted or partial run) gets the same numbers computed on reading, by the same

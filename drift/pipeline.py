@@ -151,7 +151,7 @@ class Pipeline:
         return self._data_fingerprint
 
     def _stamp(self, step: str) -> dict:
-        """``fingerprint`` and ``inputs`` of a step (see :meth:`drift.archive.Archive.stage`): its settings and the
+        """``fingerprint`` and ``inputs`` of a step (see :meth:`drift.archive.Archive.commit`): its settings and the
         data, and from training on the environment (:meth:`_environment`)."""
         inputs = {"settings": self.cfg.step_hash(step), "data": self.data_fingerprint}
         if step != "data":
@@ -195,7 +195,7 @@ class Pipeline:
     def _run(self, steps: tuple[str, ...]) -> Path:
         t0 = time.perf_counter()
         if "data" in steps:
-            self.stage_data()
+            self.step_data()
         # Data (drawn or read on first use) and both training stages of every backbone, the later stages excluded.
         self.timings["data+training"] = time.perf_counter() - t0
         for arch in self.cfg.run.archs:
@@ -206,18 +206,18 @@ class Pipeline:
                     self.trained(arch, stage)
                 self.timings["data+training"] += time.perf_counter() - t_train
             if "attributions" in steps:
-                self.stage_attributions(arch)
+                self.step_attributions(arch)
             if "drift" in steps:
-                self.stage_drift(arch)
+                self.step_drift(arch)
             if "fisher" in steps and self.cfg.fisher.enabled:
-                self.stage_fisher(arch)
+                self.step_fisher(arch)
         if "stats" in steps:
-            self.stage_stats()
+            self.step_stats()
         if "baselines" in steps:
-            self.stage_baselines()
+            self.step_baselines()
         self.timings["total"] = time.perf_counter() - t0
         if "report" in steps and self.cfg.report.enabled and distributed.is_main():
-            self.stage_report()
+            self.step_report()
         return self.path
 
     def input_size(self, arch: str) -> int:
@@ -235,7 +235,7 @@ class Pipeline:
             warnings.warn(f"{arch} at {size} px: its CAM layer {spec.cam_layer!r} gives maps of 1 x 1 or 2 x 2; "
                           f"attribution metrics will be coarse (use >= {spec.cam_min_size} px)", stacklevel=2)
 
-    def stage_data(self) -> None:
+    def step_data(self) -> None:
         if not self._todo("data", "data"):
             return
         t0 = time.perf_counter()
@@ -254,7 +254,7 @@ class Pipeline:
                           "test": np.bincount(test.labels, minlength=len(self.class_names))}
         tree["skipped"] = {"files": np.asarray([f for f, _ in s.skipped] or [""])[: len(s.skipped)],
                            "reasons": np.asarray([r for _, r in s.skipped] or [""])[: len(s.skipped)]}
-        with self.archive.stage("data", replace=("data",), started=t0, **self._stamp("data")) as f:
+        with self.archive.commit("data", replace=("data",), started=t0, **self._stamp("data")) as f:
             g = f.require_group("data")
             g.attrs["class_names"] = json.dumps(self.class_names)
             g.attrs["n_skipped"] = len(s.skipped)
@@ -356,7 +356,7 @@ class Pipeline:
         log(f"{what}: test accuracy {ev.accuracy:.3f}, macro AUC {ev.macro_auc:.3f} "
             f"(best epoch {res.best_epoch + 1}, {res.seconds:.0f} s)")
         name = self.model_name(arch, stage, replica)
-        with self.archive.stage(name, replace=(name,), started=t0, **self._stamp("train")) as f:
+        with self.archive.commit(name, replace=(name,), started=t0, **self._stamp("train")) as f:
             g = f.require_group(name)
             write_tree(g, {"history": res.history, "test": ev.to_dict()})
             g.attrs.update({"checkpoint": str(ckpt), "sha256": sha, "best_epoch": res.best_epoch,
@@ -375,7 +375,7 @@ class Pipeline:
             return self.splits.test.labels
         return self.trained(arch, stage).evaluation.predictions
 
-    def stage_attributions(self, arch: str) -> None:
+    def step_attributions(self, arch: str) -> None:
         """Raw CAMs of every method, layer and score, for both checkpoints, from one forward pass and one backward
         pass per score and batch (:func:`drift.attribution.cams_multi`)."""
         name = f"attributions/{arch}"
@@ -408,7 +408,7 @@ class Pipeline:
         for (layer, score, stage, m), parts in maps.items():
             tree.setdefault(layer, {}).setdefault(score, {}).setdefault(stage, {})[m] = (
                 torch.cat(parts).numpy().astype(np.float32))
-        with self.archive.stage(name, replace=(name,), started=t0, **self._stamp("attributions")) as f:
+        with self.archive.commit(name, replace=(name,), started=t0, **self._stamp("attributions")) as f:
             g = f.require_group(name)
             write_tree(g, tree)
             g.attrs.update({"target": acfg.target, "eps": acfg.eps, "methods": json.dumps(list(acfg.methods)),
@@ -424,7 +424,7 @@ class Pipeline:
             f"2 checkpoints in {self.timings[name]:.0f} s")
 
     # ---- drift metrics
-    def stage_drift(self, arch: str) -> None:
+    def step_drift(self, arch: str) -> None:
         """Per-image drift metrics TL -> FT for every cell of the protocol grid and every method, over all test
         images (the sample set is a mask), and the per-image agreement between methods of one checkpoint."""
         name = f"drift/{arch}"
@@ -459,7 +459,7 @@ class Pipeline:
                         a, b = normalize(up["transfer", method], norm), normalize(up["finetune", method], norm)
                         cell.setdefault(norm, {})[method] = self._pair_tree(a, b, lung, lesion, marker, selected,
                                                                             n_classes, stats, pair_metrics)
-        with self.archive.stage(name, replace=(name,), started=t0, **self._stamp("drift")) as f:
+        with self.archive.commit(name, replace=(name,), started=t0, **self._stamp("drift")) as f:
             g = f.require_group(name)
             write_tree(g, tree)
             g.attrs["sample_set"] = mcfg.sample_set
@@ -508,7 +508,7 @@ class Pipeline:
                                     self.trained(arch, "finetune").evaluation.predictions, rule)
 
     # ---- iFIM
-    def stage_fisher(self, arch: str) -> None:
+    def step_fisher(self, arch: str) -> None:
         name = f"fisher/{arch}"
         if not self._todo(name, "fisher"):
             return
@@ -541,14 +541,14 @@ class Pipeline:
                                          "x_low": (x_all - high_all).numpy().astype(np.float32),
                                          "k": st.components.k.numpy(),
                                          "energy_share": st.components.energy_share.numpy()}
-        with self.archive.stage(name, replace=(name,), started=t0, **self._stamp("fisher")) as f:
+        with self.archive.commit(name, replace=(name,), started=t0, **self._stamp("fisher")) as f:
             write_tree(f.require_group(name), tree)
         self.timings[name] = time.perf_counter() - t0
         log(f"{arch}: iFIM spectra of {n} images and perturbations of {min(fc.n_components, len(test))} "
             f"per checkpoint in {self.timings[name]:.0f} s")
 
     # ---- statistics across architectures
-    def stage_stats(self) -> None:
+    def step_stats(self) -> None:
         """Rank architectures by stability under each method in every cell of the protocol grid, on one sample
         (``metrics.ranking_sample_set``), with paired bootstrap probabilities of a reversal; store the run's
         headline numbers and example images for the readers (:mod:`drift.headline`)."""
@@ -578,7 +578,7 @@ class Pipeline:
         counts = np.bincount(labels[ranked], minlength=n_classes) if ranked.any() else np.zeros(n_classes, int)
         numbers = headline.compute(reader, mcfg.n_boot, self.cfg.run.seed)
         examples = headline.examples(reader, lambda idx: self.test_images(idx).numpy(), self.cfg.report.n_examples)
-        with self.archive.stage("stats", replace=("stats",), started=t0, **self._stamp("stats")) as f:
+        with self.archive.commit("stats", replace=("stats",), started=t0, **self._stamp("stats")) as f:
             g = f.require_group("stats")
             write_tree(g.require_group("ranking"), tree)
             write_tree(g, {"headline": numbers, "examples": examples})
@@ -611,13 +611,13 @@ class Pipeline:
             warnings.warn(f"ranking by {metric} in cell ({cell}): {exc}", stacklevel=2)
             return {"unranked": str(exc)}
 
-    def stage_baselines(self) -> None:
+    def step_baselines(self) -> None:
         """Seed floors and the randomisation check (:func:`drift.baselines.run_step`; off unless configured)."""
         from .baselines import run_step
 
         run_step(self)
 
-    def stage_report(self) -> None:
+    def step_report(self) -> None:
         try:
             from .report import write_report
         except ImportError:

@@ -17,7 +17,7 @@ def test_tree_round_trip(tmp_path, rng):
     tree = {"a": torch.rand(n, 7, generator=rng).numpy(), "b": {"c": np.arange(n), "s": "text", "x": 1.5,
             "ids": np.asarray([f"id{i}" for i in range(n)])}, "big": np.random.default_rng(0).random((300, 20))}
     a = Archive(tmp_path / "a.h5", "seed = 1\n", "h")
-    with a.stage("one") as f:
+    with a.commit("one") as f:
         write_tree(f, tree)
     back = ArchiveReader(tmp_path / "a.h5").read("/")
     np.testing.assert_array_equal(back["a"], tree["a"])
@@ -31,10 +31,10 @@ def test_tree_round_trip(tmp_path, rng):
 
 def test_failed_stage_leaves_previous_version(tmp_path):
     a = Archive(tmp_path / "a.h5", "", "h")
-    with a.stage("one") as f:
+    with a.commit("one") as f:
         write_tree(f, {"g": {"v": np.ones(3)}})
     with pytest.raises(RuntimeError):
-        with a.stage("two") as f:
+        with a.commit("two") as f:
             write_tree(f, {"h": np.zeros(3)})
             raise RuntimeError("crash inside a stage")
     r = open_archive(tmp_path / "a.h5")
@@ -73,7 +73,7 @@ a = Archive(sys.argv[1], "", "h")
 rng = np.random.default_rng(0)
 i = len(a.stages())
 while True:
-    with a.stage(f"s{i}") as f:
+    with a.commit(f"s{i}") as f:
         for j in range(20):
             write_tree(f, {f"s{i}": {f"part{j}": rng.random((200, 200))}})
     print(i, flush=True)
@@ -116,10 +116,10 @@ def test_stage_seconds_cover_the_computation(tmp_path):
     """A stage's recorded seconds start when its work began (``started``), not when the write opened."""
     a = Archive(tmp_path / "a.h5", "", "h")
     begun = time.perf_counter() - 2.5  # as if the stage had computed for 2.5 s before writing
-    with a.stage("work", started=begun) as f:
+    with a.commit("work", started=begun) as f:
         write_tree(f, {"v": np.ones(2)})
     t = time.perf_counter()
-    with a.stage("quick") as f:
+    with a.commit("quick") as f:
         write_tree(f, {"w": np.ones(2)})
     elapsed = time.perf_counter() - t
     seconds = {s["name"]: s["seconds"] for s in ArchiveReader(tmp_path / "a.h5").stages}

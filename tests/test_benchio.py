@@ -191,7 +191,7 @@ def test_export_into_run_archive_keeps_it_and_replaces_records(tmp_path, rng, py
     run = tmp_path / "archive.h5"
     archive = Archive(run, "seed = 3\n", "hash-1", {"seed": 3})
     maps = torch.rand(5, 7, 7, generator=rng).numpy()
-    with archive.stage("attributions/resnet18") as f:
+    with archive.commit("attributions/resnet18") as f:
         write_tree(f.require_group("attributions/resnet18/transfer"), {"layercam": maps})
 
     first, _ = asv_results(tmp_path / "results", rng, commit="a" * 40)

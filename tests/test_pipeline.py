@@ -266,7 +266,7 @@ def test_rerun_skips_finished_stages(full_run, monkeypatch):
 
     monkeypatch.setattr(pl, "train_transfer", boom)
     monkeypatch.setattr(pl, "train_finetune", boom)
-    monkeypatch.setattr(Pipeline, "stage_report", lambda self: None)
+    monkeypatch.setattr(Pipeline, "step_report", lambda self: None)
     Pipeline(cfg).run()
 
 

@@ -127,7 +127,7 @@ def test_archive_text_round_trips_unicode(tmp_path):
 
     names = np.asarray(["Pleural effusion – ünïcode/tb_00_Müller.png", "数据/ørken.png", "emoji 🫁.png", "plain"])
     a = Archive(tmp_path / "a.h5", "seed = 1\n", "h")
-    with a.stage("one") as f:
+    with a.commit("one") as f:
         write_tree(f, {"ids": names, "grid": names.reshape(2, 2), "name": "Ærø – $x$"})
     back = open_archive(tmp_path / "a.h5").read("/")
     assert list(back["ids"]) == list(names) and back["grid"].tolist() == names.reshape(2, 2).tolist()

@@ -87,7 +87,7 @@ def build_archive(path: Path, gen: torch.Generator, archs=ARCHS, methods=METHODS
     ar = Archive(path, cfg.to_toml(), cfg.science_hash(),
                  {"seed": seed, "git_commit": f"c0ffee{_ints(gen, 1000, 1)[0]}", "device": "cpu (test)",
                   "versions": {"python": "3.11", "torch": torch.__version__}})
-    with ar.stage("data") as f:
+    with ar.commit("data") as f:
         g = f.require_group("data")
         g.attrs["class_names"] = json.dumps(list(SYNTHETIC_CLASSES))
         write_tree(g, {"test": test, "counts": {"train": _ints(gen, 9, C), "val": _ints(gen, 9, C),
@@ -107,7 +107,7 @@ def build_archive(path: Path, gen: torch.Generator, archs=ARCHS, methods=METHODS
                      "best_val_auc": float(_u(gen, 1)[0]), "bn_frozen": True, "weights": "random init",
                      "seconds": float(100 * _u(gen, 1)[0])}
             name = f"models/{arch}/{stage}"
-            with ar.stage(name) as f:
+            with ar.commit(name) as f:
                 g = f.require_group(name)
                 write_tree(g, {"history": hist, "test": ev})
                 g.attrs.update(attrs)
@@ -118,7 +118,7 @@ def build_archive(path: Path, gen: torch.Generator, archs=ARCHS, methods=METHODS
     for arch in archs:
         tree = {st: {m: (_u(gen, n, 3, 3) * 2).astype(np.float16) for m in methods} for st in ("transfer", "finetune")}
         truth["attr"][arch] = tree
-        with ar.stage(f"attributions/{arch}") as f:
+        with ar.commit(f"attributions/{arch}") as f:
             g = f.require_group(f"attributions/{arch}")
             write_tree(g, {cell.layer: {cell.score: tree}, "targets": {st: test["labels"] for st in tree}})
             g.attrs.update({"target": "true", "eps": 0.0})
@@ -147,7 +147,7 @@ def build_archive(path: Path, gen: torch.Generator, archs=ARCHS, methods=METHODS
             tree[method] = {"per_sample": {**per, "ids": test["ids"], "labels": test["labels"], "valid": valid,
                                            "selected": selected}, "degenerate": deg, "summary": summary}
         truth["drift"].update({(arch, m): tree[m] for m in methods})
-        with ar.stage(f"drift/{arch}") as f:
+        with ar.commit(f"drift/{arch}") as f:
             write_tree(f.require_group(cell.drift_path(arch)), tree)
             g = f.require_group(f"drift/{arch}")
             g.attrs["sample_set"] = "tp_both"
@@ -175,7 +175,7 @@ def build_archive(path: Path, gen: torch.Generator, archs=ARCHS, methods=METHODS
                            "summary": {"area_abs_conf_change": _u(gen, 3), "wilcoxon_pvalue": float(_u(gen, 1)[0]),
                                        "kl_ratio_small_eps": float(_u(gen, 1)[0])}}
         truth["fisher"].update({(arch, st): tree[st] for st in tree})
-        with ar.stage(f"fisher/{arch}") as f:
+        with ar.commit(f"fisher/{arch}") as f:
             write_tree(f.require_group(f"fisher/{arch}"), tree)
     tree = {}
     for metric in ("iou@20", "centroid_shift"):
@@ -195,7 +195,7 @@ def build_archive(path: Path, gen: torch.Generator, archs=ARCHS, methods=METHODS
     numbers = headline.compute(reader)
     examples = headline.examples(reader, t.images, cfg.report.n_examples) if images_known else {}
     truth["examples"], truth["split"] = examples, t if images_known else None
-    with ar.stage("stats") as f:
+    with ar.commit("stats") as f:
         write_tree(f.require_group(f"stats/ranking/{cell.key}"), tree)
         write_tree(f["stats"], {"headline": numbers, "examples": examples})
         f["stats"].attrs.update({"ranking_sample_set": "tp_all", "n_ranked": 7, "n_ranked_per_class": json.dumps(
@@ -722,7 +722,7 @@ def test_compare_refuses_other_classes_or_samples(tmp_path, rng):
     b = tmp_path / "b.h5"
     build_archive(b, rng, archs=("resnet10t",), upto="train")
     report.compare(a, b)  # same test set and classes: comparable
-    with Archive(b).stage("data") as f:
+    with Archive(b).commit("data") as f:
         f["data"].attrs["class_names"] = json.dumps(["a", "b", "c", "d", "e"])
     with pytest.raises(ValueError, match="class names") as err:
         report.compare(a, b)

@@ -55,18 +55,18 @@ def test_summary_text_shows_small_values(tmp_path, rng):
     area = np.array([u() * 1e-5, u() * 1e-3, u() * 1e-1])
     pval = u() * 1e-7
     ar = Archive(tmp_path / "a.h5", "", "", {"seed": 0})
-    with ar.stage("data") as f:
+    with ar.commit("data") as f:
         f.require_group("data").attrs["class_names"] = json.dumps(["a", "b"])
-    with ar.stage("models/m/transfer") as f:
+    with ar.commit("models/m/transfer") as f:
         g = f.require_group("models/m/transfer")
         write_tree(g, {"test": {"accuracy": acc, "macro_auc": auc}})
         g.attrs.update({"best_epoch": 2, "seconds": 12.0})
-    with ar.stage("drift/m") as f:
+    with ar.commit("drift/m") as f:
         g = f.require_group("drift/m")
         write_tree(g, {"block": {"logit": {"none": {"gradcam": {"summary": {
             "entropy_change": {"mean": mean, "lo": lo, "hi": hi}}}}}}})
         g.attrs["n_selected"] = 5
-    with ar.stage("fisher/m") as f:
+    with ar.commit("fisher/m") as f:
         write_tree(f.require_group("fisher/m"), {"transfer": {
             "eigen_share": np.full((4, 2), 0.5), "rank": np.array([2, 2, 2, 2]),
             "summary": {"area_abs_conf_change": area, "wilcoxon_pvalue": pval}}})
