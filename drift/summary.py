@@ -205,7 +205,7 @@ def _fisher(r: ArchiveReader, h: dict) -> list[str]:
 
 
 def _baselines(r: ArchiveReader, h: dict) -> list[str]:
-    from .baselines import summary_lines
+    from .report.baselines import summary_lines
 
     return summary_lines(r, h)
 

@@ -3,8 +3,98 @@ reversal exceeds the seed noise (:mod:`drift.baselines`)."""
 
 from __future__ import annotations
 
-from ..baselines import floor_rows, randomisation_rows, verdict
+import json
+
+import numpy as np
+
+from ..archive import ArchiveReader, Cell
+from ..summary import fmt, table
 from .document import Run, Section, Table, Text
+
+
+def _num(x) -> str:
+    return fmt(x, 3)
+
+
+def floor_rows(reader: ArchiveReader, cell: Cell | None = None) -> tuple[list[str], list[list[str]]]:
+    """The drift-against-floor table of an archive in ``cell`` (default primary): header and rows, one per
+    architecture, method and floor stage, each ranking metric as ``drift / floor = ratio`` of macro-mean
+    instabilities (:func:`drift.baselines.instability`) with the 95% interval of drift minus floor. Empty without
+    a seed floor."""
+    cell = reader.primary_cell() if cell is None else cell
+    header, rows = ["architecture", "method", "floor"], []
+    metrics: list[str] = []
+    for arch in reader.keys("baselines/arch"):
+        base = f"baselines/arch/{arch}/floor"
+        if not reader.has(base):
+            continue
+        for stage in reader.keys(base):
+            path = f"{base}/{stage}/{cell.key}"
+            if not reader.has(path):
+                continue
+            for method in reader.keys(path):
+                against = reader.read(f"{path}/{method}/against")
+                metrics = metrics or list(against)
+                row = [arch, method, f"{stage} x{sum(k.startswith('seed') for k in reader.keys(f'{path}/{method}'))}"]
+                for m in metrics:
+                    a = against.get(m, {})
+                    ex = a.get("excess", {})
+                    row.append(f"{_num(a.get('drift', {}).get('mean'))} / {_num(a.get('floor', {}).get('mean'))} = "
+                               f"{fmt(a.get('ratio'), 2)}x [{_num(ex.get('lo'))}, {_num(ex.get('hi'))}]")
+                rows.append(row)
+    return header + [f"{m}: drift / floor = ratio [excess 95%]" for m in metrics], rows
+
+
+def randomisation_rows(reader: ArchiveReader) -> tuple[list[str], list[list[str]]]:
+    """The randomisation check of an archive: header and rows (architecture, layer, score, method, mean Pearson r
+    with the trained maps at each cut, flagged). Empty without the check."""
+    rows, labels = [], []
+    for arch in reader.keys("baselines/arch"):
+        path = f"baselines/arch/{arch}/randomisation"
+        if not reader.has(path):
+            continue
+        top = reader.read(path)
+        labels = json.loads(top.get("labels", "[]")) or labels
+        for layer, by_score in top.items():
+            if not isinstance(by_score, dict):
+                continue
+            for score, by_method in by_score.items():
+                for method, node in by_method.items():
+                    r = np.asarray(node.get("pearson_by_cut", []), dtype=float)
+                    rows.append([arch, layer, score, method, " -> ".join(_num(x) for x in r),
+                                 "FLAGGED" if _truthy(node.get("flagged")) else "no"])
+    cuts = " -> ".join(labels) if labels else "cuts"
+    return ["architecture", "layer", "score", "method", f"Pearson r with the trained maps ({cuts})", "flagged"], rows
+
+
+def _truthy(v) -> bool:
+    return v in (True, 1) or (isinstance(v, (np.bool_, np.integer)) and bool(v)) or v == "True"
+
+
+def verdict(reader: ArchiveReader) -> str:
+    """The run's sentence on the seed floor ("" when the archive has none)."""
+    return str(reader.read("baselines/ranking").get("verdict", "")) if reader.has("baselines/ranking") else ""
+
+
+def summary_lines(reader: ArchiveReader, headline: dict | None = None) -> list[str]:
+    """The summary's part on the controls: drift beside its seed floor, the randomisation check, the sentence."""
+    out: list[str] = []
+    header, rows = floor_rows(reader)
+    if rows:
+        out += [f"Drift TL -> FT beside its seed floor at ({reader.primary_cell()}): macro-mean instability (1 - "
+                "overlap or correlation; displacement) of TL vs FT, and of the run's model vs seed replicas of the "
+                "same stage (the floor); ratio; 95% interval of drift minus floor", table(header, rows), ""]
+    header, rows = randomisation_rows(reader)
+    if rows:
+        thr = next((reader.read(f"baselines/arch/{a}").get("flag_pearson") for a in reader.keys("baselines/arch")),
+                   None)
+        out += ["Randomisation check (cascading re-initialisation of the fine-tuned model from the head down): "
+                f"a method is flagged when its maps keep r >= {_num(thr)} with the trained maps at every cut",
+                table(header, rows), ""]
+    v = verdict(reader)
+    if v:
+        out += [v, ""]
+    return out
 
 
 def sections(run: Run) -> list[Section]:
