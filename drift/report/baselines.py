@@ -16,32 +16,32 @@ def _num(x) -> str:
     return fmt(x, 3)
 
 
-def floor_rows(reader: ArchiveReader, cell: Cell | None = None) -> tuple[list[str], list[list[str]]]:
-    """The drift-against-floor table of an archive in ``cell`` (default primary): header and rows, one per
-    architecture, method and floor stage, each ranking metric as ``drift / floor = ratio`` of macro-mean
-    instabilities (:func:`drift.baselines.instability`) with the 95% interval of drift minus floor. Empty without
-    a seed floor."""
-    cell = reader.primary_cell() if cell is None else cell
-    header, rows = ["architecture", "method", "floor"], []
+def floor_rows(reader: ArchiveReader, cells: list[Cell] | None = None) -> tuple[list[str], list[list[str]]]:
+    """The drift-against-floor table of an archive: header and rows, one per architecture, layer, method and floor
+    stage (``cells``: default every layer at the primary score and normalisation), each ranking metric as
+    ``drift / floor = ratio`` of macro-mean instabilities (:func:`drift.baselines.instability`) with the 95%
+    interval of drift minus floor. Empty without a seed floor."""
+    if cells is None:
+        primary = reader.primary_cell()
+        cells = [c for c in reader.cells() if (c.score, c.norm) == (primary.score, primary.norm)]
+    header, rows = ["architecture", "layer", "method", "floor"], []
     metrics: list[str] = []
     for arch in reader.keys("baselines/arch"):
         base = f"baselines/arch/{arch}/floor"
-        if not reader.has(base):
-            continue
         for stage in reader.keys(base):
-            path = f"{base}/{stage}/{cell.key}"
-            if not reader.has(path):
-                continue
-            for method in reader.keys(path):
-                against = reader.read(f"{path}/{method}/against")
-                metrics = metrics or list(against)
-                row = [arch, method, f"{stage} x{sum(k.startswith('seed') for k in reader.keys(f'{path}/{method}'))}"]
-                for m in metrics:
-                    a = against.get(m, {})
-                    ex = a.get("excess", {})
-                    row.append(f"{_num(a.get('drift', {}).get('mean'))} / {_num(a.get('floor', {}).get('mean'))} = "
-                               f"{fmt(a.get('ratio'), 2)}x [{_num(ex.get('lo'))}, {_num(ex.get('hi'))}]")
-                rows.append(row)
+            for cell in cells:
+                path = f"{base}/{stage}/{cell.key}"
+                for method in reader.keys(path):
+                    against = reader.read(f"{path}/{method}/against")
+                    metrics = metrics or list(against)
+                    n = sum(k.startswith("seed") for k in reader.keys(f"{path}/{method}"))
+                    row = [arch, cell.layer, method, f"{stage} x{n}"]
+                    for m in metrics:
+                        a = against.get(m, {})
+                        ex = a.get("excess", {})
+                        row.append(f"{_num(a.get('drift', {}).get('mean'))} / {_num(a.get('floor', {}).get('mean'))}"
+                                   f" = {fmt(a.get('ratio'), 2)}x [{_num(ex.get('lo'))}, {_num(ex.get('hi'))}]")
+                    rows.append(row)
     return header + [f"{m}: drift / floor = ratio [excess 95%]" for m in metrics], rows
 
 
@@ -81,9 +81,11 @@ def summary_lines(reader: ArchiveReader, headline: dict | None = None) -> list[s
     out: list[str] = []
     header, rows = floor_rows(reader)
     if rows:
-        out += [f"Drift TL -> FT beside its seed floor at ({reader.primary_cell()}): macro-mean instability (1 - "
-                "overlap or correlation; displacement) of TL vs FT, and of the run's model vs seed replicas of the "
-                "same stage (the floor); ratio; 95% interval of drift minus floor", table(header, rows), ""]
+        cell = reader.primary_cell()
+        out += [f"Drift TL -> FT beside its seed floor (score {cell.score}, maps {cell.norm}): macro-mean "
+                "instability (1 - overlap or correlation; displacement) of TL vs FT, and of the run's model vs seed "
+                "replicas of the same stage (the floor); ratio; 95% interval of drift minus floor", table(header, rows),
+                ""]
     header, rows = randomisation_rows(reader)
     if rows:
         thr = next((reader.read(f"baselines/arch/{a}").get("flag_pearson") for a in reader.keys("baselines/arch")),
@@ -114,7 +116,8 @@ def sections(run: Run) -> list[Section]:
             "drift table's images; ratio = drift / floor; the interval is a bootstrap of per-image drift minus floor "
             "(above 0: the drift exceeds the floor). The ranking by drift minus floor decides whether a reversal "
             "survives."))
-        s.blocks.append(Table("tbl-floor", f"TL -> FT drift beside its seed floor ({run.cell})", header, rows))
+        s.blocks.append(Table("tbl-floor", f"TL -> FT drift beside its seed floor per layer (score {run.cell.score}, "
+                              f"maps {run.cell.norm})", header, rows))
     if rrows:
         s.blocks.append(Text(
             "Cascading randomisation (Adebayo et al., Sanity checks for saliency maps, 2018): the fine-tuned model's "
