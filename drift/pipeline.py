@@ -512,7 +512,7 @@ class Pipeline:
         name = f"fisher/{arch}"
         if not self._todo(name, "fisher"):
             return
-        from .perturb import ifim_study
+        from .ifim_study import ifim_study
 
         fc = self.cfg.fisher
         test = self.splits.test

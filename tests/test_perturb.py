@@ -12,11 +12,12 @@ import torch
 from sklearn.metrics import accuracy_score, roc_auc_score
 from test_fisher import _one_blas_thread, brute_eig, brute_fisher, brute_jacobian, make  # noqa: F401
 
+import drift.ifim_study
 import drift.perturb
 from drift.fisher import decompose, head_probs, ifim, ifim_from_jacobian, input_jacobian
+from drift.ifim_study import ifim_study
 from drift.perturb import (
     KINDS,
-    ifim_study,
     macro_auc,
     perturbation_directions,
     removal_inputs,
@@ -291,7 +292,7 @@ def test_study_equals_the_three_separate_computations(rng, monkeypatch, head, n,
         differentiated.append(len(xb))
         return input_jacobian(model, xb, *a, **k)
 
-    monkeypatch.setattr(drift.perturb, "input_jacobian", counting)
+    monkeypatch.setattr(drift.ifim_study, "input_jacobian", counting)
     got = ifim_study(model, lambda idx: x[torch.as_tensor(idx)], labels[:m], n, m, energy=0.8, head=head,
                      batch_size=bs, **kw)
     assert differentiated == [min(bs, N - lo) for lo in range(0, N, bs)]
