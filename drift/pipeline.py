@@ -22,17 +22,7 @@ import torch
 from . import distributed, source_weights
 from .archive import ArchiveReader, as_tree, write_tree
 from .config import Config
-from .models import (
-    Classifier,
-    build,
-    get_spec,
-    load_backbone_weights,
-    load_checkpoint,
-    load_imagenet,
-    load_state,
-    save_checkpoint,
-    sha256_file,
-)
+from .models import Classifier, build, get_spec
 from .rundir import RunLock, log, make_out, nothing_finished, provenance
 from .train import (
     BN_CALIBRATION_IMAGES,
@@ -43,6 +33,14 @@ from .train import (
     resolve_device,
     train_finetune,
     train_transfer,
+)
+from .weights import (
+    load_backbone_weights,
+    load_checkpoint,
+    load_imagenet,
+    load_state,
+    save_checkpoint,
+    sha256_file,
 )
 
 STAGES = ("transfer", "finetune")

@@ -18,9 +18,10 @@ import torch
 
 from . import distributed
 from .config import Config, StageConfig
-from .models import build, get_spec, load_state, sha256_file
+from .models import build, get_spec
 from .rundir import log
 from .train import BN_CALIBRATION_IMAGES, pretrain_source
+from .weights import load_state, sha256_file
 
 RECIPE = 5
 """Version of the synthetic-source recipe (source task, pretraining, cache file format); part of the cache key."""

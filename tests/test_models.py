@@ -3,7 +3,7 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import TensorDataset
 
-from drift import models
+from drift import models, weights
 
 
 @pytest.mark.parametrize("arch, size, fmap", [("densenet201", 96, 3), ("resnetv2_50", 96, 3),
@@ -100,28 +100,6 @@ def test_wrong_layer_and_arch_names_list_valid_ones():
         m(torch.rand(1, 1, 20, 20))
 
 
-def test_checkpoint_round_trip_and_refusals(tmp_path):
-    torch.manual_seed(1)
-    m = models.build("resnet10t", 4).eval()
-    sha = models.save_checkpoint(m, tmp_path / "c.pt", {"stage": "transfer"})
-    assert sha == models.sha256_file(tmp_path / "c.pt")
-    m2 = models.load_checkpoint(tmp_path / "c.pt", "resnet10t", 4)
-    x = torch.rand(2, 1, 64, 64)
-    with torch.no_grad():
-        assert torch.equal(m(x), m2.eval()(x))
-    with pytest.raises(ValueError, match="expected resnet18"):
-        models.load_checkpoint(tmp_path / "c.pt", "resnet18", 4)
-
-    import argparse  # any class outside the weights-only allow-list stands for an arbitrary pickled object
-
-    torch.save({"state_dict": {}, "payload": argparse.Namespace(a=1)}, tmp_path / "evil.pt")
-    with pytest.raises(ValueError, match="evil.pt"):
-        models.load_state(tmp_path / "evil.pt")
-    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="junk.pt"):
-        models.load_state(tmp_path / "junk.pt")
-
-
 @pytest.mark.parametrize("side, hw", [(71, (45, 53)), (40, (57, 63))])
 def test_input_size_resamples_like_interpolate_and_survives_a_checkpoint(tmp_path, rng, side, hw):
     """A model with input_size gives the logits of the same weights on F.interpolate'd input (bilinear,
@@ -138,53 +116,13 @@ def test_input_size_resamples_like_interpolate_and_survives_a_checkpoint(tmp_pat
     torch.testing.assert_close(m(x), plain(ref), rtol=1e-5, atol=1e-6)
     m(x).sum().backward()
     assert x.grad.shape == x.shape and x.grad.abs().sum() > 0
-    models.save_checkpoint(m, tmp_path / "c.pt")
-    back = models.load_checkpoint(tmp_path / "c.pt", "resnet10t", 3).eval()
+    weights.save_checkpoint(m, tmp_path / "c.pt")
+    back = weights.load_checkpoint(tmp_path / "c.pt", "resnet10t", 3).eval()
     assert back.input_size == side
     with torch.no_grad():
         assert torch.equal(back(x), m(x))
     with pytest.raises(ValueError, match="input_size 8"):
         models.build("resnet10t", 3, input_size=8)
-
-
-def test_imagenet_weights_offline_and_absent_name_the_model(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HOME", str(tmp_path))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline: nothing is fetched, the error names what was looked for
-    m = models.build("resnet10t", 3)
-    with pytest.raises(FileNotFoundError, match="resnet10t"):
-        models.load_imagenet(m)
-    with pytest.raises(FileNotFoundError, match="nothere"):
-        models.load_imagenet(m, str(tmp_path / "nothere.pth"))
-
-
-def test_backbone_weights_file_loads_and_wrong_one_is_named(tmp_path):
-    src = models.build("resnet10t", 3)
-    torch.save(src.backbone.state_dict(), tmp_path / "w.pth")
-    dst = models.build("resnet10t", 3)
-    models.load_backbone_weights(dst, models.load_state(tmp_path / "w.pth"), "w.pth")
-    assert torch.equal(dst.backbone.conv1[0].weight, src.backbone.conv1[0].weight)
-    with pytest.raises(ValueError, match="w.pth"):
-        models.load_backbone_weights(models.build("resnet18", 3), models.load_state(tmp_path / "w.pth"), "w.pth")
-
-
-def test_imagenet_weights_come_from_a_local_hub_cache(tmp_path, monkeypatch):
-    """A cache laid out as the hub lays it out (refs/main -> snapshots/<rev>/model.safetensors) is used offline."""
-    import timm
-    from safetensors.torch import save_file
-
-    src = models.build("resnet10t", 3)
-    hub = timm.models.get_pretrained_cfg("resnet10t").hf_hub_id
-    repo = tmp_path / "hub" / ("models--" + hub.replace("/", "--"))
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text("abc123")
-    snap = repo / "snapshots" / "abc123"
-    snap.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in src.backbone.state_dict().items()}, str(snap / "model.safetensors"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    dst = models.build("resnet10t", 3)
-    origin = models.load_imagenet(dst)
-    assert hub in origin
-    assert torch.equal(dst.backbone.conv1[0].weight, src.backbone.conv1[0].weight)
 
 
 def test_bf16_inference_passes_match_fp32_to_bf16_accuracy(rng):

@@ -55,7 +55,7 @@ def test_archive_holds_every_stage(full_run):
 def test_archived_logits_are_the_checkpoints_outputs(full_run):
     """Independent check: reload each checkpoint and recompute the test logits from regenerated images."""
     from drift.data import load_synthetic
-    from drift.models import load_checkpoint
+    from drift.weights import load_checkpoint
 
     cfg, pipe, r = full_run
     d = cfg.data
@@ -365,7 +365,7 @@ def test_damaged_source_cache_is_rebuilt_not_loaded(tmp_path, monkeypatch, damag
     rebuilt = source_weights.backbone(cfg, "resnet10t", torch.device("cpu"))
     assert calls["pretrain"] == 2 and calls["load"] == []  # never unpickled the damaged file
     assert set(rebuilt["state_dict"]) == set(first["state_dict"])
-    from drift.models import sha256_file
+    from drift.weights import sha256_file
 
     assert path.with_name(path.name + ".sha256").read_text().split()[0] == sha256_file(path)
     source_weights.backbone(cfg, "resnet10t", torch.device("cpu"))
@@ -375,7 +375,7 @@ def test_damaged_source_cache_is_rebuilt_not_loaded(tmp_path, monkeypatch, damag
 def test_pretrain_command_fills_the_cache_and_stage_1_keeps_the_source_backbone(tmp_path, capsys):
     """`drift pretrain` makes the weights `drift run` then loads; stage 1 trains the head only: every backbone
     parameter and BatchNorm running statistic of the stage-1 checkpoint equals the cached source weights."""
-    from drift.models import load_checkpoint
+    from drift.weights import load_checkpoint
 
     extra = [*SOURCE_TINY, f'model.cache_dir="{tmp_path / "cache"}"']
     sets = [a for item in [*TINY, *extra, f'run.out="{tmp_path / "run"}"'] for a in ("--set", item)]

@@ -325,7 +325,8 @@ def test_disk_full_while_saving_a_checkpoint(tmp_path, capsys, monkeypatch):
     assert len(err.strip().splitlines()) == 1
     assert list((tmp_path / "checkpoints").iterdir()) == [] and not (tmp_path / ".lock").exists()
     with pytest.raises(OutputError):
-        from drift.models import build, save_checkpoint
+        from drift.models import build
+        from drift.weights import save_checkpoint
 
         save_checkpoint(build("resnet10t", 2), tmp_path / "x.pt")
     assert not (tmp_path / "x.pt.tmp").exists()

@@ -24,7 +24,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from drift import models
+from drift import models, weights
 
 ARCH = "resnet10t"
 REPO = timm.models.get_pretrained_cfg(ARCH).hf_hub_id
@@ -145,7 +145,7 @@ def test_download_on_first_use_then_the_cache_with_the_hub_gone(hub, tmp_path):
     hub.files[(REPO, "model.safetensors")] = _safetensors_bytes(served, tmp_path)
     model = models.build(ARCH, 3)
     head = [p.detach().clone() for p in model.head.parameters()]
-    origin = models.load_imagenet(model)
+    origin = weights.load_imagenet(model)
     assert REPO in origin and "model.safetensors" in origin and COMMIT in origin
     _assert_backbone_is(model, served)
     assert all(torch.equal(a, b) for a, b in zip(head, model.head.parameters()))
@@ -157,7 +157,7 @@ def test_download_on_first_use_then_the_cache_with_the_hub_gone(hub, tmp_path):
     hub.stop()
     asked = len(hub.requests)
     again = models.build(ARCH, 3)
-    assert models.load_imagenet(again) == origin
+    assert weights.load_imagenet(again) == origin
     _assert_backbone_is(again, served)
     assert len(hub.requests) == asked
 
@@ -167,7 +167,7 @@ def test_pickled_file_when_the_repo_has_no_safetensors(hub, tmp_path):
     torch.save(served, tmp_path / "pytorch_model.bin")
     hub.files[(REPO, "pytorch_model.bin")] = (tmp_path / "pytorch_model.bin").read_bytes()
     model = models.build(ARCH, 3)
-    assert "pytorch_model.bin" in models.load_imagenet(model)
+    assert "pytorch_model.bin" in weights.load_imagenet(model)
     _assert_backbone_is(model, served)
     assert ("HEAD", f"/{REPO}/resolve/main/model.safetensors") in hub.requests
 
@@ -176,7 +176,7 @@ def test_offline_with_an_empty_cache_names_the_repo_and_the_cache(hub, tmp_path,
     hub.files[(REPO, "model.safetensors")] = _safetensors_bytes(_served_state(), tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ValueError) as err:
-        models.load_imagenet(models.build(ARCH, 3))
+        weights.load_imagenet(models.build(ARCH, 3))
     msg = str(err.value)
     for part in (ARCH, REPO, "model.safetensors", "pytorch_model.bin", str(tmp_path / "hub"), "HF_HUB_OFFLINE",
                  "model.weights_file", "~/.cache/huggingface/hub"):
@@ -188,7 +188,7 @@ def test_offline_with_an_empty_cache_names_the_repo_and_the_cache(hub, tmp_path,
 def test_corrupt_served_file_is_named(hub, tmp_path):
     hub.files[(REPO, "model.safetensors")] = b"<html><body>rate limited</body></html>"
     with pytest.raises(ValueError) as err:
-        models.load_imagenet(models.build(ARCH, 3))
+        weights.load_imagenet(models.build(ARCH, 3))
     msg = str(err.value)
     assert f"{REPO}/model.safetensors" in msg and "not a valid safetensors file" in msg
     assert "snapshots" in msg and "delete" in msg and "Traceback" not in msg
@@ -197,7 +197,7 @@ def test_corrupt_served_file_is_named(hub, tmp_path):
 def test_served_file_of_another_model_is_named(hub, tmp_path):
     hub.files[(REPO, "model.safetensors")] = _safetensors_bytes(_served_state("resnet18"), tmp_path)
     with pytest.raises(ValueError) as err:
-        models.load_imagenet(models.build(ARCH, 3))
+        weights.load_imagenet(models.build(ARCH, 3))
     msg = str(err.value)
     assert f"{REPO}/model.safetensors" in msg and "resnet10t" in msg
 
@@ -207,14 +207,14 @@ def test_corrupt_local_weights_file_is_named(tmp_path, name):
     path = tmp_path / name
     path.write_bytes(b"\x00not a checkpoint" * 8)
     with pytest.raises(ValueError, match=re.escape(str(path))):
-        models.load_imagenet(models.build(ARCH, 3), str(path))
+        weights.load_imagenet(models.build(ARCH, 3), str(path))
 
 
 def test_local_file_in_the_hubs_format_loads(tmp_path):
     served = _served_state(seed=2)
     save_file(served, str(tmp_path / "model.safetensors"))
     model = models.build(ARCH, 3)
-    assert models.load_imagenet(model, str(tmp_path / "model.safetensors")) == str(tmp_path / "model.safetensors")
+    assert weights.load_imagenet(model, str(tmp_path / "model.safetensors")) == str(tmp_path / "model.safetensors")
     _assert_backbone_is(model, served)
 
 
@@ -225,9 +225,9 @@ def test_a_fresh_process_reads_HF_ENDPOINT_at_import(hub, tmp_path):
     script = (
         "import json, sys, torch\n"
         "from huggingface_hub import constants\n"
-        "from drift import models\n"
+        "from drift import models, weights\n"
         "m = models.build(sys.argv[1], 3)\n"
-        "origin = models.load_imagenet(m)\n"
+        "origin = weights.load_imagenet(m)\n"
         "torch.save(m.backbone.state_dict(), sys.argv[2])\n"
         "print(json.dumps({'endpoint': constants.ENDPOINT, 'origin': origin}))\n"
     )
@@ -242,3 +242,65 @@ def test_a_fresh_process_reads_HF_ENDPOINT_at_import(hub, tmp_path):
     assert set(got) == {k for k in served if not k.startswith("fc.")}
     assert all(torch.equal(v, served[k]) for k, v in got.items())
     assert any(m == "GET" and p.startswith("/blobs/") for m, p in hub.requests)
+
+
+def test_checkpoint_round_trip_and_refusals(tmp_path):
+    torch.manual_seed(1)
+    m = models.build("resnet10t", 4).eval()
+    sha = weights.save_checkpoint(m, tmp_path / "c.pt", {"stage": "transfer"})
+    assert sha == weights.sha256_file(tmp_path / "c.pt")
+    m2 = weights.load_checkpoint(tmp_path / "c.pt", "resnet10t", 4)
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(m(x), m2.eval()(x))
+    with pytest.raises(ValueError, match="expected resnet18"):
+        weights.load_checkpoint(tmp_path / "c.pt", "resnet18", 4)
+
+    import argparse  # any class outside the weights-only allow-list stands for an arbitrary pickled object
+
+    torch.save({"state_dict": {}, "payload": argparse.Namespace(a=1)}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match="evil.pt"):
+        weights.load_state(tmp_path / "evil.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="junk.pt"):
+        weights.load_state(tmp_path / "junk.pt")
+
+
+def test_imagenet_weights_offline_and_absent_name_the_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline: nothing is fetched, the error names what was looked for
+    m = models.build("resnet10t", 3)
+    with pytest.raises(FileNotFoundError, match="resnet10t"):
+        weights.load_imagenet(m)
+    with pytest.raises(FileNotFoundError, match="nothere"):
+        weights.load_imagenet(m, str(tmp_path / "nothere.pth"))
+
+
+def test_backbone_weights_file_loads_and_wrong_one_is_named(tmp_path):
+    src = models.build("resnet10t", 3)
+    torch.save(src.backbone.state_dict(), tmp_path / "w.pth")
+    dst = models.build("resnet10t", 3)
+    weights.load_backbone_weights(dst, weights.load_state(tmp_path / "w.pth"), "w.pth")
+    assert torch.equal(dst.backbone.conv1[0].weight, src.backbone.conv1[0].weight)
+    with pytest.raises(ValueError, match="w.pth"):
+        weights.load_backbone_weights(models.build("resnet18", 3), weights.load_state(tmp_path / "w.pth"), "w.pth")
+
+
+def test_imagenet_weights_come_from_a_local_hub_cache(tmp_path, monkeypatch):
+    """A cache laid out as the hub lays it out (refs/main -> snapshots/<rev>/model.safetensors) is used offline."""
+    import timm
+    from safetensors.torch import save_file
+
+    src = models.build("resnet10t", 3)
+    hub = timm.models.get_pretrained_cfg("resnet10t").hf_hub_id
+    repo = tmp_path / "hub" / ("models--" + hub.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    snap = repo / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in src.backbone.state_dict().items()}, str(snap / "model.safetensors"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    dst = models.build("resnet10t", 3)
+    origin = weights.load_imagenet(dst)
+    assert hub in origin
+    assert torch.equal(dst.backbone.conv1[0].weight, src.backbone.conv1[0].weight)
