@@ -4,7 +4,8 @@ Every loader returns `ImageSet` splits whose items are ``(image (1, H, W) float3
 """
 
 from drift.data.base import DataError, ImageSet, Splits
-from drift.data.real import DataWarning, assign_splits, decode_image, load_csv, load_folder, read_image
+from drift.data.images import decode_image, read_image
+from drift.data.real import DataWarning, assign_splits, load_csv, load_folder
 from drift.data.source import (
     LESION_SOURCE_CLASSES,
     SOURCE_CLASSES,
