@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .metrics.pairwise import _check_maps
+
 NORMALIZE_MODES = ("none", "minmax", "sum")
 
 
@@ -19,7 +21,7 @@ def upsample(maps: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
     Returns:
         (B, H, W) maps in the input dtype.
     """
-    _check_maps(maps)
+    _check_maps(maps, "maps")
     if isinstance(size, int):
         size = (size, size)
     size = tuple(int(s) for s in size)
@@ -45,7 +47,7 @@ def normalize(maps: torch.Tensor, mode: str = "minmax") -> torch.Tensor:
     Returns:
         (B, H, W) maps in the input dtype.
     """
-    _check_maps(maps)
+    _check_maps(maps, "maps")
     if mode == "none":
         return maps
     if mode == "minmax":
@@ -58,12 +60,3 @@ def normalize(maps: torch.Tensor, mode: str = "minmax") -> torch.Tensor:
         out = maps / total
         return torch.where(total == 0, torch.zeros_like(out), out)
     raise ValueError(f"normalize mode must be one of {NORMALIZE_MODES}, got {mode!r}")
-
-
-def _check_maps(maps: torch.Tensor) -> None:
-    if not isinstance(maps, torch.Tensor):
-        raise TypeError(f"maps must be a torch.Tensor (B, H, W), got {type(maps).__name__}")
-    if maps.ndim != 3:
-        raise ValueError(f"maps must have shape (B, H, W), got {tuple(maps.shape)}")
-    if not maps.is_floating_point():
-        raise TypeError(f"maps must be floating, got dtype {maps.dtype}")
