@@ -59,8 +59,8 @@ stats/headline/         the run's headline numbers (drift.headline.compute), rea
                         wilcoxon_p, kl_ratio
 stats/examples/<arch>/  index (k,), ids (k,), images (k, H, W) float16 in [0, 1]: the test images the report
                         shows with their maps (drift.headline.examples)
-fisher/<arch>/<stage>/  eigenvalues (N, r), rank (N,), probs (N, C), ids; components/{ids, x, x_high, x_low,
-                        k, coefficients}; perturbation/<arrays of the perturbation experiment>; summary attrs
+fisher/<arch>/<stage>/  eigenvalues (N, r), rank (N,), probs (N, C), ids; components/{ids, x (float16), x_high,
+                        x_low, k, energy_share}; perturbation/<arrays of the perturbation experiment>; summary attrs
 replicas/<arch>/<stage>/seed<s>/
                         a seed replica of a stage (``baselines.seeds``): as models/<arch>/<stage>/, plus attrs seed
 baselines/arch/<arch>/  attrs: seeds, stages, randomize (JSON), flag_pearson, n_images
