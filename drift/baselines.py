@@ -172,6 +172,19 @@ def flagged(pearson_by_cut: Sequence[float], threshold: float) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- floors
+def _drift_and_floor(drift: np.ndarray, floors: Sequence[np.ndarray], metric: str,
+                     fractions: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-image instabilities of the drift and of the floor (the mean over the replicas)."""
+    return (instability(metric, drift, fractions),
+            np.mean([instability(metric, x, fractions) for x in floors], axis=0))
+
+
+def replica_values(replicas: Sequence[dict], metric: str) -> list[np.ndarray]:
+    """A metric's per-image values of each replica (``per_sample`` trees), NaN where a replica's map pair is
+    degenerate."""
+    return [np.where(r["valid"].astype(bool), r[metric], np.nan) for r in replicas]
+
+
 def against_floor(drift: np.ndarray, floors: Sequence[np.ndarray], metric: str, use: np.ndarray, labels: np.ndarray,
                   n_classes: int, n_boot: int, seed: int, min_per_class: int,
                   fractions: Sequence[float] = DEFAULT_FRACTIONS) -> dict:
@@ -182,8 +195,7 @@ def against_floor(drift: np.ndarray, floors: Sequence[np.ndarray], metric: str, 
     their per-image difference (with bootstrap intervals), and ``ratio`` = drift mean / floor mean (inf when the
     floor is 0 and the drift is not, NaN when both are 0).
     """
-    d = instability(metric, drift, fractions)
-    f = np.mean([instability(metric, x, fractions) for x in floors], axis=0)
+    d, f = _drift_and_floor(drift, floors, metric, fractions)
     ok = use & np.isfinite(d) & np.isfinite(f)
     agg = {}
     for key, v in (("drift", d), ("floor", f), ("excess", d - f)):
@@ -198,15 +210,8 @@ def against_floor(drift: np.ndarray, floors: Sequence[np.ndarray], metric: str, 
 def excess_values(drift: np.ndarray, floors: Sequence[np.ndarray], metric: str, use: np.ndarray,
                   fractions: Sequence[float] = DEFAULT_FRACTIONS) -> np.ndarray:
     """Per-image drift minus floor as instabilities (NaN outside ``use``): what :func:`floor_verdict` ranks."""
-    d = instability(metric, drift, fractions)
-    f = np.mean([instability(metric, x, fractions) for x in floors], axis=0)
+    d, f = _drift_and_floor(drift, floors, metric, fractions)
     return np.where(use & np.isfinite(d) & np.isfinite(f), d - f, np.nan)
-
-
-def _gradcam_pairs(methods: Sequence[str]) -> list[tuple[str, str]]:
-    pairs = [(a, b) for i, a in enumerate(methods) for b in methods[i + 1:]
-             if "layercam" in (a, b) and any(m.startswith("gradcam++") for m in (a, b))]
-    return pairs or [(a, b) for i, a in enumerate(methods) for b in methods[i + 1:]]
 
 
 def floor_verdict(raw: dict, corrected: dict, ratios: dict, methods: Sequence[str], stage: str, n_seeds: int,
@@ -219,7 +224,9 @@ def floor_verdict(raw: dict, corrected: dict, ratios: dict, methods: Sequence[st
         ratios: ``{metric: [drift / floor ratio of every (arch, method)]}``.
         methods, stage, n_seeds, cell: what the sentence names.
     """
-    pairs = [" vs ".join(p) for p in _gradcam_pairs(methods)]
+    from .headline import judged_pairs
+
+    pairs, _ = judged_pairs(list(methods))
     parts = []
     for metric, rr in raw.items():
         r = np.asarray(ratios.get(metric, []), dtype=np.float64)
@@ -265,35 +272,14 @@ def run_step(pipe) -> None:
         _ranking_step(pipe, seeds)
 
 
-def _cams(pipe, model: nn.Module, idx: np.ndarray, targets: np.ndarray) -> dict[tuple[str, str], dict[str, np.ndarray]]:
-    """The run's CAMs of ``model`` on test images ``idx`` (every method, layer and score), on the CPU."""
-    from .attribution import cams_multi
-
-    a = pipe.cfg.attribution
-    parts: dict = {}
-    for lo in range(0, len(idx), a.batch_size):
-        sel = idx[lo:lo + a.batch_size]
-        res = cams_multi(model, pipe.test_images(sel).to(pipe.device), torch.as_tensor(targets[sel]).to(pipe.device),
-                         methods=tuple(a.methods), layers=tuple(a.layers), scores=tuple(a.scores), eps=a.eps)
-        for key, by_method in res.items():
-            for m, v in by_method.items():
-                parts.setdefault(key, {}).setdefault(m, []).append(v.float().cpu())
-    return {k: {m: torch.cat(v).numpy() for m, v in d.items()} for k, d in parts.items()}
-
-
 def _pair(pipe, a: np.ndarray, b: np.ndarray, norm: str, size, selected: np.ndarray) -> dict:
     """Per-image pair metrics and summaries of maps ``a`` vs ``b`` (as the drift step scores TL vs FT)."""
     from . import stats as st
     from .attribution import normalize, upsample
     from .metrics import pair_metrics
-    from .pipeline import _marker_masks
 
-    test = pipe.splits.test
     n = len(a)
-    lung = torch.as_tensor(test.lung_masks[:n]) if test.lung_masks is not None else None
-    lesion = torch.as_tensor(test.lesion_masks[:n]) if test.lesion_masks is not None else None
-    marker = _marker_masks(test)
-    marker = torch.as_tensor(marker[:n]) if marker is not None else None
+    lung, lesion, marker = pipe.masks(n)
     ua = normalize(upsample(torch.as_tensor(a), size), norm)
     ub = normalize(upsample(torch.as_tensor(b), size), norm)
     return pipe._pair_tree(ua, ub, lung, lesion, marker, selected[:n], len(pipe.class_names), st, pair_metrics,
@@ -317,7 +303,7 @@ def _arch_step(pipe, arch: str, seeds: list[int], name: str) -> None:
         for stage in b.stages:
             targets = pipe.targets(arch, stage)
             for s in seeds:
-                rep = _cams(pipe, pipe.trained(arch, stage, s).model.eval(), np.arange(n), targets)
+                rep = pipe.cams(pipe.trained(arch, stage, s).model.eval(), targets, f"{arch} {stage} seed {s} CAMs")
                 for (layer, score), by_method in rep.items():
                     for method, maps in by_method.items():
                         own = reader.maps(arch, stage, method, layer, score)
@@ -335,12 +321,10 @@ def _arch_step(pipe, arch: str, seeds: list[int], name: str) -> None:
                             per = reader.drift(arch, method, cell)
                             use = per["selected"].astype(bool) & per["valid"].astype(bool)
                             comp = {}
+                            replicas = [r["per_sample"] for r in reps.values()]
                             for metric in mcfg.ranking_metrics:
-                                fl = [r["per_sample"][metric] for r in reps.values()]
-                                ok = [r["per_sample"]["valid"] for r in reps.values()]
-                                fl = [np.where(v, x, np.nan) for v, x in zip(ok, fl)]
-                                res = against_floor(per[metric], fl, metric, use, per["labels"],
-                                                    len(pipe.class_names), mcfg.n_boot, cfg.run.seed,
+                                res = against_floor(per[metric], replica_values(replicas, metric), metric, use,
+                                                    per["labels"], len(pipe.class_names), mcfg.n_boot, cfg.run.seed,
                                                     mcfg.min_per_class, mcfg.fractions)
                                 comp[metric.replace("/", "_")] = as_tree(res)
                             reps["against"] = comp
@@ -424,23 +408,23 @@ def _ranking_step(pipe, seeds: list[int]) -> None:
                     cell = Cell(layer, score, norm)
                     out = tree.setdefault(stage, {}).setdefault(layer, {}).setdefault(score, {}).setdefault(norm, {})
                     ratios: dict[str, list[float]] = {}
+                    # Every (arch, method)'s drift, replicas and comparison, read once for all ranking metrics.
+                    stored = {}
+                    for arch in archs:
+                        base = f"baselines/arch/{arch}/floor/{stage}/{cell.key}"
+                        for method in a.methods:
+                            stored[arch, method] = (reader.drift(arch, method, cell),
+                                                    [reader.read(f"{base}/{method}/seed{s}/per_sample")
+                                                     for s in seeds],
+                                                    reader.read(f"{base}/{method}/against"))
                     for metric in mcfg.ranking_metrics:
-                        values = {}
-                        for arch in archs:
-                            values[arch] = {}
-                            base = f"baselines/arch/{arch}/floor/{stage}/{cell.key}"
-                            for method in a.methods:
-                                per = reader.drift(arch, method, cell)
-                                fl = []
-                                for s in seeds:
-                                    r = reader.read(f"{base}/{method}/seed{s}/per_sample")
-                                    fl.append(np.where(r["valid"].astype(bool), r[metric], np.nan))
-                                use = ranked & per["valid"].astype(bool)
-                                values[arch][method] = (excess_values(per[metric], fl, metric, use, mcfg.fractions),
-                                                        per["labels"])
-                                ratios.setdefault(metric, []).append(
-                                    float(reader.read(f"{base}/{method}/against/{metric.replace('/', '_')}")
-                                          .get("ratio", math.nan)))
+                        values: dict = {arch: {} for arch in archs}
+                        for (arch, method), (per, replicas, against) in stored.items():
+                            use = ranked & per["valid"].astype(bool)
+                            values[arch][method] = (excess_values(per[metric], replica_values(replicas, metric),
+                                                                  metric, use, mcfg.fractions), per["labels"])
+                            ratios.setdefault(metric, []).append(
+                                float(against.get(metric.replace("/", "_"), {}).get("ratio", math.nan)))
                         try:
                             rr = stats.rank_reversal(values, n_classes, higher_is_stable=False, n_boot=mcfg.n_boot,
                                                      seed=cfg.run.seed, min_per_class=mcfg.min_per_class)

@@ -302,6 +302,16 @@ def examples(reader: ArchiveReader, images: Callable[[np.ndarray], np.ndarray], 
     return out
 
 
+def judged_pairs(methods: list[str]) -> tuple[list[str], str]:
+    """The method pairs whose rankings a verdict compares, as ``"m1 vs m2"`` keys in method order, and what they are
+    between: LayerCAM with each Grad-CAM++ reading ("LayerCAM and Grad-CAM++"), or every pair when the run lacks
+    either ("methods")."""
+    every = [f"{a} vs {b}" for i, a in enumerate(methods) for b in methods[i + 1:]]
+    study = [p for p in every if "layercam" in p.split(" vs ")
+             and any(m.startswith("gradcam++") for m in p.split(" vs "))]
+    return (study, "LayerCAM and Grad-CAM++") if study else (every, "methods")
+
+
 def grid_verdict(tree: dict, methods: list[str], metrics: list[str]) -> str:
     """One sentence: in how many cells of the protocol grid the most stable architecture differs between LayerCAM
     and a Grad-CAM++ reading, per ranking metric, and whether that conclusion holds across the grid.
@@ -312,12 +322,7 @@ def grid_verdict(tree: dict, methods: list[str], metrics: list[str]) -> str:
             when either is absent).
         metrics: the ranking metrics.
     """
-    pairs = [f"{a} vs {b}" for i, a in enumerate(methods) for b in methods[i + 1:]
-             if {"layercam"} & {a, b} and any(m.startswith("gradcam++") for m in (a, b))]
-    between = "LayerCAM and Grad-CAM++"
-    if not pairs:
-        pairs = [f"{a} vs {b}" for i, a in enumerate(methods) for b in methods[i + 1:]]
-        between = "methods"
+    pairs, between = judged_pairs(methods)
     parts = []
     for metric in metrics:
         key = metric.replace("/", "_")

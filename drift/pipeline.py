@@ -379,33 +379,18 @@ class Pipeline:
         name = f"attributions/{arch}"
         if not self._todo(name, "attributions"):
             return
-        from tqdm.auto import tqdm
-
-        from .attribution import cams_multi
         from .models import cam_layer_name, keras_layer_name
 
         acfg = self.cfg.attribution
         t0 = time.perf_counter()
-        n = len(self.splits.test)
-        maps: dict[tuple[str, str, str, str], list[torch.Tensor]] = {}
         tree: dict = {"targets": {}}
         for stage in STAGES:
-            model = self.trained(arch, stage).model
-            tgt = torch.as_tensor(self.targets(arch, stage))
-            for lo in tqdm(distributed.my_batches(range(0, n, acfg.batch_size)), desc=f"{arch} {stage} CAMs",
-                           disable=not self.cfg.run.progress, leave=False):
-                idx = np.arange(lo, min(n, lo + acfg.batch_size))
-                x = self.test_images(idx).to(self.device)
-                res = cams_multi(model, x, tgt[idx].to(self.device), methods=tuple(acfg.methods),
-                                 layers=tuple(acfg.layers), scores=tuple(acfg.scores), eps=acfg.eps)
-                for (layer, score), by_method in res.items():
-                    for m, v in by_method.items():
-                        maps.setdefault((layer, score, stage, m), []).append(v.float().cpu())
+            tgt = self.targets(arch, stage)
+            res = self.cams(self.trained(arch, stage).model, tgt, f"{arch} {stage} CAMs")
+            for (layer, score), by_method in res.items():
+                for m, v in by_method.items():
+                    tree.setdefault(layer, {}).setdefault(score, {}).setdefault(stage, {})[m] = v
             tree["targets"][stage] = np.asarray(tgt)
-        maps = distributed.gather_batches(maps)  # several processes: every rank's batches, in order
-        for (layer, score, stage, m), parts in maps.items():
-            tree.setdefault(layer, {}).setdefault(score, {}).setdefault(stage, {})[m] = (
-                torch.cat(parts).numpy().astype(np.float32))
         with self.archive.commit(name, replace=(name,), started=t0, **self._stamp("attributions")) as f:
             g = f.require_group(name)
             write_tree(g, tree)
@@ -420,6 +405,34 @@ class Pipeline:
         grids = ", ".join(f"{layer} {'x'.join(map(str, m.shape[1:]))}" for layer, m in first.items())
         log(f"{arch}: attribution maps ({grids}) for {len(acfg.methods)} methods x {len(acfg.scores)} scores x "
             f"2 checkpoints in {self.timings[name]:.0f} s")
+
+    def cams(self, model, targets: np.ndarray, desc: str = "CAMs") -> dict[tuple[str, str], dict[str, np.ndarray]]:
+        """The run's CAMs of ``model`` on every test image (every method, layer and score of ``attribution``) for
+        the class ``targets`` (N,): ``{(layer, score): {method: (N, h, w) float32}}``, from one forward pass and one
+        backward pass per score and batch (:func:`drift.attribution.cams_multi`); batches shared out among the
+        processes of a distributed run and gathered in order."""
+        from tqdm.auto import tqdm
+
+        from .attribution import cams_multi
+
+        acfg = self.cfg.attribution
+        n = len(self.splits.test)
+        tgt = torch.as_tensor(targets)
+        parts: dict[tuple[str, str, str], list[torch.Tensor]] = {}
+        for lo in tqdm(distributed.my_batches(range(0, n, acfg.batch_size)), desc=desc,
+                       disable=not self.cfg.run.progress, leave=False):
+            idx = np.arange(lo, min(n, lo + acfg.batch_size))
+            res = cams_multi(model, self.test_images(idx).to(self.device), tgt[idx].to(self.device),
+                             methods=tuple(acfg.methods), layers=tuple(acfg.layers), scores=tuple(acfg.scores),
+                             eps=acfg.eps)
+            for (layer, score), by_method in res.items():
+                for m, v in by_method.items():
+                    parts.setdefault((layer, score, m), []).append(v.float().cpu())
+        parts = distributed.gather_batches(parts)  # several processes: every rank's batches, in order
+        out: dict = {}
+        for (layer, score, m), p in parts.items():
+            out.setdefault((layer, score), {})[m] = torch.cat(p).numpy().astype(np.float32)
+        return out
 
     # ---- drift metrics
     def step_drift(self, arch: str) -> None:
@@ -437,10 +450,7 @@ class Pipeline:
         reader = ArchiveReader(self.path)
         test = self.splits.test
         size = tuple(test.images([0]).shape[-2:])
-        lung = torch.as_tensor(test.lung_masks) if test.lung_masks is not None else None
-        lesion = torch.as_tensor(test.lesion_masks) if test.lesion_masks is not None else None
-        marker = _marker_masks(test)
-        marker = torch.as_tensor(marker) if marker is not None else None
+        lung, lesion, marker = self.masks()
         n_classes = len(self.class_names)
         selected = self.sample_mask(arch, mcfg.sample_set)
         tree: dict = {}
@@ -466,6 +476,14 @@ class Pipeline:
         n_cells = len(acfg.layers) * len(acfg.scores) * len(mcfg.normalize)
         log(f"{arch}: drift metrics of {n_cells} protocol cells x {len(acfg.methods)} methods in "
             f"{self.timings[name]:.0f} s")
+
+    def masks(self, n: int | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """Lung, lesion and shortcut-marker masks of the first ``n`` test images (all when None), each None when
+        the data has none: what the localisation metrics of :func:`drift.metrics.pair_metrics` score against."""
+        test = self.splits.test
+        marker = _marker_masks(test)
+        return tuple(torch.as_tensor(m[:n]) if m is not None else None
+                     for m in (test.lung_masks, test.lesion_masks, marker))
 
     def _pair_tree(self, a, b, lung, lesion, marker, selected, n_classes, stats, pair_metrics, n=None) -> dict:
         """Per-image metrics of map pairs (a TL, b FT) and their summaries over the selected, valid images (the
