@@ -9,11 +9,7 @@ import numpy as np
 
 from ..archive import ArchiveReader, Cell
 from ..summary import fmt, table
-from .document import Run, Section, Table, Text
-
-
-def _num(x) -> str:
-    return fmt(x, 3)
+from .document import Run, Section, Table, Text, yes_no
 
 
 def floor_rows(reader: ArchiveReader, cells: list[Cell] | None = None) -> tuple[list[str], list[list[str]]]:
@@ -39,8 +35,8 @@ def floor_rows(reader: ArchiveReader, cells: list[Cell] | None = None) -> tuple[
                     for m in metrics:
                         a = against.get(m, {})
                         ex = a.get("excess", {})
-                        row.append(f"{_num(a.get('drift', {}).get('mean'))} / {_num(a.get('floor', {}).get('mean'))}"
-                                   f" = {fmt(a.get('ratio'), 2)}x [{_num(ex.get('lo'))}, {_num(ex.get('hi'))}]")
+                        row.append(f"{fmt(a.get('drift', {}).get('mean'))} / {fmt(a.get('floor', {}).get('mean'))}"
+                                   f" = {fmt(a.get('ratio'), 2)}x [{fmt(ex.get('lo'))}, {fmt(ex.get('hi'))}]")
                     rows.append(row)
     return header + [f"{m}: drift / floor = ratio [excess 95%]" for m in metrics], rows
 
@@ -61,14 +57,10 @@ def randomisation_rows(reader: ArchiveReader) -> tuple[list[str], list[list[str]
             for score, by_method in by_score.items():
                 for method, node in by_method.items():
                     r = np.asarray(node.get("pearson_by_cut", []), dtype=float)
-                    rows.append([arch, layer, score, method, " -> ".join(_num(x) for x in r),
-                                 "FLAGGED" if _truthy(node.get("flagged")) else "no"])
+                    rows.append([arch, layer, score, method, " -> ".join(fmt(x) for x in r),
+                                 "FLAGGED" if yes_no(node.get("flagged")) == "yes" else "no"])
     cuts = " -> ".join(labels) if labels else "cuts"
     return ["architecture", "layer", "score", "method", f"Pearson r with the trained maps ({cuts})", "flagged"], rows
-
-
-def _truthy(v) -> bool:
-    return v in (True, 1) or (isinstance(v, (np.bool_, np.integer)) and bool(v)) or v == "True"
 
 
 def verdict(reader: ArchiveReader) -> str:
@@ -91,7 +83,7 @@ def summary_lines(reader: ArchiveReader, headline: dict | None = None) -> list[s
         thr = next((reader.read(f"baselines/arch/{a}").get("flag_pearson") for a in reader.keys("baselines/arch")),
                    None)
         out += ["Randomisation check (cascading re-initialisation of the fine-tuned model from the head down): "
-                f"a method is flagged when its maps keep r >= {_num(thr)} with the trained maps at every cut",
+                f"a method is flagged when its maps keep r >= {fmt(thr)} with the trained maps at every cut",
                 table(header, rows), ""]
     v = verdict(reader)
     if v:
