@@ -274,19 +274,19 @@ def run_step(pipe) -> None:
 
 def _pair(pipe, a: np.ndarray, b: np.ndarray, norm: str, size, selected: np.ndarray) -> dict:
     """Per-image pair metrics and summaries of maps ``a`` vs ``b`` (as the drift step scores TL vs FT)."""
-    from . import stats as st
     from .attribution import normalize, upsample
-    from .metrics import pair_metrics
+    from .drift_step import masks, pair_tree
 
     n = len(a)
-    lung, lesion, marker = pipe.masks(n)
+    lung, lesion, marker = masks(pipe, n)
     ua = normalize(upsample(torch.as_tensor(a), size), norm)
     ub = normalize(upsample(torch.as_tensor(b), size), norm)
-    return pipe._pair_tree(ua, ub, lung, lesion, marker, selected[:n], len(pipe.class_names), st, pair_metrics,
-                           n=n)
+    return pair_tree(pipe, ua, ub, lung, lesion, marker, selected[:n], n=n)
 
 
 def _arch_step(pipe, arch: str, seeds: list[int], name: str) -> None:
+    from . import attributions_step
+    from .drift_step import sample_mask
     from .rundir import log
 
     t0 = time.perf_counter()
@@ -296,14 +296,15 @@ def _arch_step(pipe, arch: str, seeds: list[int], name: str) -> None:
     test = pipe.splits.test
     n = len(test)
     size = tuple(pipe.test_images([0]).shape[-2:])
-    selected = pipe.sample_mask(arch, mcfg.sample_set)
+    selected = sample_mask(pipe, arch, mcfg.sample_set)
     tree: dict = {}
     if seeds:
         floor: dict = {}
         for stage in b.stages:
-            targets = pipe.targets(arch, stage)
+            targets = attributions_step.targets(pipe, arch, stage)
             for s in seeds:
-                rep = pipe.cams(pipe.trained(arch, stage, s).model.eval(), targets, f"{arch} {stage} seed {s} CAMs")
+                rep = attributions_step.cams(pipe, pipe.trained(arch, stage, s).model.eval(), targets,
+                                             f"{arch} {stage} seed {s} CAMs")
                 for (layer, score), by_method in rep.items():
                     for method, maps in by_method.items():
                         own = reader.maps(arch, stage, method, layer, score)
@@ -352,13 +353,14 @@ def _arch_step(pipe, arch: str, seeds: list[int], name: str) -> None:
 
 def _randomisation(pipe, arch: str, reader, size) -> dict:
     from .attribution import cams_multi
+    from .attributions_step import targets as map_targets
 
     cfg, b, a = pipe.cfg, pipe.cfg.baselines, pipe.cfg.attribution
     m = min(b.n_images, len(pipe.splits.test))
     idx = np.arange(m)
     model = pipe.trained(arch, "finetune").model.eval()
     x = pipe.test_images(idx).to(pipe.device)
-    targets = torch.as_tensor(pipe.targets(arch, "finetune")[idx]).to(pipe.device)
+    targets = torch.as_tensor(map_targets(pipe, arch, "finetune")[idx]).to(pipe.device)
     cuts = cascade(model, x, b.randomize)
 
     def maps_fn(model, xb, tb):
@@ -391,13 +393,14 @@ def _randomisation(pipe, arch: str, reader, size) -> dict:
 def _ranking_step(pipe, seeds: list[int]) -> None:
     """Rank architectures by drift minus floor in every cell, on the statistics step's sample, and say whether
     the reversal between LayerCAM and Grad-CAM++ survives the floor."""
+    from .drift_step import sample_mask
     from .rundir import log
 
     t0 = time.perf_counter()
     cfg, b, mcfg, a = pipe.cfg, pipe.cfg.baselines, pipe.cfg.metrics, pipe.cfg.attribution
     reader = ArchiveReader(pipe.path)
     archs = [x for x in cfg.run.archs if reader.has(f"drift/{x}") and reader.has(f"baselines/arch/{x}")]
-    ranked = pipe.sample_mask(archs[0], mcfg.ranking_sample_set)
+    ranked = sample_mask(pipe, archs[0], mcfg.ranking_sample_set)
     n_classes = len(pipe.class_names)
     tree: dict = {}
     verdicts = []

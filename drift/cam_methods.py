@@ -31,6 +31,9 @@ def register_method(name: str) -> Callable[[CamMethod], CamMethod]:
 def gradcam(A: torch.Tensor, g: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
     """Grad-CAM: map = relu(sum_k w_k A_k) with w_k = mean_ij g_kij.
 
+    Reference: Selvaraju et al., "Grad-CAM: Visual Explanations from Deep Networks via Gradient-based
+    Localization", ICCV 2017, https://arxiv.org/abs/1610.02391: w_k is Eq. 1, the map Eq. 2.
+
     Args:
         A: activations (B, K, h, w).
         g: gradients of the target score with respect to A, (B, K, h, w).
@@ -48,6 +51,12 @@ def gradcam_plusplus(A: torch.Tensor, g: torch.Tensor, eps: float = 0.0) -> torc
     """Grad-CAM++: map = relu(sum_k w_k A_k), w_k = sum_ij alpha_kij relu(g_kij), with
 
     alpha_kij = g_kij^2 / (2 g_kij^2 + (sum_ab A_kab) g_kij^3 + eps), and alpha = 0 where g = 0.
+
+    Reference: Chattopadhay et al., "Grad-CAM++: Generalized Gradient-based Visual Explanations for Deep
+    Convolutional Networks", WACV 2018, https://arxiv.org/abs/1710.11063: w_k is Eq. 7, alpha Eq. 19 (the closed
+    form for an exponential output Y = exp(S), with g = dS/dA), read as pytorch-grad-cam reads it: alpha applied
+    to the gradients of the score itself, no normalisation of alpha over space (for tf-keras-vis's reading see
+    :func:`gradcam_plusplus_tfkv`).
 
     pytorch-grad-cam uses eps = 1e-6; with small gradients (random weights, confident models) that eps changes
     the maps, so pass it explicitly when comparing with the reference. With eps = 0, alpha g is computed as
@@ -126,6 +135,10 @@ def gradcam_plusplus_tfkv(A: torch.Tensor, g: torch.Tensor, eps: float = 0.0) ->
 @register_method("layercam")
 def layercam(A: torch.Tensor, g: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
     """LayerCAM: map_ij = relu(sum_k relu(g_kij) A_kij).
+
+    Reference: Jiang et al., "LayerCAM: Exploring Hierarchical Class Activation Maps for Localization", IEEE
+    Transactions on Image Processing 30, 5875-5888, 2021, https://ieeexplore.ieee.org/document/9462463: each
+    location weighted by its own positive gradient (no spatial averaging of g, unlike Grad-CAM).
 
     Args:
         A: activations (B, K, h, w).

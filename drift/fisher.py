@@ -13,6 +13,15 @@ v_i = G^T u_i / sqrt(lambda_i) are orthonormal eigenvectors of F. rank F <= C - 
 x_high = V_k V_k^T x and x_low = x - x_high, with projection coefficients v_i^T x = u_i^T (G x) / sqrt(lambda_i)
 read off G x, so no second pass over G is needed for them.
 
+References for the formulas above: F(x) = E_{y ~ p(y|x)}[grad_x log p(y|x) grad_x log p(y|x)^T], the Fisher
+information of the predictive distribution taken with respect to the input instead of the parameters; for a
+categorical p it equals J^T (diag(p) - p p^T) J = G^T G (Martens, "New Insights and Perspectives on the Natural
+Gradient Method", JMLR 21(146), 2020, the Fisher of a softmax output as a generalised Gauss-Newton matrix, with the
+input in place of the parameters). The KL expansion is the classical one (Amari, "Natural Gradient Works Efficiently
+in Learning", Neural Computation 10(2), 1998). The Gram route rests on AB and BA sharing their nonzero eigenvalues
+(Horn & Johnson, "Matrix Analysis", 2nd ed., Theorem 1.3.22); v_i = G^T u_i / sqrt(lambda_i) is the singular-vector
+pairing of the SVD of G.
+
 K and G x come from ``drift_kernels.fisher_gram`` (one pass over J, G never materialised) and G^T W from
 ``drift_kernels.fisher_project``; the C x C eigendecomposition runs in float64. Every function here is
 dtype-agnostic: a model run in float64 gives float64 Jacobians and the whole computation stays in float64

@@ -1,13 +1,8 @@
 """Perturbation experiments on the iFIM subspaces (:mod:`drift.fisher` states the maths).
 
-For each image x and relative size eps, three unit directions u (all perturbations d = eps |x| u have the same
-L2 norm):
-
-* ``high``: u = V_k a / |V_k a|, a ~ N(0, I_k): a random direction inside the top-k iFIM subspace, built as
-  G^T U_k diag(lambda_k)^-1/2 a with one ``fisher_project`` call;
-* ``complement``: u = (g - V_k V_k^T g) / |.|, g ~ N(0, I_D): a random direction orthogonal to that subspace,
-  V_k V_k^T g = G^T U_k diag(1/lambda_k) U_k^T (G g) (applied twice, so rounding leaves no component inside);
-* ``random``: u = g / |g|.
+For each image x and relative size eps, three unit directions u of :mod:`drift.directions` (``high``: inside the
+top-k iFIM subspace, ``complement``: orthogonal to it, ``random``), so that all perturbations d = eps |x| u have
+the same L2 norm.
 
 Recorded per eps and kind: the change in predicted-class confidence p_pred(x) - p_pred(x + d) (pred = argmax of
 p(x)), KL(p(x) || p(x + d)), prediction flips (argmax changes), the set's accuracy and macro one-vs-rest AUC, and
@@ -29,22 +24,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from .fisher import (
-    IFIM,
-    Components,
-    _check_head,
-    _check_jp,
-    _flat_batch,
-    _project,
-    decompose_from_jacobian,
-    fisher_apply,
-    head_probs,
-    ifim_from_jacobian,
-    input_jacobian,
-)
+from .directions import Directions, perturbation_directions, removal_inputs, sample_generator
+from .fisher import IFIM, _check_head, fisher_apply, head_probs, ifim_from_jacobian, input_jacobian
 from .stats import area as _area
 from .stats import macro_auc, paired_test
 
+# Directions, perturbation_directions, removal_inputs and sample_generator live in drift.directions; they stay
+# importable from here, beside the experiment that draws them.
 __all__ = [
     "KINDS",
     "REMOVAL_KINDS",
@@ -60,143 +46,6 @@ __all__ = [
 KINDS = ("high", "complement", "random")
 REMOVAL_KINDS = ("high", "complement")
 METRICS = ("conf_change", "abs_conf_change", "kl", "flip")
-
-
-def sample_generator(seed: int, index: int) -> torch.Generator:
-    """CPU generator of sample ``index`` under ``seed``: independent streams from numpy's SeedSequence([seed, i])."""
-    state = np.random.SeedSequence([int(seed), int(index)]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 31 ^ int(state[1]))
-
-
-@dataclass
-class Directions:
-    """Unit perturbation directions of a batch and its high-sensitivity component.
-
-    Attributes:
-        high: (B, m, *S) unit directions inside span(v_1..v_k); NaN where k = 0 (the subspace is empty).
-        complement: (B, m, *S) unit directions orthogonal to span(v_1..v_k).
-        random: (B, m, *S) unit directions, uniform on the sphere.
-        x_high: (B, *S) V_k V_k^T x.
-        components: :class:`drift.fisher.Components` of x (k, coefficients, eigenvalues, shares).
-    """
-
-    high: torch.Tensor
-    complement: torch.Tensor
-    random: torch.Tensor
-    x_high: torch.Tensor
-    components: Components
-
-
-def _unit_columns(V: torch.Tensor) -> torch.Tensor:
-    """(B, D, m) columns scaled to unit norm; all-zero columns become NaN (no direction exists)."""
-    n = V.norm(dim=1, keepdim=True)
-    return torch.where(n > 0, V / n.clamp_min(torch.finfo(V.dtype).tiny), torch.full_like(V, math.nan))
-
-
-def perturbation_directions(
-    J: torch.Tensor,
-    p: torch.Tensor,
-    x: torch.Tensor,
-    head: str = "softmax",
-    k: int | None = None,
-    energy: float = 0.9,
-    n_draws: int = 1,
-    seed: int = 0,
-    first_index: int = 0,
-    spectrum: IFIM | None = None,
-    rtol: float | None = None,
-) -> Directions:
-    """Seeded random unit directions inside the top-k iFIM subspace, in its complement, and in the whole space.
-
-    high = G^T U_k diag(lambda_k)^-1/2 a (a ~ N(0, I_k)), complement = g - V_k V_k^T g (g ~ N(0, I_D)), random = g',
-    each normalised; D x D matrices are never formed.
-
-    Args:
-        J: (B, C, D) input Jacobian at x.
-        p: (B, C) probabilities at x.
-        x: (B, *S) inputs.
-        head: ``"softmax"`` or ``"sigmoid"``.
-        k: subspace size (capped at each sample's rank); None: from ``energy`` (see :func:`decompose_from_jacobian`).
-        energy: share of the trace the subspace holds when k is None.
-        n_draws: m directions of each kind per sample.
-        seed: experiment seed; sample b draws from ``sample_generator(seed, first_index + b)``.
-        first_index: index of the batch's first sample within the whole set.
-        spectrum: precomputed :func:`ifim_from_jacobian` of J, p, x.
-        rtol: eigenvalue tolerance when ``spectrum`` is None.
-
-    Returns:
-        :class:`Directions` in x's dtype and device.
-    """
-    B, C, D = _check_jp(J, p, head)
-    xf = _flat_batch(x, B, D, "x")
-    if not isinstance(n_draws, int) or isinstance(n_draws, bool) or n_draws < 1:
-        raise ValueError(f"n_draws must be a positive int, got {n_draws!r}")
-    if spectrum is None:
-        spectrum = ifim_from_jacobian(J, p, xf, head, rtol, eigenvectors=False)
-    x_high, _, comp = decompose_from_jacobian(J, p, x, head, k, energy, spectrum=spectrum)
-    lam, U = spectrum.eigenvalues, spectrum.U
-    r, m = lam.shape[1], n_draws
-    in_k = (torch.arange(r, device=lam.device).unsqueeze(0) < comp.k.unsqueeze(1)) & (lam > 0)  # (B, r)
-
-    # Draw on the CPU in float64 per sample, so values do not depend on batch size, device or dtype.
-    a = torch.empty(B, r, m, dtype=torch.float64)
-    g_comp = torch.empty(B, D, m, dtype=torch.float64)
-    g_rand = torch.empty(B, D, m, dtype=torch.float64)
-    for b in range(B):
-        gen = sample_generator(seed, first_index + b)
-        a[b] = torch.randn(m, r, generator=gen, dtype=torch.float64).T
-        g_comp[b] = torch.randn(m, D, generator=gen, dtype=torch.float64).T
-        g_rand[b] = torch.randn(m, D, generator=gen, dtype=torch.float64).T
-    dev, dt = x.device, x.dtype
-    a, g_comp, g_rand = a.to(dev), g_comp.to(device=dev, dtype=dt), g_rand.to(device=dev, dtype=dt)
-
-    inv_sqrt = torch.where(in_k, lam.clamp_min(torch.finfo(torch.float64).tiny).rsqrt(), torch.zeros_like(lam))
-    high = _project(J, p, U @ (inv_sqrt.unsqueeze(-1) * a), head).to(dt)  # (B, D, m)
-
-    inv = torch.where(in_k, 1 / lam.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(lam))
-
-    def project_out(V: torch.Tensor) -> torch.Tensor:
-        coef = inv.unsqueeze(-1) * (U.transpose(1, 2) @ fisher_apply(J, p, V, head).double())  # (B, r, m)
-        return V - _project(J, p, U @ coef, head).to(dt)
-
-    # Twice: one pass leaves a component inside the subspace of relative size ~ rounding * lambda_1 / lambda_k;
-    # a second pass brings it down to rounding level (classical Gram-Schmidt, "twice is enough").
-    complement = project_out(project_out(g_comp))
-
-    shape = tuple(x.shape[1:])
-
-    def out(V: torch.Tensor) -> torch.Tensor:
-        return _unit_columns(V).transpose(1, 2).reshape(B, m, *shape)
-
-    return Directions(out(high), out(complement), out(g_rand), x_high, comp)
-
-
-def removal_inputs(
-    x: torch.Tensor, x_high: torch.Tensor, complement: torch.Tensor, alphas: Sequence[float] | torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Removal / attenuation inputs: x - alpha x_high, and x - alpha |x_high| u (u a unit complement direction).
-
-    Args:
-        x: (B, *S) inputs.
-        x_high: (B, *S) their high-sensitivity components.
-        complement: (B, m, *S) unit directions orthogonal to the high-sensitivity subspace.
-        alphas: (A,) attenuation factors in [0, 1] (alpha = 1 removes x_high: x - x_high = x_low).
-
-    Returns:
-        (A, B, *S) high removals and (A, B, m, *S) equal-norm complement removals.
-    """
-    al = torch.as_tensor(alphas, dtype=x.dtype, device=x.device).reshape(-1)
-    if x_high.shape != x.shape or complement.shape[0] != x.shape[0] or complement.shape[2:] != x.shape[1:]:
-        raise ValueError(
-            f"x {tuple(x.shape)}, x_high {tuple(x_high.shape)} and complement {tuple(complement.shape)} "
-            "must be (B, *S), (B, *S) and (B, m, *S)"
-        )
-    nd = x.dim() - 1
-    a = al.view(-1, 1, *([1] * nd))
-    hn = x_high.flatten(1).norm(dim=1).view(1, -1, 1, *([1] * nd))
-    high = x.unsqueeze(0) - a * x_high.unsqueeze(0)
-    comp = x.unsqueeze(0).unsqueeze(2) - a.unsqueeze(2) * hn * complement.unsqueeze(0)
-    return high, comp
 
 
 def _kl_from_logits(z0: torch.Tensor, z1: torch.Tensor, head: str) -> torch.Tensor:

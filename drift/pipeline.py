@@ -4,6 +4,10 @@ drift metrics, iFIM -> statistics across architectures -> report.
 Each stage commits its outputs to the archive as soon as it finishes (see :mod:`drift.archive`), and a re-run
 with the same config skips the stages already committed: checkpoints are reloaded (their sha256 checked) and
 the later stages resume where the last run stopped.
+
+:class:`Pipeline` holds what the steps share (data, trained models, archive, fingerprints) and runs the data,
+training and iFIM steps; the attribution, drift, statistics and baselines steps are in :mod:`drift.attributions_step`,
+:mod:`drift.drift_step`, :mod:`drift.stats_step` and :mod:`drift.baselines`.
 """
 
 from __future__ import annotations
@@ -236,6 +240,8 @@ class Pipeline:
     def step_data(self) -> None:
         if not self._todo("data", "data"):
             return
+        from .drift_step import marker_masks
+
         t0 = time.perf_counter()
         s = self.splits
         test = s.test
@@ -245,7 +251,7 @@ class Pipeline:
             tree["test"]["lung_masks"] = test.lung_masks.astype(bool)
         if test.lesion_masks is not None:
             tree["test"]["lesion_masks"] = test.lesion_masks.astype(bool)
-        if (marker := _marker_masks(test)) is not None:
+        if (marker := marker_masks(test)) is not None:
             tree["test"]["marker_masks"] = marker
         tree["counts"] = {"train": np.bincount(s.train.labels, minlength=len(self.class_names)),
                           "val": np.bincount(s.val.labels, minlength=len(self.class_names)),
@@ -367,161 +373,18 @@ class Pipeline:
         self._models[key] = Trained(model, ev)
         return self._models[key]
 
-    # ---- attributions
-    def targets(self, arch: str, stage: str) -> np.ndarray:
-        if self.cfg.attribution.target == "true":
-            return self.splits.test.labels
-        return self.trained(arch, stage).evaluation.predictions
-
+    # ---- attributions, drift metrics
     def step_attributions(self, arch: str) -> None:
-        """Raw CAMs of every method, layer and score, for both checkpoints, from one forward pass and one backward
-        pass per score and batch (:func:`drift.attribution.cams_multi`)."""
-        name = f"attributions/{arch}"
-        if not self._todo(name, "attributions"):
-            return
-        from .models import cam_layer_name, keras_layer_name
+        """Raw CAMs of ``arch``'s checkpoints (:func:`drift.attributions_step.run_step`)."""
+        from .attributions_step import run_step
 
-        acfg = self.cfg.attribution
-        t0 = time.perf_counter()
-        tree: dict = {"targets": {}}
-        for stage in STAGES:
-            tgt = self.targets(arch, stage)
-            res = self.cams(self.trained(arch, stage).model, tgt, f"{arch} {stage} CAMs")
-            for (layer, score), by_method in res.items():
-                for m, v in by_method.items():
-                    tree.setdefault(layer, {}).setdefault(score, {}).setdefault(stage, {})[m] = v
-            tree["targets"][stage] = np.asarray(tgt)
-        with self.archive.commit(name, replace=(name,), started=t0, **self._stamp("attributions")) as f:
-            g = f.require_group(name)
-            write_tree(g, tree)
-            g.attrs.update({"target": acfg.target, "eps": acfg.eps, "methods": json.dumps(list(acfg.methods)),
-                            "scores": json.dumps(list(acfg.scores))})
-            for layer in acfg.layers:
-                grid = tree[layer][acfg.scores[0]]["transfer"][acfg.methods[0]].shape[1:]
-                g[layer].attrs.update({"module": cam_layer_name(arch, layer),
-                                       "keras": keras_layer_name(arch, layer) or "", "grid": list(grid)})
-        self.timings[name] = time.perf_counter() - t0
-        first = {layer: tree[layer][acfg.scores[0]]["transfer"][acfg.methods[0]] for layer in acfg.layers}
-        grids = ", ".join(f"{layer} {'x'.join(map(str, m.shape[1:]))}" for layer, m in first.items())
-        log(f"{arch}: attribution maps ({grids}) for {len(acfg.methods)} methods x {len(acfg.scores)} scores x "
-            f"2 checkpoints in {self.timings[name]:.0f} s")
+        run_step(self, arch)
 
-    def cams(self, model, targets: np.ndarray, desc: str = "CAMs") -> dict[tuple[str, str], dict[str, np.ndarray]]:
-        """The run's CAMs of ``model`` on every test image (every method, layer and score of ``attribution``) for
-        the class ``targets`` (N,): ``{(layer, score): {method: (N, h, w) float32}}``, from one forward pass and one
-        backward pass per score and batch (:func:`drift.attribution.cams_multi`); batches shared out among the
-        processes of a distributed run and gathered in order."""
-        from tqdm.auto import tqdm
-
-        from .attribution import cams_multi
-
-        acfg = self.cfg.attribution
-        n = len(self.splits.test)
-        tgt = torch.as_tensor(targets)
-        parts: dict[tuple[str, str, str], list[torch.Tensor]] = {}
-        for lo in tqdm(distributed.my_batches(range(0, n, acfg.batch_size)), desc=desc,
-                       disable=not self.cfg.run.progress, leave=False):
-            idx = np.arange(lo, min(n, lo + acfg.batch_size))
-            res = cams_multi(model, self.test_images(idx).to(self.device), tgt[idx].to(self.device),
-                             methods=tuple(acfg.methods), layers=tuple(acfg.layers), scores=tuple(acfg.scores),
-                             eps=acfg.eps)
-            for (layer, score), by_method in res.items():
-                for m, v in by_method.items():
-                    parts.setdefault((layer, score, m), []).append(v.float().cpu())
-        parts = distributed.gather_batches(parts)  # several processes: every rank's batches, in order
-        out: dict = {}
-        for (layer, score, m), p in parts.items():
-            out.setdefault((layer, score), {})[m] = torch.cat(p).numpy().astype(np.float32)
-        return out
-
-    # ---- drift metrics
     def step_drift(self, arch: str) -> None:
-        """Per-image drift metrics TL -> FT for every cell of the protocol grid and every method, over all test
-        images (the sample set is a mask), and the per-image agreement between methods of one checkpoint."""
-        name = f"drift/{arch}"
-        if not self._todo(name, "drift"):
-            return
-        from . import stats
-        from .attribution import normalize, upsample
-        from .metrics import pair_metrics, pearson
+        """Drift metrics TL -> FT of ``arch``'s maps (:func:`drift.drift_step.run_step`)."""
+        from .drift_step import run_step
 
-        t0 = time.perf_counter()
-        mcfg, acfg = self.cfg.metrics, self.cfg.attribution
-        reader = ArchiveReader(self.path)
-        test = self.splits.test
-        size = tuple(test.images([0]).shape[-2:])
-        lung, lesion, marker = self.masks()
-        n_classes = len(self.class_names)
-        selected = self.sample_mask(arch, mcfg.sample_set)
-        tree: dict = {}
-        for layer in acfg.layers:
-            for score in acfg.scores:
-                up = {(st, m): upsample(torch.as_tensor(reader.maps(arch, st, m, layer, score)), size)
-                      for st in STAGES for m in acfg.methods}
-                cell = tree.setdefault(layer, {}).setdefault(score, {})
-                cell["agreement"] = {st: {f"{m1} vs {m2}": pearson(up[st, m1], up[st, m2]).cpu().numpy()
-                                          for i, m1 in enumerate(acfg.methods) for m2 in acfg.methods[i + 1:]}
-                                     for st in STAGES}
-                for norm in mcfg.normalize:
-                    for method in acfg.methods:
-                        a, b = normalize(up["transfer", method], norm), normalize(up["finetune", method], norm)
-                        cell.setdefault(norm, {})[method] = self._pair_tree(a, b, lung, lesion, marker, selected,
-                                                                            n_classes, stats, pair_metrics)
-        with self.archive.commit(name, replace=(name,), started=t0, **self._stamp("drift")) as f:
-            g = f.require_group(name)
-            write_tree(g, tree)
-            g.attrs["sample_set"] = mcfg.sample_set
-            g.attrs["n_selected"] = int(selected.sum())
-        self.timings[name] = time.perf_counter() - t0
-        n_cells = len(acfg.layers) * len(acfg.scores) * len(mcfg.normalize)
-        log(f"{arch}: drift metrics of {n_cells} protocol cells x {len(acfg.methods)} methods in "
-            f"{self.timings[name]:.0f} s")
-
-    def masks(self, n: int | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """Lung, lesion and shortcut-marker masks of the first ``n`` test images (all when None), each None when
-        the data has none: what the localisation metrics of :func:`drift.metrics.pair_metrics` score against."""
-        test = self.splits.test
-        marker = _marker_masks(test)
-        return tuple(torch.as_tensor(m[:n]) if m is not None else None
-                     for m in (test.lung_masks, test.lesion_masks, marker))
-
-    def _pair_tree(self, a, b, lung, lesion, marker, selected, n_classes, stats, pair_metrics, n=None) -> dict:
-        """Per-image metrics of map pairs (a TL, b FT) and their summaries over the selected, valid images (the
-        first ``n`` test images when given, else all)."""
-        test = self.splits.test
-        labels, ids = test.labels[:n], np.asarray(test.ids)[:n]
-        mcfg = self.cfg.metrics
-        per = distributed.by_images(pair_metrics, len(a), a, b, lung_mask=lung, lesion_mask=lesion,
-                                    fractions=tuple(mcfg.fractions), marker_mask=marker)
-        per = {k: v.cpu().numpy() for k, v in per.items()}
-        valid = per.pop("valid").astype(bool)
-        deg = {"transfer": per.pop("degenerate_tl"), "finetune": per.pop("degenerate_ft")}
-        use = selected & valid
-        summary = {}
-        for metric, values in per.items():
-            agg = stats.aggregate(np.where(use, values, np.nan), labels, n_classes, mcfg.n_boot,
-                                  self.cfg.run.seed, min_per_class=mcfg.min_per_class)
-            summary[metric] = as_tree(agg)
-        for q in ("entropy", "gini", "top10_mass", "lung_mass", "lesion_energy", "marker_mass"):
-            tl, ft = per.get(f"{q}_tl"), per.get(f"{q}_ft")
-            if tl is not None and ft is not None:
-                summary.setdefault("paired", {})[q] = as_tree(stats.paired_test(tl[use], ft[use]))
-        return {"per_sample": {**per, "ids": ids, "labels": labels, "valid": valid,
-                               "selected": selected},
-                "degenerate": deg, "summary": summary}
-
-    def sample_mask(self, arch: str | None, rule: str) -> np.ndarray:
-        """The images a statistic uses (N,) bool: ``rule`` applied to ``arch``'s checkpoints, or with ``tp_all`` to
-        every architecture of the run (correct under both checkpoints of each: one common sample)."""
-        from . import stats
-
-        labels = self.splits.test.labels
-        if rule == "tp_all":
-            preds = [(self.trained(a, "transfer").evaluation.predictions,
-                      self.trained(a, "finetune").evaluation.predictions) for a in self.cfg.run.archs]
-            return stats.common_sample(labels, preds)
-        return stats.select_samples(labels, self.trained(arch, "transfer").evaluation.predictions,
-                                    self.trained(arch, "finetune").evaluation.predictions, rule)
+        run_step(self, arch)
 
     # ---- iFIM
     def step_fisher(self, arch: str) -> None:
@@ -563,69 +426,12 @@ class Pipeline:
         log(f"{arch}: iFIM spectra of {n} images and perturbations of {min(fc.n_components, len(test))} "
             f"per checkpoint in {self.timings[name]:.0f} s")
 
-    # ---- statistics across architectures
+    # ---- across architectures
     def step_stats(self) -> None:
-        """Rank architectures by stability under each method in every cell of the protocol grid, on one sample
-        (``metrics.ranking_sample_set``), with paired bootstrap probabilities of a reversal; store the run's
-        headline numbers and example images for the readers (:mod:`drift.headline`)."""
-        if not self._todo("stats", "stats"):
-            return
-        from . import headline, stats
-        from .archive import Cell
+        """Rankings of the architectures and the headline numbers (:func:`drift.stats_step.run_step`)."""
+        from .stats_step import run_step
 
-        t0 = time.perf_counter()
-        mcfg, acfg = self.cfg.metrics, self.cfg.attribution
-        reader = ArchiveReader(self.path)
-        archs = [a for a in self.cfg.run.archs if reader.has(f"drift/{a}")]
-        labels = self.splits.test.labels
-        n_classes = len(self.class_names)
-        ranked = (self.sample_mask(archs[0], mcfg.ranking_sample_set) if archs
-                  else np.zeros(len(labels), dtype=bool))
-        tree: dict = {}
-        for layer in acfg.layers if len(archs) > 1 else ():  # ranking needs two architectures
-            for score in acfg.scores:
-                for norm in mcfg.normalize:
-                    cell = Cell(layer, score, norm)
-                    out = tree.setdefault(layer, {}).setdefault(score, {}).setdefault(norm, {})
-                    for metric in mcfg.ranking_metrics:
-                        out[metric.replace("/", "_")] = self._rank(reader, cell, metric, archs, ranked, n_classes,
-                                                                   stats)
-        verdict = headline.grid_verdict(tree, acfg.methods, mcfg.ranking_metrics)
-        counts = np.bincount(labels[ranked], minlength=n_classes) if ranked.any() else np.zeros(n_classes, int)
-        numbers = headline.compute(reader, mcfg.n_boot, self.cfg.run.seed)
-        examples = headline.examples(reader, lambda idx: self.test_images(idx).numpy(), self.cfg.report.n_examples)
-        with self.archive.commit("stats", replace=("stats",), started=t0, **self._stamp("stats")) as f:
-            g = f.require_group("stats")
-            write_tree(g.require_group("ranking"), tree)
-            write_tree(g, {"headline": numbers, "examples": examples})
-            write_tree(g, {"ranked": ranked})
-            g.attrs.update({"ranking_sample_set": mcfg.ranking_sample_set, "n_ranked": int(ranked.sum()),
-                            "n_ranked_per_class": json.dumps(counts.tolist()), "min_per_class": mcfg.min_per_class,
-                            "verdict": verdict})
-        log(f"stats: architectures ranked on {int(ranked.sum())} images ({mcfg.ranking_sample_set}); {verdict}")
-
-    def _rank(self, reader, cell, metric: str, archs: list[str], ranked: np.ndarray, n_classes: int, stats) -> dict:
-        from .metrics import stability
-
-        values = {}
-        for arch in archs:
-            values[arch] = {}
-            for method in self.cfg.attribution.methods:
-                per = reader.drift(arch, method, cell)
-                if metric not in per:
-                    raise KeyError(f"metrics.ranking_metrics: no metric {metric!r}; "
-                                   f"available: {sorted(k for k in per if k not in ('ids', 'labels'))}")
-                use = ranked & per["valid"].astype(bool)
-                values[arch][method] = (np.where(use, per[metric], np.nan), per["labels"])
-        higher, absolute = stability(metric, self.cfg.metrics.fractions)
-        try:
-            m = self.cfg.metrics
-            return as_tree(stats.rank_reversal(values, n_classes, higher_is_stable=higher, n_boot=m.n_boot,
-                                                seed=self.cfg.run.seed, absolute=absolute,
-                                                min_per_class=m.min_per_class))
-        except ValueError as exc:  # e.g. no image of an architecture left: record why, keep the rest
-            warnings.warn(f"ranking by {metric} in cell ({cell}): {exc}", stacklevel=2)
-            return {"unranked": str(exc)}
+        run_step(self)
 
     def step_baselines(self) -> None:
         """Seed floors and the randomisation check (:func:`drift.baselines.run_step`; off unless configured)."""
@@ -640,9 +446,3 @@ class Pipeline:
             return
         path = write_report(self.path, self.out / "report")
         log(f"report: {path}")
-
-
-def _marker_masks(test) -> np.ndarray | None:
-    """The test split's shortcut-marker masks (bool), or None when the confounder is off or masks are unknown."""
-    m = test.marker_masks
-    return m.astype(bool) if m is not None and m.any() else None

@@ -8,7 +8,7 @@ config) and trains end to end. Both keep the best epoch by validation macro AUC 
 
 The loop holds no global state: the sampler and the writer are the caller's. Under several processes
 (torchrun) :func:`fit` trains data-parallel and :func:`predict` spreads its batches over the processes, both
-through :mod:`drift.distributed` (a no-op for one process).
+through :mod:`drift.ddp` and :mod:`drift.distributed` (no-ops for one process).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
 
-from . import distributed
+from . import ddp, distributed
 from .config import StageConfig
 from .models import Classifier, freeze_backbone, unfreeze
 from .stats import macro_auc
@@ -205,12 +205,12 @@ def fit(module: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], trai
     cosine (:func:`onecycle_factor`). Training steps and validation passes run channels-last (:func:`fast_layout`)
     and, when ``cfg.precision`` resolves to bf16, under bf16 autocast (weights and optimiser state stay fp32).
     Under several processes ``module`` trains in DistributedDataParallel (``forward`` must be ``module``) on
-    each process's share of every global batch of ``cfg.batch_size`` (:class:`drift.distributed.DataParallel`);
+    each process's share of every global batch of ``cfg.batch_size`` (:class:`drift.ddp.DataParallel`);
     every process validates on all of ``val`` and keeps the same epoch.
     """
     keep = keep or module
     gen = torch.Generator().manual_seed(seed)
-    loader = distributed.train_loader(train, cfg.batch_size, gen, f"{desc}: batch_size")
+    loader = ddp.train_loader(train, cfg.batch_size, gen, f"{desc}: batch_size")
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"{desc}: no trainable parameters")
@@ -226,8 +226,8 @@ def fit(module: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], trai
     result = StageResult(history=hist, precision=precision)
     t_start = time.perf_counter()
     with fast_layout(module, precision, device) as prepare:
-        # Several processes: DistributedDataParallel, each rank's share of the global batch (distributed.py).
-        dp = distributed.DataParallel(module, forward, loader, device, cfg.sync_bn and not cfg.bn_frozen, desc)
+        # Several processes: DistributedDataParallel, each rank's share of the global batch (ddp.py).
+        dp = ddp.DataParallel(module, forward, loader, device, cfg.sync_bn and not cfg.bn_frozen, desc)
         for epoch in range(cfg.epochs):
             t0 = time.perf_counter()
             module.train()

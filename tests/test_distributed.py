@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from drift.archive import ArchiveReader, read_tree
-from drift.distributed import GlobalBatchSampler
+from drift.ddp import GlobalBatchSampler
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.toml"

@@ -5,7 +5,7 @@ Every loader returns `ImageSet` splits whose items are ``(image (1, H, W) float3
 
 from drift.data.base import DataError, ImageSet, Splits
 from drift.data.images import decode_image, read_image
-from drift.data.real import DataWarning, assign_splits, load_csv, load_folder
+from drift.data.real import DataWarning, load_csv, load_folder
 from drift.data.source import (
     LESION_SOURCE_CLASSES,
     SOURCE_CLASSES,
@@ -14,6 +14,7 @@ from drift.data.source import (
     make_lesion_source,
     make_source,
 )
+from drift.data.splits import assign_splits
 from drift.data.synthetic import (
     MARKER_SLOTS,
     OPACITY_EXTENTS,

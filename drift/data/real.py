@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import errno
-import functools
 import os
 import posixpath
 import stat
@@ -29,10 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-from drift.data.base import DataError, ImageSet, Splits, check_int
-from drift.data.images import decode_image, read_image
+from drift.data.base import DataError, Splits, check_int
+from drift.data.images import decode_image
+from drift.data.splits import SPLIT_NAMES, build_splits, check_fractions
 
-SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
 _SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                   "test": "test", "testing": "test"}
 _MAX_LISTED = 5
@@ -72,135 +71,6 @@ def _drop_bad(paths: Sequence[Path], names: Sequence[str], skip_bad: bool,
         warnings.warn(f"skipping {err}", DataWarning, stacklevel=3)
         skipped.append((name, err))
     return np.array([err is None for err in errors], dtype=bool)
-
-
-# -- splitting ---------------------------------------------------------------------------------------------------
-
-def _check_fractions(val_fraction, test_fraction) -> tuple[float, float]:
-    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-        if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
-            raise TypeError(f"{name} must be a number in (0, 1), got {type(value).__name__}")
-        if not 0.0 < float(value) < 1.0:
-            raise ValueError(f"{name} must lie in (0, 1), got {value}")
-    if float(val_fraction) + float(test_fraction) >= 1.0:
-        raise ValueError(f"val_fraction + test_fraction must be < 1 so that train is not empty; got "
-                         f"{val_fraction} + {test_fraction}")
-    return float(val_fraction), float(test_fraction)
-
-
-def assign_splits(labels: np.ndarray, groups: Sequence[str] | None, fractions: Sequence[float], seed: int,
-                  class_names: Sequence[str], split_names: Sequence[str] = SPLIT_NAMES) -> np.ndarray:
-    """Assign samples to splits, stratified by class and grouped (a group never straddles two splits), seeded.
-
-    Deterministic greedy assignment: each group is stratified by its primary label (its most frequent label, ties
-    to the lowest index). Within a class, groups are shuffled with ``seed`` and, when there are at least as many
-    groups as splits, the smallest ones seed every split (smallest split first) so each split sees the class; the
-    rest go, largest first, to the split ``s`` with the largest deficit ``sum_c h_c (f_s n_c - a_sc)``, where
-    ``h`` is the group's label histogram, ``n_c`` the class total and ``a_sc`` what split ``s`` already holds.
-
-    Args:
-        labels: ``(N,)`` int class indices.
-        groups: ``N`` group (patient) ids, or None for one group per sample.
-        fractions: ``(S,)`` target fractions of the splits, summing to 1.
-        seed: Seed for the shuffles.
-        class_names: Names of the classes, for error messages.
-        split_names: Names of the ``S`` splits, for error messages.
-
-    Returns:
-        ``(N,)`` int64 split index per sample.
-
-    Raises:
-        DataError: If some split ends up without a class (too few images or patients in that class), naming both.
-    """
-    labels = np.asarray(labels)
-    if labels.ndim != 1 or (labels.size and not np.issubdtype(labels.dtype, np.integer)):
-        raise ValueError(f"labels must be a 1-D integer array, got dtype {labels.dtype} and shape {labels.shape}")
-    labels = labels.astype(np.int64)
-    n, n_cls, n_split = len(labels), len(class_names), len(fractions)
-    if n and (labels.min() < 0 or labels.max() >= n_cls):
-        raise ValueError(f"labels must lie in [0, {n_cls}) for {n_cls} class names; got [{labels.min()}, "
-                         f"{labels.max()}]")
-    if len(split_names) != n_split:
-        raise ValueError(f"split_names has {len(split_names)} names for {n_split} fractions")
-    if min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-9:
-        raise ValueError(f"fractions must be non-negative and sum to 1, got {tuple(fractions)}")
-    if groups is not None and len(groups) != n:
-        raise ValueError(f"groups has {len(groups)} entries but labels has {n}")
-    if groups is None:
-        group_of = np.arange(n)
-        n_groups = n
-    else:
-        _, group_of = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)
-        n_groups = int(group_of.max()) + 1 if n else 0
-    hist = np.zeros((n_groups, n_cls), dtype=np.int64)
-    np.add.at(hist, (group_of, labels), 1)
-    sizes = hist.sum(1)
-    primary = hist.argmax(1)
-    target = np.asarray(fractions, dtype=np.float64)[:, None] * hist.sum(0)[None, :]
-    held = np.zeros((n_split, n_cls), dtype=np.float64)
-    split_of_group = np.full(n_groups, -1, dtype=np.int64)
-    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(0x5917,)))
-    smallest_first = np.argsort(fractions, kind="stable")
-    for c in range(n_cls):
-        members = rng.permutation(np.flatnonzero(primary == c))
-        members = members[np.argsort(sizes[members], kind="stable")]  # ascending size, random among equal sizes
-        if len(members) >= n_split:
-            for s, g in zip(smallest_first, members[:n_split]):
-                split_of_group[g] = s
-                held[s] += hist[g]
-            members = members[n_split:]
-        for g in members[::-1]:
-            s = int(np.argmax((target - held) @ hist[g]))
-            split_of_group[g] = s
-            held[s] += hist[g]
-    split = split_of_group[group_of]
-    for s, name in enumerate(split_names):
-        for c in range(n_cls):
-            if held[s, c] == 0 and hist[:, c].sum() > 0:
-                what = "patients" if groups is not None else "images"
-                count = int((hist[:, c] > 0).sum())
-                raise DataError(f"class {class_names[c]!r} has only {count} {what}, too few to appear in every split "
-                                f"({', '.join(split_names)}); split {name!r} would have none")
-    return split
-
-
-def _make_set(class_names, labels, ids, paths, size, patient_ids=None) -> ImageSet:
-    return ImageSet(class_names, labels, ids, size=size, paths=paths,
-                    reader=functools.partial(read_image, size=size), patient_ids=patient_ids)
-
-
-def _check_split_classes(split_labels: dict[str, np.ndarray], class_names: Sequence[str]) -> None:
-    for name, labels in split_labels.items():
-        present = set(np.unique(labels).tolist())
-        missing = [class_names[c] for c in range(len(class_names)) if c not in present]
-        if missing:
-            raise DataError(f"split {name!r} has no images of class(es) {', '.join(map(repr, missing))}")
-
-
-def _build(class_names, labels, ids, paths, patients, split_of, size, seed, val_fraction, test_fraction,
-           skipped) -> Splits:
-    """Split (where ``split_of`` lacks assignments) and wrap into `Splits`.
-
-    ``split_of`` is None (split everything), or ``(N,)`` with values 0/1/2 for train/val/test and -1 for none given;
-    if no sample is in val, val is carved out of train with fraction ``val_fraction`` of train.
-    """
-    labels = np.asarray(labels, dtype=np.int64)
-    if split_of is None:
-        split_of = assign_splits(labels, patients, (1 - val_fraction - test_fraction, val_fraction, test_fraction),
-                                 seed, class_names)
-    elif not (split_of == 1).any():
-        train = np.flatnonzero(split_of == 0)
-        sub = assign_splits(labels[train], None if patients is None else [patients[i] for i in train],
-                            (1 - val_fraction, val_fraction), seed, class_names, ("train", "val"))
-        split_of = split_of.copy()
-        split_of[train[sub == 1]] = 1
-    _check_split_classes({name: labels[split_of == s] for s, name in enumerate(SPLIT_NAMES)}, class_names)
-    sets = []
-    for s in range(3):
-        idx = np.flatnonzero(split_of == s)
-        sets.append(_make_set(class_names, labels[idx], [ids[i] for i in idx], [paths[i] for i in idx], size,
-                              None if patients is None else [patients[i] for i in idx]))
-    return Splits(*sets, skipped=skipped)
 
 
 def _check_classes(class_names: Sequence[str], labels: np.ndarray, where: str) -> None:
@@ -301,7 +171,7 @@ def load_folder(root: str | os.PathLike, size: int, seed: int, val_fraction: flo
     """
     size = check_int(size, "size", 1, 4096)
     seed = check_int(seed, "seed", 0)
-    val_fraction, test_fraction = _check_fractions(val_fraction, test_fraction)
+    val_fraction, test_fraction = check_fractions(val_fraction, test_fraction)
     root = Path(root)
     if not root.exists():
         raise DataError(f"data root {root} does not exist")
@@ -363,8 +233,8 @@ def load_folder(root: str | os.PathLike, size: int, seed: int, val_fraction: flo
         where = str(root if s is None else root / s)
         sel = np.ones(len(labels), dtype=bool) if s is None else split_arr == SPLIT_NAMES.index(s)
         _check_classes(class_names, labels[sel], where)
-    return _build(class_names, labels, ids, paths, None, split_arr if split_dirs else None, size, seed,
-                  val_fraction, test_fraction, skipped)
+    return build_splits(class_names, labels, ids, paths, None, split_arr if split_dirs else None, size, seed,
+                        val_fraction, test_fraction, skipped)
 
 
 # -- CSV manifests -----------------------------------------------------------------------------------------------
@@ -413,7 +283,7 @@ def load_csv(manifest: str | os.PathLike, size: int, seed: int, val_fraction: fl
     """
     size = check_int(size, "size", 1, 4096)
     seed = check_int(seed, "seed", 0)
-    val_fraction, test_fraction = _check_fractions(val_fraction, test_fraction)
+    val_fraction, test_fraction = check_fractions(val_fraction, test_fraction)
     manifest = Path(manifest)
     if not manifest.is_file():
         raise DataError(f"manifest {manifest} does not exist" if not manifest.exists()
@@ -501,5 +371,5 @@ def load_csv(manifest: str | os.PathLike, size: int, seed: int, val_fraction: fl
         for s in ("train", "test"):
             if not (split_of == SPLIT_NAMES.index(s)).any():
                 raise DataError(f"manifest {manifest}: split column lists no {s!r} images")
-    return _build(class_names, labels, ids, paths, patients, split_of, size, seed, val_fraction, test_fraction,
-                  skipped)
+    return build_splits(class_names, labels, ids, paths, patients, split_of, size, seed, val_fraction,
+                        test_fraction, skipped)

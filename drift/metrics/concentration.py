@@ -48,7 +48,8 @@ def gini(a: torch.Tensor) -> torch.Tensor:
     """Gini coefficient of the pixel values: sum_i (2 i - n - 1) x_(i) / (n sum_i x_i), x sorted ascending.
 
     Equal to the mean absolute difference sum_ij |x_i - x_j| / (2 n^2 mean x): 0 for a uniform map,
-    1 - 1/n for a single-pixel map.
+    1 - 1/n for a single-pixel map. The same value as the Gini index of Hurley & Rickard, "Comparing Measures of
+    Sparsity", IEEE Transactions on Information Theory 55(10), 4723-4741, 2009 (their measure G, Sec. II).
 
     Args:
         a: non-negative maps (B, H, W).
@@ -112,12 +113,20 @@ def mass_fraction(a: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def energy_in(a: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Energy-based pointing: share of the map's energy inside the mask (the literature's name for
-    :func:`mass_fraction`; same formula, shapes and NaN rules)."""
+    :func:`mass_fraction`; same formula, shapes and NaN rules).
+
+    Reference: Wang et al., "Score-CAM: Score-Weighted Visual Explanations for Convolutional Neural Networks",
+    CVPR Workshops 2020, https://arxiv.org/abs/1910.01279 (energy-based pointing game, with a bounding box as the
+    mask there).
+    """
     return mass_fraction(a, mask)
 
 
 def pointing_game(a: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Pointing game: 1 if the map's first maximum (row-major order) lies inside the mask, else 0.
+
+    Reference: Zhang et al., "Top-down Neural Attention by Excitation Backprop", ECCV 2016 (no tolerance margin
+    around the mask here; the paper's 15-pixel margin would depend on the image size).
 
     Args:
         a: maps (B, H, W).

@@ -273,7 +273,11 @@ def _minmax(m: torch.Tensor) -> torch.Tensor:
 
 
 def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Mean structural similarity of the min-max normalised maps (Wang et al. 2004).
+    """Mean structural similarity of the min-max normalised maps.
+
+    Reference: Wang, Bovik, Sheikh & Simoncelli, "Image Quality Assessment: From Error Visibility to Structural
+    Similarity", IEEE Transactions on Image Processing 13(4), 600-612, 2004: S below is Eq. 13, the mean over
+    windows (MSSIM) Eq. 17, with the paper's constants K1 = 0.01, K2 = 0.03 and its 11 x 11 Gaussian window.
 
     Both maps are rescaled to [0, 1] per map (a constant map becomes zeros), then with Gaussian-weighted local
     statistics (window 11, sigma 1.5, population covariance), C1 = (0.01 L)^2, C2 = (0.03 L)^2, L = 1:

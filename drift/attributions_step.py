@@ -1,0 +1,94 @@
+"""The pipeline's ``attributions`` step: the raw CAMs of every method, layer and score for both checkpoints of an
+architecture, on every test image, stored under ``attributions/<arch>``.
+
+:func:`cams` also serves :mod:`drift.baselines`, which maps its seed replicas the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import distributed
+from .archive import write_tree
+from .models import cam_layer_name, keras_layer_name
+from .pipeline import STAGES
+from .rundir import log
+
+if TYPE_CHECKING:
+    from .models import Classifier
+    from .pipeline import Pipeline
+
+
+def targets(pipe: Pipeline, arch: str, stage: str) -> np.ndarray:
+    """The class each test image's maps explain, ``(N,)``: its label (``attribution.target = "true"``), else the
+    prediction of ``arch``'s ``stage`` checkpoint."""
+    if pipe.cfg.attribution.target == "true":
+        return pipe.splits.test.labels
+    return pipe.trained(arch, stage).evaluation.predictions
+
+
+def run_step(pipe: Pipeline, arch: str) -> None:
+    """Raw CAMs of every method, layer and score, for both checkpoints, from one forward pass and one backward
+    pass per score and batch (:func:`drift.attribution.cams_multi`); committed as ``attributions/<arch>`` unless
+    already committed under the same inputs."""
+    name = f"attributions/{arch}"
+    if not pipe._todo(name, "attributions"):
+        return
+    acfg = pipe.cfg.attribution
+    t0 = time.perf_counter()
+    tree: dict = {"targets": {}}
+    for stage in STAGES:
+        tgt = targets(pipe, arch, stage)
+        res = cams(pipe, pipe.trained(arch, stage).model, tgt, f"{arch} {stage} CAMs")
+        for (layer, score), by_method in res.items():
+            for m, v in by_method.items():
+                tree.setdefault(layer, {}).setdefault(score, {}).setdefault(stage, {})[m] = v
+        tree["targets"][stage] = np.asarray(tgt)
+    with pipe.archive.commit(name, replace=(name,), started=t0, **pipe._stamp("attributions")) as f:
+        g = f.require_group(name)
+        write_tree(g, tree)
+        g.attrs.update({"target": acfg.target, "eps": acfg.eps, "methods": json.dumps(list(acfg.methods)),
+                        "scores": json.dumps(list(acfg.scores))})
+        for layer in acfg.layers:
+            grid = tree[layer][acfg.scores[0]]["transfer"][acfg.methods[0]].shape[1:]
+            g[layer].attrs.update({"module": cam_layer_name(arch, layer),
+                                   "keras": keras_layer_name(arch, layer) or "", "grid": list(grid)})
+    pipe.timings[name] = time.perf_counter() - t0
+    first = {layer: tree[layer][acfg.scores[0]]["transfer"][acfg.methods[0]] for layer in acfg.layers}
+    grids = ", ".join(f"{layer} {'x'.join(map(str, m.shape[1:]))}" for layer, m in first.items())
+    log(f"{arch}: attribution maps ({grids}) for {len(acfg.methods)} methods x {len(acfg.scores)} scores x "
+        f"2 checkpoints in {pipe.timings[name]:.0f} s")
+
+
+def cams(pipe: Pipeline, model: Classifier, targets: np.ndarray,
+         desc: str = "CAMs") -> dict[tuple[str, str], dict[str, np.ndarray]]:
+    """The run's CAMs of ``model`` on every test image (every method, layer and score of ``attribution``) for
+    the class ``targets`` (N,): ``{(layer, score): {method: (N, h, w) float32}}``, from one forward pass and one
+    backward pass per score and batch (:func:`drift.attribution.cams_multi`); batches shared out among the
+    processes of a distributed run and gathered in order."""
+    from .attribution import cams_multi  # looked up per call: the function drift.attribution holds now
+
+    acfg = pipe.cfg.attribution
+    n = len(pipe.splits.test)
+    tgt = torch.as_tensor(targets)
+    parts: dict[tuple[str, str, str], list[torch.Tensor]] = {}
+    for lo in tqdm(distributed.my_batches(range(0, n, acfg.batch_size)), desc=desc,
+                   disable=not pipe.cfg.run.progress, leave=False):
+        idx = np.arange(lo, min(n, lo + acfg.batch_size))
+        res = cams_multi(model, pipe.test_images(idx).to(pipe.device), tgt[idx].to(pipe.device),
+                         methods=tuple(acfg.methods), layers=tuple(acfg.layers), scores=tuple(acfg.scores),
+                         eps=acfg.eps)
+        for (layer, score), by_method in res.items():
+            for m, v in by_method.items():
+                parts.setdefault((layer, score, m), []).append(v.float().cpu())
+    parts = distributed.gather_batches(parts)  # several processes: every rank's batches, in order
+    out: dict = {}
+    for (layer, score, m), p in parts.items():
+        out.setdefault((layer, score), {})[m] = torch.cat(p).numpy().astype(np.float32)
+    return out

@@ -1,0 +1,134 @@
+"""The pipeline's ``drift`` step: per-image drift metrics TL -> FT of every method in every cell of the protocol grid
+(layer x score x normalisation), their summaries over the selected images, and the agreement between methods.
+
+The step scores every test image and records which ones its summaries use (:func:`sample_mask`); the seed floors
+of :mod:`drift.baselines` score their map pairs with the same :func:`pair_tree`. The data step archives the marker
+masks of :func:`marker_masks` that the metrics score against.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from . import distributed, stats
+from .archive import ArchiveReader, as_tree, write_tree
+from .attribution import normalize, upsample
+from .metrics import pair_metrics, pearson
+from .pipeline import STAGES
+from .rundir import log
+
+if TYPE_CHECKING:
+    from .data import ImageSet
+    from .pipeline import Pipeline
+
+
+def run_step(pipe: Pipeline, arch: str) -> None:
+    """Per-image drift metrics TL -> FT for every cell of the protocol grid and every method, over all test
+    images (the sample set is a mask), and the per-image agreement between methods of one checkpoint; committed as
+    ``drift/<arch>`` unless already committed under the same inputs."""
+    name = f"drift/{arch}"
+    if not pipe._todo(name, "drift"):
+        return
+    t0 = time.perf_counter()
+    mcfg, acfg = pipe.cfg.metrics, pipe.cfg.attribution
+    reader = ArchiveReader(pipe.path)
+    size = tuple(pipe.splits.test.images([0]).shape[-2:])
+    lung, lesion, marker = masks(pipe)
+    selected = sample_mask(pipe, arch, mcfg.sample_set)
+    tree: dict = {}
+    for layer in acfg.layers:
+        for score in acfg.scores:
+            up = {(st, m): upsample(torch.as_tensor(reader.maps(arch, st, m, layer, score)), size)
+                  for st in STAGES for m in acfg.methods}
+            cell = tree.setdefault(layer, {}).setdefault(score, {})
+            cell["agreement"] = {st: {f"{m1} vs {m2}": pearson(up[st, m1], up[st, m2]).cpu().numpy()
+                                      for i, m1 in enumerate(acfg.methods) for m2 in acfg.methods[i + 1:]}
+                                 for st in STAGES}
+            for norm in mcfg.normalize:
+                for method in acfg.methods:
+                    a, b = normalize(up["transfer", method], norm), normalize(up["finetune", method], norm)
+                    cell.setdefault(norm, {})[method] = pair_tree(pipe, a, b, lung, lesion, marker, selected)
+    with pipe.archive.commit(name, replace=(name,), started=t0, **pipe._stamp("drift")) as f:
+        g = f.require_group(name)
+        write_tree(g, tree)
+        g.attrs["sample_set"] = mcfg.sample_set
+        g.attrs["n_selected"] = int(selected.sum())
+    pipe.timings[name] = time.perf_counter() - t0
+    n_cells = len(acfg.layers) * len(acfg.scores) * len(mcfg.normalize)
+    log(f"{arch}: drift metrics of {n_cells} protocol cells x {len(acfg.methods)} methods in "
+        f"{pipe.timings[name]:.0f} s")
+
+
+def masks(pipe: Pipeline, n: int | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None,
+                                                          torch.Tensor | None]:
+    """Lung, lesion and shortcut-marker masks of the first ``n`` test images (all when None).
+
+    Returns:
+        ``(lung, lesion, marker)``, each ``(n, H, W)`` bool or None when the data has none: what the localisation
+        metrics of :func:`drift.metrics.pair_metrics` score against.
+    """
+    test = pipe.splits.test
+    return tuple(torch.as_tensor(m[:n]) if m is not None else None
+                 for m in (test.lung_masks, test.lesion_masks, marker_masks(test)))
+
+
+def pair_tree(pipe: Pipeline, a: torch.Tensor, b: torch.Tensor, lung: torch.Tensor | None,
+              lesion: torch.Tensor | None, marker: torch.Tensor | None, selected: np.ndarray,
+              n: int | None = None) -> dict:
+    """Per-image metrics of the map pairs (``a`` TL, ``b`` FT) and their summaries over the selected, valid images.
+
+    Args:
+        pipe: The run; its test split gives the labels and ids, its config the fractions and bootstrap settings.
+        a, b: ``(n, H, W)`` maps of the first ``n`` test images (all when ``n`` is None), at the masks' size.
+        lung, lesion, marker: ``(n, H, W)`` bool masks or None (:func:`masks`).
+        selected: ``(n,)`` bool, the images the summaries use (:func:`sample_mask`).
+        n: How many test images, from the first; None for all.
+
+    Returns:
+        ``{"per_sample": {metric: (n,), ids, labels, valid, selected}, "degenerate": {stage: (n,)},
+        "summary": {metric: aggregate, "paired": {quantity: paired test}}}``, as written under ``drift/<arch>``.
+    """
+    test = pipe.splits.test
+    labels, ids = test.labels[:n], np.asarray(test.ids)[:n]
+    mcfg = pipe.cfg.metrics
+    n_classes = len(pipe.class_names)
+    per = distributed.by_images(pair_metrics, len(a), a, b, lung_mask=lung, lesion_mask=lesion,
+                                fractions=tuple(mcfg.fractions), marker_mask=marker)
+    per = {k: v.cpu().numpy() for k, v in per.items()}
+    valid = per.pop("valid").astype(bool)
+    deg = {"transfer": per.pop("degenerate_tl"), "finetune": per.pop("degenerate_ft")}
+    use = selected & valid
+    summary = {}
+    for metric, values in per.items():
+        agg = stats.aggregate(np.where(use, values, np.nan), labels, n_classes, mcfg.n_boot,
+                              pipe.cfg.run.seed, min_per_class=mcfg.min_per_class)
+        summary[metric] = as_tree(agg)
+    for q in ("entropy", "gini", "top10_mass", "lung_mass", "lesion_energy", "marker_mass"):
+        tl, ft = per.get(f"{q}_tl"), per.get(f"{q}_ft")
+        if tl is not None and ft is not None:
+            summary.setdefault("paired", {})[q] = as_tree(stats.paired_test(tl[use], ft[use]))
+    return {"per_sample": {**per, "ids": ids, "labels": labels, "valid": valid, "selected": selected},
+            "degenerate": deg, "summary": summary}
+
+
+def sample_mask(pipe: Pipeline, arch: str | None, rule: str) -> np.ndarray:
+    """The test images a statistic uses, ``(N,)`` bool: ``rule`` applied to ``arch``'s checkpoints, or with
+    ``tp_all`` to every architecture of the run (correct under both checkpoints of each: one common sample)."""
+    labels = pipe.splits.test.labels
+    if rule == "tp_all":
+        preds = [(pipe.trained(a, "transfer").evaluation.predictions,
+                  pipe.trained(a, "finetune").evaluation.predictions) for a in pipe.cfg.run.archs]
+        return stats.common_sample(labels, preds)
+    return stats.select_samples(labels, pipe.trained(arch, "transfer").evaluation.predictions,
+                                pipe.trained(arch, "finetune").evaluation.predictions, rule)
+
+
+def marker_masks(test: ImageSet) -> np.ndarray | None:
+    """The split's shortcut-marker masks ``(N, H, W)`` bool, or None when the confounder is off (no image tagged) or
+    the data has no marker masks."""
+    m = test.marker_masks
+    return m.astype(bool) if m is not None and m.any() else None
