@@ -33,7 +33,7 @@ Layout written below ``bench/`` (the same in a stand-alone bench file and in a r
             extra/ attrs: the numeric entries of extra_info (e.g. a kernel's max error measured in the test)
 
 Exporting the same record again replaces it; other records and, in a run archive, everything else are kept.
-The file is written through :class:`drift.archive.Archive` as one stage, so a crash leaves the previous version
+The file is written through :class:`drift.archive.Archive` as one commit, so a crash leaves the previous version
 and :meth:`drift.archive.ArchiveReader.bench` reads the records back as nested dicts.
 """
 

@@ -1,6 +1,6 @@
-"""The run archive: one HDF5 file per run, written stage by stage so that a crash never corrupts it.
+"""The run archive: one HDF5 file per run, written in commits so that a crash never corrupts it.
 
-Schema (version 2) -- the one place it is documented. ``<arch>`` is a registry name, ``<stage>`` is
+Schema (version 3) -- the one place it is documented. ``<arch>`` is a registry name, ``<phase>`` a training phase,
 ``transfer`` or ``finetune``, ``<method>`` an attribution method (``gradcam++``, ``gradcam++_tfkv``, ``layercam``,
 ...), ``<layer>`` a CAM layer preset (``block``, ``last-conv``, ``stride16``) or dotted module name, ``<score>`` the
 differentiated score (``logit``, ``softmax``), ``<norm>`` the map normalisation before the metrics (``minmax``,
@@ -9,30 +9,31 @@ cell is the config's first layer, score and normalisation.
 
 Root attributes
     schema_version      int, :data:`SCHEMA_VERSION`
-    config              the run config as TOML text (of the newest stage, when a resume changed analysis settings)
+    config              the run config as TOML text (of the newest commit, when a resume changed analysis settings)
     science_hash        hash of the settings the checkpoints depend on (resume refuses another hash)
     seed, data_seed, git_commit, device, created, versions (JSON: python, torch, timm, h5py, numpy, drift)
-    stages              JSON list of finished stages, in order, each {"name", "seconds", "finished", "fingerprint",
-                        "inputs"}: the fingerprint hashes what the stage depends on (its settings, the data, and
-                        from training on the thread count, device, precision, torch and timm versions: "inputs");
-                        a stale stage is recomputed
+    commits             JSON list of the archive's commits, in order, one per unit of work a pipeline step
+                        finished ("data", "models/<arch>/<phase>", "attributions/<arch>", "stats", ...), each
+                        {"name", "seconds", "finished", "fingerprint", "inputs"}: the fingerprint hashes what the
+                        work depends on (its step's settings, the data, and from training on the thread count,
+                        device, precision, torch and timm versions: "inputs"); a stale one is recomputed
 data/                   class_names (attr, JSON), test/ids, test/labels, test/lung_masks, test/lesion_masks
                         (bool, synthetic only), test/marker_masks (bool, confounder on),
                         skipped/files, skipped/reasons (inputs skipped under skip_bad)
-models/<arch>/<stage>/  history/{epoch, train_loss, val_loss, val_accuracy, val_auc, seconds}
+models/<arch>/<phase>/  history/{epoch, train_loss, val_loss, val_accuracy, val_auc, seconds}
                         test/{logits (N, C), labels, accuracy, macro_auc, f1 (C,), confusion (C, C)}
                         attrs: checkpoint (path), sha256, best_epoch, best_val_auc, bn_frozen, weights (origin),
-                        seconds, precision, schedule, epochs, lr, batch_size (the stage's settings for this arch),
+                        seconds, precision, schedule, epochs, lr, batch_size (the phase's settings for this arch),
                         input_size (side of the images the backbone saw), seed (training seed), processes (how
                         many trained it: torchrun, drift.distributed), sync_bn (BatchNorm statistics over the
                         global batch)
-attributions/<arch>/    attrs: target ("true"/"predicted"), eps, methods, scores (JSON); targets/<stage> (N,)
+attributions/<arch>/    attrs: target ("true"/"predicted"), eps, methods, scores (JSON); targets/<phase> (N,)
 attributions/<arch>/<layer>/
                         attrs: module (dotted name), keras (the Keras counterpart, presets of study backbones), grid
-    <score>/<stage>/<method>
+    <score>/<phase>/<method>
                         raw maps (N, h, w) float32 at the layer's resolution, chunked, gzip
 drift/<arch>/           attrs: sample_set, n_selected
-drift/<arch>/<layer>/<score>/agreement/<stage>/<m1 vs m2>
+drift/<arch>/<layer>/<score>/agreement/<phase>/<m1 vs m2>
                         (N,) per-image Pearson r between two methods' maps of one checkpoint (method agreement)
 drift/<arch>/<layer>/<score>/<norm>/<method>/
                         per_sample/<metric> (N,) float over every test image, ids, labels, valid (neither map
@@ -48,37 +49,37 @@ stats/ranking/<layer>/<score>/<norm>/<metric>/
 stats/headline/         the run's headline numbers (drift.headline.compute), read by the summary, the report,
                         ``drift compare`` and asv; attrs n_boot, seed, cell (primary cell key), metrics (JSON:
                         the headline drift metrics)
-    classification/<arch>/<stage>
+    classification/<arch>/<phase>
                         attrs accuracy, macro_auc (stored test values), accuracy_lo/hi, macro_auc_lo/hi
                         (percentile bootstrap over test images), best_epoch (1-based), seconds
     drift/<arch>/<method>/<metric>
                         mean, lo, hi, n_per_class, class_used (primary cell, as in the drift summary)
-    fisher/<arch>/<stage>
+    fisher/<arch>/<phase>
                         attrs n_spectra, top_share, mean_rank, area_high, area_complement, area_random, gap,
                         gap_lo, gap_hi, n_perturbed (the confidence gap, drift.headline.confidence_gap),
                         wilcoxon_p, kl_ratio
 stats/examples/<arch>/  index (k,), ids (k,), images (k, H, W) float16 in [0, 1]: the test images the report
                         shows with their maps (drift.headline.examples)
-fisher/<arch>/<stage>/  eigenvalues (N, r), rank (N,), probs (N, C), ids; components/{ids, x (float16), x_high,
+fisher/<arch>/<phase>/  eigenvalues (N, r), rank (N,), probs (N, C), ids; components/{ids, x (float16), x_high,
                         x_low, k, energy_share}; perturbation/<arrays of the perturbation experiment>; summary attrs
-replicas/<arch>/<stage>/seed<s>/
-                        a seed replica of a stage (``baselines.seeds``): as models/<arch>/<stage>/, plus attrs seed
-baselines/arch/<arch>/  attrs: seeds, stages, randomize (JSON), flag_pearson, n_images
-    floor/<stage>/<layer>/<score>/<norm>/<method>/seed<s>/
-                        the run's maps of <stage> vs the replica's, scored as drift/<arch>/... scores TL vs FT
+replicas/<arch>/<phase>/seed<s>/
+                        a seed replica of a phase (``baselines.seeds``): as models/<arch>/<phase>/, plus attrs seed
+baselines/arch/<arch>/  attrs: seeds, phases, randomize (JSON), flag_pearson, n_images
+    floor/<phase>/<layer>/<score>/<norm>/<method>/seed<s>/
+                        the run's maps of <phase> vs the replica's, scored as drift/<arch>/... scores TL vs FT
                         (per_sample, degenerate, summary)
-    floor/<stage>/<layer>/<score>/<norm>/<method>/against/<metric>/
+    floor/<phase>/<layer>/<score>/<norm>/<method>/against/<metric>/
                         ratio (drift / floor of macro-mean instabilities), n, drift/floor/excess (aggregates)
     randomisation/      fractions, n_modules (per cut), labels (JSON), normalize;
                         <layer>/<score>/<method>/{cut<i>/(pair tree), pearson_by_cut, flagged}
-baselines/ranking/<stage>/<layer>/<score>/<norm>/<metric>/
+baselines/ranking/<phase>/<layer>/<score>/<norm>/<metric>/
                         rankings of drift minus floor (as stats/ranking); attrs: verdict (one sentence), seeds,
-                        stages, n_ranked, ranking_sample_set
+                        phases, n_ranked, ranking_sample_set
 bench/                  benchmark records (see ``drift bench export``)
 
-Atomicity: each stage is a transaction. The writer copies the archive to ``<name>.tmp``, writes the stage
-there, flushes and fsyncs it, and renames it over the archive (an atomic replace on POSIX). Whatever kills the
-process, the file at the archive's path is the previous complete version or the new one.
+Atomicity: each commit is one transaction (:meth:`Archive.commit`). The writer copies the archive to
+``<name>.tmp``, writes the commit there, flushes and fsyncs it, and renames it over the archive (an atomic replace on
+POSIX). Whatever kills the process, the file at the archive's path is the previous complete version or the new one.
 """
 
 from __future__ import annotations
@@ -95,7 +96,11 @@ from typing import Any, NamedTuple
 import h5py
 import numpy as np
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+"""Version 3 renamed two attributes (root ``stages`` -> ``commits``, ``stages`` -> ``phases`` on the ``baselines``
+groups); version-2 archives are read as they are and upgraded in place, atomically, when a run resumes one."""
+_RENAMED_V2 = {"stages": "commits"}
+_RENAMED_V2_BASELINES = {"stages": "phases"}
 _COMPRESS_ABOVE = 4096  # elements; smaller datasets are stored plainly
 
 
@@ -142,6 +147,18 @@ def _open_checked(path: Path, mode: str = "r") -> h5py.File:
         f.close()
         raise ArchiveError(f"{path} has schema version {int(version)}; this drift reads up to {SCHEMA_VERSION}")
     return f
+
+
+def commit_records(attrs: Mapping[str, Any]) -> list[dict]:
+    """The ``commits`` records of root attributes ``attrs`` (``stages`` in a version-2 archive)."""
+    return json.loads(attrs.get("commits", attrs.get("stages", "[]")))
+
+
+def _rename_attrs(obj: h5py.HLObject, renames: Mapping[str, str]) -> None:
+    for old, new in renames.items():
+        if old in obj.attrs:
+            obj.attrs[new] = obj.attrs[old]
+            del obj.attrs[old]
 
 
 def write_tree(group: h5py.Group, values: Mapping[str, Any]) -> None:
@@ -207,13 +224,15 @@ class Archive:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = self.path.with_name(self.path.name + ".tmp")
         self._config_text = ""
-        if self._tmp.exists():  # a stage that died mid-write; the archive itself is intact
+        if self._tmp.exists():  # a commit that died mid-write; the archive itself is intact
             self._tmp.unlink()
         if self.path.exists():
             with _open_checked(self.path) as f:
                 old = f.attrs.get("science_hash", "")
                 version = int(f.attrs["schema_version"])
-            if version != SCHEMA_VERSION:
+            if version == 2:
+                self._upgrade_v2()
+            elif version != SCHEMA_VERSION:
                 raise ArchiveError(f"{self.path} has schema version {version}; this drift resumes version "
                                    f"{SCHEMA_VERSION} only: use another --out folder, or --fresh to start over")
             if science_hash and old and old != science_hash:
@@ -228,7 +247,7 @@ class Archive:
             f.attrs["config"] = config_text
             f.attrs["science_hash"] = science_hash
             f.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-            f.attrs["stages"] = "[]"
+            f.attrs["commits"] = "[]"
             for k, v in (provenance or {}).items():
                 f.attrs[k] = v if isinstance(v, (str, int, float, bool)) else json.dumps(v)
         self._commit()
@@ -243,22 +262,38 @@ class Archive:
         finally:
             os.close(dir_fd)
 
-    def stages(self) -> list[str]:
+    def _upgrade_v2(self) -> None:
+        """Rename a version-2 archive's attributes to version 3's, as one atomic replace like any commit."""
+        shutil.copyfile(self.path, self._tmp)
+        try:
+            with h5py.File(self._tmp, "a") as f:
+                _rename_attrs(f, _RENAMED_V2)
+                if "baselines" in f:
+                    f["baselines"].visititems(lambda _, g: _rename_attrs(g, _RENAMED_V2_BASELINES))
+                f.attrs["schema_version"] = SCHEMA_VERSION
+                f.flush()
+        except BaseException:
+            self._tmp.unlink(missing_ok=True)
+            raise
+        self._commit()
+
+    def commits(self) -> list[str]:
+        """Names of the commits, in order."""
         with _open_checked(self.path) as f:
-            return [s["name"] for s in json.loads(f.attrs.get("stages", "[]"))]
+            return [s["name"] for s in commit_records(f.attrs)]
 
     def entry(self, name: str) -> dict | None:
-        """The ``stages`` record of stage ``name`` (name, seconds, finished, fingerprint, inputs), None if absent."""
+        """The ``commits`` record of ``name`` (name, seconds, finished, fingerprint, inputs), None if absent."""
         with _open_checked(self.path) as f:
-            for s in json.loads(f.attrs.get("stages", "[]")):
+            for s in commit_records(f.attrs):
                 if s["name"] == name:
                     return s
         return None
 
     def done(self, name: str, fingerprint: str | None = None) -> bool:
-        """Whether stage ``name`` is committed (and, given ``fingerprint``, was committed under that fingerprint)."""
+        """Whether ``name`` is committed (and, given ``fingerprint``, was committed under that fingerprint)."""
         with _open_checked(self.path) as f:
-            for s in json.loads(f.attrs.get("stages", "[]")):
+            for s in commit_records(f.attrs):
                 if s["name"] == name:
                     return fingerprint is None or s.get("fingerprint", fingerprint) == fingerprint
         return False
@@ -266,15 +301,15 @@ class Archive:
     @contextmanager
     def commit(self, name: str, replace: tuple[str, ...] = (), started: float | None = None,
               fingerprint: str = "", inputs: Mapping[str, Any] | None = None) -> Iterator[h5py.File]:
-        """A transaction writing one stage: yields the (copied) file; commits atomically on success.
+        """A transaction writing one unit of a step's work: yields the (copied) file; commits atomically on success.
 
         Args:
-            name: the stage's name, recorded in the ``stages`` attribute when it commits.
-            replace: group paths deleted before the stage writes (a forced re-run starts clean).
-            started: ``time.perf_counter()`` when the stage's computation began, so that the recorded
+            name: what is committed (``data``, ``models/<arch>/<phase>``, ...), recorded in ``commits``.
+            replace: group paths deleted before the commit writes (a forced re-run starts clean).
+            started: ``time.perf_counter()`` when the work's computation began, so that the recorded
                 ``seconds`` cover the work and not only the write (default: when the transaction opens).
-            fingerprint: hash of the settings the stage's results depend on (:meth:`drift.config.Config.step_hash`),
-                recorded so that a resume under other settings recomputes the stage (:meth:`done`).
+            fingerprint: hash of the settings the results depend on (:meth:`drift.config.Config.step_hash`),
+                recorded so that a resume under other settings recomputes them (:meth:`done`).
             inputs: the parts the fingerprint hashes (settings, data, threads, device, ...), recorded so that a
                 resume can say which of them changed.
         """
@@ -286,17 +321,17 @@ class Archive:
                     if g in f:
                         del f[g]
                 yield f
-                stages = [s for s in json.loads(f.attrs.get("stages", "[]")) if s["name"] != name]
+                commits = [s for s in commit_records(f.attrs) if s["name"] != name]
                 entry = {"name": name, "seconds": round(time.perf_counter() - t0, 3),
                          "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
                 if fingerprint:
                     entry["fingerprint"] = fingerprint
                 if inputs:
                     entry["inputs"] = dict(inputs)
-                stages.append(entry)
-                f.attrs["stages"] = json.dumps(stages)
+                commits.append(entry)
+                f.attrs["commits"] = json.dumps(commits)
                 if self._config_text:
-                    # A resume under changed analysis settings: the root config is the one of the newest stage.
+                    # A resume under changed analysis settings: the root config is the one of the newest commit.
                     f.attrs["config"] = self._config_text
                 f.flush()
         except BaseException:
@@ -328,8 +363,9 @@ class ArchiveReader:
         return from_toml_text(self.config_text)
 
     @property
-    def stages(self) -> list[dict]:
-        return json.loads(self.attrs.get("stages", "[]"))
+    def commits(self) -> list[dict]:
+        """The commits' records (name, seconds, finished, fingerprint, inputs), in order."""
+        return commit_records(self.attrs)
 
     def has(self, path: str) -> bool:
         with _open_checked(self.path) as f:
@@ -339,8 +375,8 @@ class ArchiveReader:
         """Everything below ``path`` as nested dicts of numpy arrays and attributes."""
         with _open_checked(self.path) as f:
             if path not in f:
-                raise KeyError(f"{self.path}: no {path!r} in the archive (stages done: "
-                               f"{[s['name'] for s in self.stages]})")
+                raise KeyError(f"{self.path}: no {path!r} in the archive (committed: "
+                               f"{[s['name'] for s in self.commits]})")
             return read_tree(f[path])
 
     def keys(self, path: str = "/") -> list[str]:
@@ -355,11 +391,11 @@ class ArchiveReader:
     def archs(self) -> list[str]:
         return self.keys("models")
 
-    def evaluation(self, arch: str, stage: str) -> dict:
-        return self.read(f"models/{arch}/{stage}/test")
+    def evaluation(self, arch: str, phase: str) -> dict:
+        return self.read(f"models/{arch}/{phase}/test")
 
-    def history(self, arch: str, stage: str) -> dict:
-        return self.read(f"models/{arch}/{stage}/history")
+    def history(self, arch: str, phase: str) -> dict:
+        return self.read(f"models/{arch}/{phase}/history")
 
     # ---- the protocol grid: maps per (layer, score), drift and rankings per cell (layer, score, normalisation)
     def _stored_cells(self) -> list[Cell]:
@@ -404,11 +440,11 @@ class ArchiveReader:
         """Attributes of a CAM layer of ``arch``: module (dotted name), keras (counterpart name), grid (h, w)."""
         return {k: v for k, v in self.read(f"attributions/{arch}/{layer}").items() if not isinstance(v, dict)}
 
-    def maps(self, arch: str, stage: str, method: str, layer: str | None = None, score: str | None = None
+    def maps(self, arch: str, phase: str, method: str, layer: str | None = None, score: str | None = None
              ) -> np.ndarray:
         """Raw attribution maps (N, h, w) as float32 (primary layer and score unless given)."""
         c = self.primary_cell()
-        return self.read(f"attributions/{arch}/{layer or c.layer}/{score or c.score}/{stage}/{method}"
+        return self.read(f"attributions/{arch}/{layer or c.layer}/{score or c.score}/{phase}/{method}"
                          ).astype(np.float32)
 
     def methods(self, arch: str, cell: Cell | None = None) -> list[str]:
@@ -423,7 +459,7 @@ class ArchiveReader:
         return self.read(f"{self._cell(cell).drift_path(arch)}/{method}/summary")
 
     def agreement(self, arch: str, layer: str, score: str) -> dict:
-        """Per-image Pearson r between the maps of two methods of one checkpoint: {stage: {"m1 vs m2": (N,)}}."""
+        """Per-image Pearson r between the maps of two methods of one checkpoint: {phase: {"m1 vs m2": (N,)}}."""
         path = f"drift/{arch}/{layer}/{score}/agreement"
         return self.read(path) if self.has(path) else {}
 
@@ -436,8 +472,8 @@ class ArchiveReader:
         """The statistics step's attributes (ranking sample, its size and per-class counts, the grid's verdict)."""
         return {k: v for k, v in self.read("stats").items() if not isinstance(v, dict)} if self.has("stats") else {}
 
-    def fisher(self, arch: str, stage: str) -> dict:
-        return self.read(f"fisher/{arch}/{stage}")
+    def fisher(self, arch: str, phase: str) -> dict:
+        return self.read(f"fisher/{arch}/{phase}")
 
     def bench(self) -> dict:
         return self.read("bench") if self.has("bench") else {}

@@ -124,7 +124,7 @@ def _pgc_maps(model, x, targets, module, name, methods) -> dict[str, torch.Tenso
     try:
         for m in methods:
             cam = getattr(pytorch_grad_cam, PGC_METHODS[m[4:]])(model=model, target_layers=[module])
-            # Makes the layer output require grad even when the backbone is frozen (stage-1 models).
+            # Makes the layer output require grad even when the backbone is frozen (transfer-phase models).
             cam.compute_input_gradient = True
             try:
                 with torch.enable_grad():

@@ -16,8 +16,8 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .archive import write_tree
+from .config import PHASES
 from .models import cam_layer_name, keras_layer_name
-from .pipeline import STAGES
 from .rundir import log
 
 if TYPE_CHECKING:
@@ -25,12 +25,12 @@ if TYPE_CHECKING:
     from .pipeline import Pipeline
 
 
-def targets(pipe: Pipeline, arch: str, stage: str) -> np.ndarray:
+def targets(pipe: Pipeline, arch: str, phase: str) -> np.ndarray:
     """The class each test image's maps explain, ``(N,)``: its label (``attribution.target = "true"``), else the
-    prediction of ``arch``'s ``stage`` checkpoint."""
+    prediction of ``arch``'s ``phase`` checkpoint."""
     if pipe.cfg.attribution.target == "true":
         return pipe.splits.test.labels
-    return pipe.trained(arch, stage).evaluation.predictions
+    return pipe.trained(arch, phase).evaluation.predictions
 
 
 def run_step(pipe: Pipeline, arch: str) -> None:
@@ -43,13 +43,13 @@ def run_step(pipe: Pipeline, arch: str) -> None:
     acfg = pipe.cfg.attribution
     t0 = time.perf_counter()
     tree: dict = {"targets": {}}
-    for stage in STAGES:
-        tgt = targets(pipe, arch, stage)
-        res = cams(pipe, pipe.trained(arch, stage).model, tgt, f"{arch} {stage} CAMs")
+    for phase in PHASES:
+        tgt = targets(pipe, arch, phase)
+        res = cams(pipe, pipe.trained(arch, phase).model, tgt, f"{arch} {phase} CAMs")
         for (layer, score), by_method in res.items():
             for m, v in by_method.items():
-                tree.setdefault(layer, {}).setdefault(score, {}).setdefault(stage, {})[m] = v
-        tree["targets"][stage] = np.asarray(tgt)
+                tree.setdefault(layer, {}).setdefault(score, {}).setdefault(phase, {})[m] = v
+        tree["targets"][phase] = np.asarray(tgt)
     with pipe.archive.commit(name, replace=(name,), started=t0, **pipe._stamp("attributions")) as f:
         g = f.require_group(name)
         write_tree(g, tree)

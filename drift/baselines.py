@@ -1,8 +1,8 @@
 """Is the drift real? Two controls for every TL -> FT drift number.
 
-**Seed floor.** A stage trained again from the same starting point with another training seed (batch order,
-dropout, augmentation) changes its maps without any change of stage. The drift metrics between the run's model and
-such a replica of the *same* stage (FT vs FT', TL vs TL') are the floor below which a TL -> FT drift is
+**Seed floor.** A training phase run again from the same starting point with another training seed (batch order,
+dropout, augmentation) changes its maps without any change of phase. The drift metrics between the run's model and
+such a replica of the *same* phase (FT vs FT', TL vs TL') are the floor below which a TL -> FT drift is
 indistinguishable from training noise. Each metric is read as an *instability* (:func:`instability`: 1 - value for
 the overlaps and correlations, the value for displacements, |value| for concentration changes), so that drift,
 floor, their ratio and their difference read the same way for every metric.
@@ -13,8 +13,8 @@ NeurIPS 2018, section 3.1). The fine-tuned model's layers are re-initialised fro
 metrics. A method whose maps barely move even when the whole network is random (mean Pearson r >= a threshold at
 every cut) is *flagged*: its maps, and hence its drift numbers, say little about the model.
 
-The pipeline's ``baselines`` step (:func:`run_step`) trains the replicas (archived and resumed like any stage:
-``replicas/<arch>/<stage>/seed<s>``), scores them, and ranks architectures by drift minus floor.
+The pipeline's ``baselines`` step (:func:`run_step`) trains the replicas (archived and resumed like the run's own
+models: ``replicas/<arch>/<phase>/seed<s>``), scores them, and ranks architectures by drift minus floor.
 """
 
 from __future__ import annotations
@@ -214,7 +214,7 @@ def excess_values(drift: np.ndarray, floors: Sequence[np.ndarray], metric: str, 
     return np.where(use & np.isfinite(d) & np.isfinite(f), d - f, np.nan)
 
 
-def floor_verdict(raw: dict, corrected: dict, ratios: dict, methods: Sequence[str], stage: str, n_seeds: int,
+def floor_verdict(raw: dict, corrected: dict, ratios: dict, methods: Sequence[str], phase: str, n_seeds: int,
                   cell: str) -> str:
     """One sentence: does the reversal between LayerCAM and Grad-CAM++ exceed the seed noise?
 
@@ -222,7 +222,7 @@ def floor_verdict(raw: dict, corrected: dict, ratios: dict, methods: Sequence[st
         raw: ``{metric: rank reversal tree}`` of the TL -> FT drift in the cell (the statistics step's).
         corrected: ``{metric: rank reversal tree}`` of drift minus floor in the same cell and sample.
         ratios: ``{metric: [drift / floor ratio of every (arch, method)]}``.
-        methods, stage, n_seeds, cell: what the sentence names.
+        methods, phase, n_seeds, cell: what the sentence names.
     """
     from .headline import judged_pairs
 
@@ -247,8 +247,8 @@ def floor_verdict(raw: dict, corrected: dict, ratios: dict, methods: Sequence[st
             else:
                 parts.append(f"by {metric} ({span}) the reversal does not survive the seed floor")
     if not parts:
-        return f"Seed floor ({stage}, {n_seeds} replicas, {cell}): no ranking metric to judge"
-    return f"Seed floor ({stage}, {n_seeds} replica{'s' if n_seeds != 1 else ''}, {cell}): " + "; ".join(parts) + "."
+        return f"Seed floor ({phase}, {n_seeds} replicas, {cell}): no ranking metric to judge"
+    return f"Seed floor ({phase}, {n_seeds} replica{'s' if n_seeds != 1 else ''}, {cell}): " + "; ".join(parts) + "."
 
 
 # ---------------------------------------------------------------------------------------------- pipeline step
@@ -263,9 +263,9 @@ def run_step(pipe) -> None:
     for arch in pipe.cfg.run.archs:
         name = f"baselines/arch/{arch}"
         if seeds:
-            for stage in b.stages:
+            for phase in b.phases:
                 for s in seeds:
-                    pipe.trained(arch, stage, s)
+                    pipe.trained(arch, phase, s)
         if pipe._todo(name, "baselines"):
             _arch_step(pipe, arch, seeds, name)
     if seeds and len(pipe.cfg.run.archs) > 1 and pipe._todo("baselines/ranking", "baselines"):
@@ -300,19 +300,19 @@ def _arch_step(pipe, arch: str, seeds: list[int], name: str) -> None:
     tree: dict = {}
     if seeds:
         floor: dict = {}
-        for stage in b.stages:
-            targets = attributions_step.targets(pipe, arch, stage)
+        for phase in b.phases:
+            targets = attributions_step.targets(pipe, arch, phase)
             for s in seeds:
-                rep = attributions_step.cams(pipe, pipe.trained(arch, stage, s).model.eval(), targets,
-                                             f"{arch} {stage} seed {s} CAMs")
+                rep = attributions_step.cams(pipe, pipe.trained(arch, phase, s).model.eval(), targets,
+                                             f"{arch} {phase} seed {s} CAMs")
                 for (layer, score), by_method in rep.items():
                     for method, maps in by_method.items():
-                        own = reader.maps(arch, stage, method, layer, score)
+                        own = reader.maps(arch, phase, method, layer, score)
                         for norm in mcfg.normalize:
-                            node = (floor.setdefault(stage, {}).setdefault(layer, {}).setdefault(score, {})
+                            node = (floor.setdefault(phase, {}).setdefault(layer, {}).setdefault(score, {})
                                     .setdefault(norm, {}).setdefault(method, {}))
                             node[f"seed{s}"] = _pair(pipe, own, maps, norm, size, selected)
-        # drift beside floor, per stage / cell / method / ranking metric
+        # drift beside floor, per phase / cell / method / ranking metric
         for by_layer in floor.values():
             for layer, by_score in by_layer.items():
                 for score, by_norm in by_score.items():
@@ -335,14 +335,14 @@ def _arch_step(pipe, arch: str, seeds: list[int], name: str) -> None:
     with pipe.archive.commit(name, replace=(name,), started=t0, **pipe._stamp("baselines")) as f:
         g = f.require_group(name)
         write_tree(g, tree)
-        g.attrs.update({"seeds": json.dumps(seeds), "stages": json.dumps(list(b.stages) if seeds else []),
+        g.attrs.update({"seeds": json.dumps(seeds), "phases": json.dumps(list(b.phases) if seeds else []),
                         "randomize": json.dumps(list(b.randomize)), "flag_pearson": b.flag_pearson,
                         "n_images": min(b.n_images, n) if b.randomize else 0})
     pipe.timings[name] = time.perf_counter() - t0
     what = []
     if seeds:
-        what.append(f"seed floors of {len(seeds)} replica{'s' if len(seeds) != 1 else ''} x {len(b.stages)} "
-                    f"stage{'s' if len(b.stages) != 1 else ''}")
+        what.append(f"seed floors of {len(seeds)} replica{'s' if len(seeds) != 1 else ''} x {len(b.phases)} "
+                    f"phase{'s' if len(b.phases) != 1 else ''}")
     if b.randomize:
         fl = [f"{m} at {layer}" for layer, by_score in tree["randomisation"].items() if isinstance(by_score, dict)
               for by_method in by_score.values() for m, node in by_method.items() if node.get("flagged")]
@@ -404,17 +404,17 @@ def _ranking_step(pipe, seeds: list[int]) -> None:
     n_classes = len(pipe.class_names)
     tree: dict = {}
     verdicts = []
-    for stage in b.stages:
+    for phase in b.phases:
         for layer in a.layers:
             for score in a.scores:
                 for norm in mcfg.normalize:
                     cell = Cell(layer, score, norm)
-                    out = tree.setdefault(stage, {}).setdefault(layer, {}).setdefault(score, {}).setdefault(norm, {})
+                    out = tree.setdefault(phase, {}).setdefault(layer, {}).setdefault(score, {}).setdefault(norm, {})
                     ratios: dict[str, list[float]] = {}
                     # Every (arch, method)'s drift, replicas and comparison, read once for all ranking metrics.
                     stored = {}
                     for arch in archs:
-                        base = f"baselines/arch/{arch}/floor/{stage}/{cell.key}"
+                        base = f"baselines/arch/{arch}/floor/{phase}/{cell.key}"
                         for method in a.methods:
                             stored[arch, method] = (reader.drift(arch, method, cell),
                                                     [reader.read(f"{base}/{method}/seed{s}/per_sample")
@@ -437,12 +437,12 @@ def _ranking_step(pipe, seeds: list[int]) -> None:
                             out[metric.replace("/", "_")] = {"unranked": str(exc)}
                     if (layer, score, norm) == (a.layers[0], a.scores[0], mcfg.normalize[0]):
                         raw = reader.ranking(cell)
-                        verdicts.append(floor_verdict(raw, out, ratios, a.methods, stage, len(seeds), str(cell)))
+                        verdicts.append(floor_verdict(raw, out, ratios, a.methods, phase, len(seeds), str(cell)))
     verdict = " ".join(verdicts)
     with pipe.archive.commit("baselines/ranking", replace=("baselines/ranking",), started=t0,
                             **pipe._stamp("baselines")) as f:
         g = f.require_group("baselines/ranking")
         write_tree(g, tree)
-        g.attrs.update({"verdict": verdict, "seeds": json.dumps(seeds), "stages": json.dumps(list(b.stages)),
+        g.attrs.update({"verdict": verdict, "seeds": json.dumps(seeds), "phases": json.dumps(list(b.phases)),
                         "n_ranked": int(ranked.sum()), "ranking_sample_set": mcfg.ranking_sample_set})
     log(f"baselines: {verdict}")

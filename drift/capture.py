@@ -113,7 +113,7 @@ def resolve_target_layer(model: nn.Module, layer: nn.Module | str | None) -> tup
 
 @contextmanager
 def _eval_mode(model: nn.Module):
-    """Evaluate in inference mode, then restore every submodule's own flag (stage-1 models mix modes)."""
+    """Evaluate in inference mode, then restore every submodule's own flag (transfer-phase models mix modes)."""
     flags = [(m, m.training) for m in model.modules()]
     model.eval()
     try:

@@ -35,10 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("run", help="run the whole study (resumes after the last finished stage)",
-                       description="Data -> two-stage training -> attributions -> drift metrics -> iFIM -> "
-                                   "statistics -> report, all into <out>/archive.h5. Re-running with the same "
-                                   "config skips finished stages.")
+    p = sub.add_parser("run", help="run the whole study (resumes after the last commit)",
+                       description="Data -> two-phase training (transfer, then fine-tuning) -> attributions -> "
+                                   "drift metrics -> iFIM -> statistics -> report, all into <out>/archive.h5. "
+                                   "Re-running with the same config skips what is committed.")
     _add_run_args(p)
     p.add_argument("--nproc", type=int, default=1, metavar="N",
                    help="start N processes on this machine with torchrun (one per GPU on CUDA, gloo on the CPU); "
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as exc:
         how = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
-        print(f"drift {args.command}: {how}; finished stages are kept in the archive", file=sys.stderr)
+        print(f"drift {args.command}: {how}; what was committed is kept in the archive", file=sys.stderr)
         return 143 if isinstance(exc, Terminated) else 130
     finally:
         _on_sigterm(previous)

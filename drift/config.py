@@ -1,7 +1,7 @@
 """Run configuration: one typed object passed down, loaded from TOML, overridable with ``key=value``.
 
 The defaults are the demo study (synthetic data, the three study backbones, sized for a 2-core CPU) without
-its per-architecture tables (``model.input_scale``, ``train.<stage>.per_arch``), which a config file could add
+its per-architecture tables (``model.input_scale``, ``train.<phase>.per_arch``), which a config file could add
 to but never remove; ``configs/demo.toml`` spells the values out and adds those tables. An unknown key in a
 file or an override is an error naming the key.
 """
@@ -83,14 +83,14 @@ class SourceConfig:
 
 
 @dataclass
-class StageConfig:
+class PhaseConfig:
     epochs: int = 10
     lr: float = 1e-3
     batch_size: int = 32
     patience: int = 3
     weight_decay: float = 0.0
     optimizer: str = "adam"  # adam | adamw | sgd
-    bn_frozen: bool = True  # BatchNorm in inference mode (always so in the transfer stage)
+    bn_frozen: bool = True  # BatchNorm in inference mode (always so in the transfer phase)
     # Several CUDA processes (torchrun) with BatchNorm training (bn_frozen = false): batch statistics over the
     # global batch (SyncBatchNorm) instead of each process's share. Recorded per model; off leaves the hash as is.
     sync_bn: bool = False
@@ -99,7 +99,7 @@ class StageConfig:
     # Per-architecture changes to the settings above, e.g. [train.finetune.per_arch.inception_v3] epochs = 5.
     per_arch: dict[str, dict[str, Any]] = field(default_factory=dict)
 
-    def for_arch(self, arch: str, where: str = "train.<stage>") -> StageConfig:
+    def for_arch(self, arch: str, where: str = "train.<phase>") -> PhaseConfig:
         """These settings with ``per_arch[arch]`` applied (and no ``per_arch`` of their own)."""
         out = dataclasses.replace(self, per_arch={})
         values = self.per_arch.get(arch, {})
@@ -111,10 +111,16 @@ class StageConfig:
         return out
 
 
+PHASES = ("transfer", "finetune")
+"""The training phases in order: transfer learning (frozen backbone, new head; the study's "stage 1"), then full
+fine-tuning (every layer; "stage 2"). They name the tables of :class:`TrainConfig` and the ``<phase>`` of archive
+paths."""
+
+
 @dataclass
 class TrainConfig:
-    transfer: StageConfig = field(default_factory=lambda: StageConfig(epochs=15, lr=1e-3, patience=4, precision="auto"))
-    finetune: StageConfig = field(default_factory=lambda: StageConfig(
+    transfer: PhaseConfig = field(default_factory=lambda: PhaseConfig(epochs=15, lr=1e-3, patience=4, precision="auto"))
+    finetune: PhaseConfig = field(default_factory=lambda: PhaseConfig(
         epochs=3, lr=2e-3, batch_size=16, patience=3, bn_frozen=False, schedule="onecycle", precision="auto"))
 
 
@@ -168,15 +174,15 @@ class FisherConfig:
 class BaselinesConfig:
     """Controls for the drift numbers (:mod:`drift.baselines`); both are off by default.
 
-    The seed floor repeats each stage in ``stages`` from the same starting point with other training seeds and
-    scores the drift between the run's model and each replica of the same stage (what drift looks like with no
-    change of stage). The randomisation check (cascading model randomisation, Adebayo et al. 2018) re-initialises
+    The seed floor repeats each training phase in ``phases`` from the same starting point with other training seeds
+    and scores the drift between the run's model and each replica of the same phase (what drift looks like with no
+    change of phase). The randomisation check (cascading model randomisation, Adebayo et al. 2018) re-initialises
     the fine-tuned model's layers from the head downwards and scores how far its maps move.
     """
 
-    seeds: int = 0  # seed replicas per stage; 0 = no seed floor
+    seeds: int = 0  # seed replicas per phase; 0 = no seed floor
     replica_seeds: list[int] = field(default_factory=list)  # explicit replica seeds (override ``seeds``)
-    stages: list[str] = field(default_factory=lambda: ["finetune"])  # finetune and/or transfer
+    phases: list[str] = field(default_factory=lambda: ["finetune"])  # finetune and/or transfer
     # Cascade cut points: the head and this fraction of the backbone's parameterised layers (weights and
     # BatchNorm), counted from the top, are re-initialised; [] = no randomisation check.
     randomize: list[float] = field(default_factory=list)
@@ -226,9 +232,9 @@ class Config:
         d = self.to_dict()
         for k in ("out", "progress", "threads"):
             d["run"].pop(k)
-        for stage in d["train"].values():  # sync_bn off: the hash of configs written before it existed
-            if not stage.get("sync_bn", True):
-                stage.pop("sync_bn")
+        for phase in d["train"].values():  # sync_bn off: the hash of configs written before it existed
+            if not phase.get("sync_bn", True):
+                phase.pop("sync_bn")
         return hashlib.sha256(json.dumps({k: d[k] for k in sections}, sort_keys=True).encode()).hexdigest()[:16]
 
     def step_hash(self, step: str) -> str:
@@ -254,11 +260,21 @@ class ConfigError(ValueError):
     pass
 
 
+RENAMED_KEYS = {"baselines.stages": "baselines.phases"}
+"""Keys of earlier versions read under their new name (configs stored in older archives still load)."""
+
+
 def _merge(obj: Any, values: dict[str, Any], where: str) -> None:
     """Set the dataclass fields of ``obj`` from ``values``, recursing; unknown keys and bad types raise."""
     fields = {f.name: f for f in dataclasses.fields(obj)}
     for key, value in values.items():
         path = f"{where}.{key}" if where else key
+        if path in RENAMED_KEYS:
+            new = RENAMED_KEYS[path].rpartition(".")[2]
+            if new in values:
+                raise ConfigError(f"config keys {path!r} and {RENAMED_KEYS[path]!r} are the same setting "
+                                  f"(the first is its earlier name): give only {RENAMED_KEYS[path]!r}")
+            key, path = new, RENAMED_KEYS[path]
         if key not in fields:
             raise ConfigError(f"unknown config key {path!r}; valid keys here: {', '.join(sorted(fields))}")
         current = getattr(obj, key)

@@ -4,7 +4,7 @@
 
 Why a run of ``N`` processes trains as one process would: :class:`GlobalBatchSampler` draws the single-process
 epoch order from the same generator and gives each rank an equal share of every global batch
-(``train.<stage>.batch_size`` is the global batch); :class:`DataParallel` wraps the module in
+(``train.<phase>.batch_size`` is the global batch); :class:`DataParallel` wraps the module in
 ``DistributedDataParallel`` and scales each rank's loss so that the averaged gradient is the gradient of the global
 batch's mean loss.
 """

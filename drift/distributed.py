@@ -15,15 +15,15 @@ How the work is split, and why the results equal a single process's:
 * Drift metrics: the per-image metrics of contiguous image ranges (:func:`by_images`), then the summaries over
   all images on every rank.
 * Training: :class:`drift.ddp.GlobalBatchSampler` draws the single-process epoch order from the same generator
-  and gives each rank an equal share of every global batch (``train.<stage>.batch_size`` is the global batch,
+  and gives each rank an equal share of every global batch (``train.<phase>.batch_size`` is the global batch,
   checked by :func:`check_batch_sizes`); :class:`drift.ddp.DataParallel` wraps the module in
   ``DistributedDataParallel`` and scales each rank's loss so that the averaged gradient is the gradient of the
   global batch's mean loss.
 * Archive and checkpoints: only rank 0 writes (:func:`open_archive`); the other ranks read the committed
-  archive and write their copy of each stage into memory. Every stage ends with a barrier, and whether a stage
-  runs is decided by rank 0 and broadcast (:func:`decided_by_rank0`), so the ranks never disagree about it.
+  archive and write their copy of each commit into memory. Every commit ends with a barrier, and whether a unit of
+  work runs is decided by rank 0 and broadcast (:func:`decided_by_rank0`), so the ranks never disagree about it.
 * Failures: :func:`guard` turns an exception on any rank into :class:`RankFailed` on every rank, naming the
-  rank and stage where it began (posted in the process group's key-value store).
+  rank and the work (the commit name) during which it began (posted in the process group's key-value store).
 """
 
 from __future__ import annotations
@@ -45,13 +45,14 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .archive import Archive
 
-#: The stage the pipeline is in (set by :func:`decided_by_rank0`), named by failure messages.
-_stage = "start-up"
+#: What the pipeline is computing, by the name it will commit under (set by :func:`decided_by_rank0`), named by
+#: failure messages.
+_step = "start-up"
 _FAILED_KEY = "drift/failed"
 
 
 class RankFailed(RuntimeError):
-    """A rank of a multi-process run failed; the message names the rank, the stage and the cause."""
+    """A rank of a multi-process run failed; the message names the rank, the work and the cause."""
 
 
 # ---------------------------------------------------------------------------------------------- process group
@@ -115,20 +116,20 @@ def local_device(device: torch.device) -> torch.device:
 
 
 def _collective(what: str, fn: Callable[[], Any]) -> Any:
-    """Run one collective; a broken group (a rank died) becomes :class:`RankFailed` naming the stage."""
+    """Run one collective; a broken group (a rank died) becomes :class:`RankFailed` naming the work."""
     try:
         return fn()
     except RankFailed:
         raise
     except Exception as exc:
-        raise RankFailed(_posted() or f"rank {rank()} lost contact with another rank ({what}, stage {_stage}): "
+        raise RankFailed(_posted() or f"rank {rank()} lost contact with another rank ({what}, during {_step}): "
                                       f"{_first_line(exc)}") from exc
 
 
 def barrier(what: str = "") -> None:
     """Wait for every rank (no-op for one process)."""
     if active():
-        _collective(what or f"barrier after {_stage}", dist.barrier)
+        _collective(what or f"barrier after {_step}", dist.barrier)
 
 
 def broadcast(value: Any) -> Any:
@@ -170,18 +171,18 @@ def broadcast_buffers(module: nn.Module, what: str = "broadcasting buffers") -> 
 
 
 def decided_by_rank0(method: Callable[..., bool]) -> Callable[..., bool]:
-    """Decorate a pipeline method ``(self, name, ...) -> bool`` deciding whether stage ``name`` runs: rank 0
-    decides (and logs why) and broadcasts the answer, so every rank takes the same path. A stage that runs
-    becomes the current stage of failure messages."""
+    """Decorate a pipeline method ``(self, name, ...) -> bool`` deciding whether the work ``name`` runs: rank 0
+    decides (and logs why) and broadcasts the answer, so every rank takes the same path. Work that runs
+    becomes the current work of failure messages."""
     @functools.wraps(method)
     def wrapper(self, name: str, *args, **kwargs) -> bool:
-        global _stage
+        global _step
         if not active():
             todo = method(self, name, *args, **kwargs)
         else:
             todo = bool(broadcast(method(self, name, *args, **kwargs) if is_main() else None))
         if todo:
-            _stage = name
+            _step = name
         return todo
     return wrapper
 
@@ -216,10 +217,10 @@ def _first_line(exc: BaseException) -> str:
 def guard() -> Iterator[None]:
     """Make a failure on one rank a failure of every rank, with one message naming where it began.
 
-    The rank where an exception starts posts ``rank R failed in stage S: <error>`` to the process group's store
+    The rank where an exception starts posts ``rank R failed during W: <error>`` to the process group's store
     and raises :class:`RankFailed` with it; a rank that then loses contact with it (its collectives break when
     the failed process exits or is stopped by the launcher) raises the same message. A rank killed outright
-    posts nothing; the others then name themselves and the stage in which they lost contact. No-op for one
+    posts nothing; the others then name themselves and the work during which they lost contact. No-op for one
     process.
     """
     try:
@@ -233,9 +234,9 @@ def guard() -> Iterator[None]:
         if isinstance(exc, KeyboardInterrupt):
             raise
         if isinstance(exc, getattr(dist, "DistError", ())):  # e.g. DDP's gradient exchange with a dead rank
-            message = f"rank {rank()} lost contact with another rank (stage {_stage}): {_first_line(exc)}"
+            message = f"rank {rank()} lost contact with another rank (during {_step}): {_first_line(exc)}"
         else:
-            message = f"rank {rank()} failed in stage {_stage}: {_first_line(exc)}"
+            message = f"rank {rank()} failed during {_step}: {_first_line(exc)}"
         store = _store()
         if store is not None:
             with contextlib.suppress(Exception):
@@ -342,7 +343,7 @@ def check_batch_sizes(cfg) -> None:
 
 # ---------------------------------------------------------------------------------------------- archive
 class _LeaderArchive(Archive):
-    """Rank 0's archive: commits each stage, then waits for every rank at a barrier."""
+    """Rank 0's archive: makes each commit, then waits for every rank at a barrier."""
 
     @contextlib.contextmanager
     def commit(self, name: str, *args, **kwargs) -> Iterator[h5py.File]:
@@ -352,7 +353,7 @@ class _LeaderArchive(Archive):
 
 
 class _FollowerArchive(Archive):
-    """A non-zero rank's view: reads the archive rank 0 writes; its stage writes go to memory only."""
+    """A non-zero rank's view: reads the archive rank 0 writes; its commits go to memory only."""
 
     def __init__(self, path: str | os.PathLike):  # no creation, no clean-up: rank 0 owns the file
         self.path = Path(path)
@@ -370,8 +371,8 @@ def open_archive(path: str | os.PathLike, config_text: str, science_hash: str, p
     """The run's :class:`~drift.archive.Archive` as this rank uses it.
 
     One process: the archive. Several: rank 0 opens (creates, checks, cleans up) the archive first and owns
-    every write; each stage it commits is followed by a barrier. The other ranks wait for it, then read the
-    committed archive and write their (identical) stage trees into a throw-away in-memory file.
+    every write; each of its commits is followed by a barrier. The other ranks wait for it, then read the
+    committed archive and write their (identical) trees into a throw-away in-memory file.
     """
     if not active():
         return Archive(path, config_text, science_hash, provenance)

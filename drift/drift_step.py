@@ -17,8 +17,8 @@ import torch
 from . import distributed, stats
 from .archive import ArchiveReader, as_tree, write_tree
 from .attribution import normalize, upsample
+from .config import PHASES
 from .metrics import pair_metrics, pearson
-from .pipeline import STAGES
 from .rundir import log
 
 if TYPE_CHECKING:
@@ -43,11 +43,11 @@ def run_step(pipe: Pipeline, arch: str) -> None:
     for layer in acfg.layers:
         for score in acfg.scores:
             up = {(st, m): upsample(torch.as_tensor(reader.maps(arch, st, m, layer, score)), size)
-                  for st in STAGES for m in acfg.methods}
+                  for st in PHASES for m in acfg.methods}
             cell = tree.setdefault(layer, {}).setdefault(score, {})
             cell["agreement"] = {st: {f"{m1} vs {m2}": pearson(up[st, m1], up[st, m2]).cpu().numpy()
                                       for i, m1 in enumerate(acfg.methods) for m2 in acfg.methods[i + 1:]}
-                                 for st in STAGES}
+                                 for st in PHASES}
             for norm in mcfg.normalize:
                 for method in acfg.methods:
                     a, b = normalize(up["transfer", method], norm), normalize(up["finetune", method], norm)
@@ -89,7 +89,7 @@ def pair_tree(pipe: Pipeline, a: torch.Tensor, b: torch.Tensor, lung: torch.Tens
         n: How many test images, from the first; None for all.
 
     Returns:
-        ``{"per_sample": {metric: (n,), ids, labels, valid, selected}, "degenerate": {stage: (n,)},
+        ``{"per_sample": {metric: (n,), ids, labels, valid, selected}, "degenerate": {phase: (n,)},
         "summary": {metric: aggregate, "paired": {quantity: paired test}}}``, as written under ``drift/<arch>``.
     """
     test = pipe.splits.test

@@ -9,11 +9,11 @@ function, and :func:`load` says so (``stored = False``).
 
 The numbers:
 
-* classification, per (architecture, stage): the stored test accuracy and macro one-vs-rest AUC, with percentile
+* classification, per (architecture, phase): the stored test accuracy and macro one-vs-rest AUC, with percentile
   bootstrap intervals over test images from the stored logits (:func:`classification_intervals`);
 * drift, per (architecture, method, headline metric of :func:`drift.metrics.headline_specs`) in the primary cell:
   the macro mean over classes with its within-class bootstrap interval, as the drift step stored it;
-* iFIM, per (architecture, stage): the mean top-eigenvalue share and numerical rank, the areas over eps of the
+* iFIM, per (architecture, phase): the mean top-eigenvalue share and numerical rank, the areas over eps of the
   mean |confidence change| inside the high-sensitivity subspace, its complement and a random direction, and the
   confidence gap with its interval and paired Wilcoxon p-value (:func:`confidence_gap`).
 
@@ -32,9 +32,8 @@ import numpy as np
 
 from . import stats
 from .archive import ArchiveReader, Cell
+from .config import PHASES
 from .metrics import DEFAULT_FRACTIONS, headline_specs
-
-STAGES = ("transfer", "finetune")
 
 
 def _strs(a: Any) -> list[str]:
@@ -99,7 +98,7 @@ def confidence_gap(perturbation: dict, n_boot: int = 1000, seed: int = 0, ci: fl
     ``abs_confidence_gap_area`` (the area is linear).
 
     Args:
-        perturbation: an archive's ``fisher/<arch>/<stage>/perturbation`` group: ``abs_conf_change`` (3, E, N, m),
+        perturbation: an archive's ``fisher/<arch>/<phase>/perturbation`` group: ``abs_conf_change`` (3, E, N, m),
             ``eps`` (E,), ``kinds`` (3,), optional ``valid`` (N,).
         n_boot, seed, ci: the bootstrap (0 resamples: no interval).
 
@@ -156,8 +155,8 @@ def compute(reader: ArchiveReader, n_boot: int | None = None, seed: int | None =
             and seed).
 
     Returns:
-        ``{"classification": {arch: {stage: {...}}}, "drift": {arch: {method: {metric: {...}}}}, "fisher": {arch:
-        {stage: {...}}}, "n_boot", "seed", "cell", "metrics"}``; groups of stages not run are absent.
+        ``{"classification": {arch: {phase: {...}}}, "drift": {arch: {method: {metric: {...}}}}, "fisher": {arch:
+        {phase: {...}}}, "n_boot", "seed", "cell", "metrics"}``; groups of phases not run are absent.
     """
     cfg_boot, cfg_seed, fractions = _settings(reader)
     n_boot = cfg_boot if n_boot is None else int(n_boot)
@@ -167,12 +166,12 @@ def compute(reader: ArchiveReader, n_boot: int | None = None, seed: int | None =
     out: dict = {"classification": {}, "drift": {}, "fisher": {}, "n_boot": n_boot, "seed": seed,
                  "cell": cell.key, "metrics": json.dumps(metrics)}
     for arch in _archs(reader):
-        for stage in STAGES:
-            if reader.has(f"models/{arch}/{stage}/test"):
-                out["classification"].setdefault(arch, {})[stage] = _classification(reader, arch, stage, n_boot,
+        for phase in PHASES:
+            if reader.has(f"models/{arch}/{phase}/test"):
+                out["classification"].setdefault(arch, {})[phase] = _classification(reader, arch, phase, n_boot,
                                                                                     seed)
-            if reader.has(f"fisher/{arch}/{stage}"):
-                out["fisher"].setdefault(arch, {})[stage] = _fisher(reader.fisher(arch, stage), n_boot, seed)
+            if reader.has(f"fisher/{arch}/{phase}"):
+                out["fisher"].setdefault(arch, {})[phase] = _fisher(reader.fisher(arch, phase), n_boot, seed)
         if reader.has(cell.drift_path(arch)):
             for method in reader.methods(arch, cell):
                 summ = reader.drift_summary(arch, method, cell) if reader.has(
@@ -184,8 +183,8 @@ def compute(reader: ArchiveReader, n_boot: int | None = None, seed: int | None =
     return out
 
 
-def _classification(reader: ArchiveReader, arch: str, stage: str, n_boot: int, seed: int) -> dict:
-    g = reader.read(f"models/{arch}/{stage}")
+def _classification(reader: ArchiveReader, arch: str, phase: str, n_boot: int, seed: int) -> dict:
+    g = reader.read(f"models/{arch}/{phase}")
     ev = g["test"]
     entry = {"accuracy": float(ev.get("accuracy", math.nan)), "macro_auc": float(ev.get("macro_auc", math.nan)),
              "best_epoch": int(g.get("best_epoch", -1)) + 1, "seconds": float(g.get("seconds", math.nan))}
@@ -227,8 +226,8 @@ def load(reader: ArchiveReader) -> dict:
     out = reader.read("stats/headline") if stored else compute(reader)
     for key in ("classification", "drift", "fisher"):
         out.setdefault(key, {})
-    for key in ("classification", "fisher"):  # stages in pipeline order (HDF5 lists groups by name)
-        out[key] = {arch: {st: by_stage[st] for st in STAGES if st in by_stage} for arch, by_stage in out[key].items()}
+    for key in ("classification", "fisher"):  # phases in training order (HDF5 lists groups by name)
+        out[key] = {arch: {st: by_phase[st] for st in PHASES if st in by_phase} for arch, by_phase in out[key].items()}
     out["stored"] = stored
     out["ranking"] = reader.ranking(Cell(*out["cell"].split("/"))) if "cell" in out else {}
     out["stats"] = reader.stats_attrs()
@@ -273,7 +272,7 @@ def examples(reader: ArchiveReader, images: Callable[[np.ndarray], np.ndarray], 
     over classes (:func:`pick_examples`); the first test images when there is none.
 
     Args:
-        reader: the archive (data and drift stages done).
+        reader: the archive (data and drift steps committed).
         images: test image indices (k,) -> images (k, H, W) or (k, 1, H, W) in [0, 1].
         n: images per architecture.
 

@@ -268,7 +268,7 @@ def set_bn_eval(module: nn.Module) -> None:
 
 
 def freeze_backbone(model: Classifier) -> None:
-    """Stage 1 (transfer learning): no backbone parameter trains and BatchNorm stays in inference mode."""
+    """Transfer phase (the study's stage 1): no backbone parameter trains and BatchNorm stays in inference mode."""
     for prm in model.backbone.parameters():
         prm.requires_grad_(False)
     model.bn_frozen = True
@@ -276,7 +276,7 @@ def freeze_backbone(model: Classifier) -> None:
 
 
 def unfreeze(model: Classifier, bn_frozen: bool) -> None:
-    """Stage 2 (full fine-tuning): every parameter trains; BatchNorm mode as configured."""
+    """Fine-tuning phase (the study's stage 2): every parameter trains; BatchNorm mode as configured."""
     for prm in model.parameters():
         prm.requires_grad_(True)
     model.bn_frozen = bn_frozen

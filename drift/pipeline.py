@@ -1,9 +1,9 @@
-"""The stages of ``drift run``: data -> (per architecture) weights, transfer, fine-tuning, attributions,
+"""The steps of ``drift run``: data -> (per architecture) weights, transfer, fine-tuning, attributions,
 drift metrics, iFIM -> statistics across architectures -> report.
 
-Each stage commits its outputs to the archive as soon as it finishes (see :mod:`drift.archive`), and a re-run
-with the same config skips the stages already committed: checkpoints are reloaded (their sha256 checked) and
-the later stages resume where the last run stopped.
+Each step commits its outputs to the archive as soon as a unit of its work finishes (see :mod:`drift.archive`),
+and a re-run with the same config skips what is already committed: checkpoints are reloaded (their sha256 checked)
+and the later steps resume where the last run stopped.
 
 :class:`Pipeline` holds what the steps share (data, trained models, archive, fingerprints) and runs the data,
 training and iFIM steps; the attribution, drift, statistics and baselines steps are in :mod:`drift.attributions_step`,
@@ -25,7 +25,7 @@ import torch
 
 from . import distributed, source_weights
 from .archive import ArchiveReader, as_tree, write_tree
-from .config import Config
+from .config import PHASES, Config
 from .models import Classifier, build, get_spec
 from .rundir import RunLock, log, make_out, nothing_finished, provenance
 from .train import (
@@ -47,7 +47,6 @@ from .weights import (
     sha256_file,
 )
 
-STAGES = ("transfer", "finetune")
 ALL_STEPS = ("data", "train", "attributions", "drift", "fisher", "stats", "baselines", "report")
 
 
@@ -126,7 +125,7 @@ class Pipeline:
 
         train = self.cfg.train
         precision = sorted({f"{st}={resolve_precision(getattr(train, st).for_arch(a).precision, self.device)}"
-                            for a in self.cfg.run.archs for st in STAGES})
+                            for a in self.cfg.run.archs for st in PHASES})
         return {"threads": str(torch.get_num_threads()), "device": self.device.type, "precision": ",".join(precision),
                 "torch": torch.__version__, "timm": timm.__version__}
 
@@ -185,7 +184,7 @@ class Pipeline:
     def test_images(self, idx=None) -> torch.Tensor:
         return self.splits.test.images(idx)
 
-    # ------------------------------------------------------------------ stages
+    # ------------------------------------------------------------------ steps
     def run(self, steps: tuple[str, ...] = ALL_STEPS) -> Path:
         """Run (or resume) ``steps``; the output folder's lock is released when it returns or fails."""
         try:
@@ -198,14 +197,14 @@ class Pipeline:
         t0 = time.perf_counter()
         if "data" in steps:
             self.step_data()
-        # Data (drawn or read on first use) and both training stages of every backbone, the later stages excluded.
+        # Data (drawn or read on first use) and both training phases of every backbone, the later steps excluded.
         self.timings["data+training"] = time.perf_counter() - t0
         for arch in self.cfg.run.archs:
             self._check_input_size(arch)
             if "train" in steps:
                 t_train = time.perf_counter()
-                for stage in STAGES:
-                    self.trained(arch, stage)
+                for phase in PHASES:
+                    self.trained(arch, phase)
                 self.timings["data+training"] += time.perf_counter() - t_train
             if "attributions" in steps:
                 self.step_attributions(arch)
@@ -273,8 +272,8 @@ class Pipeline:
         w = cfg.model.weights
         if w == "none":
             # Random weights carry no BatchNorm statistics worth keeping (mean 0, variance 1 at every layer): a
-            # frozen-BatchNorm stage would feed deep layers inputs that grow without bound. Estimate them once on
-            # the training images, then keep them as the stage's config says.
+            # frozen-BatchNorm phase would feed deep layers inputs that grow without bound. Estimate them once on
+            # the training images, then keep them as the phase's config says.
             calibrate_bn(model.to(self.device), self.splits.train, self.device,
                          precision=cfg.train.transfer.for_arch(arch, "train.transfer").precision,
                          max_images=BN_CALIBRATION_IMAGES)
@@ -299,28 +298,28 @@ class Pipeline:
         return source_weights.origin(payload["meta"], path)
 
     # ---- training
-    def checkpoint_path(self, arch: str, stage: str, seed: int | None = None) -> Path:
-        """Checkpoint file of (arch, stage); with ``seed``, of that seed replica of the stage."""
-        return self.out / "checkpoints" / (f"{arch}-{stage}.pt" if seed is None else f"{arch}-{stage}-seed{seed}.pt")
+    def checkpoint_path(self, arch: str, phase: str, seed: int | None = None) -> Path:
+        """Checkpoint file of (arch, phase); with ``seed``, of that seed replica of the phase."""
+        return self.out / "checkpoints" / (f"{arch}-{phase}.pt" if seed is None else f"{arch}-{phase}-seed{seed}.pt")
 
     @staticmethod
-    def model_name(arch: str, stage: str, seed: int | None = None) -> str:
-        """Archive group of a trained model: ``models/<arch>/<stage>``, or ``replicas/<arch>/<stage>/seed<seed>``
+    def model_name(arch: str, phase: str, seed: int | None = None) -> str:
+        """Archive group of a trained model: ``models/<arch>/<phase>``, or ``replicas/<arch>/<phase>/seed<seed>``
         for a seed replica (:mod:`drift.baselines`)."""
-        return f"models/{arch}/{stage}" if seed is None else f"replicas/{arch}/{stage}/seed{seed}"
+        return f"models/{arch}/{phase}" if seed is None else f"replicas/{arch}/{phase}/seed{seed}"
 
-    def trained(self, arch: str, stage: str, seed: int | None = None) -> Trained:
-        """The model of (arch, stage): reloaded from its checkpoint when that stage is committed, else trained.
+    def trained(self, arch: str, phase: str, seed: int | None = None) -> Trained:
+        """The model of (arch, phase): reloaded from its checkpoint when it is committed, else trained.
 
-        With ``seed``, the seed replica of the stage: the same stage trained again from the same starting point (the
+        With ``seed``, the seed replica of the phase: the same phase trained again from the same starting point (the
         initial weights for ``transfer``, the run's own transfer checkpoint for ``finetune``) with training seed
         ``seed`` in place of ``run.seed``; ``seed = run.seed`` reproduces the run's own model.
         """
-        key = (arch, stage) if seed is None else (arch, stage, seed)
+        key = (arch, phase) if seed is None else (arch, phase, seed)
         if key in self._models:
             return self._models[key]
-        name = self.model_name(arch, stage, seed)
-        ckpt = self.checkpoint_path(arch, stage, seed)
+        name = self.model_name(arch, phase, seed)
+        ckpt = self.checkpoint_path(arch, phase, seed)
         if not self._todo(name, "train"):
             reader = ArchiveReader(self.path)
             attrs = reader.read(name)
@@ -333,33 +332,33 @@ class Pipeline:
                 ev = evaluation_from_logits(np.asarray(t["logits"]), np.asarray(t["labels"]))
                 self._models[key] = Trained(model, ev)
                 return self._models[key]
-            warnings.warn(f"{name}: checkpoint {ckpt} missing or changed; training this stage again", stacklevel=2)
-        return self._train(arch, stage, seed)
+            warnings.warn(f"{name}: checkpoint {ckpt} missing or changed; training this phase again", stacklevel=2)
+        return self._train(arch, phase, seed)
 
-    def _train(self, arch: str, stage: str, replica: int | None = None) -> Trained:
+    def _train(self, arch: str, phase: str, replica: int | None = None) -> Trained:
         t0 = time.perf_counter()
         cfg, s = self.cfg, self.splits
         seed = cfg.run.seed if replica is None else replica
-        what = f"{arch} {stage}" + ("" if replica is None else f" (seed replica {replica})")
-        st = getattr(cfg.train, stage).for_arch(arch, f"train.{stage}")
-        if stage == "transfer":
+        what = f"{arch} {phase}" + ("" if replica is None else f" (seed replica {replica})")
+        st = getattr(cfg.train, phase).for_arch(arch, f"train.{phase}")
+        if phase == "transfer":
             model, origin = self.initial_model(arch)
             log(f"{what}: weights {origin}")
             res = train_transfer(model, s.train, s.val, st, self.device, seed, cfg.run.progress, what)
             bn_frozen = True
         else:
-            self.trained(arch, "transfer")  # make sure stage 1 is committed first
+            self.trained(arch, "transfer")  # make sure the transfer phase is committed first
             model = load_checkpoint(self.checkpoint_path(arch, "transfer"), arch, len(self.class_names),
                                     cfg.model.dropout)
             origin = "transfer checkpoint"
             res = train_finetune(model, s.train, s.val, st, self.device, seed + 1, cfg.run.progress, what)
             bn_frozen = st.bn_frozen
         ev = evaluate(model, s.test, self.device, progress=cfg.run.progress)
-        ckpt = self.checkpoint_path(arch, stage, replica)
-        sha = save_checkpoint(model, ckpt, {"stage": stage, "seed": seed}) if distributed.is_main() else ""
+        ckpt = self.checkpoint_path(arch, phase, replica)
+        sha = save_checkpoint(model, ckpt, {"phase": phase, "seed": seed}) if distributed.is_main() else ""
         log(f"{what}: test accuracy {ev.accuracy:.3f}, macro AUC {ev.macro_auc:.3f} "
             f"(best epoch {res.best_epoch + 1}, {res.seconds:.0f} s)")
-        name = self.model_name(arch, stage, replica)
+        name = self.model_name(arch, phase, replica)
         with self.archive.commit(name, replace=(name,), started=t0, **self._stamp("train")) as f:
             g = f.require_group(name)
             write_tree(g, {"history": res.history, "test": ev.to_dict()})
@@ -369,7 +368,7 @@ class Pipeline:
                             "schedule": st.schedule, "epochs": st.epochs, "lr": st.lr, "batch_size": st.batch_size,
                             "input_size": self.input_size(arch), "processes": distributed.world_size(),
                             "sync_bn": bool(st.sync_bn and not bn_frozen and distributed.world_size() > 1)})
-        key = (arch, stage) if replica is None else (arch, stage, replica)
+        key = (arch, phase) if replica is None else (arch, phase, replica)
         self._models[key] = Trained(model, ev)
         return self._models[key]
 
@@ -400,8 +399,8 @@ class Pipeline:
         comp_idx = np.arange(m)
         t0 = time.perf_counter()
         tree = {}
-        for stage in STAGES:
-            model = self.trained(arch, stage).model.eval()
+        for phase in PHASES:
+            model = self.trained(arch, phase).model.eval()
             # One Jacobian per batch serves the spectra (first n images), components and perturbations (first m).
             st = ifim_study(model, lambda idx: self.test_images(idx).to(self.device), test.labels[comp_idx], n, m,
                             schedule=distributed.my_batches, gather=distributed.gather_batches,
@@ -409,12 +408,12 @@ class Pipeline:
                             n_draws=fc.n_draws, seed=self.cfg.run.seed, batch_size=fc.batch_size)
             eig_t, pert = st.eigenvalues, st.perturbation
             share = eig_t / eig_t.sum(1, keepdim=True).clamp_min(1e-300)
-            tree[stage] = {"eigenvalues": eig_t.numpy(), "eigen_share": share.numpy(),
+            tree[phase] = {"eigenvalues": eig_t.numpy(), "eigen_share": share.numpy(),
                            "rank": st.rank.numpy(), "probs": st.probs.numpy(),
                            "ids": np.asarray(test.ids[:n]), "perturbation": pert.to_arrays(),
                            "summary": as_tree(pert.summary())}
             x_all, high_all = st.x, st.x_high.float()
-            tree[stage]["components"] = {"ids": np.asarray([test.ids[i] for i in comp_idx]),
+            tree[phase]["components"] = {"ids": np.asarray([test.ids[i] for i in comp_idx]),
                                          "x": x_all.numpy().astype(np.float16),
                                          "x_high": high_all.numpy().astype(np.float32),
                                          "x_low": (x_all - high_all).numpy().astype(np.float32),

@@ -59,12 +59,12 @@ def make_out(out: Path) -> None:
 
 
 def nothing_finished(path: Path) -> bool:
-    """Whether the archive at ``path`` records no finished stage (a readable drift archive only)."""
+    """Whether the archive at ``path`` records no commit (a readable drift archive only)."""
     try:
         reader = ArchiveReader(path)
     except Exception:  # unreadable or foreign: Archive() reports it
         return False
-    return not reader.stages
+    return not reader.commits
 
 
 class RunLock:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from . import distributed
-from .config import Config, StageConfig
+from .config import Config, PhaseConfig
 from .models import build, get_spec
 from .rundir import log
 from .train import BN_CALIBRATION_IMAGES, pretrain_source
@@ -92,12 +92,12 @@ def _pretrain(cfg: Config, arch: str, device: torch.device, progress: bool) -> d
         raise ValueError(f"source.crop = {src.crop} gives {crop} px windows; {arch} needs >= "
                          f"{get_spec(arch).min_size} px")
     train = task.make(src.n_train, side, seed, crop=crop)
-    # Held-out and BatchNorm images are whole radiographs: what the backbone sees in the transfer stage.
+    # Held-out and BatchNorm images are whole radiographs: what the backbone sees in the transfer phase.
     heldout = task.make(src.n_val, side, seed, offset=src.n_train)
     calibration = task.make(BN_CALIBRATION_IMAGES, side, seed, offset=src.n_train + src.n_val) if crop else None
-    st = StageConfig(epochs=src.epochs, lr=src.lr, batch_size=src.batch_size, patience=src.epochs,
+    st = PhaseConfig(epochs=src.epochs, lr=src.lr, batch_size=src.batch_size, patience=src.epochs,
                      bn_frozen=False, schedule=src.schedule, precision=src.precision)
-    # The pretraining draws from torch's global generator; forking it keeps every later stage's random
+    # The pretraining draws from torch's global generator; forking it keeps every later step's random
     # numbers the same whether the weights came from the cache or were pretrained in this process.
     devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):

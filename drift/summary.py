@@ -134,12 +134,12 @@ def agreement_rows(r: ArchiveReader) -> list[list[str]]:
 
 
 def _classification(r: ArchiveReader, h: dict) -> list[str]:
-    rows = [[arch, stage, _fmt(e["accuracy"]), _fmt(e["macro_auc"]), str(int(e.get("best_epoch", 0))),
+    rows = [[arch, phase, _fmt(e["accuracy"]), _fmt(e["macro_auc"]), str(int(e.get("best_epoch", 0))),
              f"{float(e.get('seconds', 0)):.0f}"]
-            for arch, by_stage in h["classification"].items() for stage, e in by_stage.items()]
+            for arch, by_phase in h["classification"].items() for phase, e in by_phase.items()]
     if not rows:
         return []
-    return ["Classification (test set)", table(["architecture", "stage", "accuracy", "macro AUC", "best epoch",
+    return ["Classification (test set)", table(["architecture", "phase", "accuracy", "macro AUC", "best epoch",
                                                 "train s"], rows), ""]
 
 
@@ -191,16 +191,16 @@ def _verdict(r: ArchiveReader, h: dict) -> list[str]:
 
 
 def _fisher(r: ArchiveReader, h: dict) -> list[str]:
-    rows = [[arch, stage, _fmt(f["top_share"]), _fmt(f["mean_rank"], 1), _fmt(f["area_high"], 4),
+    rows = [[arch, phase, _fmt(f["top_share"]), _fmt(f["mean_rank"], 1), _fmt(f["area_high"], 4),
              _fmt(f["area_complement"], 4), _fmt(f["area_random"], 4),
              f"{_fmt(f['gap'], 4)} [{_fmt(f['gap_lo'], 4)}, {_fmt(f['gap_hi'], 4)}]", _fmt(f["wilcoxon_p"], 4)]
-            for arch, by_stage in h["fisher"].items() for stage, f in by_stage.items()]
+            for arch, by_phase in h["fisher"].items() for phase, f in by_phase.items()]
     if not rows:
         return []
     return ["iFIM: top eigenvalue share, numerical rank, and |confidence change| under equal-norm perturbations "
             "(area over eps) inside the high-sensitivity subspace, its complement and a random direction; the "
             "confidence gap (high - complement, mean over images [95% bootstrap interval]) and its paired Wilcoxon p",
-            table(["architecture", "stage", "top share", "mean rank", "high", "complement", "random", "gap",
+            table(["architecture", "phase", "top share", "mean rank", "high", "complement", "random", "gap",
                    "Wilcoxon p"], rows), ""]
 
 
@@ -213,7 +213,7 @@ def _baselines(r: ArchiveReader, h: dict) -> list[str]:
 SECTIONS: list[Callable[[ArchiveReader, dict], list[str]]] = [
     _classification, _drift, _agreement, _ranking, _grid, _verdict, _baselines, _fisher]
 """The summary's parts in print order. Each takes the archive and its headline numbers (:func:`drift.headline.load`)
-and returns its lines (a caption, a table and a blank line; nothing when its stage has not run). A new part is a
+and returns its lines (a caption, a table and a blank line; nothing when its step has not run). A new part is a
 function of that signature appended here; numbers it prints belong in :func:`drift.headline.compute`."""
 
 

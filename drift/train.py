@@ -1,9 +1,10 @@
-"""The two-stage protocol: transfer learning (frozen backbone, new head), then full fine-tuning.
+"""The study's two-stage protocol as two training phases: transfer learning (frozen backbone, new head), then
+full fine-tuning.
 
-Stage 1 freezes every backbone parameter and keeps BatchNorm in inference mode, so the backbone is a fixed
+The transfer phase freezes every backbone parameter and keeps BatchNorm in inference mode, so the backbone is a fixed
 function of the image: its pooled features are computed once and the head (dropout + linear) is trained on
 them. That is exactly the frozen-backbone optimisation -- same losses, same gradients of the head -- at the
-cost of one forward pass instead of one per epoch. Stage 2 unfreezes everything (BatchNorm mode from the
+cost of one forward pass instead of one per epoch. The fine-tuning phase unfreezes everything (BatchNorm mode from the
 config) and trains end to end. Both keep the best epoch by validation macro AUC with early stopping.
 
 The loop holds no global state: the sampler and the writer are the caller's. Under several processes
@@ -30,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
 
 from . import ddp, distributed
-from .config import StageConfig
+from .config import PhaseConfig
 from .models import Classifier, freeze_backbone, unfreeze
 from .stats import macro_auc
 
@@ -109,7 +110,7 @@ def evaluate(model: nn.Module, data: Dataset, device: torch.device, batch_size: 
 
 
 @dataclass
-class StageResult:
+class TrainResult:
     history: dict[str, list[float]] = field(default_factory=dict)
     best_epoch: int = -1
     best_val_auc: float = float("nan")
@@ -118,7 +119,7 @@ class StageResult:
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
-    """``fp32`` or ``bf16`` for a stage's ``precision`` setting on ``device``.
+    """``fp32`` or ``bf16`` for a phase's ``precision`` setting on ``device``.
 
     ``auto`` is bf16 where the device computes it natively (a CUDA GPU with bf16, a CPU with oneDNN's bf16
     support, e.g. AVX-512 BF16 or AMX) and fp32 elsewhere, where bf16 would be emulated and slower.
@@ -182,8 +183,8 @@ def fast_layout(module: nn.Module, precision: str, device: torch.device) -> Iter
         module.to(memory_format=torch.contiguous_format)
 
 
-def _optimizer(params, cfg: StageConfig, device: torch.device) -> torch.optim.Optimizer:
-    """The stage's optimiser. Adam and AdamW use PyTorch's fused kernels on the CPU and CUDA (one kernel for all
+def _optimizer(params, cfg: PhaseConfig, device: torch.device) -> torch.optim.Optimizer:
+    """The phase's optimiser. Adam and AdamW use PyTorch's fused kernels on the CPU and CUDA (one kernel for all
     parameters; a DenseNet201 step's update 54 -> 17 ms on the 2-core CPU, ResNetV2-50's 47 -> 16 ms), the same
     update as the per-parameter loop up to floating-point rounding."""
     fused = True if device.type in ("cpu", "cuda") else None
@@ -195,8 +196,8 @@ def _optimizer(params, cfg: StageConfig, device: torch.device) -> torch.optim.Op
 
 
 def fit(module: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], train: Dataset, val: Dataset | None,
-        cfg: StageConfig, device: torch.device, seed: int, progress: bool = True, desc: str = "train",
-        keep: nn.Module | None = None) -> StageResult:
+        cfg: PhaseConfig, device: torch.device, seed: int, progress: bool = True, desc: str = "train",
+        keep: nn.Module | None = None) -> TrainResult:
     """Train ``module``'s trainable parameters with cross-entropy through ``forward``.
 
     Keeps the state of ``keep`` (default ``module``) at the epoch with the best validation macro AUC and
@@ -223,7 +224,7 @@ def fit(module: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], trai
     hist: dict[str, list[float]] = {k: [] for k in
                                     ("epoch", "train_loss", "val_loss", "val_accuracy", "val_auc", "seconds")}
     best, best_state, since = -np.inf, None, 0
-    result = StageResult(history=hist, precision=precision)
+    result = TrainResult(history=hist, precision=precision)
     t_start = time.perf_counter()
     with fast_layout(module, precision, device) as prepare:
         # Several processes: DistributedDataParallel, each rank's share of the global batch (ddp.py).
@@ -296,7 +297,7 @@ def calibrate_bn(model: nn.Module, data: Dataset, device: torch.device, batch_si
     """Re-estimate every BatchNorm layer's running mean and variance on ``data`` (precise BatchNorm).
 
     A backbone trained for few steps (or not at all) carries running statistics far from those of its
-    activations, and a frozen-BatchNorm stage then feeds each layer mis-scaled inputs that grow with depth
+    activations, and a frozen-BatchNorm phase then feeds each layer mis-scaled inputs that grow with depth
     (random-init InceptionV3 reaches losses of 1e8). One pass over ``data`` in training mode with a cumulative
     average (``momentum=None``) sets each layer's statistics to the mean over batches of its batch mean and
     unbiased batch variance; no parameter changes and every layer keeps its mode. ``precision`` ``bf16`` runs
@@ -333,7 +334,7 @@ def calibrate_bn(model: nn.Module, data: Dataset, device: torch.device, batch_si
 @torch.no_grad()
 def pooled_features(model: Classifier, data: Dataset, device: torch.device, batch_size: int = 64,
                     progress: bool = False, precision: str = "fp32") -> TensorDataset:
-    """The frozen backbone's globally pooled features (N, F) with labels, for stage-1 training (fp32 tensors;
+    """The frozen backbone's globally pooled features (N, F) with labels, for transfer-phase training (fp32 tensors;
     computed under bf16 autocast when ``precision`` resolves to bf16)."""
     model.eval()
     feats, labels = [], []
@@ -356,9 +357,9 @@ class _DeviceTensors(Dataset):
         return self.ds[i]
 
 
-def train_transfer(model: Classifier, train: Dataset, val: Dataset, cfg: StageConfig, device: torch.device,
-                   seed: int, progress: bool = True, desc: str = "transfer") -> StageResult:
-    """Stage 1: freeze the backbone (parameters and BatchNorm statistics) and train the new head."""
+def train_transfer(model: Classifier, train: Dataset, val: Dataset, cfg: PhaseConfig, device: torch.device,
+                   seed: int, progress: bool = True, desc: str = "transfer") -> TrainResult:
+    """Transfer phase (stage 1): freeze the backbone (parameters and BatchNorm statistics) and train the new head."""
     freeze_backbone(model)
     model.to(device)
     t0 = time.perf_counter()
@@ -372,9 +373,10 @@ def train_transfer(model: Classifier, train: Dataset, val: Dataset, cfg: StageCo
     return res
 
 
-def train_finetune(model: Classifier, train: Dataset, val: Dataset, cfg: StageConfig, device: torch.device,
-                   seed: int, progress: bool = True, desc: str = "finetune") -> StageResult:
-    """Stage 2: every parameter trains (BatchNorm mode from ``cfg.bn_frozen``), from the stage-1 weights.
+def train_finetune(model: Classifier, train: Dataset, val: Dataset, cfg: PhaseConfig, device: torch.device,
+                   seed: int, progress: bool = True, desc: str = "finetune") -> TrainResult:
+    """Fine-tuning phase (stage 2): every parameter trains (BatchNorm mode from ``cfg.bn_frozen``), from the
+    transfer weights.
 
     With BatchNorm in training mode, the running statistics at the end are an exponential average over the last
     few steps' batches, taken while the weights were still moving; the kept (best) weights then get exact
@@ -394,15 +396,15 @@ def train_finetune(model: Classifier, train: Dataset, val: Dataset, cfg: StageCo
     return res
 
 
-def pretrain_source(model: Classifier, source: Dataset, n_classes: int, cfg: StageConfig, device: torch.device,
+def pretrain_source(model: Classifier, source: Dataset, n_classes: int, cfg: PhaseConfig, device: torch.device,
                     seed: int, progress: bool = True, heldout: Dataset | None = None,
-                    desc: str = "source pretraining", calibration: Dataset | None = None) -> StageResult:
+                    desc: str = "source pretraining", calibration: Dataset | None = None) -> TrainResult:
     """Train the whole backbone on a synthetic source task with a temporary head (ImageNet stand-in).
 
     The temporary head is global average pooling and a linear layer to the source task's ``n_classes``; the
     model's own head is left untouched. After training, BatchNorm statistics are re-estimated on (up to 256 of)
     the ``calibration`` images (:func:`calibrate_bn`): the exact statistics of the final weights, which a
-    frozen-BatchNorm transfer stage keeps, instead of a running average taken while the weights moved. The
+    frozen-BatchNorm transfer phase keeps, instead of a running average taken while the weights moved. The
     held-out images are then scored with the temporary head.
 
     Args:
@@ -419,7 +421,7 @@ def pretrain_source(model: Classifier, source: Dataset, n_classes: int, cfg: Sta
             training images are windows of them.
 
     Returns:
-        The run's `StageResult`; ``history["heldout_accuracy"]`` holds one value, the temporary head's accuracy
+        The run's `TrainResult`; ``history["heldout_accuracy"]`` holds one value, the temporary head's accuracy
         on ``heldout`` (NaN without held-out images).
     """
     unfreeze(model, bn_frozen=False)

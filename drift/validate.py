@@ -7,7 +7,7 @@ import math
 import re
 from typing import Any
 
-from .config import Config, ConfigError, StageConfig
+from .config import Config, ConfigError, PhaseConfig
 
 
 def validate(cfg: Config) -> None:
@@ -76,12 +76,12 @@ def validate(cfg: Config) -> None:
                               f"{cfg.data.image_size}; the input side must be in [32, 1024]")
     for name in ("transfer", "finetune"):
         st = getattr(cfg.train, name)
-        _check_stage(st, f"train.{name}")
+        _check_phase(st, f"train.{name}")
         for arch in st.per_arch:
             if arch not in REGISTRY:
                 raise ConfigError(f"train.{name}.per_arch: unknown architecture {arch!r}; "
                                   f"registered: {', '.join(sorted(REGISTRY))}")
-            _check_stage(st.for_arch(arch, f"train.{name}"), f"train.{name}.per_arch.{arch}")
+            _check_phase(st.for_arch(arch, f"train.{name}"), f"train.{name}.per_arch.{arch}")
 
 
 _DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
@@ -166,12 +166,12 @@ def _check_analysis(cfg: Config) -> None:
 def _check_baselines(cfg: Config) -> None:
     """Seed-floor and randomisation-check settings."""
     b = cfg.baselines
-    _int_at_least(b.seeds, "baselines.seeds", 0, " (seed replicas per stage; 0 = no seed floor)")
+    _int_at_least(b.seeds, "baselines.seeds", 0, " (seed replicas per phase; 0 = no seed floor)")
     for s in b.replica_seeds:
         _int_at_least(s, "baselines.replica_seeds", 0)
     if len(set(b.replica_seeds)) != len(b.replica_seeds):
         raise ConfigError(f"baselines.replica_seeds lists a seed twice: {b.replica_seeds}")
-    _check_list(b.stages, "baselines.stages", ("finetune", "transfer"))
+    _check_list(b.phases, "baselines.phases", ("finetune", "transfer"))
     if b.randomize:
         _number_list(b.randomize, "baselines.randomize", 0, 1, low_open=False)
         _check_list(b.randomize, "baselines.randomize", None)
@@ -195,7 +195,7 @@ def _check_list(values: list, key: str, allowed: tuple[str, ...] | None) -> None
                 raise ConfigError(f"{key}: {v!r} is not one of {', '.join(allowed)}")
 
 
-def _check_stage(st: StageConfig, where: str) -> None:
+def _check_phase(st: PhaseConfig, where: str) -> None:
     if st.optimizer not in ("adam", "adamw", "sgd"):
         raise ConfigError(f"{where}.optimizer must be adam, adamw or sgd, got {st.optimizer!r}")
     if st.schedule not in ("constant", "onecycle"):

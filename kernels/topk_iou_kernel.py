@@ -25,8 +25,8 @@ Index ties. The tied pixels of lower flat index come first: pixel i is in the se
 
 and |A & B|, |A | B| are exact int64 counts.
 
-Stage 1 (torch, on the device): one ascending sort of each map gives t = sorted[H W - k] for every fraction,
-and a binary search gives n_above, hence r. Stage 2 (this kernel): each program takes a few map pairs and walks
+Step 1 (torch, on the device): one ascending sort of each map gives t = sorted[H W - k] for every fraction,
+and a binary search gives n_above, hence r. Step 2 (this kernel): each program takes a few map pairs and walks
 them in flat order, tile by tile, and compares every pixel against all T thresholds at once. Fractional: it
 accumulates the six counts. Index: it keeps a running count of the pixels equal to each threshold (a cumulative
 sum within the tile plus the count carried from earlier tiles) to cut the ties exactly, and counts |A & B| and

@@ -175,7 +175,7 @@ def test_parity_small_model_every_method_end_to_end(rng):
     _check_parity(ours, ref, (77, 93))
 
 
-def test_flags_modes_and_grads_restored_on_stage1_model(rng):
+def test_flags_modes_and_grads_restored_on_transfer_model(rng):
     torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=rng)))
     model = build("resnet18", 5)
     freeze_backbone(model)
@@ -367,7 +367,7 @@ def test_cams_multi_equals_single_layer_cams_and_an_independent_softmax_gradient
                                        msg=f"{layer} {m}")
     assert (multi["block", "softmax"]["layercam"] > 0).any()
 
-    # A frozen backbone (stage 1) gives the same maps at every layer.
+    # A frozen backbone (the transfer phase) gives the same maps at every layer.
     freeze_backbone(model)
     frozen = cams_multi(model, x, t, methods=GRAD_METHODS, layers=layers, scores=("logit", "softmax"))
     for key, maps in multi.items():

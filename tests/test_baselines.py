@@ -314,14 +314,14 @@ def test_step_records_ranking_verdict_randomisation_and_resumes(floor_run, capsy
             assert len(node["pearson_by_cut"]) == 2 and len(node["cut0"]["per_sample"]["pearson"]) == 6
     text = summary_text(out / "archive.h5")
     assert "beside its seed floor" in text and "Randomisation check" in text and v in text
-    stages = {s["name"]: s["finished"] for s in r.stages}
+    finished = {s["name"]: s["finished"] for s in r.commits}
     # A resume with the same settings trains and scores nothing again; a changed flag threshold rescores only
     # the baselines step, not the replicas.
     Pipeline(config.load(None, [*TINY, f'run.out="{out}"', "baselines.flag_pearson=0.9"])).run()
     from drift.archive import ArchiveReader
 
-    again = {s["name"]: s["finished"] for s in ArchiveReader(out / "archive.h5").stages}
-    for name, t in stages.items():
+    again = {s["name"]: s["finished"] for s in ArchiveReader(out / "archive.h5").commits}
+    for name, t in finished.items():
         if name.startswith(("models/", "replicas/", "drift/", "attributions/")):
             assert again[name] == t, name
     assert ArchiveReader(out / "archive.h5").read(f"baselines/arch/{cfg.run.archs[0]}")["flag_pearson"] == 0.9

@@ -203,7 +203,7 @@ def test_export_into_run_archive_keeps_it_and_replaces_records(tmp_path, rng, py
     reader = ArchiveReader(run)
     assert reader.attrs["science_hash"] == "hash-1" and reader.config_text == "seed = 3\n"
     np.testing.assert_array_equal(reader.read("attributions/resnet18/transfer/layercam"), maps)
-    assert [s["name"] for s in reader.stages] == ["attributions/resnet18", "bench"]
+    assert [s["name"] for s in reader.commits] == ["attributions/resnet18", "bench"]
     bench = reader.bench()
     assert sorted(bench) == ["asv", "pytest"]
     assert sorted(bench["asv"]["bench-box"]) == sorted([first.stem, second.stem])

@@ -61,9 +61,9 @@ def test_science_hash_ignores_output_folder_but_not_seed():
     assert a.science_hash() != b.science_hash()
 
 
-def test_per_arch_stage_settings_merge_and_resolve(tmp_path, rng):
+def test_per_arch_phase_settings_merge_and_resolve(tmp_path, rng):
     """A file's per-architecture table and --set overrides of it merge key by key; for_arch applies them to that
-    architecture only, with the stage's own types; the TOML round trip keeps them."""
+    architecture only, with the phase's own types; the TOML round trip keeps them."""
     import torch
 
     epochs = int(torch.randint(2, 9, (1,), generator=rng))
@@ -123,7 +123,7 @@ def test_extends_errors_name_the_file(tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     ("baselines.seeds=-1", "baselines.seeds must be an integer >= 0"),
-    ('baselines.stages=["tl"]', "baselines.stages: 'tl' is not one of finetune, transfer"),
+    ('baselines.phases=["tl"]', "baselines.phases: 'tl' is not one of finetune, transfer"),
     ("baselines.randomize=[0.5, 0.25]", "baselines.randomize must be increasing"),
     ("baselines.randomize=[1.5]", r"baselines.randomize: 1.5 is not a finite number in \[0, 1\]"),
     ("baselines.replica_seeds=[4, 4]", "baselines.replica_seeds lists a seed twice"),
@@ -133,3 +133,14 @@ def test_extends_errors_name_the_file(tmp_path):
 def test_baselines_settings_are_checked(override, message):
     with pytest.raises(config.ConfigError, match=message):
         config.load(None, [override])
+
+
+def test_earlier_key_name_reads_as_its_new_name(tmp_path):
+    """``baselines.stages`` (the earlier name, still in configs stored by older archives) sets
+    ``baselines.phases``; giving both is an error naming both."""
+    f = tmp_path / "old.toml"
+    f.write_text('[baselines]\nstages = ["transfer", "finetune"]\n')
+    assert config.load(f).baselines.phases == ["transfer", "finetune"]
+    f.write_text('[baselines]\nstages = ["transfer"]\nphases = ["finetune"]\n')
+    with pytest.raises(config.ConfigError, match="baselines.stages.*baselines.phases"):
+        config.load(f)

@@ -24,19 +24,19 @@ from drift.ddp import GlobalBatchSampler
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.toml"
 ARCH = "resnet10t"
-# Dropout 0 and frozen BatchNorm in stage 2: the two places where several processes draw other random numbers
+# Dropout 0 and frozen BatchNorm in the finetune phase: the two places where several processes draw other random numbers
 # (dropout masks per process) or see other batches (BatchNorm statistics of each process's share) than one
 # process; with them off, distributed training differs from single-process training only in the order in which
-# gradients are summed. Stage 2 uses SGD: Adam's first steps move each weight by about lr times the sign of its
-# gradient, so where a gradient is ~0 (inactive units) float32 summation-order differences of ~1e-7 decide a step
-# of +-lr, and the smoke run's test logits then differ by ~1e-3 -- noise of the optimiser, not of the data split.
+# gradients are summed. The finetune phase uses SGD: Adam's first steps move each weight by about lr times the sign
+# of its gradient, so where a gradient is ~0 (inactive units) float32 summation-order differences of ~1e-7 decide a
+# step of +-lr, and the smoke run's test logits then differ by ~1e-3 -- noise of the optimiser, not of the data split.
 SETTINGS = [f'run.archs=["{ARCH}"]', "run.threads=1", "model.dropout=0.0", "train.finetune.bn_frozen=true",
             'train.finetune.optimizer="sgd"',
             'train.transfer.precision="fp32"', 'train.finetune.precision="fp32"', "report.enabled=false",
             "data.n_train=35", "data.n_val=12"]  # 35 = 2 x 16 + 3: the last global batch splits 2 / 1
 
-# Runs `drift` as one rank. DRIFT_TEST_FAIL="kill|raise:<stage prefix>:<call>" makes rank 1 die (SIGKILL) or raise
-# at its <call>-th call of Pipeline.test_images (one per batch of images) in a stage whose name starts so.
+# Runs `drift` as one rank. DRIFT_TEST_FAIL="kill|raise:<step prefix>:<call>" makes rank 1 die (SIGKILL) or raise
+# at its <call>-th call of Pipeline.test_images (one per batch of images) in a step whose name starts so.
 RUNNER = """
 import os, signal, sys
 fail = os.environ.get("DRIFT_TEST_FAIL", "")
@@ -46,7 +46,7 @@ if fail and os.environ.get("RANK") == "1":
     how, prefix, at = fail.split(":")
     original, calls = Pipeline.test_images, [0]
     def hook(self, *args, **kwargs):
-        if distributed._stage.startswith(prefix):
+        if distributed._step.startswith(prefix):
             calls[0] += 1
             if calls[0] == int(at):
                 if how == "kill":
@@ -108,8 +108,8 @@ def ok(results: list[tuple[int, str]]) -> None:
         assert code == 0, f"rank {r} exited with {code}:\n{text[-3000:]}"
 
 
-def stage_names(path: Path) -> list[str]:
-    return [s["name"] for s in ArchiveReader(path).stages]
+def commit_names(path: Path) -> list[str]:
+    return [s["name"] for s in ArchiveReader(path).commits]
 
 
 def assert_same_tree(a, b, where: str = "") -> None:
@@ -173,17 +173,17 @@ def test_sharded_maps_metrics_and_ifim_equal_single_process_exactly(single, tmp_
     out = tmp_path / "run"
     shutil.copytree(single.parent, out)
     with h5py.File(out / "archive.h5", "a") as f:  # keep the data and the trained models only
-        stages = json.loads(f.attrs["stages"])
-        kept = [s for s in stages if s["name"] == "data" or s["name"].startswith("models/")]
-        assert len(kept) == 3 and len(stages) > len(kept)
-        f.attrs["stages"] = json.dumps(kept)
+        commits = json.loads(f.attrs["commits"])
+        kept = [s for s in commits if s["name"] == "data" or s["name"].startswith("models/")]
+        assert len(kept) == 3 and len(commits) > len(kept)
+        f.attrs["commits"] = json.dumps(kept)
         for group in list(f):
             if group not in ("data", "models"):
                 del f[group]
     ok(launch(out))
     with h5py.File(single) as a, h5py.File(out / "archive.h5") as b:
-        assert stage_names(single) == stage_names(out / "archive.h5")
-        for s_a, s_b in zip(json.loads(a.attrs["stages"]), json.loads(b.attrs["stages"])):
+        assert commit_names(single) == commit_names(out / "archive.h5")
+        for s_a, s_b in zip(json.loads(a.attrs["commits"]), json.loads(b.attrs["commits"])):
             if s_a["name"] == "data" or s_a["name"].startswith("models/"):
                 assert s_a == s_b  # not recomputed: the same checkpoints
         assert {"attributions", "drift", "fisher", "stats"} <= set(a)
@@ -194,14 +194,14 @@ def test_sharded_maps_metrics_and_ifim_equal_single_process_exactly(single, tmp_
 
 @pytest.fixture(scope="module")
 def distributed_run(tmp_path_factory):
-    """A two-process run from scratch: rank 1 killed in the CAM stage; resumed, rank 1 raising in the iFIM
-    stage; resumed again to the end. The three runs' results and the archive after each."""
+    """A two-process run from scratch: rank 1 killed in the CAM step; resumed, rank 1 raising in the iFIM
+    step; resumed again to the end. The three runs' results and the archive after each."""
     out = tmp_path_factory.mktemp("distributed") / "run"
     path = out / "archive.h5"
     killed = launch(out, fail="kill:attributions/:2")
-    after_kill = stage_names(path)
+    after_kill = commit_names(path)
     raised = launch(out, fail="raise:fisher/:1")
-    after_raise = stage_names(path)
+    after_raise = commit_names(path)
     final = launch(out)
     return {"killed": killed, "after_kill": after_kill, "raised": raised, "after_raise": after_raise,
             "final": final, "path": path}
@@ -211,35 +211,35 @@ def test_training_on_two_processes_gives_the_single_process_logits(single, distr
     """(b) The same global batches, split over two processes (DDP averaging each rank's share, the last batch of
     3 images split 2 / 1): the test logits of both checkpoints equal the single-process ones to 1e-4 (absolute, on
     logits of order 1). Only the order in which gradients are summed differs (float32 rounding, ~1e-7 relative
-    per step); over the smoke run's steps that moves the logits by ~1e-7 (stage 1, Adam on the head) and ~1e-5
-    (stage 2, SGD with momentum), so 1e-4 leaves a margin of ten, while a gradient weighted wrongly (each rank's
+    per step); over the smoke run's steps that moves the logits by ~1e-7 (transfer phase, Adam on the head) and ~1e-5
+    (finetune phase, SGD with momentum), so 1e-4 leaves a margin of ten, while a gradient weighted wrongly (each rank's
     mean loss, so that the share of 1 image of the partial batch weighs as much as the share of 2) shifts them by
     ~7e-2. Epoch training losses agree to 1e-5 relative."""
     ok(distributed_run["final"])
     one, two = ArchiveReader(single), ArchiveReader(distributed_run["path"])
-    for stage in ("transfer", "finetune"):
-        a, b = one.evaluation(ARCH, stage), two.evaluation(ARCH, stage)
+    for phase in ("transfer", "finetune"):
+        a, b = one.evaluation(ARCH, phase), two.evaluation(ARCH, phase)
         np.testing.assert_allclose(b["logits"], a["logits"], rtol=0, atol=1e-4)
         np.testing.assert_array_equal(b["labels"], a["labels"])
-        np.testing.assert_allclose(two.history(ARCH, stage)["train_loss"], one.history(ARCH, stage)["train_loss"],
+        np.testing.assert_allclose(two.history(ARCH, phase)["train_loss"], one.history(ARCH, phase)["train_loss"],
                                    rtol=1e-5)
-        meta = two.read(f"models/{ARCH}/{stage}")
-        assert meta["processes"] == 2 and one.read(f"models/{ARCH}/{stage}")["processes"] == 1
+        meta = two.read(f"models/{ARCH}/{phase}")
+        assert meta["processes"] == 2 and one.read(f"models/{ARCH}/{phase}")["processes"] == 1
         assert meta["batch_size"] == 16  # the global batch, as configured
 
 
 def test_a_killed_rank_leaves_a_valid_archive_and_the_rerun_finishes(distributed_run):
-    """(c) Rank 1 killed (SIGKILL) mid-way through the CAM stage: rank 0 stops with a message naming itself and
-    the stage, the archive holds the finished stages only; the rerun resumes from there (the checkpoints are not
-    trained again) and commits every stage."""
+    """(c) Rank 1 killed (SIGKILL) mid-way through the CAM step: rank 0 stops with a message naming itself and
+    the step, the archive holds the finished steps only; the rerun resumes from there (the checkpoints are not
+    trained again) and commits every step."""
     killed = distributed_run["killed"]
     assert killed[1][0] == -9
     code, text = killed[0]
     assert code == 2, text[-3000:]
-    assert "rank 0 lost contact with another rank" in text and f"stage attributions/{ARCH}" in text, text[-3000:]
+    assert "rank 0 lost contact with another rank" in text and f"during attributions/{ARCH}" in text, text[-3000:]
     assert distributed_run["after_kill"] == ["data", f"models/{ARCH}/transfer", f"models/{ARCH}/finetune"]
     ok(distributed_run["final"])
-    names = stage_names(distributed_run["path"])
+    names = commit_names(distributed_run["path"])
     assert names[:3] == distributed_run["after_kill"]
     assert {f"attributions/{ARCH}", f"drift/{ARCH}", f"fisher/{ARCH}", "stats"} <= set(names)
     assert not distributed_run["path"].with_name("archive.h5.tmp").exists()
@@ -247,15 +247,15 @@ def test_a_killed_rank_leaves_a_valid_archive_and_the_rerun_finishes(distributed
 
 
 def test_a_failing_rank_stops_every_rank_with_one_message(distributed_run):
-    """A rank raising in the iFIM stage: both ranks exit with the same one-line error naming rank 1, the stage and
-    the cause; the stages finished before it are committed and kept."""
+    """A rank raising in the iFIM step: both ranks exit with the same one-line error naming rank 1, the step and
+    the cause; the steps finished before it are committed and kept."""
     lines = []
     for code, text in distributed_run["raised"]:
         assert code == 2, text[-3000:]
         errors = [line for line in text.splitlines() if line.startswith("drift run: error:")]
         assert len(errors) == 1, text[-3000:]
         lines.append(errors[0])
-    assert lines[0] == lines[1] == (f"drift run: error: rank 1 failed in stage fisher/{ARCH}: "
+    assert lines[0] == lines[1] == (f"drift run: error: rank 1 failed during fisher/{ARCH}: "
                                     "RuntimeError: injected failure")
     assert distributed_run["after_raise"] == [*distributed_run["after_kill"], f"attributions/{ARCH}", f"drift/{ARCH}"]
 

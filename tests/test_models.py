@@ -126,7 +126,7 @@ def test_input_size_resamples_like_interpolate_and_survives_a_checkpoint(tmp_pat
 
 
 def test_bf16_inference_passes_match_fp32_to_bf16_accuracy(rng):
-    """BatchNorm calibration and stage-1 pooled features under bf16 autocast agree with the fp32 passes to bf16
+    """BatchNorm calibration and transfer-phase pooled features under bf16 autocast agree with the fp32 passes to bf16
     accuracy (and are not the fp32 numbers); statistics stay fp32, weights come back in the standard layout."""
     import copy
 

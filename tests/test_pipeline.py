@@ -33,9 +33,9 @@ def full_run(tmp_path_factory):
     return cfg, pipe, ArchiveReader(path)
 
 
-def test_archive_holds_every_stage(full_run):
+def test_archive_holds_every_step(full_run):
     cfg, _, r = full_run
-    names = [s["name"] for s in r.stages]
+    names = [s["name"] for s in r.commits]
     for arch in cfg.run.archs:
         for part in (f"models/{arch}/transfer", f"models/{arch}/finetune", f"attributions/{arch}", f"drift/{arch}",
                      f"fisher/{arch}"):
@@ -49,7 +49,7 @@ def test_archive_holds_every_stage(full_run):
         assert r.maps(arch, "finetune", "gradcam++").shape[1:] == (grid, grid)
         assert attrs["lr"] == cfg.train.finetune.lr and attrs["batch_size"] == cfg.train.finetune.batch_size
     assert r.config == cfg
-    assert r.attrs["schema_version"] == 2 and r.attrs["git_commit"]
+    assert r.attrs["schema_version"] == 3 and r.attrs["git_commit"]
 
 
 def test_archived_logits_are_the_checkpoints_outputs(full_run):
@@ -63,12 +63,12 @@ def test_archived_logits_are_the_checkpoints_outputs(full_run):
                           confounder=d.confounder).test
     x = test.images()
     for arch in cfg.run.archs:
-        for stage in ("transfer", "finetune"):
-            meta = r.read(f"models/{arch}/{stage}")
+        for phase in ("transfer", "finetune"):
+            meta = r.read(f"models/{arch}/{phase}")
             model = load_checkpoint(meta["checkpoint"], arch, 5).eval()
             with torch.no_grad():
                 logits = model(x).numpy()
-            ev = r.evaluation(arch, stage)
+            ev = r.evaluation(arch, phase)
             np.testing.assert_allclose(ev["logits"], logits, rtol=1e-4, atol=1e-4)
             assert ev["accuracy"] == pytest.approx(float((logits.argmax(1) == test.labels).mean()))
             np.testing.assert_array_equal(ev["confusion"].sum(1), np.bincount(test.labels, minlength=5))
@@ -145,8 +145,8 @@ def test_rankings_use_one_common_sample(full_run):
     labels = r.read("data/test/labels")
     want = np.ones(len(labels), dtype=bool)
     for arch in cfg.run.archs:
-        for stage in ("transfer", "finetune"):
-            want &= r.evaluation(arch, stage)["logits"].argmax(1) == labels
+        for phase in ("transfer", "finetune"):
+            want &= r.evaluation(arch, phase)["logits"].argmax(1) == labels
     st = r.stats_attrs()
     assert st["ranking_sample_set"] == "tp_all" and st["n_ranked"] == int(want.sum())
     np.testing.assert_array_equal(r.read("stats/ranked"), want)
@@ -233,8 +233,8 @@ def test_seed_study_with_a_fixed_data_seed_is_comparable(tmp_path):
 def test_fisher_spectra_are_sorted_and_rank_bounded(full_run):
     cfg, _, r = full_run
     for arch in cfg.run.archs:
-        for stage in ("transfer", "finetune"):
-            f = r.fisher(arch, stage)
+        for phase in ("transfer", "finetune"):
+            f = r.fisher(arch, phase)
             ev = f["eigenvalues"]
             assert ev.shape == (3, 4) and (np.diff(ev, axis=1) <= 1e-12 * ev.max()).all()
             assert (f["rank"] <= 4).all()
@@ -248,21 +248,21 @@ def test_resume_after_interruption_gives_the_same_results(full_run, tmp_path):
     Pipeline(tiny(out)).run(("data", "train"))  # interrupted after training
     resumed = ArchiveReader(Pipeline(tiny(out)).run(("data", "train", "attributions", "drift", "stats")))
     for arch in cfg.run.archs:
-        for stage in ("transfer", "finetune"):
-            np.testing.assert_array_equal(resumed.evaluation(arch, stage)["logits"],
-                                          ref.evaluation(arch, stage)["logits"])
+        for phase in ("transfer", "finetune"):
+            np.testing.assert_array_equal(resumed.evaluation(arch, phase)["logits"],
+                                          ref.evaluation(arch, phase)["logits"])
         for method in cfg.attribution.methods:
             a, b = resumed.drift(arch, method), ref.drift(arch, method)
             np.testing.assert_array_equal(a["iou@20"], b["iou@20"])
             np.testing.assert_array_equal(a["centroid_shift"], b["centroid_shift"])
 
 
-def test_rerun_skips_finished_stages(full_run, monkeypatch):
+def test_rerun_skips_finished_steps(full_run, monkeypatch):
     cfg, pipe, _ = full_run
     import drift.pipeline as pl
 
     def boom(*a, **k):
-        raise AssertionError("a finished stage ran again")
+        raise AssertionError("a finished step ran again")
 
     monkeypatch.setattr(pl, "train_transfer", boom)
     monkeypatch.setattr(pl, "train_finetune", boom)
@@ -278,25 +278,25 @@ def test_resume_refuses_an_archive_of_another_config(full_run, capsys):
 
 
 def test_shipped_smoke_config_runs_end_to_end(tmp_path, capsys):
-    """configs/smoke.toml as shipped (a 4-step one-cycle fine-tuning stage among others) runs every stage."""
+    """configs/smoke.toml as shipped (with a one-cycle fine-tuning phase of 4 optimiser steps) runs every step."""
     from pathlib import Path
 
     smoke = Path(__file__).resolve().parents[1] / "configs" / "smoke.toml"
     assert main(["run", "--config", str(smoke), "--out", str(tmp_path), "--no-progress"]) == 0
     r = ArchiveReader(tmp_path / "archive.h5")
     cfg = config.load(str(smoke))
-    names = {s["name"] for s in r.stages}
+    names = {s["name"] for s in r.commits}
     assert {"data", "stats"} <= names
     for arch in cfg.run.archs:
         assert {f"models/{arch}/transfer", f"models/{arch}/finetune", f"drift/{arch}", f"fisher/{arch}"} <= names
-        for stage in ("transfer", "finetune"):
-            ev = r.evaluation(arch, stage)
+        for phase in ("transfer", "finetune"):
+            ev = r.evaluation(arch, phase)
             assert ev["accuracy"] == pytest.approx(float(np.mean(ev["logits"].argmax(1) == ev["labels"])))
-            assert len(r.history(arch, stage)["epoch"]) <= getattr(cfg.train, stage).epochs
+            assert len(r.history(arch, phase)["epoch"]) <= getattr(cfg.train, phase).epochs
     assert (tmp_path / "report" / "report.html").is_file()
 
 
-# ---- synthetic-source weights: cache key, cache integrity, a real transfer stage
+# ---- synthetic-source weights: cache key, cache integrity, a real transfer phase
 
 SOURCE_TINY = ["model.weights=synthetic-source", "source.n_train=12", "source.n_val=6", "source.batch_size=6",
                'source.precision="fp32"', 'run.archs=["resnet10t"]', "model.input_scale={}"]
@@ -372,9 +372,9 @@ def test_damaged_source_cache_is_rebuilt_not_loaded(tmp_path, monkeypatch, damag
     assert calls["pretrain"] == 2 and calls["load"] == [path]
 
 
-def test_pretrain_command_fills_the_cache_and_stage_1_keeps_the_source_backbone(tmp_path, capsys):
-    """`drift pretrain` makes the weights `drift run` then loads; stage 1 trains the head only: every backbone
-    parameter and BatchNorm running statistic of the stage-1 checkpoint equals the cached source weights."""
+def test_pretrain_command_fills_the_cache_and_transfer_phase_keeps_the_source_backbone(tmp_path, capsys):
+    """`drift pretrain` makes the weights `drift run` then loads; the transfer phase trains the head only: every
+    backbone parameter and BatchNorm running statistic of the transfer checkpoint equals the cached source weights."""
     from drift.weights import load_checkpoint
 
     extra = [*SOURCE_TINY, f'model.cache_dir="{tmp_path / "cache"}"']

@@ -82,7 +82,7 @@ def test_changed_data_recomputes_everything_after_the_data_step(folder_run):
     assert any("Ærø" in i for i in ids)
     assert len(r.evaluation("resnet10t", "finetune")["logits"]) == len(ids)
     assert list(r.drift("resnet10t", "layercam")["ids"]) == ids
-    data = next(s for s in r.stages if s["name"] == "data")
+    data = next(s for s in r.commits if s["name"] == "data")
     assert data["inputs"]["data"] != data["inputs"]["settings"]  # the files' fingerprint, not the config's
 
 
@@ -96,9 +96,9 @@ def test_non_ascii_names_work_end_to_end(folder_run, capsys):
     assert "resnet10t" in capsys.readouterr().out
     assert main(["report", str(path)]) == 0
     assert (out / "report" / "report.html").is_file()
-    before = open_archive(path).stages
+    before = open_archive(path).commits
     assert main(["run", *_sets(args)]) == 0  # resume: every step is current, the report is rewritten
-    assert open_archive(path).stages == before
+    assert open_archive(path).commits == before
     assert not (out / ".lock").exists()
 
 
@@ -155,7 +155,7 @@ def test_thread_count_and_versions_invalidate_a_resume(tmp_path, monkeypatch):
         torch.set_num_threads(threads)
     assert calls and f"threads changed ({threads} -> {threads + 1})" in log
     assert "data:" not in log  # the data do not depend on threads
-    inputs = open_archive(tmp_path / "archive.h5").stages[-1]["inputs"]
+    inputs = open_archive(tmp_path / "archive.h5").commits[-1]["inputs"]
     assert {"threads", "device", "precision", "torch", "timm", "data", "settings"} <= set(inputs)
     assert inputs["threads"] == str(threads + 1) and inputs["device"] == "cpu"
     monkeypatch.setattr(timm, "__version__", "0.0.0-other")
@@ -293,7 +293,7 @@ def test_a_second_run_in_one_folder_is_refused_and_a_stale_lock_recovered(tmp_pa
     assert (out / ".lock").read_text().split() == [str(os.getpid())]
     pipe.run(("data",))
     assert not (out / ".lock").exists()
-    assert open_archive(out / "archive.h5").stages[0]["name"] == "data"
+    assert open_archive(out / "archive.h5").commits[0]["name"] == "data"
 
 
 def test_sigterm_leaves_no_tmp_and_one_line(tmp_path, capsys, monkeypatch):
@@ -308,7 +308,7 @@ def test_sigterm_leaves_no_tmp_and_one_line(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "terminated" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "archive.h5.tmp").exists() and not (tmp_path / ".lock").exists()
-    assert open_archive(tmp_path / "archive.h5").stages == []
+    assert open_archive(tmp_path / "archive.h5").commits == []
     assert signal.getsignal(signal.SIGTERM) == before
 
 
@@ -343,10 +343,10 @@ def test_a_run_that_finished_no_step_is_replaced(tmp_path, capsys):
     assert main(["run", *_sets(args)]) == 2
     err = capsys.readouterr().err
     assert "broken.png" in err and "--set data.skip_bad=true" in err
-    assert open_archive(tmp_path / "o" / "archive.h5").stages == []
+    assert open_archive(tmp_path / "o" / "archive.h5").commits == []
     path = Pipeline(config.load(None, [*args, "data.skip_bad=true"])).run(("data",))  # another config: fine
     r = open_archive(path)
-    assert [s["name"] for s in r.stages] == ["data"]
+    assert [s["name"] for s in r.commits] == ["data"]
     assert list(r.read("data/skipped/files")) == ["a/broken.png"]
     with pytest.raises(ArchiveError, match="another configuration"):  # a finished step is protected
         Pipeline(config.load(None, args))

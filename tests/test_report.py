@@ -67,10 +67,10 @@ def build_archive(path: Path, gen: torch.Generator, archs=ARCHS, methods=METHODS
                   logits: dict | None = None) -> dict:
     """Write a schema-following archive with random contents; return everything written (the truth).
 
-    ``upto="train"`` stops after the training stages. ``drift_from`` (a truth dict) makes the drift summaries a
+    ``upto="train"`` stops after the training phases. ``drift_from`` (a truth dict) makes the drift summaries a
     perturbed copy of another archive's, so that some intervals overlap and some do not. Perturbation groups are
     written for ``perturbation_archs`` only (default: the first architecture), so the report also meets an iFIM
-    group without them. ``logits`` ({(arch, stage): (N, C) array}) replaces the random test logits of those
+    group without them. ``logits`` ({(arch, phase): (N, C) array}) replaces the random test logits of those
     models, and their stored accuracy and macro AUC are then computed from them (see :func:`sklearn_scores`).
     """
     perturbation_archs = archs[:1] if perturbation_archs is None else perturbation_archs
@@ -93,25 +93,25 @@ def build_archive(path: Path, gen: torch.Generator, archs=ARCHS, methods=METHODS
         write_tree(g, {"test": test, "counts": {"train": _ints(gen, 9, C), "val": _ints(gen, 9, C),
                                                  "test": np.bincount(test["labels"], minlength=C)}})
     for arch in archs:
-        for stage in ("transfer", "finetune"):
+        for phase in ("transfer", "finetune"):
             epochs = 2 + int(_ints(gen, 3, 1)[0])
             ev = {"logits": _u(gen, n, C).astype(np.float32), "labels": test["labels"],
                   "accuracy": float(_u(gen, 1)[0]), "macro_auc": float(_u(gen, 1)[0]), "f1": _u(gen, C),
                   "confusion": _ints(gen, 20, C, C)}
-            if logits is not None and (arch, stage) in logits:
-                ev["logits"] = np.asarray(logits[(arch, stage)], dtype=np.float32)
+            if logits is not None and (arch, phase) in logits:
+                ev["logits"] = np.asarray(logits[(arch, phase)], dtype=np.float32)
                 ev["accuracy"], ev["macro_auc"] = sklearn_scores(ev["logits"], test["labels"])
             hist = {k: _u(gen, epochs) for k in ("train_loss", "val_loss", "val_accuracy", "val_auc", "seconds")}
             hist["epoch"] = np.arange(epochs, dtype=np.float64)
-            attrs = {"checkpoint": f"/x/{arch}-{stage}.pt", "sha256": "0" * 64, "best_epoch": int(epochs - 1),
+            attrs = {"checkpoint": f"/x/{arch}-{phase}.pt", "sha256": "0" * 64, "best_epoch": int(epochs - 1),
                      "best_val_auc": float(_u(gen, 1)[0]), "bn_frozen": True, "weights": "random init",
                      "seconds": float(100 * _u(gen, 1)[0])}
-            name = f"models/{arch}/{stage}"
+            name = f"models/{arch}/{phase}"
             with ar.commit(name) as f:
                 g = f.require_group(name)
                 write_tree(g, {"history": hist, "test": ev})
                 g.attrs.update(attrs)
-            truth["models"][(arch, stage)] = {"test": ev, **attrs}
+            truth["models"][(arch, phase)] = {"test": ev, **attrs}
     if upto == "train":
         return truth
     cell = primary_cell(cfg)
@@ -153,7 +153,7 @@ def build_archive(path: Path, gen: torch.Generator, archs=ARCHS, methods=METHODS
             g.attrs["sample_set"] = "tp_both"
             g.attrs["n_selected"] = 9
         tree = {}
-        for stage in ("transfer", "finetune"):
+        for phase in ("transfer", "finetune"):
             r = 4
             eig = np.sort(_u(gen, 8, r), axis=1)[:, ::-1]
             x = _u(gen, N_PERT, 1, SIZE, SIZE)
@@ -166,7 +166,7 @@ def build_archive(path: Path, gen: torch.Generator, archs=ARCHS, methods=METHODS
                     "conf_change": _u(gen, 3, len(EPS), N_PERT, DRAWS) - 0.5,
                     "kl": _u(gen, 3, len(EPS), N_PERT, DRAWS) * 1e-3, "kl_pred": _u(gen, 3, len(EPS), N_PERT, DRAWS),
                     "removal_abs_conf_change": _u(gen, 2, len(ALPHAS), N_PERT, DRAWS)}
-            tree[stage] = {"eigenvalues": eig, "eigen_share": eig / eig.sum(1, keepdims=True),
+            tree[phase] = {"eigenvalues": eig, "eigen_share": eig / eig.sum(1, keepdims=True),
                            "rank": _ints(gen, 5, 8), "probs": _u(gen, 8, C), "ids": test["ids"][:8],
                            "components": {"ids": test["ids"][:N_PERT], "x": x.astype(np.float16), "x_high": x_high,
                                           "x_low": x - x_high, "k": _ints(gen, 4, N_PERT),
@@ -382,12 +382,12 @@ def test_tables_equal_the_archive(full):
     t = parse_html(html_path).tables
     cls = rows_by(t["tbl-classification"], 2)
     f1 = rows_by(t["tbl-f1"], 2)
-    for (arch, stage), m in truth["models"].items():
-        row = cls[(arch, stage)]
+    for (arch, phase), m in truth["models"].items():
+        row = cls[(arch, phase)]
         assert close(row[2], m["test"]["accuracy"]) and close(row[3], m["test"]["macro_auc"])
         assert int(row[4]) == m["best_epoch"] + 1 and close(row[5], m["best_val_auc"])
-        assert all(close(c, v) for c, v in zip(f1[(arch, stage)][2:], m["test"]["f1"], strict=True))
-        conf = t[f"tbl-confusion-{arch}-{stage}"]
+        assert all(close(c, v) for c, v in zip(f1[(arch, phase)][2:], m["test"]["f1"], strict=True))
+        conf = t[f"tbl-confusion-{arch}-{phase}"]
         assert conf[0][1:] == list(SYNTHETIC_CLASSES)
         np.testing.assert_array_equal(np.asarray([[int(c) for c in r[1:]] for r in conf[1:]]), m["test"]["confusion"])
     full_rows = rows_by(t["tbl-drift"], 3)
@@ -407,10 +407,10 @@ def test_tables_equal_the_archive(full):
             s = g["summary"][metric]
             mean, lo, hi = interval_of(head[(arch, method)][3 + j])
             assert close(str(mean), s["mean"]) and close(str(lo), s["lo"]) and close(str(hi), s["hi"])
-        for stage in ("transfer", "finetune"):
-            codes = g["degenerate"][stage]
+        for phase in ("transfer", "finetune"):
+            codes = g["degenerate"][phase]
             brute = [sum(1 for c in codes if c == k) for k in (1, 2, 3)]
-            row = deg[(arch, method, stage)]
+            row = deg[(arch, method, phase)]
             assert [int(c) for c in row[3:6]] == brute
             assert int(row[6]) == sum(brute) and int(row[7]) == len(codes)
     kendall = rows_by(t["tbl-kendall"], 2)
@@ -422,8 +422,8 @@ def test_tables_equal_the_archive(full):
         for m in METHODS:
             assert ranking[(metric, m)][2] == " > ".join(json.loads(rr["rankings"][m]))
     fisher = rows_by(t["tbl-fisher"], 2)
-    for (arch, stage), f in truth["fisher"].items():
-        row = fisher[(arch, stage)]
+    for (arch, phase), f in truth["fisher"].items():
+        row = fisher[(arch, phase)]
         assert int(row[2]) == 8 and close(row[3], f["eigen_share"][:, 0].mean())
         assert abs(float(row[4]) - f["rank"].mean()) <= 0.005 + 1e-12  # printed to 2 decimals; x.xx5 rounds either way
         assert all(close(row[6 + j], f["summary"]["area_abs_conf_change"][j]) for j in range(3))
@@ -437,8 +437,8 @@ def test_tables_equal_the_archive(full):
         assert diffs.min() - 1e-3 <= lo and hi <= diffs.max() + 1e-3
     prov = rows_by(t["tbl-provenance"], 1)
     assert prov[("seed",)][1] == "0" and prov[("device",)][1] == "cpu (test)"
-    stages = rows_by(t["tbl-stages"], 1)
-    assert {"data", "stats", *[f"drift/{a}" for a in ARCHS]} <= {k[0] for k in stages}
+    steps = rows_by(t["tbl-commits"], 1)
+    assert {"data", "stats", *[f"drift/{a}" for a in ARCHS]} <= {k[0] for k in steps}
 
 
 def test_partial_archive_renders_and_says_what_is_missing(partial):
@@ -448,8 +448,8 @@ def test_partial_archive_renders_and_says_what_is_missing(partial):
     notes = " ".join(page.notes)
     assert "incomplete" in notes
     for arch in ARCHS:
-        for stage in (f"attributions/{arch}", f"drift/{arch}", f"fisher/{arch}"):
-            assert stage in notes
+        for step in (f"attributions/{arch}", f"drift/{arch}", f"fisher/{arch}"):
+            assert step in notes
     assert "stats" in notes
     assert set(page.figures) == {"fig-history"} and len(page.imgs) == 1
     cls = rows_by(page.tables["tbl-classification"], 2)
@@ -467,14 +467,14 @@ def test_answer_comes_first_and_equals_the_archive(full):
     assert page.sections[0] == "answer"
     t = page.tables
     cls = rows_by(t["tbl-answer-classification"], 2)
-    for (arch, stage), m in truth["models"].items():
+    for (arch, phase), m in truth["models"].items():
         ref = brute_intervals(m["test"]["logits"], m["test"]["labels"], 200, 0)
         for col, name in ((2, "accuracy"), (3, "macro_auc")):
-            value, lo, hi = interval_of(cls[(arch, stage)][col])
+            value, lo, hi = interval_of(cls[(arch, phase)][col])
             assert close(str(value), m["test"][name]) and close(str(lo), ref[name][1]) and close(str(hi), ref[name][2])
     fisher = rows_by(t["tbl-answer-fisher"], 2)
-    for (arch, stage), f in truth["fisher"].items():
-        row = fisher[(arch, stage)]
+    for (arch, phase), f in truth["fisher"].items():
+        row = fisher[(arch, phase)]
         assert close(row[2], f["eigen_share"][:, 0].mean()) and close(row[4], f["summary"]["wilcoxon_pvalue"])
         if "perturbation" in f:
             assert close(str(interval_of(row[3])[0]), brute_gap(f["perturbation"])[0])

@@ -121,16 +121,16 @@ def test_summary_report_and_asv_print_the_same_headline_numbers(tmp_path_factory
     fisher = rows_by(t["tbl-answer-fisher"], 2)
     drift = rows_by(t["tbl-drift-headline"], 2)
     for arch in ARCHS:
-        for stage in ("transfer", "finetune"):
-            row = next(ln.split() for ln in lines if ln.split()[:2] == [arch, stage] and len(ln.split()) == 6)
-            assert row[2] == summary.fmt(asv[("accuracy", arch, stage)])
-            assert row[3] == summary.fmt(asv[("macro_auc", arch, stage)])
-            assert cls[(arch, stage)][2].split()[0] == row[2] and cls[(arch, stage)][3].split()[0] == row[3]
-            frow = next(ln.split() for ln in lines if ln.split()[:2] == [arch, stage] and len(ln.split()) > 6)
-            gap = asv[("confidence_gap", arch, stage)]
-            assert frow[2] == summary.fmt(asv[("top_eigen_share", arch, stage)]) == fisher[(arch, stage)][2]
+        for phase in ("transfer", "finetune"):
+            row = next(ln.split() for ln in lines if ln.split()[:2] == [arch, phase] and len(ln.split()) == 6)
+            assert row[2] == summary.fmt(asv[("accuracy", arch, phase)])
+            assert row[3] == summary.fmt(asv[("macro_auc", arch, phase)])
+            assert cls[(arch, phase)][2].split()[0] == row[2] and cls[(arch, phase)][3].split()[0] == row[3]
+            frow = next(ln.split() for ln in lines if ln.split()[:2] == [arch, phase] and len(ln.split()) > 6)
+            gap = asv[("confidence_gap", arch, phase)]
+            assert frow[2] == summary.fmt(asv[("top_eigen_share", arch, phase)]) == fisher[(arch, phase)][2]
             assert frow[7] == summary.fmt(gap, 4)
-            assert fisher[(arch, stage)][3].split()[0] == summary.fmt(gap)
+            assert fisher[(arch, phase)][3].split()[0] == summary.fmt(gap)
         for method in METHODS:
             row = next(ln for ln in lines if ln.split()[:2] == [arch, method])
             iou, shift = asv[("iou@20", arch, method)], asv[("centroid_shift", arch, method)]

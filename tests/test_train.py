@@ -1,4 +1,4 @@
-"""Training (drift.train): the two stages, BatchNorm modes and calibration, determinism, schedules, bf16 steps."""
+"""Training (drift.train): the two phases, BatchNorm modes and calibration, determinism, schedules, bf16 steps."""
 
 import pytest
 import torch
@@ -6,7 +6,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import TensorDataset
 
 from drift import models
-from drift.config import StageConfig
+from drift.config import PhaseConfig
 from drift.train import evaluate, train_finetune, train_transfer
 
 
@@ -21,12 +21,12 @@ def _bn_stats(module):
     return {n: b.clone() for n, b in module.named_buffers() if "running" in n or "num_batches" in n}
 
 
-def test_transfer_stage_changes_no_backbone_parameter_or_bn_statistic(rng):
+def test_transfer_phase_changes_no_backbone_parameter_or_bn_statistic(rng):
     torch.manual_seed(0)
     m = models.build("resnet10t", 3)
     before = {k: v.clone() for k, v in m.backbone.state_dict().items()}
     head_before = m.head[-1].weight.clone()
-    train_transfer(m, _tiny(rng), _tiny(rng, 9), StageConfig(epochs=2, batch_size=8), torch.device("cpu"), 0,
+    train_transfer(m, _tiny(rng), _tiny(rng, 9), PhaseConfig(epochs=2, batch_size=8), torch.device("cpu"), 0,
                    progress=False)
     after = m.backbone.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -37,13 +37,13 @@ def test_transfer_stage_changes_no_backbone_parameter_or_bn_statistic(rng):
 
 
 @pytest.mark.parametrize("bn_frozen", [True, False])
-def test_finetune_stage_trains_backbone_and_honours_bn_mode(rng, bn_frozen):
+def test_finetune_phase_trains_backbone_and_honours_bn_mode(rng, bn_frozen):
     torch.manual_seed(0)
     m = models.build("resnet10t", 3)
     models.freeze_backbone(m)
     w0 = m.backbone.conv1[0].weight.clone()
     stats0 = _bn_stats(m.backbone)
-    train_finetune(m, _tiny(rng), _tiny(rng, 9), StageConfig(epochs=1, batch_size=8, lr=1e-3, bn_frozen=bn_frozen),
+    train_finetune(m, _tiny(rng), _tiny(rng, 9), PhaseConfig(epochs=1, batch_size=8, lr=1e-3, bn_frozen=bn_frozen),
                    torch.device("cpu"), 0, progress=False)
     assert not torch.equal(w0, m.backbone.conv1[0].weight)
     stats1 = _bn_stats(m.backbone)
@@ -58,7 +58,7 @@ def test_finetune_with_training_bn_ends_with_precise_statistics(rng):
     torch.manual_seed(0)
     m = models.build("resnet10t", 3)
     data = _tiny(rng)
-    train_finetune(m, data, _tiny(rng, 9), StageConfig(epochs=2, batch_size=7, lr=1e-2, bn_frozen=False),
+    train_finetune(m, data, _tiny(rng, 9), PhaseConfig(epochs=2, batch_size=7, lr=1e-2, bn_frozen=False),
                    torch.device("cpu"), 0, progress=False)
     # Reference: the inputs of every BatchNorm layer in one training-mode pass over the whole set (one batch).
     ref = copy.deepcopy(m).train()
@@ -85,8 +85,8 @@ def test_training_is_deterministic_for_a_seed(rng):
     for _ in range(2):
         torch.manual_seed(0)
         m = models.build("resnet10t", 3)
-        train_transfer(m, data, val, StageConfig(epochs=1, batch_size=8), torch.device("cpu"), 3, progress=False)
-        train_finetune(m, data, val, StageConfig(epochs=1, batch_size=8, lr=1e-3), torch.device("cpu"), 4,
+        train_transfer(m, data, val, PhaseConfig(epochs=1, batch_size=8), torch.device("cpu"), 3, progress=False)
+        train_finetune(m, data, val, PhaseConfig(epochs=1, batch_size=8, lr=1e-3), torch.device("cpu"), 4,
                        progress=False)
         outs.append(evaluate(m, val, torch.device("cpu")).logits)
     assert (outs[0] == outs[1]).all()
@@ -164,7 +164,7 @@ def test_onecycle_schedule_follows_the_formula(rng, monkeypatch, n, bs, epochs):
     torch.manual_seed(0)
     m = models.build("resnet10t", 3)
     lr = 1e-3 + 4e-3 * torch.rand(1, generator=rng).item()
-    train_finetune(m, _tiny(rng, n), None, StageConfig(epochs=epochs, batch_size=bs, lr=lr, patience=epochs,
+    train_finetune(m, _tiny(rng, n), None, PhaseConfig(epochs=epochs, batch_size=bs, lr=lr, patience=epochs,
                                                       schedule="onecycle"), torch.device("cpu"), 0, progress=False)
     total = epochs * math.ceil(n / bs)
     if total > 4:  # the reference library
@@ -193,7 +193,7 @@ def test_bf16_training_step_is_close_to_fp32_and_returns_a_standard_layout_model
         torch.manual_seed(0)
         m = models.build("resnet10t", 3)
         w0 = m.backbone.conv1[0].weight.detach().clone()
-        train_finetune(m, data, None, StageConfig(epochs=3, batch_size=8, lr=0.3, optimizer="sgd", bn_frozen=True,
+        train_finetune(m, data, None, PhaseConfig(epochs=3, batch_size=8, lr=0.3, optimizer="sgd", bn_frozen=True,
                                                   patience=3, precision=precision), torch.device("cpu"), 0,
                        progress=False)
         updates[precision] = m.backbone.conv1[0].weight.detach() - w0

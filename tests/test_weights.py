@@ -247,7 +247,7 @@ def test_a_fresh_process_reads_HF_ENDPOINT_at_import(hub, tmp_path):
 def test_checkpoint_round_trip_and_refusals(tmp_path):
     torch.manual_seed(1)
     m = models.build("resnet10t", 4).eval()
-    sha = weights.save_checkpoint(m, tmp_path / "c.pt", {"stage": "transfer"})
+    sha = weights.save_checkpoint(m, tmp_path / "c.pt", {"phase": "transfer"})
     assert sha == weights.sha256_file(tmp_path / "c.pt")
     m2 = weights.load_checkpoint(tmp_path / "c.pt", "resnet10t", 4)
     x = torch.rand(2, 1, 64, 64)

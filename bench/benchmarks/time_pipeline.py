@@ -5,7 +5,7 @@
   ``_hotpaths.IFIM_SPECTRUM``).
 * ``DriftMetrics``: every drift metric of a batch of (TL, FT) map pairs at input size, with lung and lesion masks.
 * ``SyntheticData``: generating the synthetic chest X-ray task.
-* ``Layouts``: a forward pass (what BatchNorm calibration, stage-1 features and validation cost per image) and a
+* ``Layouts``: a forward pass (what BatchNorm calibration, transfer-phase features and validation cost per image) and a
   training step, in NCHW fp32, channels-last fp32 and channels-last bf16 (``drift.train.fast_layout``).
 
 Models are random-init (pretrained=False); inputs come from fixed seeds, so every commit sees the same work.

@@ -1,15 +1,15 @@
 """Accuracy-stability record across commits: the headline numbers of the smoke study.
 
 ``setup_cache`` runs ``configs/smoke.toml`` once per commit (seed 0, into a temporary folder that is deleted
-afterwards; the report stage off) and keeps only the numbers; every ``track_*`` below reads one of them. A
+afterwards; the report step off) and keeps only the numbers; every ``track_*`` below reads one of them. A
 commit whose study changes these numbers without meaning to shows as a step in asv's graphs.
 
 Tracked, per architecture of the smoke config:
 
-* stage-1 (``transfer``) and stage-2 (``finetune``) test accuracy and macro AUC;
+* test accuracy and macro AUC after each phase (``transfer``, ``finetune``);
 * per CAM method: top-20 % IoU between the TL and FT maps and the centroid shift (class-macro means over the
   selected samples, as in the archive's ``drift/<arch>/<method>/summary``);
-* per stage: the share of the iFIM trace held by the top eigenvalue (mean over the spectrum samples) and the
+* per phase: the share of the iFIM trace held by the top eigenvalue (mean over the spectrum samples) and the
   confidence gap of the perturbation experiment (``drift.headline.confidence_gap``: area over eps of the
   |change of predicted-class confidence| inside the high-sensitivity subspace minus inside its complement, mean
   over images).
@@ -43,21 +43,21 @@ def _smoke_axes() -> tuple[list[str], list[str]]:
 
 
 ARCHS, METHODS = _smoke_axes()
-STAGES = ["transfer", "finetune"]
+PHASES = ["transfer", "finetune"]
 
 
 def headline_numbers(reader, archs, methods) -> dict:
-    """{(quantity, arch, stage or method): value} from the archive's headline numbers (``drift.headline.load``: the
+    """{(quantity, arch, phase or method): value} from the archive's headline numbers (``drift.headline.load``: the
     numbers the statistics step stored, which ``drift summary`` and the report print too)."""
     h = need_attr(need("drift.headline"), "load")(reader)
     out: dict = {}
     for arch in archs:
-        for stage in STAGES:
-            c, f = h["classification"][arch][stage], h["fisher"][arch][stage]
-            out[("accuracy", arch, stage)] = float(c["accuracy"])
-            out[("macro_auc", arch, stage)] = float(c["macro_auc"])
-            out[("top_eigen_share", arch, stage)] = float(f["top_share"])
-            out[("confidence_gap", arch, stage)] = float(f["gap"])
+        for phase in PHASES:
+            c, f = h["classification"][arch][phase], h["fisher"][arch][phase]
+            out[("accuracy", arch, phase)] = float(c["accuracy"])
+            out[("macro_auc", arch, phase)] = float(c["macro_auc"])
+            out[("top_eigen_share", arch, phase)] = float(f["top_share"])
+            out[("confidence_gap", arch, phase)] = float(f["gap"])
         for method in methods:
             d = h["drift"][arch][method]
             out[("iou@20", arch, method)] = float(d["iou@20"]["mean"])
@@ -66,7 +66,7 @@ def headline_numbers(reader, archs, methods) -> dict:
 
 
 def setup_cache() -> dict:
-    """Run the smoke study once; {(quantity, arch, stage or method): value}, or {"skip": reason}."""
+    """Run the smoke study once; {(quantity, arch, phase or method): value}, or {"skip": reason}."""
     try:
         config = need("drift.config")
         pipeline = need("drift.pipeline")
@@ -95,21 +95,21 @@ def setup(numbers: dict, *params) -> None:
         raise NotImplementedError(f"the smoke study did not run in this commit: {numbers['skip']}")
 
 
-def track_test_accuracy(numbers: dict, arch: str, stage: str) -> float:
-    return numbers[("accuracy", arch, stage)]
+def track_test_accuracy(numbers: dict, arch: str, phase: str) -> float:
+    return numbers[("accuracy", arch, phase)]
 
 
-track_test_accuracy.params = (ARCHS, STAGES)
-track_test_accuracy.param_names = ["arch", "stage"]
+track_test_accuracy.params = (ARCHS, PHASES)
+track_test_accuracy.param_names = ["arch", "phase"]
 track_test_accuracy.unit = "accuracy"
 
 
-def track_test_macro_auc(numbers: dict, arch: str, stage: str) -> float:
-    return numbers[("macro_auc", arch, stage)]
+def track_test_macro_auc(numbers: dict, arch: str, phase: str) -> float:
+    return numbers[("macro_auc", arch, phase)]
 
 
-track_test_macro_auc.params = (ARCHS, STAGES)
-track_test_macro_auc.param_names = ["arch", "stage"]
+track_test_macro_auc.params = (ARCHS, PHASES)
+track_test_macro_auc.param_names = ["arch", "phase"]
 track_test_macro_auc.unit = "AUC"
 
 
@@ -131,19 +131,19 @@ track_centroid_shift.param_names = ["arch", "method"]
 track_centroid_shift.unit = "image diagonals"
 
 
-def track_top_eigen_share(numbers: dict, arch: str, stage: str) -> float:
-    return numbers[("top_eigen_share", arch, stage)]
+def track_top_eigen_share(numbers: dict, arch: str, phase: str) -> float:
+    return numbers[("top_eigen_share", arch, phase)]
 
 
-track_top_eigen_share.params = (ARCHS, STAGES)
-track_top_eigen_share.param_names = ["arch", "stage"]
+track_top_eigen_share.params = (ARCHS, PHASES)
+track_top_eigen_share.param_names = ["arch", "phase"]
 track_top_eigen_share.unit = "share of trace"
 
 
-def track_confidence_gap(numbers: dict, arch: str, stage: str) -> float:
-    return numbers[("confidence_gap", arch, stage)]
+def track_confidence_gap(numbers: dict, arch: str, phase: str) -> float:
+    return numbers[("confidence_gap", arch, phase)]
 
 
-track_confidence_gap.params = (ARCHS, STAGES)
-track_confidence_gap.param_names = ["arch", "stage"]
+track_confidence_gap.params = (ARCHS, PHASES)
+track_confidence_gap.param_names = ["arch", "phase"]
 track_confidence_gap.unit = "confidence"

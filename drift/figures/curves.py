@@ -105,15 +105,15 @@ def curve_grid(panels: Sequence[CurvePanel], ncols: int = 3) -> Figure:
 
 
 def training_history(histories: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]],
-                     stages: Sequence[str] = ("transfer", "finetune")) -> Figure:
+                     phases: Sequence[str] = ("transfer", "finetune")) -> Figure:
     """Training curves per architecture: losses (left) and validation AUC / accuracy (right) against epoch.
 
-    The stages are drawn one after the other on a common epoch axis (stage 2 epochs continue stage 1's count),
+    The phases are drawn one after the other on a common epoch axis (fine-tuning epochs continue the transfer count),
     separated by a vertical line.
 
     Args:
-        histories: arch -> stage -> {"train_loss", "val_loss", "val_auc", "val_accuracy": (E_s,) arrays}.
-        stages: Stage order.
+        histories: arch -> phase -> {"train_loss", "val_loss", "val_auc", "val_accuracy": (E_s,) arrays}.
+        phases: Phase order.
 
     Returns:
         The figure (one row of two panels per architecture).
@@ -125,8 +125,8 @@ def training_history(histories: Mapping[str, Mapping[str, Mapping[str, np.ndarra
     axes = fig.subplots(len(archs), 2, squeeze=False)
     for row, arch in enumerate(archs):
         offset = 0
-        for si, stage in enumerate(stages):
-            h = histories[arch].get(stage)
+        for si, phase in enumerate(phases):
+            h = histories[arch].get(phase)
             if not h:
                 continue
             n = max((len(np.atleast_1d(v)) for v in h.values()), default=0)
@@ -134,11 +134,11 @@ def training_history(histories: Mapping[str, Mapping[str, Mapping[str, np.ndarra
             for ci, (key, label) in enumerate((("train_loss", "train loss"), ("val_loss", "val loss"))):
                 if key in h:
                     axes[row, 0].plot(epochs, np.asarray(h[key], dtype=np.float64), color=color(ci),
-                                      linestyle=LINESTYLES[si], marker="o", markersize=3, label=f"{label} ({stage})")
+                                      linestyle=LINESTYLES[si], marker="o", markersize=3, label=f"{label} ({phase})")
             for ci, (key, label) in enumerate((("val_auc", "val macro AUC"), ("val_accuracy", "val accuracy"))):
                 if key in h:
                     axes[row, 1].plot(epochs, np.asarray(h[key], dtype=np.float64), color=color(ci + 2),
-                                      linestyle=LINESTYLES[si], marker="o", markersize=3, label=f"{label} ({stage})")
+                                      linestyle=LINESTYLES[si], marker="o", markersize=3, label=f"{label} ({phase})")
             if offset:
                 for ax in axes[row]:
                     ax.axvline(offset + 0.5, color="grey", linewidth=0.8)
@@ -148,7 +148,7 @@ def training_history(histories: Mapping[str, Mapping[str, Mapping[str, np.ndarra
         axes[row, 1].set_ylim(0, 1.02)
         for ax in axes[row]:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.set_xlabel("epoch (stage 1, then stage 2)", fontsize=8)
+            ax.set_xlabel("epoch (transfer, then finetune)", fontsize=8)
             ax.set_title(arch, fontsize=9)
             ax.tick_params(labelsize=7)
             ax.grid(alpha=0.3)

@@ -15,15 +15,15 @@ from .style import DIVERGING, LINESTYLES, MARKERS, color, new_figure
 
 
 def fisher_spectra(shares: Mapping[tuple[str, str], np.ndarray], archs: Sequence[str],
-                   stages: Sequence[str] = ("transfer", "finetune")) -> Figure:
-    """Eigenvalue share lambda_i / sum_j lambda_j of the iFIM by index i, per architecture (panel) and stage (line).
+                   phases: Sequence[str] = ("transfer", "finetune")) -> Figure:
+    """Eigenvalue share lambda_i / sum_j lambda_j of the iFIM by index i, per architecture (panel) and phase (line).
 
     Lines are means over the samples with a 95% normal band (:func:`mean_band`).
 
     Args:
-        shares: (arch, stage) -> (N, r) eigenvalue shares, eigenvalues sorted descending.
+        shares: (arch, phase) -> (N, r) eigenvalue shares, eigenvalues sorted descending.
         archs: Architectures, one panel each.
-        stages: Stages, one line each.
+        phases: Phases, one line each.
 
     Returns:
         The figure.
@@ -35,15 +35,15 @@ def fisher_spectra(shares: Mapping[tuple[str, str], np.ndarray], archs: Sequence
     fig = new_figure(3.4 * ncols + 0.4, 2.9 * nrows + 0.5)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax, arch in zip(axes, archs):
-        for si, stage in enumerate(stages):
-            s = shares.get((arch, stage))
+        for si, phase in enumerate(phases):
+            s = shares.get((arch, phase))
             if s is None or np.asarray(s).size == 0:
                 continue
             s = np.asarray(s, dtype=np.float64)
             idx = np.arange(1, s.shape[1] + 1)
             mean, lo, hi = mean_band(s)
             ax.plot(idx, mean, color=color(si), marker=MARKERS[si], linestyle=LINESTYLES[si], markersize=4,
-                    label=f"{stage} (n={s.shape[0]})")
+                    label=f"{phase} (n={s.shape[0]})")
             ax.fill_between(idx, lo, hi, color=color(si), alpha=0.25, linewidth=0)
             ax.set_xticks(idx)
         ax.set_title(arch, fontsize=9)
@@ -62,7 +62,7 @@ class ComponentRow:
     """One row of :func:`component_panels`: an input and its split x = x_high + x_low.
 
     Attributes:
-        title: Row label (sample id, stage, k).
+        title: Row label (sample id, phase, k).
         x, x_high, x_low: (H, W) images (channels already reduced).
     """
 

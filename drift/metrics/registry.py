@@ -51,7 +51,7 @@ def pair_metrics(
     """Every drift and localisation metric of a batch of (TL, FT) map pairs in one call.
 
     Keys (each (B,) float64 unless noted): ``centroid_shift``, ``peak_shift``, ``iou@XX`` per fraction
-    (:func:`iou_key`), ``pearson``, ``spearman``, ``ssim``; per stage ``_tl`` / ``_ft`` and their change
+    (:func:`iou_key`), ``pearson``, ``spearman``, ``ssim``; per phase ``_tl`` / ``_ft`` and their change
     ``_change`` = FT - TL for ``entropy``, ``gini``, ``top10_mass`` (fraction 0.1); with ``lung_mask``:
     ``lung_mass_tl/ft/change`` (:func:`mass_fraction`); with ``lesion_mask``: ``lesion_energy_tl/ft/change``
     (:func:`energy_in`) and ``pointing_tl/ft`` (:func:`pointing_game`); with ``marker_mask`` (a shortcut marker
@@ -139,10 +139,10 @@ class MetricSpec:
     Attributes:
         key: the result key (``iou@XX`` from :func:`iou_key`).
         fn: the function computing it: of a map pair (a, b) for drift metrics, of one map (and a mask, for the
-            mask-based quantities) for the per-stage ``_tl`` / ``_ft`` values and their ``_change`` = FT - TL.
+            mask-based quantities) for the per-phase ``_tl`` / ``_ft`` values and their ``_change`` = FT - TL.
         higher_is_stable: True when a higher value means a more stable attribution (overlap, correlation), False
             when a lower one does (displacement; the size of a concentration change), None when the value is no
-            stability measure (per-stage values), so that it cannot be ranked.
+            stability measure (per-phase values), so that it cannot be ranked.
         absolute: rank on |value| (``_change`` metrics, whose size measures instability whatever its sign).
         label: human name (``IoU@20%``).
         unit: axis label with the unit.

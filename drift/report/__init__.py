@@ -9,7 +9,7 @@ The document (:mod:`~drift.report.document`: sections of tables, figures and tex
 headline), then the details (classification, drift, degenerate maps, rank reversal, example maps, iFIM), then the
 run itself with provenance last (:mod:`~drift.report.provenance`). Every number shown is read from the archive:
 headline numbers and example images as the statistics step stored them (:mod:`drift.headline`), everything else
-as its stage stored it; a section whose stage has not run says so instead of failing.
+as its step stored it; a section whose step has not run says so instead of failing.
 
 Adding a section: write a module here with ``sections(run: Run) -> list[Section]`` and insert it into
 :data:`SECTIONS` at its place in the reading order.
@@ -28,7 +28,7 @@ from ..headline import pick_examples
 from ..summary import fmt
 from . import answer, baselines, classification, drift, examples, fisher, provenance, ranking
 from .compare import compare, compare_tables, headline
-from .document import Figure, Run, Section, Table, Text, check_path, missing_stages
+from .document import Figure, Run, Section, Table, Text, check_path, missing_commits
 from .render import render_html, render_markdown, write_atomic
 
 __all__ = [
@@ -42,7 +42,7 @@ __all__ = [
     "compare_tables",
     "fmt",
     "headline",
-    "missing_stages",
+    "missing_commits",
     "pick_examples",
     "render_html",
     "render_markdown",

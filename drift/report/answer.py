@@ -4,26 +4,26 @@ and the iFIM headline, each from the archive's headline numbers (:func:`drift.he
 from __future__ import annotations
 
 from ..summary import fmt
-from .document import Run, Section, Table, Text, interval, json_list, missing_stages, yes_no
+from .document import Run, Section, Table, Text, interval, json_list, missing_commits, yes_no
 
 
 def sections(run: Run) -> list[Section]:
     s = Section("answer", "The answer")
     h = run.headline
-    missing = missing_stages(run.reader)
+    missing = missing_commits(run.reader)
     if missing:
-        s.blocks.append(Text(f"This run is incomplete: {len(run.done)} stage(s) finished, {len(missing)} missing: "
+        s.blocks.append(Text(f"This run is incomplete: {len(run.done)} commit(s) made, {len(missing)} missing: "
                              f"{', '.join(missing)}. Sections that depend on them say so below.", "note"))
     if not h["stored"]:
         s.blocks.append(Text("The statistics step has not run: the headline numbers below are computed on reading, "
                              "by the function the statistics step stores them with.", "note"))
-    rows = [[arch, stage, interval(e["accuracy"], e["accuracy_lo"], e["accuracy_hi"]),
+    rows = [[arch, phase, interval(e["accuracy"], e["accuracy_lo"], e["accuracy_hi"]),
              interval(e["macro_auc"], e["macro_auc_lo"], e["macro_auc_hi"])]
-            for arch, by_stage in h["classification"].items() for stage, e in by_stage.items()]
+            for arch, by_phase in h["classification"].items() for phase, e in by_phase.items()]
     if rows:
         s.blocks.append(Table("tbl-answer-classification", f"Classification on the test set: value [95% bootstrap "
                               f"interval over test images, {h.get('n_boot', '?')} resamples]",
-                              ["architecture", "stage", "accuracy", "macro AUC"], rows))
+                              ["architecture", "phase", "accuracy", "macro AUC"], rows))
     metrics = run.headline_metrics
     rows = []
     for arch, by_method in h["drift"].items():
@@ -52,16 +52,16 @@ def sections(run: Run) -> list[Section]:
                               ["metric", "method / pair", "ranking", "reverses", "P(reverse)"], rows))
     if h["stats"].get("verdict"):
         s.blocks.append(Text(f"Verdict over the protocol grid: {h['stats']['verdict']}"))
-    rows = [[arch, stage, fmt(f["top_share"]), f"{interval(f['gap'], f['gap_lo'], f['gap_hi'])}",
+    rows = [[arch, phase, fmt(f["top_share"]), f"{interval(f['gap'], f['gap_lo'], f['gap_hi'])}",
              fmt(f["wilcoxon_p"], 4), str(int(f["n_perturbed"]))]
-            for arch, by_stage in h["fisher"].items() for stage, f in by_stage.items()]
+            for arch, by_phase in h["fisher"].items() for phase, f in by_phase.items()]
     if rows:
         s.blocks.append(Table("tbl-answer-fisher", "iFIM: mean share of the top eigenvalue in the Fisher trace; the "
                               "confidence gap, area over eps of |change of predicted-class confidence| under an "
                               "equal-norm perturbation inside the high-sensitivity subspace minus inside its "
                               "complement (mean over images [95% bootstrap interval]; positive: the subspace moves the "
                               "prediction more), with its paired Wilcoxon p",
-                              ["architecture", "stage", "top share", "confidence gap", "Wilcoxon p", "n"], rows))
+                              ["architecture", "phase", "top share", "confidence gap", "Wilcoxon p", "n"], rows))
     if not any(isinstance(b, Table) for b in s.blocks):
-        s.blocks.append(Text("No stage with results has finished yet.", "note"))
+        s.blocks.append(Text("No trained model has results yet.", "note"))
     return [s]

@@ -14,7 +14,7 @@ from .document import Run, Section, Table, Text, yes_no
 
 def floor_rows(reader: ArchiveReader, cells: list[Cell] | None = None) -> tuple[list[str], list[list[str]]]:
     """The drift-against-floor table of an archive: header and rows, one per architecture, layer, method and floor
-    stage (``cells``: default every layer at the primary score and normalisation), each ranking metric as
+    phase (``cells``: default every layer at the primary score and normalisation), each ranking metric as
     ``drift / floor = ratio`` of macro-mean instabilities (:func:`drift.baselines.instability`) with the 95%
     interval of drift minus floor. Empty without a seed floor."""
     if cells is None:
@@ -24,14 +24,14 @@ def floor_rows(reader: ArchiveReader, cells: list[Cell] | None = None) -> tuple[
     metrics: list[str] = []
     for arch in reader.keys("baselines/arch"):
         base = f"baselines/arch/{arch}/floor"
-        for stage in reader.keys(base):
+        for phase in reader.keys(base):
             for cell in cells:
-                path = f"{base}/{stage}/{cell.key}"
+                path = f"{base}/{phase}/{cell.key}"
                 for method in reader.keys(path):
                     against = reader.read(f"{path}/{method}/against")
                     metrics = metrics or list(against)
                     n = sum(k.startswith("seed") for k in reader.keys(f"{path}/{method}"))
-                    row = [arch, cell.layer, method, f"{stage} x{n}"]
+                    row = [arch, cell.layer, method, f"{phase} x{n}"]
                     for m in metrics:
                         a = against.get(m, {})
                         ex = a.get("excess", {})
@@ -76,7 +76,7 @@ def summary_lines(reader: ArchiveReader, headline: dict | None = None) -> list[s
         cell = reader.primary_cell()
         out += [f"Drift TL -> FT beside its seed floor (score {cell.score}, maps {cell.norm}): macro-mean "
                 "instability (1 - overlap or correlation; displacement) of TL vs FT, and of the run's model vs seed "
-                "replicas of the same stage (the floor); ratio; 95% interval of drift minus floor", table(header, rows),
+                "replicas of the same phase (the floor); ratio; 95% interval of drift minus floor", table(header, rows),
                 ""]
     header, rows = randomisation_rows(reader)
     if rows:
@@ -102,8 +102,8 @@ def sections(run: Run) -> list[Section]:
         s.blocks.append(Text(sentence))
     if rows:
         s.blocks.append(Text(
-            "The seed floor is the drift between the run's model and replicas of the same stage trained from the same "
-            "starting point with other training seeds: what drift looks like with no change of stage. Each metric is "
+            "The seed floor is the drift between the run's model and replicas of the same phase trained from the same "
+            "starting point with other training seeds: what drift looks like with no change of phase. Each metric is "
             "read as an instability (1 - IoU or correlation; displacement as is), macro mean over classes on the "
             "drift table's images; ratio = drift / floor; the interval is a bootstrap of per-image drift minus floor "
             "(above 0: the drift exceeds the floor). The ranking by drift minus floor decides whether a reversal "

@@ -27,21 +27,21 @@ def headline(archive: str | os.PathLike) -> dict:
     """The headline numbers of an archive (:func:`drift.headline.load`), keyed for comparison.
 
     Returns:
-        {"classification": {(arch, stage): {"accuracy", "macro_auc": stored value,
+        {"classification": {(arch, phase): {"accuracy", "macro_auc": stored value,
                                             "accuracy_ci", "macro_auc_ci": (value, lo, hi)}},
          "drift": {(arch, method, metric): (mean, lo, hi)} for the headline metrics,
          "ranking": {metric: {"rankings": {method: [arch, ...]}, "pairs": {pair: {"kendall_tau", "reverses"}},
                               "unranked": reason or None}},
-         "fisher": {(arch, stage): (gap, lo, hi, n)} (the confidence gap, :func:`drift.headline.confidence_gap`),
+         "fisher": {(arch, phase): (gap, lo, hi, n)} (the confidence gap, :func:`drift.headline.confidence_gap`),
          "n_boot", "seed": the bootstrap of the intervals}
     """
     r = ArchiveReader(check_path(archive, "archive"))
     h = load(r)
     out: dict = {"classification": {}, "drift": {}, "ranking": {}, "fisher": {}, "n_boot": h.get("n_boot"),
                  "seed": h.get("seed")}
-    for arch, by_stage in h["classification"].items():
-        for stage, e in by_stage.items():
-            out["classification"][(arch, stage)] = {
+    for arch, by_phase in h["classification"].items():
+        for phase, e in by_phase.items():
+            out["classification"][(arch, phase)] = {
                 **{m: float(e[m]) for m in ("accuracy", "macro_auc")},
                 **{f"{m}_ci": (float(e[m]), float(e[f"{m}_lo"]), float(e[f"{m}_hi"]))
                    for m in ("accuracy", "macro_auc")}}
@@ -49,10 +49,10 @@ def headline(archive: str | os.PathLike) -> dict:
         for method, by_metric in by_method.items():
             for metric, v in by_metric.items():
                 out["drift"][(arch, method, metric)] = tuple(float(v.get(k, np.nan)) for k in ("mean", "lo", "hi"))
-    for arch, by_stage in h["fisher"].items():
-        for stage, f in by_stage.items():
+    for arch, by_phase in h["fisher"].items():
+        for phase, f in by_phase.items():
             if int(f["n_perturbed"]) > 0:
-                out["fisher"][(arch, stage)] = (float(f["gap"]), float(f["gap_lo"]), float(f["gap_hi"]),
+                out["fisher"][(arch, phase)] = (float(f["gap"]), float(f["gap_lo"]), float(f["gap_hi"]),
                                                 int(f["n_perturbed"]))
     for metric, rr in h["ranking"].items():
         entry = {"rankings": {m: [str(a) for a in json_list(v)] for m, v in rr.get("rankings", {}).items()},
@@ -84,7 +84,7 @@ def _comparable(a: Path, b: Path) -> None:
     ra, rb = ArchiveReader(a), ArchiveReader(b)
     for r, p in ((ra, a), (rb, b)):
         if not r.has("data/test/ids"):
-            raise ValueError(f"cannot compare {a} and {b}: {p} has no test set (its 'data' stage has not run)")
+            raise ValueError(f"cannot compare {a} and {b}: {p} has no test set (its 'data' step has not run)")
     ca, cb = ra.class_names, rb.class_names
     if ca != cb:
         raise ValueError(f"cannot compare {a} and {b}: different class names ({ca} in {a}, {cb} in {b})")
@@ -118,7 +118,7 @@ def compare_tables(a: str | os.PathLike, b: str | os.PathLike) -> list[Table]:
     tables.append(Table("cmp-classification", f"Classification on the test set: stored value [95% bootstrap "
                         f"interval over test images, {ha['n_boot']} / {hb['n_boot']} resamples in A / B]; "
                         "'beyond' = the two intervals do not overlap",
-                        ["architecture", "stage", "accuracy A", "accuracy B", "delta accuracy",
+                        ["architecture", "phase", "accuracy A", "accuracy B", "delta accuracy",
                          "accuracy beyond intervals", "macro AUC A", "macro AUC B", "delta AUC",
                          "AUC beyond intervals"], rows))
 
@@ -161,7 +161,7 @@ def compare_tables(a: str | os.PathLike, b: str | os.PathLike) -> list[Table]:
                      f"{interval(*vb[:3])} (n={vb[3]})" if vb else "-", fmt(delta), _beyond(va, vb)])
     tables.append(Table("cmp-fisher", "iFIM gap: area over eps of |confidence change|, high-sensitivity subspace minus "
                         "complement, mean over samples [95% bootstrap interval]",
-                        ["architecture", "stage", "A", "B", "delta (B - A)", "beyond intervals"], rows))
+                        ["architecture", "phase", "A", "B", "delta (B - A)", "beyond intervals"], rows))
     return tables
 
 

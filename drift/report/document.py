@@ -12,11 +12,11 @@ from typing import Any
 import numpy as np
 
 from ..archive import ArchiveReader, Cell
+from ..config import PHASES
 from ..headline import load
 from ..metrics import DEFAULT_FRACTIONS, metric_label, metric_spec, metric_unit
 from ..summary import fmt
 
-STAGES = ("transfer", "finetune")
 DEGENERATE_CODES = {1: "non-finite", 2: "all zero", 3: "constant"}
 
 
@@ -131,12 +131,12 @@ class Run:
         methods = list(cfg.attribution.methods) if cfg is not None else []
         cell = r.primary_cell()
         for a in archs:
-            for m in r.keys(cell.drift_path(a)) + [k for s in STAGES
+            for m in r.keys(cell.drift_path(a)) + [k for s in PHASES
                                                    for k in r.keys(f"attributions/{a}/{cell.layer}/{cell.score}/{s}")]:
                 if m not in methods:
                     methods.append(m)
         fractions = tuple(cfg.metrics.fractions) if cfg is not None else DEFAULT_FRACTIONS
-        return cls(r, cfg, err, classes, archs, methods, [s["name"] for s in r.stages], cell, path, load(r),
+        return cls(r, cfg, err, classes, archs, methods, [s["name"] for s in r.commits], cell, path, load(r),
                    fractions)
 
     def has(self, path: str) -> bool:
@@ -164,17 +164,17 @@ class Run:
         return json_list(self.headline.get("metrics", "[]"))
 
 
-def missing_stages(archive: str | os.PathLike | ArchiveReader) -> list[str]:
-    """Stages the archive's config asks for that have not been committed, in pipeline order.
+def missing_commits(archive: str | os.PathLike | ArchiveReader) -> list[str]:
+    """Commits the archive's config asks for that are missing, in pipeline order.
 
     Expected: ``data``; per architecture ``models/<arch>/transfer``, ``models/<arch>/finetune``,
     ``attributions/<arch>``, ``drift/<arch>``, ``fisher/<arch>`` (when ``fisher.enabled``); then ``stats``.
     """
     r = archive if isinstance(archive, ArchiveReader) else ArchiveReader(check_path(archive, "archive"))
-    done = {s["name"] for s in r.stages}
+    done = {s["name"] for s in r.commits}
     try:
         cfg = r.config
-    except Exception:  # without a readable config only the committed stages are known
+    except Exception:  # without a readable config only the commits made are known
         return []
     expected = ["data"]
     for a in cfg.run.archs:

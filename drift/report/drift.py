@@ -7,7 +7,7 @@ import numpy as np
 from ..summary import fmt
 from .document import (
     DEGENERATE_CODES,
-    STAGES,
+    PHASES,
     Run,
     Section,
     Table,
@@ -23,9 +23,9 @@ def _drift(run: Run) -> tuple[Section, Section, dict]:
     present = [a for a in run.archs if run.has(f"drift/{a}")]
     for a in run.archs:
         if a not in present:
-            s.blocks.append(Text(f"{a}: no drift metrics (stage drift/{a} not finished).", "note"))
+            s.blocks.append(Text(f"{a}: no drift metrics (phase drift/{a} not finished).", "note"))
     if not present:
-        deg.blocks.append(Text("No drift stage in this archive: degenerate maps were not counted.", "note"))
+        deg.blocks.append(Text("No drift phase in this archive: degenerate maps were not counted.", "note"))
         return s, deg, per_sample
     summaries: dict[tuple[str, str], dict] = {}
     info = []
@@ -39,18 +39,18 @@ def _drift(run: Run) -> tuple[Section, Section, dict]:
             summaries[(arch, method)] = g.get("summary", {})
             per_sample[(arch, method)] = g.get("per_sample", {})
             codes = g.get("degenerate", {})
-            for stage in STAGES:
-                if stage not in codes:
+            for phase in PHASES:
+                if phase not in codes:
                     continue
-                c = np.asarray(codes[stage]).reshape(-1)
+                c = np.asarray(codes[phase]).reshape(-1)
                 counts = [int((c == k).sum()) for k in DEGENERATE_CODES]
-                deg_rows.append([arch, method, stage, *map(str, counts), str(int((c != 0).sum())), str(c.size)])
-    s.blocks.append(Text(f"Per-sample metrics compare the stage-1 (TL) map with the stage-2 (FT) map of the same image "
-                         f"and target class at CAM layer '{run.cell.layer}' (score: {run.cell.score}), upsampled "
-                         f"bilinearly to the input size and normalised '{run.cell.norm}' (the primary cell of the "
-                         "protocol grid; the other cells are in the ranking section). Values are macro means over "
-                         "classes of per-class means, with seeded within-class bootstrap 95% intervals; classes with "
-                         "fewer images than metrics.min_per_class are left out of the mean. "
+                deg_rows.append([arch, method, phase, *map(str, counts), str(int((c != 0).sum())), str(c.size)])
+    s.blocks.append(Text(f"Per-sample metrics compare the transfer (TL) map with the fine-tuned (FT) map of the "
+                         f"same image and target class at CAM layer '{run.cell.layer}' (score: {run.cell.score}), "
+                         f"upsampled bilinearly to the input size and normalised '{run.cell.norm}' (the primary cell"
+                         " of the protocol grid; the other cells are in the ranking section). Values are macro means "
+                         "over classes of per-class means, with seeded within-class bootstrap 95% intervals; classes "
+                         "with fewer images than metrics.min_per_class are left out of the mean. "
                          + "; ".join(info) + "."))
     metrics_all: list[str] = []
     for summ in summaries.values():
@@ -88,7 +88,7 @@ def _drift(run: Run) -> tuple[Section, Section, dict]:
                 rows.append([arch, method, q, fmt(t.get("median_diff")), fmt(t.get("statistic"), 1),
                              fmt(t.get("pvalue"), 4), str(t.get("n", "-")), str(t.get("n_excluded", "-"))])
     if rows:
-        s.blocks.append(Table("tbl-paired", "Paired tests between stages of map concentration and localisation "
+        s.blocks.append(Table("tbl-paired", "Paired tests between phases of map concentration and localisation "
                               "(Wilcoxon signed-rank, FT vs TL on the same samples)",
                               ["architecture", "method", "quantity", "median FT - TL", "statistic", "p", "n",
                                "n excluded"], rows))
@@ -96,7 +96,7 @@ def _drift(run: Run) -> tuple[Section, Section, dict]:
                            "values, 2 all zero, 3 constant."))
     if deg_rows:
         deg.blocks.append(Table("tbl-degenerate", "Degenerate maps per architecture, method and checkpoint",
-                                ["architecture", "method", "stage", *DEGENERATE_CODES.values(), "degenerate",
+                                ["architecture", "method", "phase", *DEGENERATE_CODES.values(), "degenerate",
                                  "of N"], deg_rows))
     else:
         deg.blocks.append(Text("The drift groups hold no degenerate-map codes.", "note"))

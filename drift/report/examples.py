@@ -7,7 +7,7 @@ import numpy as np
 from ..headline import pick_examples
 from ..summary import fmt
 from .document import (
-    STAGES,
+    PHASES,
     Run,
     Section,
     Text,
@@ -23,10 +23,10 @@ def _examples(run: Run) -> Section:
 
     n_wanted = int(run.cfg.report.n_examples) if run.cfg is not None else 4
     archs = [a for a in run.archs
-             if all(run.has(f"attributions/{a}/{run.cell.layer}/{run.cell.score}/{st}") for st in STAGES)]
+             if all(run.has(f"attributions/{a}/{run.cell.layer}/{run.cell.score}/{st}") for st in PHASES)]
     for a in run.archs:
         if a not in archs:
-            s.blocks.append(Text(f"{a}: no attribution maps (stage attributions/{a} not finished).", "note"))
+            s.blocks.append(Text(f"{a}: no attribution maps (commit attributions/{a} missing).", "note"))
     if not archs or not run.has("data/test") or n_wanted <= 0:
         if not run.has("data/test"):
             s.blocks.append(Text("No test set in the archive: no examples to show.", "note"))
@@ -66,7 +66,7 @@ def _examples(run: Run) -> Section:
                                  "maps are shown without them.", "note"))
         base = f"attributions/{arch}/{run.cell.layer}/{run.cell.score}"
         methods = [m for m in run.methods if run.has(f"{base}/transfer/{m}") and run.has(f"{base}/finetune/{m}")]
-        maps = {(m, st): run.reader.maps(arch, st, m) for m in methods for st in STAGES}
+        maps = {(m, st): run.reader.maps(arch, st, m) for m in methods for st in PHASES}
         rows = []
         for j, i in enumerate(idx):
             for m in methods:

@@ -6,7 +6,7 @@ import numpy as np
 
 from ..summary import fmt
 from .document import (
-    STAGES,
+    PHASES,
     Run,
     Section,
     Table,
@@ -22,17 +22,17 @@ def _fisher(run: Run) -> Section:
     s = Section("fisher", "Input-dependent Fisher information (iFIM)")
     from .. import figures
 
-    present = [(a, st) for a in run.archs for st in STAGES if run.has(f"fisher/{a}/{st}")]
+    present = [(a, st) for a in run.archs for st in PHASES if run.has(f"fisher/{a}/{st}")]
     if run.cfg is not None and not run.cfg.fisher.enabled:
         s.blocks.append(Text("The iFIM analysis is disabled in this run's configuration (fisher.enabled = false).",
                              "note"))
         return s
     for a in run.archs:
         if not any(p[0] == a for p in present):
-            s.blocks.append(Text(f"{a}: no iFIM results (stage fisher/{a} not finished).", "note"))
+            s.blocks.append(Text(f"{a}: no iFIM results (commit fisher/{a} missing).", "note"))
     if not present:
         if not s.blocks:
-            s.blocks.append(Text("No iFIM results in this archive (no fisher/<arch> stage finished).", "note"))
+            s.blocks.append(Text("No iFIM results in this archive (no fisher/<arch> commit).", "note"))
         return s
     s.blocks.append(Text("F(x) = J^T (diag p - p p^T) J has rank <= C - 1; its leading k eigenvectors (enough for the "
                          "configured energy share) span the high-sensitivity subspace. Perturbations of equal norm "
@@ -40,38 +40,38 @@ def _fisher(run: Run) -> Section:
                          "area over eps of |confidence change|; the gap is high minus complement per sample (mean "
                          "with seeded bootstrap 95% interval)."))
     rows, shares, comps, panels = [], {}, {}, []
-    for arch, stage in present:
-        f = run.reader.fisher(arch, stage)
+    for arch, phase in present:
+        f = run.reader.fisher(arch, phase)
         share = np.asarray(f.get("eigen_share", np.zeros((0, 0))), dtype=np.float64)
         if share.size:
-            shares[(arch, stage)] = share
-        h = run.headline["fisher"].get(arch, {}).get(stage)
-        if h is None:  # a stage newer than the stored headline numbers
+            shares[(arch, phase)] = share
+        h = run.headline["fisher"].get(arch, {}).get(phase)
+        if h is None:  # a commit newer than the stored headline numbers
             h = _headline_fisher(f, run)
         pert = f.get("perturbation", {})
-        rows.append([arch, stage, str(h["n_spectra"]), fmt(h["top_share"]), fmt(h["mean_rank"], 2),
+        rows.append([arch, phase, str(h["n_spectra"]), fmt(h["top_share"]), fmt(h["mean_rank"], 2),
                      str(int(h["n_perturbed"])), fmt(h["area_high"]), fmt(h["area_complement"]),
                      fmt(h["area_random"]), interval(h["gap"], h["gap_lo"], h["gap_hi"]), fmt(h["wilcoxon_p"], 4),
                      fmt(h["kl_ratio"], 3)])
         if "components" in f:
-            comps[(arch, stage)] = f["components"]
+            comps[(arch, phase)] = f["components"]
         if pert:
-            panels.extend(_perturbation_panels(arch, stage, pert))
-    s.blocks.append(Table("tbl-fisher", "iFIM per architecture and stage: mean top-eigenvalue share and numerical rank "
+            panels.extend(_perturbation_panels(arch, phase, pert))
+    s.blocks.append(Table("tbl-fisher", "iFIM per architecture and phase: mean top-eigenvalue share and numerical rank "
                           "over the spectrum samples; area over eps of |confidence change| inside the high-sensitivity "
                           "subspace, its complement and a random direction; the gap (high - complement, mean [95% "
                           "interval]); Wilcoxon p of high vs complement; measured KL over 1/2 d^T F d at the smallest "
-                          "eps", ["architecture", "stage", "n spectra", "top share", "mean rank", "n perturbed",
+                          "eps", ["architecture", "phase", "n spectra", "top share", "mean rank", "n perturbed",
                                   "area high", "area complement", "area random", "gap", "Wilcoxon p", "KL ratio"],
                           rows))
     if shares:
-        fig = figures.fisher_spectra(shares, [a for a in run.archs if any((a, st) in shares for st in STAGES)])
+        fig = figures.fisher_spectra(shares, [a for a in run.archs if any((a, st) in shares for st in PHASES)])
         s.blocks.append(figure("fig-spectra", "iFIM spectra: share of each eigenvalue in the trace, by index, mean "
                                 "over samples with 95% band, TL and FT checkpoints.", fig))
     for arch in dict.fromkeys(a for a, _ in comps):
         crow = []
-        for stage in STAGES:
-            c = comps.get((arch, stage))
+        for phase in PHASES:
+            c = comps.get((arch, phase))
             if not c or "x_high" not in c:
                 continue
             x_high = np.asarray(c["x_high"], dtype=np.float64)
@@ -82,7 +82,7 @@ def _fisher(run: Run) -> Section:
             es = np.asarray(c.get("energy_share", [np.nan] * len(x)), dtype=np.float64).reshape(-1)
             n_show = min(len(x), run.cfg.report.n_examples if run.cfg is not None else 2, 4)
             for i in range(n_show):
-                crow.append(figures.ComponentRow(f"{cids[i]} ({stage})\nk = {int(k[i])}, energy {fmt(es[i], 2)}",
+                crow.append(figures.ComponentRow(f"{cids[i]} ({phase})\nk = {int(k[i])}, energy {fmt(es[i], 2)}",
                                                  _one_image(x[i]), _one_image(x_high[i]), _one_image(x_low[i])))
         if crow:
             s.blocks.append(figure(f"fig-components-{slug(arch)}", f"{arch}: input x, its high-sensitivity "
@@ -102,7 +102,7 @@ def _one_image(a: np.ndarray) -> np.ndarray:
     return a.mean(0) if a.ndim == 3 else a
 
 
-def _perturbation_panels(arch: str, stage: str, p: dict) -> list:
+def _perturbation_panels(arch: str, phase: str, p: dict) -> list:
     from ..figures import CurvePanel
 
     out = []
@@ -115,7 +115,7 @@ def _perturbation_panels(arch: str, stage: str, p: dict) -> list:
         return {kind: v[j].mean(-1).T[sel] for j, kind in enumerate(kind_list)}
 
     eps = np.asarray(p.get("eps", []), dtype=np.float64).reshape(-1)
-    title = f"{arch} {stage}"
+    title = f"{arch} {phase}"
     if "abs_conf_change" in p and kinds and eps.size:
         out.append(CurvePanel(title, eps, "relative size eps = |d| / |x|", "|change of predicted-class p|",
                               per_sample("abs_conf_change", kinds), logx=True))

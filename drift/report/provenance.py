@@ -1,4 +1,4 @@
-"""The run itself: archive and stages, data, benchmark records, configuration and provenance (last)."""
+"""The run itself: archive and commits, data, benchmark records, configuration and provenance (last)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from .document import (
     Section,
     Table,
     Text,
-    missing_stages,
+    missing_commits,
     strs,
 )
 
@@ -25,15 +25,15 @@ def _overview(run: Run) -> Section:
                          f"{r.attrs.get('created', '?')}). Architectures: {', '.join(run.archs) or 'none'}; "
                          f"attribution methods: {', '.join(run.methods) or 'none'}; classes: "
                          f"{', '.join(run.class_names) or 'unknown'}."))
-    missing = missing_stages(r)
+    missing = missing_commits(r)
     if run.cfg is None:
         s.blocks.append(Text(f"The stored configuration could not be read ({run.cfg_error}); sections rely on the "
-                             "archive alone and cannot tell which stages are missing.", "note"))
+                             "archive alone and cannot tell which commits are missing.", "note"))
     if missing:
-        s.blocks.append(Text(f"This run is incomplete: {len(run.done)} stage(s) finished, {len(missing)} missing: "
+        s.blocks.append(Text(f"This run is incomplete: {len(run.done)} commit(s) made, {len(missing)} missing: "
                              f"{', '.join(missing)}. Sections that depend on them say so in their place.", "note"))
     else:
-        s.blocks.append(Text(f"All {len(run.done)} stages of the run are finished."))
+        s.blocks.append(Text(f"All {len(run.done)} commits of the run are made."))
     return s
 
 
@@ -61,22 +61,22 @@ def _provenance(run: Run) -> Section:
     for k, v in (versions or {}).items():
         rows.append([f"version: {k}", str(v)])
     s.blocks.append(Table("tbl-provenance", "Provenance of the run", ["item", "value"], rows))
-    stages = run.reader.stages
-    if stages:
-        rows = [[st.get("name", "?"), fmt(st.get("seconds")), str(st.get("finished", "-"))] for st in stages]
-        rows.append(["total", fmt(sum(float(st.get("seconds", 0) or 0) for st in stages)), ""])
-        s.blocks.append(Table("tbl-stages", "Committed stages, in order, with the seconds recorded for each and when "
-                              "it finished (training time per stage is in the classification table)",
-                              ["stage", "seconds", "finished"], rows))
+    commits = run.reader.commits
+    if commits:
+        rows = [[c.get("name", "?"), fmt(c.get("seconds")), str(c.get("finished", "-"))] for c in commits]
+        rows.append(["total", fmt(sum(float(c.get("seconds", 0) or 0) for c in commits)), ""])
+        s.blocks.append(Table("tbl-commits", "The archive's commits, in order, with the seconds recorded for each "
+                              "and when it finished (training time per phase is in the classification table)",
+                              ["commit", "seconds", "finished"], rows))
     else:
-        s.blocks.append(Text("No stage has been committed to this archive yet.", "note"))
+        s.blocks.append(Text("Nothing has been committed to this archive yet.", "note"))
     return s
 
 
 def _data(run: Run) -> Section:
     s = Section("data", "Data")
     if not run.has("data"):
-        s.blocks.append(Text("No data stage in this archive: the test set is unknown.", "note"))
+        s.blocks.append(Text("No data step in this archive: the test set is unknown.", "note"))
         return s
     d = run.reader.read("data")
     counts = d.get("counts", {})

@@ -20,7 +20,7 @@ def _ranking(run: Run) -> Section:
     rank = run.reader.ranking()
     st = run.reader.stats_attrs()
     if not rank:
-        s.blocks.append(Text("No statistics stage in this archive (stage 'stats' not finished): architectures were "
+        s.blocks.append(Text("No statistics step in this archive (commit 'stats' missing): architectures were "
                              "not ranked.", "note"))
         return s
     if st.get("verdict"):

@@ -1,4 +1,4 @@
-"""Timed scaling on the CPU: one training epoch (stage 2, DistributedDataParallel over gloo) and the CAM stage's
+"""Timed scaling on the CPU: one training epoch (finetune phase, DistributedDataParallel over gloo) and the CAM step's
 computation (batches dealt out over ranks and gathered), each with 1 and 2 processes.
 
 The processes are started once per process count (one torch thread each, the environment torchrun sets) and
@@ -25,7 +25,7 @@ torch.set_num_threads(1)
 from drift import distributed
 distributed.init("cpu")
 from drift.attribution import cams_multi
-from drift.config import StageConfig
+from drift.config import PhaseConfig
 from drift.data import load_synthetic
 from drift.models import build, unfreeze
 from drift.train import fit
@@ -33,7 +33,7 @@ from drift.train import fit
 splits = load_synthetic(64, 8, 24, 64, 0)
 torch.manual_seed(0)
 model = build("resnet10t", 5)
-cfg = StageConfig(epochs=1, batch_size=16, bn_frozen=False, precision="fp32")
+cfg = PhaseConfig(epochs=1, batch_size=16, bn_frozen=False, precision="fp32")
 device = torch.device("cpu")
 
 def epoch():
@@ -41,7 +41,7 @@ def epoch():
     res = fit(model, model, splits.train, None, cfg, device, 0, progress=False)
     return f"loss={res.history['train_loss'][0]:.6f}"
 
-def cam_stage():
+def cam_step():
     model.eval()
     test = splits.test
     n, maps = len(test), {}
@@ -63,7 +63,7 @@ for line in sys.stdin:
     if cmd == "quit":
         break
     t0 = time.perf_counter()
-    out = epoch() if cmd == "epoch" else cam_stage()
+    out = epoch() if cmd == "epoch" else cam_step()
     distributed.barrier()
     print(f"@@ {time.perf_counter() - t0:.4f} {out}", flush=True)
 distributed.shutdown()
@@ -135,7 +135,7 @@ _maps: dict[int, str] = {}
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
-def test_cam_stage_scaling(benchmark, pools, nproc):
+def test_cam_step_scaling(benchmark, pools, nproc):
     pool = pools(nproc)
     answers = benchmark.pedantic(pool, args=("cams",), rounds=3, warmup_rounds=1)
     what = {a.split(" ", 1)[1] for a in answers}
