@@ -1,8 +1,10 @@
 """Tests of the run report (drift.report, drift.figures) and of ``drift compare``.
 
-The archives here are written with :class:`drift.archive.Archive` following the schema in drift/archive.py and
-filled with fresh random numbers; every number the report prints is parsed back and checked against what was
-written, or against a brute-force recomputation (iFIM gap, degenerate counts, compare flags).
+The archives here are written with :class:`drift.archive.Archive` following the schema in drift/archive.py (that
+their layout is the one a real run writes is itself tested, :func:`test_builder_writes_the_layout_of_a_real_run`)
+and filled with fresh random numbers, which lets every table meet values a tiny real run cannot produce; every
+number the report prints is parsed back and checked against what was written, or against a brute-force recomputation
+(iFIM gap, degenerate counts, compare flags).
 """
 
 from __future__ import annotations
@@ -735,3 +737,52 @@ def test_compare_refuses_other_classes_or_samples(tmp_path, rng):
 
 
 # ============================================================================================ figures
+
+
+# ============================================================================================ the builder's layout
+def _layout(path: Path) -> dict[str, tuple]:
+    """Every group and dataset of an archive: path -> ("group", attribute names) or ("dataset", dtype kind, rank,
+    attribute names)."""
+    import h5py
+
+    out: dict[str, tuple] = {}
+
+    def visit(name: str, obj) -> None:
+        if isinstance(obj, h5py.Group):
+            out[name] = ("group", frozenset(obj.attrs))
+        else:
+            out[name] = ("dataset", obj.dtype.kind, obj.ndim, frozenset(obj.attrs))
+
+    with h5py.File(path) as f:
+        f.visititems(visit)
+        out["/"] = ("group", frozenset(f.attrs))
+    return out
+
+
+def test_builder_writes_the_layout_of_a_real_run(tmp_path, rng):
+    """The random archives of these tests follow the writer: every group, dataset and attribute that
+    :func:`build_archive` writes is where a real run (:class:`drift.pipeline.Pipeline`, same architectures,
+    methods and protocol cell, one epoch) writes it, as the same kind of object, dtype kind and rank."""
+    from drift.pipeline import Pipeline
+
+    real, built = make_config(), make_config()
+    real.attribution.layers = built.attribution.layers = ["block"]  # random 2 x 2 last-conv maps are all zero
+    real.run.out, real.run.progress = str(tmp_path / "real"), False
+    real.data.image_size, real.data.n_train, real.data.n_val = 64, 10, 5
+    real.model.weights = "none"
+    for phase in (real.train.transfer, real.train.finetune):
+        phase.epochs, phase.batch_size = 1, 5
+    real.metrics.sample_set, real.metrics.ranking_sample_set = "all", "all"
+    real.metrics.min_per_class, real.metrics.n_boot = 1, 20
+    real.fisher.n_spectrum, real.fisher.n_components, real.fisher.batch_size = 3, 2, 2
+    real.fisher.eps_grid, real.fisher.alphas = [0.05], [1.0]
+    real.report.enabled = False
+    want = _layout(Pipeline(real).run())
+    build_archive(tmp_path / "built.h5", _fresh_gen(), cfg=built, perturbation_archs=ARCHS)
+    got = _layout(tmp_path / "built.h5")
+    missing = sorted(p for p in got if p not in want)
+    assert not missing, f"the builder writes paths a real run does not: {missing}"
+    for p, g in got.items():
+        w = want[p]
+        assert g[:-1] == w[:-1], f"{p}: the builder writes {g[:-1]}, a real run {w[:-1]}"
+        assert g[-1] <= w[-1], f"{p}: attributes {sorted(g[-1] - w[-1])} are not written by a real run"
