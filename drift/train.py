@@ -165,9 +165,8 @@ def fast_layout(module: nn.Module, precision: str, device: torch.device) -> Iter
     :func:`resolve_precision`); yields the input converter.
 
     The module's 4-D weights are converted for the block and handed back in the standard layout afterwards.
-    Channels-last is the layout oneDNN and cuDNN convolve fastest in. asv's ``Layouts`` benchmark, 2-core AVX-512
-    BF16 CPU, a batch of 16 at 128 px: DenseNet201's forward pass 541 ms in NCHW fp32, 425 ms channels-last,
-    348 ms with bf16 as well, its training step 2.73 / 2.16 / 1.66 s; ResNet-18's forward 170 / 138 / 75 ms.
+    Channels-last is the layout oneDNN and cuDNN convolve fastest in (asv's ``Layouts`` benchmark times the three
+    layouts side by side; docs/benchmarks.md holds the measurements).
     """
     def convert(x: torch.Tensor) -> torch.Tensor:
         x = x.to(device)
@@ -185,8 +184,8 @@ def fast_layout(module: nn.Module, precision: str, device: torch.device) -> Iter
 
 def _optimizer(params, cfg: PhaseConfig, device: torch.device) -> torch.optim.Optimizer:
     """The phase's optimiser. Adam and AdamW use PyTorch's fused kernels on the CPU and CUDA (one kernel for all
-    parameters; a DenseNet201 step's update 54 -> 17 ms on the 2-core CPU, ResNetV2-50's 47 -> 16 ms), the same
-    update as the per-parameter loop up to floating-point rounding."""
+    parameters instead of a loop over them; docs/benchmarks.md), the same update as the per-parameter loop up to
+    floating-point rounding."""
     fused = True if device.type in ("cpu", "cuda") else None
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
