@@ -243,16 +243,9 @@ def cams(
     """CAMs of every requested method at the target layer, raw, at the layer's resolution.
 
     Gradient methods (:data:`METHODS`: ``gradcam``, ``gradcam++``, ``gradcam++_tfkv``, ``layercam``) share one
-    forward and one backward pass (:func:`drift.capture.capture`): with A (B, K, h, w) the layer's activations and
-    g = d s / d A the gradients of the target-class score (the logit, or the softmax probability with
-    ``score="softmax"``),
-
-        gradcam:        relu(sum_k mean_ij(g_k) A_k)
-        gradcam++:      relu(sum_k w_k A_k), w_k = sum_ij alpha_kij relu(g_kij),
-                        alpha = g^2 / (2 g^2 + sum_ab A_kab g^3 + eps), alpha = 0 where g = 0
-        gradcam++_tfkv: as gradcam++ with eps = 0 and alpha normalised to sum 1 over space per channel
-                        (tf-keras-vis; see :func:`gradcam_plusplus_tfkv`)
-        layercam:       relu(sum_k relu(g_k) A_k)
+    forward and one backward pass (:func:`drift.capture.capture`): each is a function of A (B, K, h, w), the
+    layer's activations, and g = d s / d A, the gradients of the target-class score (the logit, or the softmax
+    probability with ``score="softmax"``), stated with its paper and equation in :mod:`drift.cam_methods`.
 
     Methods ``"pgc:<name>"`` (keys of :data:`PGC_METHODS`) run pytorch-grad-cam's own class, each with its own
     passes; those maps are the reference's output, i.e. min-max normalised to [0, 1] per map and resized to the
