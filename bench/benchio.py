@@ -51,7 +51,8 @@ from typing import Any
 import numpy as np
 
 from drift import __version__
-from drift.archive import Archive, ArchiveError, write_tree
+from drift.archive import Archive, ArchiveError
+from drift.h5tree import write_tree
 
 __all__ = ["STATUS_FAILED", "STATUS_OK", "STATUS_SKIPPED", "export", "read_source"]
 

@@ -96,12 +96,13 @@ from typing import Any, NamedTuple
 import h5py
 import numpy as np
 
+from .h5tree import read_tree
+
 SCHEMA_VERSION = 3
 """Version 3 renamed two attributes (root ``stages`` -> ``commits``, ``stages`` -> ``phases`` on the ``baselines``
 groups); version-2 archives are read as they are and upgraded in place, atomically, when a run resumes one."""
 _RENAMED_V2 = {"stages": "commits"}
 _RENAMED_V2_BASELINES = {"stages": "phases"}
-_COMPRESS_ABOVE = 4096  # elements; smaller datasets are stored plainly
 
 
 class Cell(NamedTuple):
@@ -161,53 +162,6 @@ def _rename_attrs(obj: h5py.HLObject, renames: Mapping[str, str]) -> None:
             del obj.attrs[old]
 
 
-def write_tree(group: h5py.Group, values: Mapping[str, Any]) -> None:
-    """Write nested dicts as groups, arrays/lists as datasets and scalars/strings as attributes.
-
-    Existing members of the same name are replaced.
-    """
-    for key, value in values.items():
-        key = str(key)
-        if isinstance(value, Mapping):
-            sub = group.require_group(key)
-            write_tree(sub, value)
-            continue
-        if key in group:
-            del group[key]
-        if value is None:
-            continue
-        if isinstance(value, (str, bool, int, float, np.integer, np.floating, np.bool_)):
-            group.attrs[key] = value
-            continue
-        arr = np.asarray(value)
-        if arr.dtype.kind in ("U", "O"):
-            group.create_dataset(key, data=np.asarray([str(v) for v in arr.reshape(-1)], dtype=object).reshape(
-                arr.shape), dtype=h5py.string_dtype())
-        elif arr.size > _COMPRESS_ABOVE and arr.ndim >= 1:
-            chunks = (min(arr.shape[0], 256),) + arr.shape[1:] if arr.ndim > 1 else True
-            group.create_dataset(key, data=arr, compression="gzip", compression_opts=4, chunks=chunks)
-        else:
-            group.create_dataset(key, data=arr)
-
-
-def read_tree(node: h5py.Group | h5py.Dataset) -> Any:
-    """The inverse of :func:`write_tree`: a dict of arrays, strings and scalars (attributes included)."""
-    if isinstance(node, h5py.Dataset):
-        data = node[()]
-        if node.dtype.kind == "O" or h5py.check_string_dtype(node.dtype) is not None:
-            # Stored as UTF-8 (write_tree): decode explicitly, numpy's astype(str) would assume ASCII.
-            flat = [v.decode("utf-8") if isinstance(v, bytes) else str(v)
-                    for v in np.asarray(data, dtype=object).reshape(-1)]
-            return np.asarray(flat, dtype=str).reshape(np.shape(data))
-        return data
-    out: dict[str, Any] = {}
-    for k, v in node.attrs.items():
-        out[k] = v.decode() if isinstance(v, bytes) else (v.item() if isinstance(v, np.generic) else v)
-    for k in node:
-        out[k] = read_tree(node[k])
-    return out
-
-
 class Archive:
     """Writer of one run's archive (see module docstring); also resumes an existing one.
 
@@ -262,20 +216,27 @@ class Archive:
         finally:
             os.close(dir_fd)
 
-    def _upgrade_v2(self) -> None:
-        """Rename a version-2 archive's attributes to version 3's, as one atomic replace like any commit."""
+    @contextmanager
+    def _transaction(self) -> Iterator[h5py.File]:
+        """Yield a copy of the archive open for writing; on success it replaces the archive atomically, on any
+        exception it is deleted and the archive stays as it was."""
         shutil.copyfile(self.path, self._tmp)
         try:
             with h5py.File(self._tmp, "a") as f:
-                _rename_attrs(f, _RENAMED_V2)
-                if "baselines" in f:
-                    f["baselines"].visititems(lambda _, g: _rename_attrs(g, _RENAMED_V2_BASELINES))
-                f.attrs["schema_version"] = SCHEMA_VERSION
+                yield f
                 f.flush()
         except BaseException:
             self._tmp.unlink(missing_ok=True)
             raise
         self._commit()
+
+    def _upgrade_v2(self) -> None:
+        """Rename a version-2 archive's attributes to version 3's, in one transaction."""
+        with self._transaction() as f:
+            _rename_attrs(f, _RENAMED_V2)
+            if "baselines" in f:
+                f["baselines"].visititems(lambda _, g: _rename_attrs(g, _RENAMED_V2_BASELINES))
+            f.attrs["schema_version"] = SCHEMA_VERSION
 
     def commits(self) -> list[str]:
         """Names of the commits, in order."""
@@ -314,30 +275,23 @@ class Archive:
                 resume can say which of them changed.
         """
         t0 = time.perf_counter() if started is None else started
-        shutil.copyfile(self.path, self._tmp)
-        try:
-            with h5py.File(self._tmp, "a") as f:
-                for g in replace:
-                    if g in f:
-                        del f[g]
-                yield f
-                commits = [s for s in commit_records(f.attrs) if s["name"] != name]
-                entry = {"name": name, "seconds": round(time.perf_counter() - t0, 3),
-                         "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-                if fingerprint:
-                    entry["fingerprint"] = fingerprint
-                if inputs:
-                    entry["inputs"] = dict(inputs)
-                commits.append(entry)
-                f.attrs["commits"] = json.dumps(commits)
-                if self._config_text:
-                    # A resume under changed analysis settings: the root config is the one of the newest commit.
-                    f.attrs["config"] = self._config_text
-                f.flush()
-        except BaseException:
-            self._tmp.unlink(missing_ok=True)
-            raise
-        self._commit()
+        with self._transaction() as f:
+            for g in replace:
+                if g in f:
+                    del f[g]
+            yield f
+            commits = [s for s in commit_records(f.attrs) if s["name"] != name]
+            entry = {"name": name, "seconds": round(time.perf_counter() - t0, 3),
+                     "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            if fingerprint:
+                entry["fingerprint"] = fingerprint
+            if inputs:
+                entry["inputs"] = dict(inputs)
+            commits.append(entry)
+            f.attrs["commits"] = json.dumps(commits)
+            if self._config_text:
+                # A resume under changed analysis settings: the root config is the one of the newest commit.
+                f.attrs["config"] = self._config_text
 
 
 class ArchiveReader:
@@ -482,27 +436,3 @@ class ArchiveReader:
 def open_archive(path: str | os.PathLike) -> ArchiveReader:
     """Open an archive for reading (validates it first)."""
     return ArchiveReader(path)
-
-
-def as_tree(obj) -> dict:
-    """A stats/perturbation result (dataclass, dict, tuple) as a tree of arrays and scalars for the archive."""
-    import dataclasses
-
-    if dataclasses.is_dataclass(obj):
-        obj = dataclasses.asdict(obj)
-    if isinstance(obj, dict):
-        out = {}
-        for k, v in obj.items():
-            k = " vs ".join(map(str, k)) if isinstance(k, tuple) else k
-            if isinstance(v, dict) or dataclasses.is_dataclass(v):
-                out[str(k)] = as_tree(v)
-            elif isinstance(v, (list, tuple)) and v and isinstance(v[0], str):
-                out[str(k)] = json.dumps(list(v))
-            elif hasattr(v, "detach") and hasattr(v, "numpy"):  # a torch tensor
-                out[str(k)] = v.detach().cpu().numpy()
-            elif v is None:
-                continue
-            else:
-                out[str(k)] = v
-        return out
-    return {"value": obj}

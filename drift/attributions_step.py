@@ -15,8 +15,8 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed
-from .archive import write_tree
 from .config import PHASES
+from .h5tree import write_tree
 from .models import cam_layer_name, keras_layer_name
 from .rundir import log
 

@@ -32,7 +32,8 @@ import torch
 from torch import nn
 
 from . import stats
-from .archive import ArchiveReader, Cell, as_tree, write_tree
+from .archive import ArchiveReader, Cell
+from .h5tree import as_tree, write_tree
 from .metrics import DEFAULT_FRACTIONS, stability
 
 REPLICA_SEED_OFFSET = 1000

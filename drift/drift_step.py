@@ -15,9 +15,10 @@ import numpy as np
 import torch
 
 from . import distributed, stats
-from .archive import ArchiveReader, as_tree, write_tree
+from .archive import ArchiveReader
 from .attribution import normalize, upsample
 from .config import PHASES
+from .h5tree import as_tree, write_tree
 from .metrics import pair_metrics, pearson
 from .rundir import log
 

@@ -24,8 +24,9 @@ import numpy as np
 import torch
 
 from . import distributed, source_weights
-from .archive import ArchiveReader, as_tree, write_tree
+from .archive import ArchiveReader
 from .config import PHASES, Config
+from .h5tree import as_tree, write_tree
 from .models import Classifier, build, get_spec
 from .rundir import RunLock, log, make_out, nothing_finished, provenance
 from .train import (

@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from . import headline, stats
-from .archive import ArchiveReader, Cell, as_tree, write_tree
+from .archive import ArchiveReader, Cell
 from .drift_step import sample_mask
+from .h5tree import as_tree, write_tree
 from .metrics import stability
 from .rundir import log
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from drift.archive import Archive, ArchiveError, ArchiveReader, open_archive, read_tree, write_tree
+from drift.archive import Archive, ArchiveError, ArchiveReader, open_archive
+from drift.h5tree import read_tree, write_tree
 
 
 def test_tree_round_trip(tmp_path, rng):
@@ -68,7 +69,8 @@ def test_hdf5_without_schema_is_refused(tmp_path):
 
 WRITER = r"""
 import sys, numpy as np
-from drift.archive import Archive, write_tree
+from drift.archive import Archive
+from drift.h5tree import write_tree
 a = Archive(sys.argv[1], "", "h")
 rng = np.random.default_rng(0)
 i = len(a.commits())

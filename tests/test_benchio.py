@@ -20,8 +20,9 @@ from asv.results import Results
 from asv.runner import BenchmarkResult
 
 from bench.benchio import STATUS_FAILED, STATUS_OK, STATUS_SKIPPED, export, read_source
-from drift.archive import SCHEMA_VERSION, Archive, ArchiveReader, write_tree
+from drift.archive import SCHEMA_VERSION, Archive, ArchiveReader
 from drift.cli import main
+from drift.h5tree import write_tree
 
 PYTEST_STATS = ("min", "max", "mean", "stddev", "median", "iqr", "q1", "q3", "ld15iqr", "hd15iqr", "ops", "total",
                 "rounds", "iterations", "iqr_outliers", "stddev_outliers")

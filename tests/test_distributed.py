@@ -18,8 +18,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from drift.archive import ArchiveReader, read_tree
+from drift.archive import ArchiveReader
 from drift.ddp import GlobalBatchSampler
+from drift.h5tree import read_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.toml"

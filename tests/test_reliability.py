@@ -123,7 +123,8 @@ def test_class_names_are_plain_text_in_figures_and_report(folder_run):
 
 
 def test_archive_text_round_trips_unicode(tmp_path):
-    from drift.archive import Archive, write_tree
+    from drift.archive import Archive
+    from drift.h5tree import write_tree
 
     names = np.asarray(["Pleural effusion – ünïcode/tb_00_Müller.png", "数据/ørken.png", "emoji 🫁.png", "plain"])
     a = Archive(tmp_path / "a.h5", "seed = 1\n", "h")

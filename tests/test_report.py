@@ -23,9 +23,10 @@ import scipy.stats
 import torch
 
 from drift import headline, report
-from drift.archive import Archive, ArchiveError, ArchiveReader, Cell, write_tree
+from drift.archive import Archive, ArchiveError, ArchiveReader, Cell
 from drift.config import Config
 from drift.data import SYNTHETIC_CLASSES, load_synthetic
+from drift.h5tree import write_tree
 from drift.metrics import HEADLINE_KEYS, metric_label
 
 SIZE = 32

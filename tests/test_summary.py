@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from drift import report, summary
-from drift.archive import Archive, write_tree
+from drift.archive import Archive
+from drift.h5tree import write_tree
 
 
 def _expected(x: float, nd: int) -> str:
