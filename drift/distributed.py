@@ -44,6 +44,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .archive import Archive
+from .config import PHASES
 
 #: What the pipeline is computing, by the name it will commit under (set by :func:`decided_by_rank0`), named by
 #: failure messages.
@@ -331,7 +332,7 @@ def check_batch_sizes(cfg) -> None:
     if n == 1:
         return
     where = [(f"train.{st}", getattr(cfg.train, st).for_arch(a, f"train.{st}").batch_size, a)
-             for st in ("transfer", "finetune") for a in cfg.run.archs]
+             for st in PHASES for a in cfg.run.archs]
     if cfg.model.weights == "synthetic-source":
         where.append(("source", cfg.source.batch_size, None))
     for key, size, arch in where:

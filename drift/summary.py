@@ -12,6 +12,7 @@ from collections.abc import Callable
 import numpy as np
 
 from .archive import ArchiveReader
+from .config import PHASES
 from .headline import load
 from .metrics import metric_label
 
@@ -128,7 +129,7 @@ def agreement_rows(r: ArchiveReader) -> list[list[str]]:
                 agr = r.agreement(arch, layer, score)
                 pairs = list(agr.get("transfer", {}))
                 for p in _layercam_first(pairs):
-                    med = [_median(agr.get(st, {}).get(p)) for st in ("transfer", "finetune")]
+                    med = [_median(agr.get(st, {}).get(p)) for st in PHASES]
                     rows.append([arch, layer, score, p, *med])
     return rows
 

@@ -7,7 +7,7 @@ import math
 import re
 from typing import Any
 
-from .config import Config, ConfigError, PhaseConfig
+from .config import PHASES, Config, ConfigError, PhaseConfig
 
 
 def validate(cfg: Config) -> None:
@@ -74,7 +74,7 @@ def validate(cfg: Config) -> None:
         if not 32 <= side <= 1024:
             raise ConfigError(f"model.input_scale.{arch} = {scale} gives {side} px at data.image_size = "
                               f"{cfg.data.image_size}; the input side must be in [32, 1024]")
-    for name in ("transfer", "finetune"):
+    for name in PHASES:
         st = getattr(cfg.train, name)
         _check_phase(st, f"train.{name}")
         for arch in st.per_arch:

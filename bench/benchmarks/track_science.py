@@ -43,7 +43,7 @@ def _smoke_axes() -> tuple[list[str], list[str]]:
 
 
 ARCHS, METHODS = _smoke_axes()
-PHASES = ["transfer", "finetune"]
+PHASES = ["transfer", "finetune"]  # a literal: asv discovers benchmarks in old commits without importing drift
 
 
 def headline_numbers(reader, archs, methods) -> dict:

@@ -10,6 +10,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from ..config import PHASES
 from ..stats import mean_band
 from .style import LINESTYLES, color, new_figure
 
@@ -105,7 +106,7 @@ def curve_grid(panels: Sequence[CurvePanel], ncols: int = 3) -> Figure:
 
 
 def training_history(histories: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]],
-                     phases: Sequence[str] = ("transfer", "finetune")) -> Figure:
+                     phases: Sequence[str] = PHASES) -> Figure:
     """Training curves per architecture: losses (left) and validation AUC / accuracy (right) against epoch.
 
     The phases are drawn one after the other on a common epoch axis (fine-tuning epochs continue the transfer count),

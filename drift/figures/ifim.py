@@ -10,12 +10,13 @@ import numpy as np
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 
+from ..config import PHASES
 from ..stats import mean_band
 from .style import DIVERGING, LINESTYLES, MARKERS, color, new_figure
 
 
 def fisher_spectra(shares: Mapping[tuple[str, str], np.ndarray], archs: Sequence[str],
-                   phases: Sequence[str] = ("transfer", "finetune")) -> Figure:
+                   phases: Sequence[str] = PHASES) -> Figure:
     """Eigenvalue share lambda_i / sum_j lambda_j of the iFIM by index i, per architecture (panel) and phase (line).
 
     Lines are means over the samples with a 95% normal band (:func:`mean_band`).
