@@ -31,10 +31,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import stats
+from . import attributions_step, stats
 from .archive import ArchiveReader, Cell
+from .attribution import normalize, upsample
+from .drift_step import masks, pair_tree, sample_mask
 from .h5tree import as_tree, write_tree
+from .headline import judged_pairs
 from .metrics import DEFAULT_FRACTIONS, stability
+from .rundir import log
 
 REPLICA_SEED_OFFSET = 1000
 """Replica ``r`` of a run with seed ``s`` trains with seed ``s + 1000 + r`` (unless ``baselines.replica_seeds``)."""
@@ -225,8 +229,6 @@ def floor_verdict(raw: dict, corrected: dict, ratios: dict, methods: Sequence[st
         ratios: ``{metric: [drift / floor ratio of every (arch, method)]}``.
         methods, phase, n_seeds, cell: what the sentence names.
     """
-    from .headline import judged_pairs
-
     pairs, _ = judged_pairs(list(methods))
     parts = []
     for metric, rr in raw.items():
@@ -275,9 +277,6 @@ def run_step(pipe) -> None:
 
 def _pair(pipe, a: np.ndarray, b: np.ndarray, norm: str, size, selected: np.ndarray) -> dict:
     """Per-image pair metrics and summaries of maps ``a`` vs ``b`` (as the drift step scores TL vs FT)."""
-    from .attribution import normalize, upsample
-    from .drift_step import masks, pair_tree
-
     n = len(a)
     lung, lesion, marker = masks(pipe, n)
     ua = normalize(upsample(torch.as_tensor(a), size), norm)
@@ -286,10 +285,6 @@ def _pair(pipe, a: np.ndarray, b: np.ndarray, norm: str, size, selected: np.ndar
 
 
 def _arch_step(pipe, arch: str, seeds: list[int], name: str) -> None:
-    from . import attributions_step
-    from .drift_step import sample_mask
-    from .rundir import log
-
     t0 = time.perf_counter()
     cfg, b = pipe.cfg, pipe.cfg.baselines
     mcfg = cfg.metrics
@@ -353,15 +348,14 @@ def _arch_step(pipe, arch: str, seeds: list[int], name: str) -> None:
 
 
 def _randomisation(pipe, arch: str, reader, size) -> dict:
-    from .attribution import cams_multi
-    from .attributions_step import targets as map_targets
+    from .attribution import cams_multi  # looked up per call, as the attributions step does
 
     cfg, b, a = pipe.cfg, pipe.cfg.baselines, pipe.cfg.attribution
     m = min(b.n_images, len(pipe.splits.test))
     idx = np.arange(m)
     model = pipe.trained(arch, "finetune").model.eval()
     x = pipe.test_images(idx).to(pipe.device)
-    targets = torch.as_tensor(map_targets(pipe, arch, "finetune")[idx]).to(pipe.device)
+    targets = torch.as_tensor(attributions_step.targets(pipe, arch, "finetune")[idx]).to(pipe.device)
     cuts = cascade(model, x, b.randomize)
 
     def maps_fn(model, xb, tb):
@@ -394,9 +388,6 @@ def _randomisation(pipe, arch: str, reader, size) -> dict:
 def _ranking_step(pipe, seeds: list[int]) -> None:
     """Rank architectures by drift minus floor in every cell, on the statistics step's sample, and say whether
     the reversal between LayerCAM and Grad-CAM++ survives the floor."""
-    from .drift_step import sample_mask
-    from .rundir import log
-
     t0 = time.perf_counter()
     cfg, b, mcfg, a = pipe.cfg, pipe.cfg.baselines, pipe.cfg.metrics, pipe.cfg.attribution
     reader = ArchiveReader(pipe.path)
