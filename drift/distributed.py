@@ -48,7 +48,7 @@ from .config import PHASES
 
 #: What the pipeline is computing, by the name it will commit under (set by :func:`decided_by_rank0`), named by
 #: failure messages.
-_step = "start-up"
+_work = "start-up"
 _FAILED_KEY = "drift/failed"
 
 
@@ -123,14 +123,14 @@ def _collective(what: str, fn: Callable[[], Any]) -> Any:
     except RankFailed:
         raise
     except Exception as exc:
-        raise RankFailed(_posted() or f"rank {rank()} lost contact with another rank ({what}, during {_step}): "
+        raise RankFailed(_posted() or f"rank {rank()} lost contact with another rank ({what}, during {_work}): "
                                       f"{_first_line(exc)}") from exc
 
 
 def barrier(what: str = "") -> None:
     """Wait for every rank (no-op for one process)."""
     if active():
-        _collective(what or f"barrier after {_step}", dist.barrier)
+        _collective(what or f"barrier after {_work}", dist.barrier)
 
 
 def broadcast(value: Any) -> Any:
@@ -177,13 +177,13 @@ def decided_by_rank0(method: Callable[..., bool]) -> Callable[..., bool]:
     becomes the current work of failure messages."""
     @functools.wraps(method)
     def wrapper(self, name: str, *args, **kwargs) -> bool:
-        global _step
+        global _work
         if not active():
             todo = method(self, name, *args, **kwargs)
         else:
             todo = bool(broadcast(method(self, name, *args, **kwargs) if is_main() else None))
         if todo:
-            _step = name
+            _work = name
         return todo
     return wrapper
 
@@ -235,9 +235,9 @@ def guard() -> Iterator[None]:
         if isinstance(exc, KeyboardInterrupt):
             raise
         if isinstance(exc, getattr(dist, "DistError", ())):  # e.g. DDP's gradient exchange with a dead rank
-            message = f"rank {rank()} lost contact with another rank (during {_step}): {_first_line(exc)}"
+            message = f"rank {rank()} lost contact with another rank (during {_work}): {_first_line(exc)}"
         else:
-            message = f"rank {rank()} failed during {_step}: {_first_line(exc)}"
+            message = f"rank {rank()} failed during {_work}: {_first_line(exc)}"
         store = _store()
         if store is not None:
             with contextlib.suppress(Exception):

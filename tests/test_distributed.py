@@ -47,7 +47,7 @@ if fail and os.environ.get("RANK") == "1":
     how, prefix, at = fail.split(":")
     original, calls = Pipeline.test_images, [0]
     def hook(self, *args, **kwargs):
-        if distributed._step.startswith(prefix):
+        if distributed._work.startswith(prefix):
             calls[0] += 1
             if calls[0] == int(at):
                 if how == "kill":
