@@ -45,7 +45,10 @@ stats/                  attrs: ranking_sample_set, n_ranked, n_ranked_per_class 
 stats/ranking/<layer>/<score>/<norm>/<metric>/
                         rankings (JSON per method), means, kendall_tau, reverses, fully_reversed, p_reverse,
                         p_fully_reversed (paired bootstrap: one resample of images per replicate for every
-                        method and architecture)
+                        method and architecture; descriptive: P(top differs | these checkpoints, image resampling))
+stats/reversal/         the reversal tests behind the verdict (drift.verdicts.judge_reversals): columns cell, metric,
+                        a, b, m1, m2, direction, d1/d2/interaction (+ _lo, _hi), n_images, p_value, p_holm,
+                        supported; attrs scope, alpha, n_tests, untestable (JSON), collapsed (JSON)
 stats/headline/         the run's headline numbers (drift.headline.compute), read by the summary, the report,
                         ``drift compare`` and asv; attrs n_boot, seed, cell (primary cell key), metrics (JSON:
                         the headline drift metrics)
@@ -65,16 +68,26 @@ fisher/<arch>/<phase>/  eigenvalues (N, r), rank (N,), probs (N, C), ids; compon
 replicas/<arch>/<phase>/seed<s>/
                         a seed replica of a phase (``baselines.seeds``): as models/<arch>/<phase>/, plus attrs seed
 baselines/arch/<arch>/  attrs: seeds, phases, randomize (JSON), flag_pearson, n_images
-    floor/<phase>/<layer>/<score>/<norm>/<method>/seed<s>/
-                        the run's maps of <phase> vs the replica's, scored as drift/<arch>/... scores TL vs FT
-                        (per_sample, degenerate, summary)
-    floor/<phase>/<layer>/<score>/<norm>/<method>/against/<metric>/
-                        ratio (drift / floor of macro-mean instabilities), n, drift/floor/excess (aggregates)
+    seeds/<phase>/<layer>/<score>/<norm>/<method>/
+                        attrs models (JSON: "run", "seed<s>", ...); fixed_vs_<model>/ (the other phase's maps vs a
+                        replica) and <model>_vs_<model>/ (every pair of replicated models), each scored as
+                        drift/<arch>/... scores TL vs FT (per_sample, degenerate, summary); the run's own TL vs FT is
+                        the drift step's
+    seeds/<phase>/<layer>/<score>/<norm>/<method>/systematic/<metric>/
+                        raw_tl (M, N), raw_ft (M, M, N) metric values, d_tl, d_ft their squared-Euclidean
+                        instabilities (NaN outside the drift table's sample), attrs: models, instability and the
+                        drift.stats.systematic_drift result (estimate, low, high, noise_share, sigma2, drift, p_value,
+                        se, se_images, se_models, df, n_images, n_models, models_resampled, ci)
     randomisation/      fractions, n_modules (per cut), labels (JSON), normalize;
                         <layer>/<score>/<method>/{cut<i>/(pair tree), pearson_by_cut, flagged}
-baselines/ranking/<phase>/<layer>/<score>/<norm>/<metric>/
-                        rankings of drift minus floor (as stats/ranking); attrs: verdict (one sentence), seeds,
-                        phases, n_ranked, ranking_sample_set
+baselines/ranking/<phase>/
+                        systematic/<arch>/<method>/<metric> and ranking/<method>/<metric>/<a>/<b>: the verdicts'
+                        results with Holm-adjusted p (drift.verdicts); reversal/ (finetune: the reversal tests with
+                        fine-tuning seeds resampled, as stats/reversal); attrs: verdict (sentences), seeds, phases,
+                        n_ranked, ranking_sample_set, alpha
+baselines/chains/       pairs/<arch>/<method>/<metric>/raw_tt, raw_ff, raw_tf (R, R, N) between the chains' models;
+                        energy/<arch> (energy test); tops/<metric>/<method> (JSON: most stable architecture per
+                        chain); attrs: verdict, chains (JSON seeds, the run's first), cell, alpha
 bench/                  benchmark records (see ``drift bench export``)
 
 Atomicity: each commit is one transaction (:meth:`Archive.commit`). The writer copies the archive to

@@ -1,11 +1,17 @@
 """Is the drift real? Two controls for every TL -> FT drift number.
 
-**Seed floor.** A training phase run again from the same starting point with another training seed (batch order,
-dropout, augmentation) changes its maps without any change of phase. The drift metrics between the run's model and
-such a replica of the *same* phase (FT vs FT', TL vs TL') are the floor below which a TL -> FT drift is
-indistinguishable from training noise. Each metric is read as an *instability* (:func:`instability`: 1 - value for
-the overlaps and correlations, the value for displacements, |value| for concentration changes), so that drift,
-floor, their ratio and their difference read the same way for every metric.
+**Seed replicas and systematic drift.** A training phase run again from the same starting point with another
+training seed (batch order, dropout, augmentation) changes its maps without any change of phase. With the run's
+fine-tuned model and R replicas (M = R + 1 fine-tuned models from the same transfer checkpoint), every pair among
+them and every TL -> FT_r pair is scored, and the systematic drift S = mean_r d(TL, FT_r) - 1/2 mean_{r<s}
+d(FT_r, FT_s) (:func:`drift.stats.systematic_drift`) separates the change of phase from retraining noise, on
+instabilities that are squared Euclidean distances (:func:`drift.stats.euclidean_instability`). A drift/floor ratio
+would not: with no systematic change at all, E d(TL, FT) = sigma^2 but E d(FT, FT') = 2 sigma^2, so pure seed noise
+reads as "drift below its floor", and ranking on drift minus floor favours the noisiest architecture. The verdicts
+(systematic drift beyond noise, architectures ranked on S, reversals with fine-tuning seeds resampled) come from
+:mod:`drift.verdicts`, calibrated in docs/calibration.md. Each metric is also read as an *instability*
+(:func:`instability`: 1 - value for overlaps and correlations, the value for displacements, |value| for
+concentration changes) for the reversal tests.
 
 **Randomisation check** (cascading model randomisation: Adebayo et al., "Sanity checks for saliency maps",
 NeurIPS 2018, section 3.1). The fine-tuned model's layers are re-initialised from the head downwards
@@ -14,7 +20,7 @@ metrics. A method whose maps barely move even when the whole network is random (
 every cut) is *flagged*: its maps, and hence its drift numbers, say little about the model.
 
 The pipeline's ``baselines`` step (:func:`run_step`) trains the replicas (archived and resumed like the run's own
-models: ``replicas/<arch>/<phase>/seed<s>``), scores them, and ranks architectures by drift minus floor.
+models: ``replicas/<arch>/<phase>/seed<s>``), scores them, and judges systematic drift, rankings and reversals.
 """
 
 from __future__ import annotations
@@ -23,7 +29,6 @@ import copy
 import json
 import math
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -31,14 +36,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import attributions_step, stats
+from . import attributions_step, stats, verdicts
 from .archive import ArchiveReader, Cell
 from .attribution import normalize, upsample
 from .drift_step import masks, pair_tree, sample_mask
-from .h5tree import as_tree, write_tree
-from .headline import judged_pairs
+from .h5tree import write_tree
 from .metrics import DEFAULT_FRACTIONS, stability
 from .rundir import log
+from .stats.systematic import euclidean_instability, euclidean_label, systematic_form
 
 REPLICA_SEED_OFFSET = 1000
 """Replica ``r`` of a run with seed ``s`` trains with seed ``s + 1000 + r`` (unless ``baselines.replica_seeds``)."""
@@ -46,6 +51,15 @@ REPLICA_SEED_OFFSET = 1000
 MapsFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], dict[tuple[str, str], dict[str, torch.Tensor]]]
 """(model, images, targets) -> {(layer, score): {method: maps (B, h, w)}}, e.g. :func:`drift.attribution.cams_multi`
 with the run's settings bound."""
+
+
+CHAIN_SEED_OFFSET = 2000
+"""Chain ``r`` of a run with seed ``s`` trains both phases with seed ``s + 2000 + r`` (``baselines.chains``)."""
+
+
+def chain_seeds(run_seed: int, n: int) -> list[int]:
+    """The training seeds of the whole chains beside the run's own: ``run_seed + 2000 + r``, r < n."""
+    return [run_seed + CHAIN_SEED_OFFSET + r for r in range(n)]
 
 
 def replica_seeds(run_seed: int, n: int, explicit: Sequence[int] = ()) -> list[int]:
@@ -176,92 +190,103 @@ def flagged(pearson_by_cut: Sequence[float], threshold: float) -> bool:
     return bool(r.size and (r >= threshold).all())
 
 
-# ---------------------------------------------------------------------------------------------- floors
-def _drift_and_floor(drift: np.ndarray, floors: Sequence[np.ndarray], metric: str,
-                     fractions: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
-    """Per-image instabilities of the drift and of the floor (the mean over the replicas)."""
-    return (instability(metric, drift, fractions),
-            np.mean([instability(metric, x, fractions) for x in floors], axis=0))
-
-
-def replica_values(replicas: Sequence[dict], metric: str) -> list[np.ndarray]:
-    """A metric's per-image values of each replica (``per_sample`` trees), NaN where a replica's map pair is
-    degenerate."""
-    return [np.where(r["valid"].astype(bool), r[metric], np.nan) for r in replicas]
-
-
-def against_floor(drift: np.ndarray, floors: Sequence[np.ndarray], metric: str, use: np.ndarray, labels: np.ndarray,
-                  n_classes: int, n_boot: int, seed: int, min_per_class: int,
-                  fractions: Sequence[float] = DEFAULT_FRACTIONS) -> dict:
-    """TL -> FT drift beside its seed floor, for one metric (per-image values, as the metric gives them).
-
-    The floor of an image is the mean instability over the replicas. Over the images in ``use`` with finite
-    drift and floor: the macro means (:func:`drift.stats.aggregate`) of the drift's instability, of the floor and of
-    their per-image difference (with bootstrap intervals), and ``ratio`` = drift mean / floor mean (inf when the
-    floor is 0 and the drift is not, NaN when both are 0).
-    """
-    d, f = _drift_and_floor(drift, floors, metric, fractions)
-    ok = use & np.isfinite(d) & np.isfinite(f)
-    agg = {}
-    for key, v in (("drift", d), ("floor", f), ("excess", d - f)):
-        agg[key] = stats.aggregate(np.where(ok, v, np.nan), labels, n_classes, n_boot, seed,
-                                   min_per_class=min_per_class)
-    dm, fm = agg["drift"].mean, agg["floor"].mean
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = float(np.float64(dm) / np.float64(fm)) if math.isfinite(dm) and math.isfinite(fm) else math.nan
-    return {"ratio": ratio, "n": int(ok.sum()), **{k: a for k, a in agg.items()}}
-
-
-def excess_values(drift: np.ndarray, floors: Sequence[np.ndarray], metric: str, use: np.ndarray,
-                  fractions: Sequence[float] = DEFAULT_FRACTIONS) -> np.ndarray:
-    """Per-image drift minus floor as instabilities (NaN outside ``use``): what :func:`floor_verdict` ranks."""
-    d, f = _drift_and_floor(drift, floors, metric, fractions)
-    return np.where(use & np.isfinite(d) & np.isfinite(f), d - f, np.nan)
-
-
-def floor_verdict(raw: dict, corrected: dict, ratios: dict, methods: Sequence[str], phase: str, n_seeds: int,
-                  cell: str) -> str:
-    """One sentence: does the reversal between LayerCAM and Grad-CAM++ exceed the seed noise?
+# ---------------------------------------------------------------------------------------------- seed replicas
+def systematic_arrays(raw_tl: np.ndarray, raw_ft: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Squared-Euclidean instabilities (:func:`drift.stats.euclidean_instability`) of per-image metric values.
 
     Args:
-        raw: ``{metric: rank reversal tree}`` of the TL -> FT drift in the cell (the statistics step's).
-        corrected: ``{metric: rank reversal tree}`` of drift minus floor in the same cell and sample.
-        ratios: ``{metric: [drift / floor ratio of every (arch, method)]}``.
-        methods, phase, n_seeds, cell: what the sentence names.
+        raw_tl: (M, N) values of TL vs each fine-tuned model (NaN where not scored).
+        raw_ft: (M, M, N) values between fine-tuned models (symmetric; the diagonal is not read).
+        metric: the metric key.
+
+    Returns:
+        (d_tl (M, N), d_ft (M, M, N)) as :func:`drift.stats.systematic_drift` takes them (diagonal set to 0).
     """
-    pairs, _ = judged_pairs(list(methods))
-    parts = []
-    for metric, rr in raw.items():
-        r = np.asarray(ratios.get(metric, []), dtype=np.float64)
-        r = r[np.isfinite(r)]
-        span = f"drift/floor {r.min():.2g}-{r.max():.2g}x" if r.size else "drift/floor undefined"
-        rev = [p for p in pairs if rr.get("reverses", {}).get(p)]
-        if "unranked" in rr or "unranked" in corrected.get(metric, {}):
-            parts.append(f"by {metric} ({span}) not ranked")
-        elif not rev:
-            parts.append(f"by {metric} ({span}) no reversal to test")
-        else:
-            cr = corrected.get(metric, {})
-            kept = [p for p in rev if cr.get("reverses", {}).get(p)]
-            if kept:
-                p_rev = ", ".join(f"{cr.get('p_reverse', {}).get(p, math.nan):.2f}" for p in kept)
-                parts.append(f"by {metric} ({span}) the reversal exceeds the seed noise (it persists on drift "
-                             f"minus floor, P {p_rev})")
-            else:
-                parts.append(f"by {metric} ({span}) the reversal does not survive the seed floor")
-    if not parts:
-        return f"Seed floor ({phase}, {n_seeds} replicas, {cell}): no ranking metric to judge"
-    return f"Seed floor ({phase}, {n_seeds} replica{'s' if n_seeds != 1 else ''}, {cell}): " + "; ".join(parts) + "."
+    d_tl = euclidean_instability(metric, raw_tl)
+    d_ft = euclidean_instability(metric, raw_ft)
+    idx = np.arange(d_ft.shape[0])
+    d_ft[idx, idx] = 0.0
+    return d_tl, d_ft
+
+
+def _masked(per: dict, metric: str, use: np.ndarray) -> np.ndarray:
+    return np.where(use & per["valid"].astype(bool), np.asarray(per[metric], dtype=np.float64), np.nan)
+
+
+def _replica_node(pipe, reader, arch: str, phase: str, cell: Cell, method: str, models: dict[str, np.ndarray],
+                  fixed: np.ndarray, size, selected: np.ndarray) -> dict:
+    """Every pair of one (cell, method): the fixed phase's maps vs each replica and every pair of replicated
+    models, scored as the drift step scores TL vs FT, and per ranking metric the arrays of the estimator.
+
+    ``models`` maps "run" and "seed<s>" to maps of the replicated phase; the run's own TL vs FT pair is the drift
+    step's and is read from there. A replica trained with the run's own seed is the run's model again: it is
+    scored (a reproducibility check) but left out of the estimator."""
+    mcfg = pipe.cfg.metrics
+    names = list(models)
+    node: dict = {"models": json.dumps(names)}
+    per = {"run": reader.drift(arch, method, cell)}
+    for name in names[1:]:
+        a, b = (fixed, models[name]) if phase == "finetune" else (models[name], fixed)
+        node[f"fixed_vs_{name}"] = _pair(pipe, a, b, cell.norm, size, selected)
+        per[name] = node[f"fixed_vs_{name}"]["per_sample"]
+    between = {}
+    for i, x in enumerate(names):
+        for y in names[i + 1:]:
+            node[f"{x}_vs_{y}"] = _pair(pipe, models[x], models[y], cell.norm, size, selected)
+            between[x, y] = node[f"{x}_vs_{y}"]["per_sample"]
+    est = [n for n in names if n != f"seed{pipe.cfg.run.seed}"]
+    use = selected[:len(per["run"]["valid"])]
+    sys_node = {}
+    for metric in mcfg.ranking_metrics:
+        raw_tl = np.stack([_masked(per[n], metric, use) for n in est])
+        raw_ft = np.full((len(est), len(est), raw_tl.shape[1]), np.nan)
+        for i, x in enumerate(est):
+            for j, y in enumerate(est):
+                if i != j:
+                    key = (x, y) if (x, y) in between else (y, x)
+                    raw_ft[i, j] = _masked(between[key], metric, use)
+        d_tl, d_ft = systematic_arrays(raw_tl, raw_ft, metric)
+        form = systematic_form(metric)
+        res = stats.systematic_drift(d_tl, d_ft, per["run"]["labels"], min_per_class=mcfg.min_per_class, form=form)
+        sys_node[metric.replace("/", "_")] = {"raw_tl": raw_tl, "raw_ft": raw_ft, "d_tl": d_tl, "d_ft": d_ft,
+                                              "models": json.dumps(est), "instability": euclidean_label(metric),
+                                              "form": form, **res.as_dict()}
+    node["systematic"] = sys_node
+    return node
+
+
+def _seed_tree(pipe, arch: str, seeds: list[int], reader, size, selected: np.ndarray) -> dict:
+    """``{phase: {layer: {score: {norm: {method: replica node}}}}}`` (:func:`_replica_node`) for every replicated
+    phase: ``finetune`` replicas are compared with the run's TL maps, ``transfer`` replicas with its FT maps."""
+    b = pipe.cfg.baselines
+    tree: dict = {}
+    for phase in b.phases:
+        fixed_phase = "transfer" if phase == "finetune" else "finetune"
+        targets = attributions_step.targets(pipe, arch, phase)
+        reps = {s: attributions_step.cams(pipe, pipe.trained(arch, phase, s).model.eval(), targets,
+                                          f"{arch} {phase} seed {s} CAMs") for s in seeds}
+        for (layer, score), by_method in reps[seeds[0]].items():
+            for method in by_method:
+                models = {"run": reader.maps(arch, phase, method, layer, score),
+                          **{f"seed{s}": reps[s][layer, score][method] for s in seeds}}
+                fixed = reader.maps(arch, fixed_phase, method, layer, score)
+                for norm in pipe.cfg.metrics.normalize:
+                    node = (tree.setdefault(phase, {}).setdefault(layer, {}).setdefault(score, {})
+                            .setdefault(norm, {}))
+                    node[method] = _replica_node(pipe, reader, arch, phase, Cell(layer, score, norm), method,
+                                                 models, fixed, size, selected)
+    return tree
 
 
 # ---------------------------------------------------------------------------------------------- pipeline step
 def run_step(pipe) -> None:
-    """The pipeline's ``baselines`` step: seed replicas and floors per architecture, the randomisation check, and
-    the floor-corrected ranking. A no-op when ``baselines.seeds`` (or ``replica_seeds``) and ``randomize`` are
-    empty."""
+    """The pipeline's ``baselines`` step: seed replicas and their systematic-drift arrays per architecture, the
+    randomisation check, and the verdicts on the replicas. A no-op when ``baselines.seeds`` (or ``replica_seeds``)
+    and ``randomize`` are empty."""
     b = pipe.cfg.baselines
     seeds = replica_seeds(pipe.cfg.run.seed, b.seeds, b.replica_seeds)
-    if not seeds and not b.randomize:
+    chains = chain_seeds(pipe.cfg.run.seed, b.chains)
+    if not seeds and not b.randomize and not chains:
         return
     for arch in pipe.cfg.run.archs:
         name = f"baselines/arch/{arch}"
@@ -269,10 +294,14 @@ def run_step(pipe) -> None:
             for phase in b.phases:
                 for s in seeds:
                     pipe.trained(arch, phase, s)
+        for s in chains:
+            pipe.trained(arch, "chain", s)
         if pipe._todo(name, "baselines"):
             _arch_step(pipe, arch, seeds, name)
     if seeds and len(pipe.cfg.run.archs) > 1 and pipe._todo("baselines/ranking", "baselines"):
         _ranking_step(pipe, seeds)
+    if chains and pipe._todo("baselines/chains", "baselines"):
+        _chains_step(pipe, chains)
 
 
 def _pair(pipe, a: np.ndarray, b: np.ndarray, norm: str, size, selected: np.ndarray) -> dict:
@@ -295,37 +324,7 @@ def _arch_step(pipe, arch: str, seeds: list[int], name: str) -> None:
     selected = sample_mask(pipe, arch, mcfg.sample_set)
     tree: dict = {}
     if seeds:
-        floor: dict = {}
-        for phase in b.phases:
-            targets = attributions_step.targets(pipe, arch, phase)
-            for s in seeds:
-                rep = attributions_step.cams(pipe, pipe.trained(arch, phase, s).model.eval(), targets,
-                                             f"{arch} {phase} seed {s} CAMs")
-                for (layer, score), by_method in rep.items():
-                    for method, maps in by_method.items():
-                        own = reader.maps(arch, phase, method, layer, score)
-                        for norm in mcfg.normalize:
-                            node = (floor.setdefault(phase, {}).setdefault(layer, {}).setdefault(score, {})
-                                    .setdefault(norm, {}).setdefault(method, {}))
-                            node[f"seed{s}"] = _pair(pipe, own, maps, norm, size, selected)
-        # drift beside floor, per phase / cell / method / ranking metric
-        for by_layer in floor.values():
-            for layer, by_score in by_layer.items():
-                for score, by_norm in by_score.items():
-                    for norm, by_method in by_norm.items():
-                        cell = Cell(layer, score, norm)
-                        for method, reps in by_method.items():
-                            per = reader.drift(arch, method, cell)
-                            use = per["selected"].astype(bool) & per["valid"].astype(bool)
-                            comp = {}
-                            replicas = [r["per_sample"] for r in reps.values()]
-                            for metric in mcfg.ranking_metrics:
-                                res = against_floor(per[metric], replica_values(replicas, metric), metric, use,
-                                                    per["labels"], len(pipe.class_names), mcfg.n_boot, cfg.run.seed,
-                                                    mcfg.min_per_class, mcfg.fractions)
-                                comp[metric.replace("/", "_")] = as_tree(res)
-                            reps["against"] = comp
-        tree["floor"] = floor
+        tree["seeds"] = _seed_tree(pipe, arch, seeds, reader, size, selected)
     if b.randomize:
         tree["randomisation"] = _randomisation(pipe, arch, reader, size)
     with pipe.archive.commit(name, replace=(name,), started=t0, **pipe._stamp("baselines")) as f:
@@ -337,8 +336,8 @@ def _arch_step(pipe, arch: str, seeds: list[int], name: str) -> None:
     pipe.timings[name] = time.perf_counter() - t0
     what = []
     if seeds:
-        what.append(f"seed floors of {len(seeds)} replica{'s' if len(seeds) != 1 else ''} x {len(b.phases)} "
-                    f"phase{'s' if len(b.phases) != 1 else ''}")
+        what.append(f"systematic drift from {len(seeds)} seed replica{'s' if len(seeds) != 1 else ''} x "
+                    f"{len(b.phases)} phase{'s' if len(b.phases) != 1 else ''}")
     if b.randomize:
         fl = [f"{m} at {layer}" for layer, by_score in tree["randomisation"].items() if isinstance(by_score, dict)
               for by_method in by_score.values() for m, node in by_method.items() if node.get("flagged")]
@@ -386,55 +385,117 @@ def _randomisation(pipe, arch: str, reader, size) -> dict:
 
 
 def _ranking_step(pipe, seeds: list[int]) -> None:
-    """Rank architectures by drift minus floor in every cell, on the statistics step's sample, and say whether
-    the reversal between LayerCAM and Grad-CAM++ survives the floor."""
+    """The verdicts on the replicas (:mod:`drift.verdicts`): systematic drift beyond seed noise and the ranking of
+    architectures on it (primary cell), and the reversal between LayerCAM and Grad-CAM++ with fine-tuning seeds
+    resampled (every cell), on the statistics step's ranking sample."""
+    from .stats_step import archive_accuracy, archive_agreement
+
     t0 = time.perf_counter()
     cfg, b, mcfg, a = pipe.cfg, pipe.cfg.baselines, pipe.cfg.metrics, pipe.cfg.attribution
     reader = ArchiveReader(pipe.path)
-    archs = [x for x in cfg.run.archs if reader.has(f"drift/{x}") and reader.has(f"baselines/arch/{x}")]
+    archs = [x for x in cfg.run.archs if reader.has(f"drift/{x}") and reader.has(f"baselines/arch/{x}/seeds")]
     ranked = sample_mask(pipe, archs[0], mcfg.ranking_sample_set)
-    n_classes = len(pipe.class_names)
+    labels = pipe.splits.test.labels
+    primary = Cell(a.layers[0], a.scores[0], mcfg.normalize[0])
+    kw = {"labels": labels, "min_per_class": mcfg.min_per_class}
     tree: dict = {}
-    verdicts = []
+    sentences: list[str] = []
     for phase in b.phases:
-        for layer in a.layers:
-            for score in a.scores:
-                for norm in mcfg.normalize:
-                    cell = Cell(layer, score, norm)
-                    out = tree.setdefault(phase, {}).setdefault(layer, {}).setdefault(score, {}).setdefault(norm, {})
-                    ratios: dict[str, list[float]] = {}
-                    # Every (arch, method)'s drift, replicas and comparison, read once for all ranking metrics.
-                    stored = {}
-                    for arch in archs:
-                        base = f"baselines/arch/{arch}/floor/{phase}/{cell.key}"
-                        for method in a.methods:
-                            stored[arch, method] = (reader.drift(arch, method, cell),
-                                                    [reader.read(f"{base}/{method}/seed{s}/per_sample")
-                                                     for s in seeds],
-                                                    reader.read(f"{base}/{method}/against"))
-                    for metric in mcfg.ranking_metrics:
-                        values: dict = {arch: {} for arch in archs}
-                        for (arch, method), (per, replicas, against) in stored.items():
-                            use = ranked & per["valid"].astype(bool)
-                            values[arch][method] = (excess_values(per[metric], replica_values(replicas, metric),
-                                                                  metric, use, mcfg.fractions), per["labels"])
-                            ratios.setdefault(metric, []).append(
-                                float(against.get(metric.replace("/", "_"), {}).get("ratio", math.nan)))
-                        try:
-                            rr = stats.rank_reversal(values, n_classes, higher_is_stable=False, n_boot=mcfg.n_boot,
-                                                     seed=cfg.run.seed, min_per_class=mcfg.min_per_class)
-                            out[metric.replace("/", "_")] = as_tree(rr)
-                        except ValueError as exc:
-                            warnings.warn(f"ranking by {metric} minus its floor in cell ({cell}): {exc}", stacklevel=2)
-                            out[metric.replace("/", "_")] = {"unranked": str(exc)}
-                    if (layer, score, norm) == (a.layers[0], a.scores[0], mcfg.normalize[0]):
-                        raw = reader.ranking(cell)
-                        verdicts.append(floor_verdict(raw, out, ratios, a.methods, phase, len(seeds), str(cell)))
-    verdict = " ".join(verdicts)
+        nodes = {(arch, cell.key, method): reader.read(f"baselines/arch/{arch}/seeds/{phase}/{cell.key}/{method}"
+                                                       "/systematic")
+                 for arch in archs for cell in reader.cells() for method in a.methods
+                 if reader.has(f"baselines/arch/{arch}/seeds/{phase}/{cell.key}/{method}/systematic")}
+        metrics = [m for m in mcfg.ranking_metrics]
+        entries, by_arch = {}, {}
+        for (arch, key, method), node in nodes.items():
+            if key != primary.key:
+                continue
+            for metric in metrics:
+                n = node[metric.replace("/", "_")]
+                entries[arch, method, metric] = (n["d_tl"], n["d_ft"])
+                on_ranked = (np.where(ranked, n["d_tl"], np.nan), np.where(ranked, n["d_ft"], np.nan))
+                by_arch.setdefault((method, metric), {})[arch] = on_ranked
+        sysj = verdicts.judge_systematic(entries, **kw)
+        rk = verdicts.judge_ranking(by_arch, **kw)
+        out = {"systematic": verdicts.nested(sysj["results"]), "ranking": verdicts.nested(rk["results"])}
+        said = [f"{phase} replicas ({len(seeds)}, {primary}):", sysj["sentence"], rk["sentence"]]
+        if phase == "finetune":
+            grid: dict = {}
+            for (arch, key, method), node in nodes.items():
+                for metric in metrics:
+                    raw = node[metric.replace("/", "_")]["raw_tl"]
+                    grid.setdefault(key, {}).setdefault(metric, {}).setdefault(arch, {})[method] = np.where(
+                        ranked, instability(metric, raw, mcfg.fractions), np.nan)
+            rev = verdicts.judge_reversals(grid, a.methods, agreement=archive_agreement(reader, archs, ranked),
+                                           accuracy=archive_accuracy(reader, archs), **kw)
+            out["reversal"] = verdicts.reversal_table(rev["tests"])
+            said.append(rev["sentence"])
+        tree[phase] = out
+        sentences.append(" ".join(x for x in said if x))
+    verdict = " ".join(sentences)
     with pipe.archive.commit("baselines/ranking", replace=("baselines/ranking",), started=t0,
                             **pipe._stamp("baselines")) as f:
         g = f.require_group("baselines/ranking")
         write_tree(g, tree)
         g.attrs.update({"verdict": verdict, "seeds": json.dumps(seeds), "phases": json.dumps(list(b.phases)),
-                        "n_ranked": int(ranked.sum()), "ranking_sample_set": mcfg.ranking_sample_set})
+                        "n_ranked": int(ranked.sum()), "ranking_sample_set": mcfg.ranking_sample_set,
+                        "alpha": verdicts.ALPHA})
     log(f"baselines: {verdict}")
+
+
+def _chains_step(pipe, chains: list[int]) -> None:
+    """Whole chains (the run's own and ``chains``) in the primary cell: every pair of the 2R models scored, the
+    energy test per architecture, and per chain the most stable architecture under each method
+    (:func:`drift.verdicts.judge_chains`)."""
+    t0 = time.perf_counter()
+    cfg, mcfg, a = pipe.cfg, pipe.cfg.metrics, pipe.cfg.attribution
+    reader = ArchiveReader(pipe.path)
+    cell = Cell(a.layers[0], a.scores[0], mcfg.normalize[0])
+    size = tuple(pipe.test_images([0]).shape[-2:])
+    ranked = sample_mask(pipe, cfg.run.archs[0], mcfg.ranking_sample_set)
+    everyone = np.ones(len(pipe.splits.test), dtype=bool)
+    r = len(chains) + 1
+    entries, tops, tree = {}, {}, {}
+    for arch in cfg.run.archs:
+        maps: dict[str, list[dict[str, np.ndarray]]] = {"transfer": [], "finetune": []}
+        for phase in maps:
+            tgt = attributions_step.targets(pipe, arch, phase)
+            maps[phase].append({m: reader.maps(arch, phase, m, cell.layer, cell.score) for m in a.methods})
+            for s in chains:
+                model = pipe.trained(arch, "transfer" if phase == "transfer" else "chain", s).model.eval()
+                got = attributions_step.cams(pipe, model, tgt, f"{arch} chain {s} {phase} CAMs")
+                maps[phase].append(got[cell.layer, cell.score])
+        for method in a.methods:
+            tl = [m[method] for m in maps["transfer"]]
+            ft = [m[method] for m in maps["finetune"]]
+            raw = {k: {key: np.full((r, r, len(everyone)), np.nan) for key in ("tt", "ff", "tf")}
+                   for k in mcfg.ranking_metrics}
+            for i in range(r):
+                for j in range(r):
+                    todo = [("tf", tl[i], ft[j])] + ([("tt", tl[i], tl[j]), ("ff", ft[i], ft[j])] if i < j else [])
+                    for key, x, y in todo:
+                        per = _pair(pipe, x, y, cell.norm, size, everyone)["per_sample"]
+                        for metric in mcfg.ranking_metrics:
+                            v = _masked(per, metric, ranked)
+                            raw[metric][key][i, j] = v
+                            if key != "tf":
+                                raw[metric][key][j, i] = v
+            node = tree.setdefault(arch, {}).setdefault(method, {})
+            for metric, by in raw.items():
+                d = {k: euclidean_instability(metric, v) for k, v in by.items()}
+                entries[arch, method, metric] = (d["tt"], d["ff"], d["tf"])
+                own = instability(metric, np.stack([by["tf"][i, i] for i in range(r)]), mcfg.fractions)
+                tops.setdefault(metric, {}).setdefault(method, {})[arch] = np.nanmean(own, axis=1)
+                node[metric.replace("/", "_")] = {**{f"raw_{k}": v for k, v in by.items()},
+                                                  "instability": euclidean_label(metric)}
+    top = {metric: {method: [min(by, key=lambda x, i=i: by[x][i]) for i in range(r)]
+                    for method, by in by_method.items()} for metric, by_method in tops.items()}
+    res = verdicts.judge_chains(entries, a.methods, top)
+    with pipe.archive.commit("baselines/chains", replace=("baselines/chains",), started=t0,
+                            **pipe._stamp("baselines")) as f:
+        g = f.require_group("baselines/chains")
+        write_tree(g, {"pairs": tree, "energy": res["results"],
+                       "tops": {m: {me: json.dumps(v) for me, v in bm.items()} for m, bm in top.items()}})
+        g.attrs.update({"verdict": res["sentence"], "chains": json.dumps([cfg.run.seed, *chains]), "cell": cell.key,
+                        "alpha": verdicts.ALPHA})
+    log(f"baselines: {res['sentence']}")

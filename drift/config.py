@@ -183,6 +183,9 @@ class BaselinesConfig:
     seeds: int = 0  # seed replicas per phase; 0 = no seed floor
     replica_seeds: list[int] = field(default_factory=list)  # explicit replica seeds (override ``seeds``)
     phases: list[str] = field(default_factory=lambda: ["finetune"])  # finetune and/or transfer
+    # Whole chains beside the run's own: transfer phase with seed run.seed + 2000 + r, then fine-tuning from that
+    # transfer model; judged by the energy test (at least 6 chains in all for a test at 0.05; docs/calibration.md).
+    chains: int = 0
     # Cascade cut points: the head and this fraction of the backbone's parameterised layers (weights and
     # BatchNorm), counted from the top, are re-initialised; [] = no randomisation check.
     randomize: list[float] = field(default_factory=list)

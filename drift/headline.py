@@ -17,8 +17,8 @@ The numbers:
   mean |confidence change| inside the high-sensitivity subspace, its complement and a random direction, and the
   confidence gap with its interval and paired Wilcoxon p-value (:func:`confidence_gap`).
 
-The rankings and the verdict are stored results of the statistics step (``stats/ranking``, ``stats`` attributes)
-and are read from there.
+The rankings and the verdict are stored results of the statistics step (``stats/ranking``, ``stats/reversal``,
+``stats`` attributes; the verdict comes from :func:`drift.verdicts.judge_reversals`) and are read from there.
 """
 
 from __future__ import annotations
@@ -299,51 +299,3 @@ def examples(reader: ArchiveReader, images: Callable[[np.ndarray], np.ndarray], 
         img = img[:, 0] if img.ndim == 4 else img
         out[arch] = {"index": idx, "ids": ids[idx], "images": img.astype(np.float16)}
     return out
-
-
-def judged_pairs(methods: list[str]) -> tuple[list[str], str]:
-    """The method pairs whose rankings a verdict compares, as ``"m1 vs m2"`` keys in method order, and what they are
-    between: LayerCAM with each Grad-CAM++ reading ("LayerCAM and Grad-CAM++"), or every pair when the run lacks
-    either ("methods")."""
-    every = [f"{a} vs {b}" for i, a in enumerate(methods) for b in methods[i + 1:]]
-    study = [p for p in every if "layercam" in p.split(" vs ")
-             and any(m.startswith("gradcam++") for m in p.split(" vs "))]
-    return (study, "LayerCAM and Grad-CAM++") if study else (every, "methods")
-
-
-def grid_verdict(tree: dict, methods: list[str], metrics: list[str]) -> str:
-    """One sentence: in how many cells of the protocol grid the most stable architecture differs between LayerCAM
-    and a Grad-CAM++ reading, per ranking metric, and whether that conclusion holds across the grid.
-
-    Args:
-        tree: ``{layer: {score: {norm: {metric: rank reversal tree}}}}`` as the statistics step stores it.
-        methods: the run's methods; pairs of ``layercam`` with each ``gradcam++*`` method are judged (all pairs
-            when either is absent).
-        metrics: the ranking metrics.
-    """
-    pairs, between = judged_pairs(methods)
-    parts = []
-    for metric in metrics:
-        key = metric.replace("/", "_")
-        hits = total = unranked = 0
-        for by_score in tree.values():
-            for by_norm in by_score.values():
-                for cell in by_norm.values():
-                    rr = cell.get(key, {})
-                    unranked += "unranked" in rr
-                    for p in pairs:
-                        if p in rr.get("reverses", {}):
-                            total += 1
-                            hits += bool(rr["reverses"][p])
-        if total:
-            how = ("in every one" if hits == total else "in none" if hits == 0
-                   else "in some only: the conclusion hinges on the protocol")
-            parts.append(f"by {metric} the most stable architecture differs between {between} in {hits} "
-                         f"of {total} (cell, method pair) combinations ({how})"
-                         + (f", {unranked} cells not ranked" if unranked else ""))
-    if not parts:
-        why = next((cell[m.replace("/", "_")]["unranked"] for by_score in tree.values() for by_norm in by_score.values()
-                    for cell in by_norm.values() for m in metrics if "unranked" in cell.get(m.replace("/", "_"), {})),
-                   "fewer than two architectures with drift metrics")
-        return f"no cell of the grid could be ranked ({why})"
-    return "; ".join(parts) + "."

@@ -314,7 +314,9 @@ class Pipeline:
 
         With ``seed``, the seed replica of the phase: the same phase trained again from the same starting point (the
         initial weights for ``transfer``, the run's own transfer checkpoint for ``finetune``) with training seed
-        ``seed`` in place of ``run.seed``; ``seed = run.seed`` reproduces the run's own model.
+        ``seed`` in place of ``run.seed``; ``seed = run.seed`` reproduces the run's own model. Phase ``chain`` (with
+        a seed) is the fine-tuning phase of a whole chain: fine-tuned, with ``train.finetune`` settings, from the
+        transfer replica of the same seed (``baselines.chains``).
         """
         key = (arch, phase) if seed is None else (arch, phase, seed)
         if key in self._models:
@@ -341,17 +343,19 @@ class Pipeline:
         cfg, s = self.cfg, self.splits
         seed = cfg.run.seed if replica is None else replica
         what = f"{arch} {phase}" + ("" if replica is None else f" (seed replica {replica})")
-        st = getattr(cfg.train, phase).for_arch(arch, f"train.{phase}")
+        settings = "finetune" if phase == "chain" else phase
+        st = getattr(cfg.train, settings).for_arch(arch, f"train.{settings}")
         if phase == "transfer":
             model, origin = self.initial_model(arch)
             log(f"{what}: weights {origin}")
             res = train_transfer(model, s.train, s.val, st, self.device, seed, cfg.run.progress, what)
             bn_frozen = True
         else:
-            self.trained(arch, "transfer")  # make sure the transfer phase is committed first
-            model = load_checkpoint(self.checkpoint_path(arch, "transfer"), arch, len(self.class_names),
+            start = replica if phase == "chain" else None  # a chain fine-tunes its own transfer replica
+            self.trained(arch, "transfer", start)  # make sure that transfer phase is committed first
+            model = load_checkpoint(self.checkpoint_path(arch, "transfer", start), arch, len(self.class_names),
                                     cfg.model.dropout)
-            origin = "transfer checkpoint"
+            origin = "transfer checkpoint" if start is None else f"transfer replica seed {start}"
             res = train_finetune(model, s.train, s.val, st, self.device, seed + 1, cfg.run.progress, what)
             bn_frozen = st.bn_frozen
         ev = evaluate(model, s.test, self.device, progress=cfg.run.progress)

@@ -15,6 +15,7 @@ from .archive import ArchiveReader
 from .config import PHASES
 from .headline import load
 from .metrics import metric_label
+from .stats.ranking import P_TOP_LABEL
 
 
 def fmt(x, nd: int = 3) -> str:
@@ -174,7 +175,8 @@ def _ranking(r: ArchiveReader, h: dict) -> list[str]:
     return [f"Stability ranking of architectures at ({r.primary_cell()}), most stable first, on "
             f"{st.get('n_ranked', '?')} images ({st.get('ranking_sample_set', '?')}; per class "
             f"{'/'.join(map(str, json.loads(st.get('n_ranked_per_class', '[]'))))}); Kendall tau is descriptive "
-            "(three architectures); P(reverse) from a paired bootstrap of images",
+            "(three architectures); reverses = the most stable architecture differs (observed); "
+            f"P = {P_TOP_LABEL}",
             ranking_table(rank), ""]
 
 
@@ -183,8 +185,8 @@ def _grid(r: ArchiveReader, h: dict) -> list[str]:
     if not (len(rows) > 1 or (rows and len(r.cells()) > 1)):
         return []
     return ["Protocol sensitivity: does the most stable architecture differ between LayerCAM and Grad-CAM++? "
-            "(per cell of layers x scores x normalisations; P = paired bootstrap probability)",
-            table(["layer", "score", "maps", "metric", "rankings (most stable first)", "reverses (P)"], rows), ""]
+            f"(per cell of layers x scores x normalisations; observed; P = {P_TOP_LABEL}; the verdict is the test)",
+            table(["layer", "score", "maps", "metric", "rankings (most stable first)", "top differs (P)"], rows), ""]
 
 
 def _verdict(r: ArchiveReader, h: dict) -> list[str]:

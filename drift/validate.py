@@ -166,12 +166,13 @@ def _check_analysis(cfg: Config) -> None:
 def _check_baselines(cfg: Config) -> None:
     """Seed-floor and randomisation-check settings."""
     b = cfg.baselines
-    _int_at_least(b.seeds, "baselines.seeds", 0, " (seed replicas per phase; 0 = no seed floor)")
+    _int_at_least(b.seeds, "baselines.seeds", 0, " (seed replicas per phase; 0 = none)")
     for s in b.replica_seeds:
         _int_at_least(s, "baselines.replica_seeds", 0)
     if len(set(b.replica_seeds)) != len(b.replica_seeds):
         raise ConfigError(f"baselines.replica_seeds lists a seed twice: {b.replica_seeds}")
     _check_list(b.phases, "baselines.phases", ("finetune", "transfer"))
+    _int_at_least(b.chains, "baselines.chains", 0, " (whole chains beside the run's own; 0 = none)")
     if b.randomize:
         _number_list(b.randomize, "baselines.randomize", 0, 1, low_open=False)
         _check_list(b.randomize, "baselines.randomize", None)

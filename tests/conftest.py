@@ -16,6 +16,7 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -50,3 +51,9 @@ def rng():
     seed = int(os.environ.get("DRIFT_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
     print(f"seed={seed}")
     return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture
+def nrng(rng):
+    """A NumPy generator seeded from the logged per-test seed."""
+    return np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=rng)))

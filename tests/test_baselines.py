@@ -1,6 +1,7 @@
-"""Noise floors and the randomisation sanity check (drift.baselines): formulas, the cascade, a trained toy model,
+"""Seed replicas and the randomisation sanity check (drift.baselines): formulas, the cascade, a trained toy model,
 and the pipeline step end to end."""
 
+import json
 import math
 
 import numpy as np
@@ -11,13 +12,6 @@ from torch import nn
 from drift import baselines as bl
 from drift.attribution import cams_multi, normalize, upsample
 from drift.metrics import pearson, topk_iou
-from drift.stats import aggregate
-
-
-@pytest.fixture
-def nrng(rng):
-    """A NumPy generator seeded from the logged per-test seed."""
-    return np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=rng)))
 
 
 # ---------------------------------------------------------------------------------------------- formulas
@@ -45,50 +39,17 @@ def test_flag_rule():
     assert not bl.flagged([math.nan, math.nan], 0.5)
 
 
-def test_against_floor_matches_a_direct_computation(nrng):
-    n, c = 41, 3
-    labels = np.arange(n) % c
-    drift = nrng.uniform(0, 1, size=n)  # Pearson r values
-    floors = [nrng.uniform(0.5, 1, size=n) for _ in range(3)]
-    floors[1][4] = np.nan  # an invalid replica image leaves the image out
-    use = nrng.uniform(size=n) > 0.2
-    res = bl.against_floor(drift, floors, "pearson", use, labels, c, 200, 5, 1)
-    d = 1 - drift
-    f = np.mean([1 - x for x in floors], axis=0)
-    ok = use & np.isfinite(f)
-    macro = lambda v: np.mean([v[ok & (labels == k)].mean() for k in range(c)])  # noqa: E731
-    assert res["n"] == ok.sum()
-    assert res["drift"].mean == pytest.approx(macro(d))
-    assert res["floor"].mean == pytest.approx(macro(f))
-    assert res["excess"].mean == pytest.approx(macro(d) - macro(f))
-    assert res["ratio"] == pytest.approx(macro(d) / macro(f))
-    ref = aggregate(np.where(ok, d - f, np.nan), labels, c, 200, 5)
-    assert (res["excess"].lo, res["excess"].hi) == (ref.lo, ref.hi)
-
-
-def test_ratio_of_a_zero_floor():
-    labels = np.array([0, 0, 1, 1])
-    use = np.ones(4, bool)
-    same = np.ones(4)
-    zero = bl.against_floor(same, [same], "pearson", use, labels, 2, 10, 0, 1)
-    assert zero["floor"].mean == 0 and math.isnan(zero["ratio"])
-    inf = bl.against_floor(np.zeros(4), [same], "pearson", use, labels, 2, 10, 0, 1)
-    assert inf["ratio"] == math.inf
-
-
-def test_verdict_sentence():
-    raw = {"centroid_shift": {"reverses": {"layercam vs gradcam++": True}},
-           "pearson": {"reverses": {"layercam vs gradcam++": False}},
-           "iou@20": {"reverses": {"layercam vs gradcam++": True}}}
-    corrected = {"centroid_shift": {"reverses": {"layercam vs gradcam++": True},
-                                    "p_reverse": {"layercam vs gradcam++": 0.81}},
-                 "pearson": {"reverses": {"layercam vs gradcam++": True}},
-                 "iou@20": {"reverses": {"layercam vs gradcam++": False}}}
-    s = bl.floor_verdict(raw, corrected, {"centroid_shift": [2.0, 3.5], "pearson": [1.0], "iou@20": []},
-                         ["layercam", "gradcam++"], "finetune", 2, "last-conv, logit, minmax")
-    assert "by centroid_shift (drift/floor 2-3.5x) the reversal exceeds the seed noise" in s and "P 0.81" in s
-    assert "by pearson (drift/floor 1-1x) no reversal to test" in s
-    assert "by iou@20 (drift/floor undefined) the reversal does not survive the seed floor" in s
+def test_systematic_arrays_read_values_as_squared_distances(nrng):
+    m, n = 3, 17
+    r = nrng.uniform(-0.5, 1, size=(m, n))
+    rf = nrng.uniform(-0.5, 1, size=(m, m, n))
+    d_tl, d_ft = bl.systematic_arrays(r, rf, "pearson")
+    np.testing.assert_array_equal(d_tl, 1 - r)
+    np.testing.assert_array_equal(d_ft[0, 1], 1 - rf[0, 1])
+    np.testing.assert_array_equal(d_ft[np.arange(m), np.arange(m)], 0.0)
+    iou = nrng.uniform(0, 1, size=(m, n))
+    np.testing.assert_allclose(bl.systematic_arrays(iou, rf, "iou@20")[0], 1 - 2 * iou / (1 + iou))
+    np.testing.assert_allclose(bl.systematic_arrays(iou, rf, "centroid_shift")[0], iou ** 2)
 
 
 # ---------------------------------------------------------------------------------------------- the cascade
@@ -232,7 +193,7 @@ TINY = [
     "train.finetune.lr=1e-3", "train.transfer.batch_size=10", "train.finetune.batch_size=10",
     'metrics.sample_set="all"', 'metrics.ranking_sample_set="all"', "metrics.n_boot=20", "metrics.min_per_class=1",
     "fisher.enabled=false", "report.enabled=false", 'attribution.layers=["block"]',
-    'attribution.methods=["gradcam++", "layercam"]', "baselines.replica_seeds=[0, 5]",
+    'attribution.methods=["gradcam++", "layercam"]', "baselines.replica_seeds=[0, 5, 7]",
     "baselines.randomize=[0.0, 1.0]", "baselines.n_images=6",
 ]
 
@@ -249,7 +210,7 @@ def floor_run(tmp_path_factory):
     return cfg, out, ArchiveReader(out / "archive.h5")
 
 
-def test_replica_with_the_run_seed_is_the_run_model_and_its_floor_is_zero(floor_run):
+def test_replica_with_the_run_seed_is_the_run_model_and_its_pairs_are_identities(floor_run):
     cfg, out, r = floor_run
     for arch in cfg.run.archs:
         own = torch.load(out / "checkpoints" / f"{arch}-finetune.pt", weights_only=False)["state_dict"]
@@ -258,8 +219,8 @@ def test_replica_with_the_run_seed_is_the_run_model_and_its_floor_is_zero(floor_
         assert all(torch.equal(own[k], rep[k]) for k in own)
         assert not all(torch.equal(own[k], other[k]) for k in own)
         for method in cfg.attribution.methods:
-            base = f"baselines/arch/{arch}/floor/finetune/block/logit/minmax/{method}"
-            same, diff = r.read(f"{base}/seed0/per_sample"), r.read(f"{base}/seed5/per_sample")
+            base = f"baselines/arch/{arch}/seeds/finetune/block/logit/minmax/{method}"
+            same, diff = r.read(f"{base}/run_vs_seed0/per_sample"), r.read(f"{base}/run_vs_seed5/per_sample")
             ok = same["valid"].astype(bool)
             assert ok.any()
             for metric in ("centroid_shift", "peak_shift", "entropy_change"):
@@ -267,32 +228,48 @@ def test_replica_with_the_run_seed_is_the_run_model_and_its_floor_is_zero(floor_
             for metric in ("pearson", "spearman", "ssim"):  # a ratio of float64 sums: 1 up to rounding at identity
                 np.testing.assert_allclose(bl.instability(metric, same[metric][ok]), 0.0, rtol=0, atol=1e-12)
             # The top-k IoU with fractional ties is the expected overlap of two random tie breaks: a map's overlap
-            # with itself is below 1 where the cut goes through a tie group. The floor is then exactly that
-            # self-overlap, computed here from the archived maps.
+            # with itself is below 1 where the cut goes through a tie group, exactly that self-overlap.
             u = normalize(upsample(torch.as_tensor(r.maps(arch, "finetune", method, "block", "logit")), (64, 64)),
                           "minmax")
             np.testing.assert_array_equal(same["iou@20"][ok], topk_iou(u, u, (0.2,))[:, 0].numpy()[ok])
+            # TL vs the seed-0 replica is the drift step's TL vs FT pair
+            tl0 = r.read(f"{base}/fixed_vs_seed0/per_sample")
+            np.testing.assert_array_equal(tl0["pearson"], r.drift(arch, method)["pearson"])
             ok = diff["valid"].astype(bool)
             assert np.nanmean(bl.instability("pearson", diff["pearson"][ok])) > 0
 
 
-def test_archived_ratio_is_drift_over_floor(floor_run):
-    """Independent check of the stored ratio: from the per-image drift and the per-replica floors in the archive."""
+def test_archived_systematic_drift_is_the_formula_on_the_archived_pairs(floor_run):
+    """Independent check of the stored estimate: S from the archived per-image pair values (the seed-0 replica,
+    a copy of the run's model, left out of the estimator)."""
     cfg, _, r = floor_run
     arch, method = cfg.run.archs[0], "layercam"
     per = r.drift(arch, method)
-    base = f"baselines/arch/{arch}/floor/finetune/block/logit/minmax/{method}"
-    reps = [r.read(f"{base}/seed{s}/per_sample") for s in (0, 5)]
+    base = f"baselines/arch/{arch}/seeds/finetune/block/logit/minmax/{method}"
+    use = per["selected"].astype(bool)
     for metric in cfg.metrics.ranking_metrics:
-        d = bl.instability(metric, per[metric])
-        f = np.mean([np.where(x["valid"].astype(bool), bl.instability(metric, x[metric]), np.nan) for x in reps], 0)
-        ok = per["valid"].astype(bool) & per["selected"].astype(bool) & np.isfinite(d) & np.isfinite(f)
-        classes = np.unique(per["labels"][ok])
-        macro_d = np.mean([d[ok & (per["labels"] == k)].mean() for k in classes])
-        macro_f = np.mean([f[ok & (per["labels"] == k)].mean() for k in classes])
-        stored = r.read(f"{base}/against/{metric}")
-        assert stored["n"] == ok.sum()
-        assert stored["ratio"] == pytest.approx(macro_d / macro_f, rel=1e-9)
+        def val(node, metric=metric):
+            return np.where(use & node["valid"].astype(bool), node[metric], np.nan)
+
+        rows = [val(per)] + [val(r.read(f"{base}/fixed_vs_seed{s}/per_sample")) for s in (5, 7)]
+        pairs = [val(r.read(f"{base}/{x}_vs_{y}/per_sample"))
+                 for x, y in (("run", "seed5"), ("run", "seed7"), ("seed5", "seed7"))]
+        to_d = {"pearson": lambda v: 1 - v, "centroid_shift": lambda v: v ** 2,
+                "iou@20": lambda v: 1 - 2 * v / (1 + v)}[metric]
+        d_tl, d_p = np.stack([to_d(x) for x in rows]), np.stack([to_d(x) for x in pairs])
+        ok = np.isfinite(d_tl).all(0) & np.isfinite(d_p).all(0)
+        labels = per["labels"][ok]
+
+        def macro(v, labels=labels):
+            return np.mean([v[labels == k].mean() for k in np.unique(labels)])
+
+        a, b = macro(d_tl[:, ok].mean(0)), macro(d_p[:, ok].mean(0))
+        want = {"pearson": 1 - (1 - a) / np.sqrt(1 - b), "centroid_shift": a - b / 2, "iou@20": a - b}[metric]
+        stored = r.read(f"{base}/systematic/{metric}")
+        assert stored["n_models"] == 3 and stored["n_images"] == ok.sum()
+        assert json.loads(stored["models"]) == ["run", "seed5", "seed7"]
+        assert stored["estimate"] == pytest.approx(want, rel=1e-9, abs=1e-12)
+        assert stored["low"] <= stored["estimate"] <= stored["high"]
 
 
 def test_step_records_ranking_verdict_randomisation_and_resumes(floor_run, capsys):
@@ -302,10 +279,16 @@ def test_step_records_ranking_verdict_randomisation_and_resumes(floor_run, capsy
 
     cfg, out, r = floor_run
     v = r.read("baselines/ranking")["verdict"]
-    assert v.startswith("Seed floor (finetune, 2 replicas, block, logit, minmax): by ")
-    for metric in cfg.metrics.ranking_metrics:
-        assert f"by {metric} (" in v
-        assert r.has(f"baselines/ranking/finetune/block/logit/minmax/{metric}")
+    assert v.startswith("finetune replicas (3, block, logit, minmax): Systematic drift beyond seed noise (S = ")
+    assert "Architectures ranked on systematic drift" in v
+    # At `block` (global pooling, then a linear head) the methods give one map: no reversal can be tested there.
+    assert "Reversal of the stability order between LayerCAM and Grad-CAM++: not judged, no testable cell " \
+        "(untestable: block/logit (gradcam++ vs layercam" in v
+    for arch in cfg.run.archs:
+        for method in cfg.attribution.methods:
+            for metric in cfg.metrics.ranking_metrics:
+                node = r.read(f"baselines/ranking/finetune/systematic/{arch}/{method}/{metric}")
+                assert 0 <= node["p_holm"] <= 1 and node["n_models"] == 3
     for arch in cfg.run.archs:
         rand = r.read(f"baselines/arch/{arch}/randomisation")
         np.testing.assert_array_equal(rand["fractions"], [0.0, 1.0])
@@ -313,7 +296,7 @@ def test_step_records_ranking_verdict_randomisation_and_resumes(floor_run, capsy
             node = rand["block"]["logit"][method]
             assert len(node["pearson_by_cut"]) == 2 and len(node["cut0"]["per_sample"]["pearson"]) == 6
     text = summary_text(out / "archive.h5")
-    assert "beside its seed floor" in text and "Randomisation check" in text and v in text
+    assert "Systematic drift against seed noise" in text and "Randomisation check" in text and v in text
     finished = {s["name"]: s["finished"] for s in r.commits}
     # A resume with the same settings trains and scores nothing again; a changed flag threshold rescores only
     # the baselines step, not the replicas.

@@ -83,28 +83,6 @@ def test_summary_text_shows_small_values(tmp_path, rng):
     assert "0.000 " not in text.replace("0.000e", "")
 
 
-def test_grid_verdict_counts_reversals_between_layercam_and_gradcampp(rng):
-    """The verdict's counts equal a brute-force count over a random grid (pairs without LayerCAM ignored)."""
-    from drift.headline import grid_verdict
-
-    methods = ["gradcam++", "gradcam++_tfkv", "layercam"]
-    pairs = ["gradcam++ vs gradcam++_tfkv", "gradcam++ vs layercam", "gradcam++_tfkv vs layercam"]
-    flips = torch.rand(3, 2, 3, 3, generator=rng) < 0.5  # layers x scores x norms x pairs
-    tree = {f"L{i}": {f"s{j}": {f"n{k}": {"iou@20": {"reverses": {p: bool(flips[i, j, k, q])
-                                                                 for q, p in enumerate(pairs)}}}
-                                for k in range(3)} for j in range(2)} for i in range(3)}
-    tree["L0"]["s0"]["n0"]["iou@20"] = {"unranked": "no image"}
-    want = int(flips[..., 1:].sum()) - int(flips[0, 0, 0, 1:].sum())
-    text = grid_verdict(tree, methods, ["iou@20"])
-    assert f"in {want} of {3 * 2 * 3 * 2 - 2} (cell, method pair) combinations" in text, text
-    assert "1 cells not ranked" in text and "LayerCAM and Grad-CAM++" in text
-    one = {"L": {"s": {"n": {"iou@20": {"reverses": {p: True for p in pairs}}}}}}
-    assert "in 2 of 2" in grid_verdict(one, methods, ["iou@20"]) and "(in every one)" in grid_verdict(
-        one, methods, ["iou@20"])
-    none = {"L": {"s": {"n": {"iou@20": {"unranked": "too few images"}}}}}
-    assert grid_verdict(none, methods, ["iou@20"]) == "no cell of the grid could be ranked (too few images)"
-
-
 def test_summary_report_and_asv_print_the_same_headline_numbers(tmp_path_factory):
     """One archive, three readers: the printed summary, the report's answer and asv's track numbers agree."""
     from test_report import ARCHS, METHODS, full_report, interval_of, parse_html, rows_by

@@ -3,6 +3,7 @@ and the iFIM headline, each from the archive's headline numbers (:func:`drift.he
 
 from __future__ import annotations
 
+from ..stats.ranking import P_TOP_LABEL
 from ..summary import fmt
 from .document import Run, Section, Table, Text, interval, json_list, missing_commits, yes_no
 
@@ -48,10 +49,12 @@ def sections(run: Run) -> list[Section]:
     if rows:
         s.blocks.append(Table("tbl-answer-ranking", "Stability ranking of architectures (most stable first) per "
                               "method, and whether the most stable architecture differs between two methods "
-                              "(P: paired bootstrap probability)",
-                              ["metric", "method / pair", "ranking", "reverses", "P(reverse)"], rows))
+                              f"(observed; P: {P_TOP_LABEL})",
+                              ["metric", "method / pair", "ranking", "top differs (observed)",
+                               P_TOP_LABEL], rows))
     if h["stats"].get("verdict"):
-        s.blocks.append(Text(f"Verdict over the protocol grid: {h['stats']['verdict']}"))
+        s.blocks.append(Text("Verdict over the protocol grid (calibrated in docs/calibration.md): "
+                             f"{h['stats']['verdict']}"))
     rows = [[arch, phase, fmt(f["top_share"]), f"{interval(f['gap'], f['gap_lo'], f['gap_hi'])}",
              fmt(f["wilcoxon_p"], 4), str(int(f["n_perturbed"]))]
             for arch, by_phase in h["fisher"].items() for phase, f in by_phase.items()]

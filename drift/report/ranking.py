@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..stats.ranking import P_TOP_LABEL
 from ..summary import fmt
 from .document import (
     Run,
@@ -32,9 +33,11 @@ def _ranking(run: Run) -> Section:
         f"per class {' / '.join(f'{run.class_name(k)} {n}' for k, n in enumerate(per_class))}), so that a ranking is "
         f"not confounded with each architecture's class mix. Kendall tau compares two methods' orderings and is "
         "descriptive (over three architectures its p-value cannot fall below 0.33); a reversal means the most stable "
-        "architecture differs; P(reverse) is its probability under a paired bootstrap that resamples the images once "
-        f"per replicate for every method and architecture. Primary cell: layer '{run.cell.layer}', score "
-        f"'{run.cell.score}', maps '{run.cell.norm}'."))
+        "architecture differs in these checkpoints' point estimates (descriptive), and "
+        f"{P_TOP_LABEL} is its frequency under a paired bootstrap that resamples the images once per replicate for "
+        "every method and architecture: it describes these trained weights, not the chance that a reversal is real "
+        f"(the verdict below is the test). Primary cell: layer '{run.cell.layer}', score '{run.cell.score}', maps "
+        f"'{run.cell.norm}'."))
     rows, pair_rows = [], []
     for metric, rr in rank.items():
         if "unranked" in rr:
@@ -60,8 +63,8 @@ def _ranking(run: Run) -> Section:
                           ["metric", "method", "ranking (most stable first)", "macro means"], rows))
     if pair_rows:
         s.blocks.append(Table("tbl-kendall", "Agreement of the rankings between methods (primary cell)",
-                              ["metric", "methods", "Kendall tau (descriptive)", "reverses", "fully reversed",
-                               "P(reverse)", "P(fully reversed)"], pair_rows))
+                              ["metric", "methods", "Kendall tau (descriptive)", "top differs (observed)",
+                               "fully reversed (observed)", P_TOP_LABEL, "P(fully reversed | same)"], pair_rows))
     grid = grid_rows(run.reader)
     if grid:
         s.blocks.append(Table("tbl-grid", "Protocol sensitivity: the rankings in every cell of CAM layers x "

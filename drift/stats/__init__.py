@@ -7,7 +7,12 @@
 * :mod:`~drift.stats.paired`: the paired Wilcoxon signed-rank test (:func:`paired_test`).
 * :mod:`~drift.stats.auc`: the macro one-vs-rest ROC AUC (:func:`macro_auc`, :func:`macro_auc_rows`) and the area
   under a curve over a grid (:func:`area`).
-* :mod:`~drift.stats.ranking`: rank reversal of architectures between methods (:func:`rank_reversal`).
+* :mod:`~drift.stats.ranking`: rank reversal of architectures between methods (:func:`rank_reversal`), descriptive:
+  its probabilities are P(top differs | these checkpoints, image resampling).
+* :mod:`~drift.stats.systematic`: systematic drift against seed noise from replicated fine-tuning
+  (:func:`systematic_drift`, :func:`systematic_contrast`) and the whole-chain energy test (:func:`energy_test`).
+* :mod:`~drift.stats.contrast`: architecture contrasts, their interaction with the method, the reversal test and
+  Holm's adjustment (the tests behind :mod:`drift.verdicts`).
 
 Everything works on per-sample values (N,) as numpy arrays (torch tensors and lists are accepted and converted).
 NaN values mark samples that could not be scored (degenerate maps, see :mod:`drift.metrics`): they are excluded and
@@ -21,10 +26,24 @@ from .bootstrap import Aggregate, aggregate, bootstrap, mean_band, percentile_in
 from .paired import PairedTest, paired_test
 from .ranking import RankReversal, rank_reversal
 from .sample import SELECTION_RULES, ArrayLike, common_sample, select_samples
+from .systematic import (
+    EnergyTest,
+    SystematicContrast,
+    SystematicDrift,
+    energy_test,
+    euclidean_instability,
+    euclidean_label,
+    systematic_contrast,
+    systematic_drift,
+    systematic_form,
+)
 
 __all__ = [
     "SELECTION_RULES",
     "Aggregate",
+    "EnergyTest",
+    "SystematicContrast",
+    "SystematicDrift",
     "ArrayLike",
     "PairedTest",
     "RankReversal",
@@ -32,6 +51,9 @@ __all__ = [
     "area",
     "bootstrap",
     "common_sample",
+    "energy_test",
+    "euclidean_instability",
+    "euclidean_label",
     "macro_auc",
     "macro_auc_rows",
     "mean_band",
@@ -40,4 +62,7 @@ __all__ = [
     "rank_reversal",
     "resample",
     "select_samples",
+    "systematic_contrast",
+    "systematic_drift",
+    "systematic_form",
 ]

@@ -12,6 +12,11 @@ import scipy.stats
 from .bootstrap import _BOOT_BLOCK, _by_class, _check_boot, _check_min
 from .sample import ArrayLike, _as_array, _check_labels
 
+P_TOP_LABEL = "P(top differs | these checkpoints, image resampling)"
+"""What :attr:`RankReversal.p_reverse` is: the bootstrap frequency, over resampled images of one set of trained
+weights, with which the most stable architecture differs between two methods; not the probability that a reversal
+is real (that is :func:`drift.verdicts.judge_reversals`' test)."""
+
 
 @dataclass
 class RankReversal:
