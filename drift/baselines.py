@@ -396,7 +396,7 @@ def _ranking_step(pipe, seeds: list[int]) -> None:
     archs = [x for x in cfg.run.archs if reader.has(f"drift/{x}") and reader.has(f"baselines/arch/{x}/seeds")]
     ranked = sample_mask(pipe, archs[0], mcfg.ranking_sample_set)
     labels = pipe.splits.test.labels
-    primary = Cell(a.layers[0], a.scores[0], mcfg.normalize[0])
+    primary = reader.primary_cell()
     kw = {"labels": labels, "min_per_class": mcfg.min_per_class}
     tree: dict = {}
     sentences: list[str] = []
@@ -450,7 +450,7 @@ def _chains_step(pipe, chains: list[int]) -> None:
     t0 = time.perf_counter()
     cfg, mcfg, a = pipe.cfg, pipe.cfg.metrics, pipe.cfg.attribution
     reader = ArchiveReader(pipe.path)
-    cell = Cell(a.layers[0], a.scores[0], mcfg.normalize[0])
+    cell = reader.primary_cell()
     size = tuple(pipe.test_images([0]).shape[-2:])
     ranked = sample_mask(pipe, cfg.run.archs[0], mcfg.ranking_sample_set)
     everyone = np.ones(len(pipe.splits.test), dtype=bool)

@@ -163,13 +163,18 @@ class Study:
         if sc.chains:
             r = sc.chains
             entries, tops = {}, {}
+            idx = [(i, j) for i in range(r) for j in range(r)]
+            upper = [(i, j) for i, j in idx if i < j]
             for (a, method), mm in maps.items():
-                idx = [(i, j) for i in range(r) for j in range(r)]
-                tt = self._scores([(mm["tl"][i], mm["tl"][j]) for i, j in idx], NORMS[0])
-                ff = self._scores([(mm["ft"][i], mm["ft"][j]) for i, j in idx], NORMS[0])
+                tt = self._scores([(mm["tl"][i], mm["tl"][j]) for i, j in upper], NORMS[0])
+                ff = self._scores([(mm["ft"][i], mm["ft"][j]) for i, j in upper], NORMS[0])
                 tf = self._scores([(mm["tl"][i], mm["ft"][j]) for i, j in idx], NORMS[0])
                 for metric in METRICS:
-                    d = {k: v[metric].reshape(r, r, self.n) for k, v in (("tt", tt), ("ff", ff), ("tf", tf))}
+                    d = {"tf": tf[metric].reshape(r, r, self.n)}
+                    for key, v in (("tt", tt), ("ff", ff)):
+                        d[key] = np.zeros((r, r, self.n))
+                        for q, (i, j) in enumerate(upper):
+                            d[key][i, j] = d[key][j, i] = v[metric][q]
                     entries[self.archs[a], method, metric] = tuple(euclidean_instability(metric, d[k])
                                                                   for k in ("tt", "ff", "tf"))
                     diag = instability(metric, np.stack([d["tf"][i, i] for i in range(r)]))

@@ -47,7 +47,7 @@ def run_step(pipe: Pipeline) -> None:
                     out[metric.replace("/", "_")] = _rank(pipe, reader, cell, metric, archs, ranked, n_classes)
     numbers = headline.compute(reader, mcfg.n_boot, pipe.cfg.run.seed)
     grid = {}
-    for cell in [Cell(la, sc, no) for la in acfg.layers for sc in acfg.scores for no in mcfg.normalize]:
+    for cell in reader.cells():
         for metric in mcfg.ranking_metrics if len(archs) > 1 else ():
             for arch in archs:
                 for method in acfg.methods:

@@ -279,7 +279,8 @@ def test_step_records_ranking_verdict_randomisation_and_resumes(floor_run, capsy
 
     cfg, out, r = floor_run
     v = r.read("baselines/ranking")["verdict"]
-    assert v.startswith("finetune replicas (3, block, logit, minmax): Systematic drift beyond seed noise (S = ")
+    assert v.startswith("finetune replicas (3, block, logit, minmax): Systematic drift beyond seed noise (S from 3 "
+                        "fine-tuned models per architecture")
     assert "Architectures ranked on systematic drift" in v
     # At `block` (global pooling, then a linear head) the methods give one map: no reversal can be tested there.
     assert "Reversal of the stability order between LayerCAM and Grad-CAM++: not judged, no testable cell " \
@@ -308,3 +309,32 @@ def test_step_records_ranking_verdict_randomisation_and_resumes(floor_run, capsy
         if name.startswith(("models/", "replicas/", "drift/", "attributions/")):
             assert again[name] == t, name
     assert ArchiveReader(out / "archive.h5").read(f"baselines/arch/{cfg.run.archs[0]}")["flag_pearson"] == 0.9
+
+
+def test_whole_chains_are_trained_from_their_own_transfer_model_and_judged(tmp_path):
+    """baselines.chains: each chain fine-tunes its own transfer replica; every pair of the chains' models is scored
+    and the energy test and the per-chain count are stored with the sentence."""
+    from drift import config
+    from drift.archive import ArchiveReader
+    from drift.pipeline import Pipeline
+
+    tiny = [x for x in TINY if not x.startswith(("baselines.replica_seeds", "baselines.randomize"))]
+    cfg = config.load(None, [*tiny, f'run.out="{tmp_path}"', "baselines.chains=2", "baselines.seeds=0"])
+    Pipeline(cfg).run()
+    r = ArchiveReader(tmp_path / "archive.h5")
+    seeds = json.loads(r.read("baselines/chains")["chains"])
+    assert seeds == [0, 2000, 2001]
+    for arch in cfg.run.archs:
+        for s in seeds[1:]:
+            assert r.read(f"replicas/{arch}/chain/seed{s}")["weights"] == f"transfer replica seed {s}"
+        node = r.read(f"baselines/chains/pairs/{arch}/layercam/pearson")
+        tf = node["raw_tf"]
+        assert tf.shape == (3, 3, cfg.data.n_test)
+        # chain 0 is the run's own: its TL vs FT is the drift step's pair
+        ok = np.isfinite(tf[0, 0])
+        np.testing.assert_allclose(tf[0, 0][ok], r.drift(arch, "layercam")["pearson"][ok], rtol=1e-12)
+        np.testing.assert_array_equal(node["raw_tt"], node["raw_tt"].transpose(1, 0, 2))
+        energy = r.read(f"baselines/chains/energy/{arch}")
+        assert energy["n_chains"] == 3 and energy["min_p"] == pytest.approx(2 / 8)
+    v = r.read("baselines/chains")["verdict"]
+    assert v.startswith("Whole chains (3;") and "no test can reject" in v and "(a count across seeds, not a test)" in v
