@@ -14,6 +14,7 @@ import numpy as np
 
 from . import distributed
 from .config import PHASES
+from .export import write_maps_view
 from .h5tree import write_tree
 from .models import REGISTRY, cam_layer_name, keras_layer_name
 from .rundir import log
@@ -58,6 +59,7 @@ def run_step(pipe: Pipeline, arch: str) -> None:
             g[layer].attrs.update({"module": _module_name(pipe, arch, layer),
                                    "keras": (keras_layer_name(arch, layer) if arch in REGISTRY else "") or "",
                                    "grid": list(grid)})
+        write_maps_view(f, arch)  # the xarray view of the same maps (drift.export)
     pipe.timings[name] = time.perf_counter() - t0
     first = {layer: tree[layer][acfg.scores[0]]["transfer"][acfg.methods[0]] for layer in acfg.layers}
     grids = ", ".join(f"{layer} {'x'.join(map(str, m.shape[1:]))}" for layer, m in first.items())

@@ -18,6 +18,7 @@ from . import distributed, measuring, stats
 from .archive import ArchiveReader
 from .attribution import normalize, upsample
 from .config import PHASES
+from .export import write_metrics_view
 from .h5tree import write_tree
 from .metrics import pearson
 from .rundir import log
@@ -58,6 +59,7 @@ def run_step(pipe: Pipeline, arch: str) -> None:
         write_tree(g, tree)
         g.attrs["sample_set"] = mcfg.sample_set
         g.attrs["n_selected"] = int(selected.sum())
+        write_metrics_view(f, arch)  # the xarray view of the same numbers (drift.export)
     pipe.timings[name] = time.perf_counter() - t0
     n_cells = len(acfg.layers) * len(acfg.scores) * len(mcfg.normalize)
     log(f"{arch}: drift metrics of {n_cells} protocol cells x {len(acfg.methods)} methods in "
