@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -156,6 +157,9 @@ def _refuse_tokens(model: nn.Module, infos: list[LayerInfo], after: LayerInfo) -
         )
 
 
+_RESOLVED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def resolve(model: nn.Module, layer: str, input_shape: tuple[int, ...]) -> str:
     """The dotted module name of ``layer`` in ``model``: a preset of :data:`PRESETS` (see the module docstring)
     or a dotted name, checked to be a candidate layer.
@@ -170,6 +174,15 @@ def resolve(model: nn.Module, layer: str, input_shape: tuple[int, ...]) -> str:
             the message lists the candidate layers and their shapes; a model whose maps end in tokens (a vision
             transformer) is refused naming its token layers.
     """
+    # Resolved once per model, layer and image shape (C, H, W): the forward order does not depend on the batch.
+    key = (layer, tuple(int(s) for s in input_shape[1:]))
+    memo = _RESOLVED.setdefault(model, {})
+    if key not in memo:
+        memo[key] = _resolve(model, layer, (1, *key[1]))
+    return memo[key]
+
+
+def _resolve(model: nn.Module, layer: str, input_shape: tuple[int, ...]) -> str:
     infos = trace(model, input_shape)
     cands = [i for i in infos if i.is_map]
     by_name = {i.name: i for i in infos}

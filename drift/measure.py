@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from . import config as config_mod
+from .archive import ArchiveReader
 from .config import PHASES, Config
 from .data.base import ImageSet, Splits
 from .h5tree import write_tree
@@ -241,8 +242,18 @@ class MeasureRun(Pipeline):
         def targets_of(model):
             return labels if acfg.target == "true" else evaluate(model, test, self.device).predictions
 
-        a_maps = cams(self, self.given["transfer"][0], targets_of(self.given["transfer"][0]), "A CAMs")
-        b_maps = [cams(self, m, targets_of(m), f"B{r} CAMs") for r, (m, _) in enumerate(b_models)]
+        reader = ArchiveReader(self.path)
+
+        def maps_of(phase, r):  # A's and B's maps as the attributions step archived them, else computed
+            if reader.has(f"attributions/{self.name}"):
+                return {(la, sc): {m: reader.maps(self.name, phase, m, la, sc) for m in acfg.methods}
+                        for la in acfg.layers for sc in acfg.scores}
+            model = b_models[r][0] if phase == "finetune" else self.given["transfer"][0]
+            return cams(self, model, targets_of(model), f"{phase} CAMs")
+
+        a_maps = maps_of("transfer", 0)
+        b_maps = [maps_of("finetune", 0)] + [cams(self, m, targets_of(m), f"B replica {r + 1} CAMs")
+                                              for r, (m, _) in enumerate(self.replicas)]
         tree: dict = {}
         n, R1 = len(test), len(b_models)
         for layer in acfg.layers:
