@@ -280,7 +280,7 @@ def capture(
     """
     _check_input(x)
     (score,) = _check_scores((score,))
-    module, name = resolve_target_layer(model, layer)
+    module, name = resolve_target_layer(model, layer, tuple(x.shape))
     x = x.to(_model_device(model, x.device))
     with _eval_mode(model):
         (A,), grads, logits, t = _capture_all(model, x, [(module, name)], targets, (score,))
