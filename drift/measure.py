@@ -13,8 +13,8 @@ every protocol cell, method and ranking metric, the archive holds ``d_tl`` (R+1,
 B and each replica, and ``d_ft`` (R+1, R+1, N), the instability between every ordered pair of B and its replicas
 (diagonal NaN), under ``measure/<name>/replicas/<layer>/<score>/<norm>/<method>/<metric>``. The instability of
 a metric m is 1 - m for metrics where higher is more stable (overlap, correlation), |m| for signed changes and m
-for distances (:func:`instability`). :func:`systematic` passes them to ``drift.stats.systematic_drift`` when the
-installed drift has it.
+for distances (:func:`drift.baselines.instability`, the seed floor's orientation). :func:`systematic` passes
+them to ``drift.stats.systematic_drift`` when the installed drift has it.
 
 Images are a folder or CSV manifest (``data.*`` as for ``drift run``; the measured images are the test split,
 or every split with ``measure.images = "all"``) or, from Python, an array (N, 1, H, W) or (N, H, W) in [0, 1] with
@@ -36,27 +36,20 @@ from torch import nn
 
 from . import config as config_mod
 from .archive import ArchiveReader
+from .baselines import instability
 from .config import PHASES, Config
 from .data.base import ImageSet, Splits
 from .h5tree import write_tree
-from .metrics import pair_metrics, stability
+from .metrics import pair_metrics
 from .pipeline import Pipeline, Trained
 from .rundir import log
 from .train import evaluate
 from .user_models import ModelOrigin, load_model
 
-__all__ = ["MeasureRun", "measure", "instability", "systematic", "MEASURE_STEPS"]
+__all__ = ["MEASURE_STEPS", "MeasureRun", "measure", "run_measure", "state_sha256", "systematic"]
 
 MEASURE_STEPS = ("data", "models", "attributions", "drift", "fisher", "replicas", "stats", "report")
 ROLES = {"transfer": "A", "finetune": "B"}
-
-
-def instability(metric: str, values: np.ndarray, fractions: Sequence[float]) -> np.ndarray:
-    """A drift metric as an instability (larger = the maps moved more): 1 - m where higher is more stable,
-    |m| for signed changes, m for distances (:func:`drift.metrics.stability`)."""
-    higher, absolute = stability(metric, tuple(fractions))
-    v = np.asarray(values, dtype=np.float64)
-    return 1.0 - v if higher else (np.abs(v) if absolute else v)
 
 
 def systematic(d_tl: np.ndarray, d_ft: np.ndarray) -> dict | None:
@@ -300,6 +293,17 @@ def _origin_text(o: ModelOrigin) -> str:
     return f"{o.kind}: {what}"
 
 
+def state_sha256(model: nn.Module) -> str:
+    """sha256 of a module's state dict: every entry's name, dtype, shape and bytes, in name order (the identity of
+    a model given as an object rather than a file)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def _model(m, weights: str, cfg: Config) -> tuple[nn.Module, ModelOrigin]:
     mc = cfg.measure
     mean, std = (tuple(mc.mean), tuple(mc.std)) if mc.mean else (None, None)
@@ -307,7 +311,8 @@ def _model(m, weights: str, cfg: Config) -> tuple[nn.Module, ModelOrigin]:
         from .user_models import UserModel
 
         wrapped = UserModel(m, mc.channels, tuple(mc.mean), tuple(mc.std)).eval()
-        return wrapped, ModelOrigin(f"python:{type(m).__module__}.{type(m).__qualname__}", "module", "", "", "", -1)
+        return wrapped, ModelOrigin(f"python:{type(m).__module__}.{type(m).__qualname__}", "module", "",
+                                    state_sha256(m), "", -1)
     return load_model(m, weights, mean, std, mc.channels)
 
 
@@ -363,14 +368,13 @@ def run_measure(cfg: Config, model_a=None, model_b=None, replicas_b: Sequence = 
     mc = cfg.measure
     cfg.run.archs = [mc.name]
     a = _model(model_a if isinstance(model_a, nn.Module) else mc.model_a, mc.weights_a, cfg)
+    spec_b = mc.model_b or (model_b if isinstance(model_b, str) else "") or mc.model_a
     if isinstance(model_b, nn.Module):
         b = _model(model_b, "", cfg)
     else:
-        spec_b = mc.model_b or (model_b if isinstance(model_b, str) else "") or mc.model_a
         if isinstance(model_a, nn.Module) and not (mc.model_b or isinstance(model_b, str)):
             raise ValueError("model_b: pass a module or a spec (model_a is a module, so there is no spec to reuse)")
         b = _model(spec_b, mc.weights_b, cfg)
-    spec_b = mc.model_b or (model_b if isinstance(model_b, str) else "") or mc.model_a
     reps = [_model(r, "", cfg) if isinstance(r, nn.Module) else _model(spec_b, str(r), cfg)
             for r in [*replicas_b, *mc.replicas_b]]
     run = MeasureRun(cfg, {"transfer": a, "finetune": b}, reps, splits, fresh=fresh)

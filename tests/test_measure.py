@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from drift.archive import ArchiveReader
+from drift.baselines import instability
 from drift.cli import main
 from drift.export import COLUMNS, export_table
-from drift.measure import instability, measure
+from drift.measure import measure
 
 FAST = ["run.progress=false", "metrics.n_boot=20", "fisher.enabled=false", "metrics.min_per_class=1",
         'metrics.sample_set="all"', "report.enabled=false"]
@@ -264,5 +265,16 @@ def test_bad_models_are_refused_naming_the_file(tmp_path, rng):
         measure(f"{path}:make", None, x, y, weights_a=str(other), out=tmp_path / "o3", overrides=FAST)
     with pytest.raises(ValueError, match="gives 3 logits; the images have 4 classes"):
         measure(mod.make(), mod.make(), x, np.array([0, 1, 2, 3]), out=tmp_path / "o4", overrides=FAST)
+    # A module given as an object is identified by its state dict's sha256: equal weights, equal hash.
+    import copy
+
+    from drift.measure import state_sha256
+
+    net = mod.make()
+    twin = copy.deepcopy(net)
+    assert state_sha256(net) == state_sha256(twin)
+    with torch.no_grad():
+        twin.head.bias[1] += 1e-7
+    assert state_sha256(net) != state_sha256(twin)
     with pytest.raises(ValueError, match=r"images must be .* got \(4, 2, 33, 33\)"):
         measure(mod.make(), mod.make(), torch.rand(4, 2, 33, 33), y, out=tmp_path / "o5", overrides=FAST)
