@@ -68,9 +68,9 @@ def run_step(pipe: Pipeline, arch: str) -> None:
 
 
 def _module_name(pipe: Pipeline, arch: str, layer: str) -> str:
-    """The dotted module a layer of the config names: the registry's preset, or for a model outside the registry
-    (``drift measure``) the layer :mod:`drift.layers` resolves at the test images' shape."""
-    if arch in REGISTRY:
+    """The dotted module a layer of the config names: the registry's preset, or for ``auto`` and for a model
+    outside the registry (``drift measure``) the layer :mod:`drift.layers` resolves at the test images' shape."""
+    if arch in REGISTRY and layer != "auto":
         return cam_layer_name(arch, layer)
     from .capture import resolve_target_layer
 

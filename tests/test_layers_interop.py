@@ -150,3 +150,13 @@ def test_quantus_localisation_and_randomisation_on_drifts_maps(rng):
     scores = mprt(model=model, x_batch=x, y_batch=y, a_batch=a, device="cpu", explain_func=explain_func,
                   explain_func_kwargs={"method": "layercam", "layer": "body"})
     assert len(scores) == 5 and np.all(np.isfinite(scores))
+
+
+def test_auto_on_a_registry_classifier_is_its_block_layer(rng):
+    from drift.capture import resolve_target_layer
+    from drift.models import build
+
+    model = build("resnet10t", 3).eval()
+    side = 64 + int(torch.randint(0, 5, (1,), generator=rng))
+    auto, name = resolve_target_layer(model, "auto", (1, 1, side, side))
+    assert name == "backbone.layer4" and auto is resolve_target_layer(model, "block")[0]
