@@ -26,7 +26,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
+import types
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -379,3 +381,13 @@ def run_measure(cfg: Config, model_a=None, model_b=None, replicas_b: Sequence = 
             for r in [*replicas_b, *mc.replicas_b]]
     run = MeasureRun(cfg, {"transfer": a, "finetune": b}, reps, splits, fresh=fresh)
     return run.run(MEASURE_STEPS)
+
+
+class _CallableModule(types.ModuleType):
+    """``drift.measure(...)`` is :func:`measure`: the module is callable, and its functions stay importable."""
+
+    def __call__(self, *args, **kwargs) -> Path:
+        return measure(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
