@@ -89,6 +89,16 @@ baselines/chains/       pairs/<arch>/<method>/<metric>/raw_tt, raw_ff, raw_tf (R
                         energy/<arch> (energy test); tops/<metric>/<method> (JSON: most stable architecture per
                         chain); attrs: verdict, chains (JSON seeds, the run's first), cell, alpha
 bench/                  benchmark records (see ``drift bench export``)
+measure/<arch>/replicas/<layer>/<score>/<norm>/<method>/<metric>/
+                        ``drift measure`` with replicas of model B (drift.measure): d_tl (R+1, N), d_ft
+                        (R+1, R+1, N) instabilities; attrs origins (JSON), n_replicas, systematic
+xarray/<arch>/metrics/, xarray/<arch>/maps/<layer>/
+                        copies of drift/<arch> and attributions/<arch> as arrays with HDF5 dimension scales for
+                        xarray's h5netcdf engine (drift.export)
+
+A ``drift measure`` archive (drift.measure) has this layout with ``<arch>`` = ``measure.name``, model A in the
+``transfer`` slot and model B in ``finetune``; models/<arch>/<phase> has no history and adds attrs role (A, B),
+spec, kind (timm, factory, drift, module) and code_sha256.
 
 Atomicity: each commit is one transaction (:meth:`Archive.commit`). The writer copies the archive to
 ``<name>.tmp``, writes the commit there, flushes and fsyncs it, and renames it over the archive (an atomic replace on

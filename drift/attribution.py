@@ -154,7 +154,7 @@ def _cams_all(model, x, targets, methods, layers, scores, eps) -> list[list[dict
         )
     if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
-    resolved = [resolve_target_layer(model, layer) for layer in layers]
+    resolved = [resolve_target_layer(model, layer, tuple(x.shape)) for layer in layers]
     # Two names of one module (a preset and its dotted name) share one hook.
     unique: list[tuple[nn.Module, str]] = []
     slot = []

@@ -11,13 +11,12 @@ import time
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from tqdm.auto import tqdm
 
 from . import distributed
 from .config import PHASES
+from .export import write_maps_view
 from .h5tree import write_tree
-from .models import cam_layer_name, keras_layer_name
+from .models import REGISTRY, cam_layer_name, keras_layer_name
 from .rundir import log
 
 if TYPE_CHECKING:
@@ -57,13 +56,25 @@ def run_step(pipe: Pipeline, arch: str) -> None:
                         "scores": json.dumps(list(acfg.scores))})
         for layer in acfg.layers:
             grid = tree[layer][acfg.scores[0]]["transfer"][acfg.methods[0]].shape[1:]
-            g[layer].attrs.update({"module": cam_layer_name(arch, layer),
-                                   "keras": keras_layer_name(arch, layer) or "", "grid": list(grid)})
+            g[layer].attrs.update({"module": _module_name(pipe, arch, layer),
+                                   "keras": (keras_layer_name(arch, layer) if arch in REGISTRY else "") or "",
+                                   "grid": list(grid)})
+        write_maps_view(f, arch)  # the xarray view of the same maps (drift.export)
     pipe.timings[name] = time.perf_counter() - t0
     first = {layer: tree[layer][acfg.scores[0]]["transfer"][acfg.methods[0]] for layer in acfg.layers}
     grids = ", ".join(f"{layer} {'x'.join(map(str, m.shape[1:]))}" for layer, m in first.items())
     log(f"{arch}: attribution maps ({grids}) for {len(acfg.methods)} methods x {len(acfg.scores)} scores x "
         f"2 checkpoints in {pipe.timings[name]:.0f} s")
+
+
+def _module_name(pipe: Pipeline, arch: str, layer: str) -> str:
+    """The dotted module a layer of the config names: the registry's preset, or for ``auto`` and for a model
+    outside the registry (``drift measure``) the layer :mod:`drift.layers` resolves at the test images' shape."""
+    if arch in REGISTRY and layer != "auto":
+        return cam_layer_name(arch, layer)
+    from .capture import resolve_target_layer
+
+    return resolve_target_layer(pipe.trained(arch, "transfer").model, layer, tuple(pipe.test_images([0]).shape))[1]
 
 
 def cams(pipe: Pipeline, model: Classifier, targets: np.ndarray,
@@ -72,23 +83,11 @@ def cams(pipe: Pipeline, model: Classifier, targets: np.ndarray,
     the class ``targets`` (N,): ``{(layer, score): {method: (N, h, w) float32}}``, from one forward pass and one
     backward pass per score and batch (:func:`drift.attribution.cams_multi`); batches shared out among the
     processes of a distributed run and gathered in order."""
-    from .attribution import cams_multi  # looked up per call: the function drift.attribution holds now
+    from .measuring import cams as measure_cams
 
     acfg = pipe.cfg.attribution
-    n = len(pipe.splits.test)
-    tgt = torch.as_tensor(targets)
-    parts: dict[tuple[str, str, str], list[torch.Tensor]] = {}
-    for lo in tqdm(distributed.my_batches(range(0, n, acfg.batch_size)), desc=desc,
-                   disable=not pipe.cfg.run.progress, leave=False):
-        idx = np.arange(lo, min(n, lo + acfg.batch_size))
-        res = cams_multi(model, pipe.test_images(idx).to(pipe.device), tgt[idx].to(pipe.device),
-                         methods=tuple(acfg.methods), layers=tuple(acfg.layers), scores=tuple(acfg.scores),
-                         eps=acfg.eps)
-        for (layer, score), by_method in res.items():
-            for m, v in by_method.items():
-                parts.setdefault((layer, score, m), []).append(v.float().cpu())
-    parts = distributed.gather_batches(parts)  # several processes: every rank's batches, in order
-    out: dict = {}
-    for (layer, score, m), p in parts.items():
-        out.setdefault((layer, score), {})[m] = torch.cat(p).numpy().astype(np.float32)
+    out, _ = measure_cams(model, pipe.test_images, len(pipe.splits.test), targets, methods=acfg.methods,
+                          layers=acfg.layers, scores=acfg.scores, eps=acfg.eps, batch_size=acfg.batch_size,
+                          device=pipe.device, batches=distributed.my_batches, gather=distributed.gather_batches,
+                          progress=pipe.cfg.run.progress, desc=desc)
     return out

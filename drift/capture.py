@@ -66,13 +66,17 @@ def _model_arch(model: nn.Module) -> str | None:
     return None
 
 
-def resolve_target_layer(model: nn.Module, layer: nn.Module | str | None) -> tuple[nn.Module, str]:
+def resolve_target_layer(model: nn.Module, layer: nn.Module | str | None,
+                         input_shape: tuple[int, ...] | None = None) -> tuple[nn.Module, str]:
     """The target layer module and its dotted name.
 
     Args:
         model: the classifier.
         layer: a submodule of ``model``, its dotted name, a preset of :data:`drift.models.LAYER_PRESETS`
-            (resolved through the model's registry architecture), or None for ``model.cam_layer``.
+            (resolved through the model's registry architecture), or None for ``model.cam_layer``. On a model
+            outside the registry, and for ``"auto"`` on any model, presets are resolved by
+            :func:`drift.layers.resolve` from a forward pass at ``input_shape``.
+        input_shape: (B, C, H, W) of the images, for the presets of models outside the registry.
 
     Raises:
         ValueError: unknown name (listing valid ones), a preset on a model outside the registry, a module that
@@ -80,10 +84,13 @@ def resolve_target_layer(model: nn.Module, layer: nn.Module | str | None) -> tup
         TypeError: ``layer`` of another type.
     """
     if isinstance(layer, str):
+        from drift import layers as any_layers
         from drift.models import LAYER_PRESETS, REGISTRY, cam_layer_name
 
-        if layer in LAYER_PRESETS:
-            arch = _model_arch(model)
+        arch = _model_arch(model)
+        if layer in any_layers.PRESETS and (layer == "auto" or arch not in REGISTRY) and input_shape is not None:
+            layer = any_layers.resolve(model, layer, tuple(input_shape))
+        elif layer in LAYER_PRESETS:
             if arch not in REGISTRY:
                 has = "no registry architecture (no arch attribute)" if arch is None else f"architecture {arch!r}"
                 raise ValueError(
@@ -273,7 +280,7 @@ def capture(
     """
     _check_input(x)
     (score,) = _check_scores((score,))
-    module, name = resolve_target_layer(model, layer)
+    module, name = resolve_target_layer(model, layer, tuple(x.shape))
     x = x.to(_model_device(model, x.device))
     with _eval_mode(model):
         (A,), grads, logits, t = _capture_all(model, x, [(module, name)], targets, (score,))

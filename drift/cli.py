@@ -1,4 +1,5 @@
-"""Command line: ``drift run | pretrain | attribute | metrics | fisher | summary | report | compare | bench``."""
+"""Command line: ``drift run | pretrain | attribute | metrics | fisher | measure | export | summary | report | compare
+| bench``."""
 
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ EPILOG = """examples:
   drift run --config configs/paper.toml --set data.path=/data/cxr --out runs/paper
   drift run --set train.finetune.lr=1e-5 --set run.archs='["densenet201"]'
   drift summary runs/demo/archive.h5          print the headline tables of an archive
+  drift measure --model-a timm:convnext_atto --weights-a before.safetensors --weights-b after.safetensors \
+      --data /data/cxr --out runs/mine        drift between two checkpoints of your own model
+  drift export runs/mine/archive.h5 --format parquet   the per-image metrics as one tidy table
 """
 
 
@@ -65,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_run_args(q)
         q.set_defaults(steps=steps)
 
+    _add_measure_parsers(sub)
     p = sub.add_parser("summary", help="print the headline tables of an archive")
     p.add_argument("archive")
     p = sub.add_parser("report", help="write the HTML and Markdown report of an archive")
@@ -91,6 +96,53 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", default="results/bench.h5", help="HDF5 file to write (default results/bench.h5); "
                                                               "a run archive gets a bench/ group")
     return parser
+
+
+def _add_measure_parsers(sub) -> None:
+    p = sub.add_parser("measure", help="drift between two checkpoints you bring (timm name or module:function)",
+                       description="The outputs of `drift run` for two given models: model A (before) and model "
+                                   "B (after) on labelled images from a folder or CSV manifest. A model is a timm "
+                                   "name (or timm:<name>) with a state-dict file, or a module:function / "
+                                   "file.py:function factory returning an nn.Module, with an optional state-dict "
+                                   "file (.safetensors, or .pth read with weights_only=True; never unpickled).")
+    _add_run_args(p)
+    p.add_argument("--model-a", required=True, metavar="SPEC", help="model A (before the update)")
+    p.add_argument("--weights-a", default="", metavar="FILE", help="model A's state-dict file")
+    p.add_argument("--model-b", default="", metavar="SPEC", help="model B (default: the spec of model A)")
+    p.add_argument("--weights-b", default="", metavar="FILE", help="model B's state-dict file")
+    p.add_argument("--replica", action="append", default=[], metavar="FILE",
+                   help="a replica of model B (retrained with another seed): the retraining-noise floor "
+                        "(repeatable)")
+    p.add_argument("--data", metavar="PATH", help="image folder (root/<class>/ or root/{train,valid,test}/<class>/) "
+                                                  "or CSV manifest; overrides data.path")
+    p.add_argument("--name", help="the name the archive files the pair under (measure.name)")
+    p = sub.add_parser("export", help="write an archive's per-image metrics as one tidy table (CSV or Parquet)")
+    p.add_argument("archive")
+    p.add_argument("--format", choices=("csv", "parquet"), default="csv")
+    p.add_argument("--out", help="file to write (default: <archive folder>/metrics.<format>)")
+
+
+def _measure(args) -> int:
+    from .measure import run_measure
+    from .summary import print_summary
+
+    extra = [f'measure.model_a="{args.model_a}"', f'measure.weights_a="{args.weights_a}"',
+             f'measure.model_b="{args.model_b}"', f'measure.weights_b="{args.weights_b}"']
+    if args.replica:
+        extra.append("measure.replicas_b=[" + ", ".join(f'"{r}"' for r in args.replica) + "]")
+    if args.data:
+        src = "csv" if args.data.lower().endswith(".csv") else "folder"
+        extra += [f'data.source="{src}"', f'data.path="{args.data}"']
+    if args.name:
+        extra.append(f'measure.name="{args.name}"')
+    args.set = [*args.set, *extra]
+    cfg = _config(args)
+    t0 = time.perf_counter()
+    path = run_measure(cfg, fresh=args.fresh)
+    print_summary(path)
+    print(f"\narchive: {path}")
+    print(f"wall time: {time.perf_counter() - t0:.0f} s")
+    return 0
 
 
 def _config(args):
@@ -186,6 +238,13 @@ def _dispatch(args) -> int:
         return 0
     if args.command == "pretrain":
         return _pretrain(_config(args))
+    if args.command == "measure":
+        return _measure(args)
+    if args.command == "export":
+        from .export import export_table
+
+        print(export_table(args.archive, args.format, args.out))
+        return 0
     if args.command == "summary":
         from .summary import print_summary
 

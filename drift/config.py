@@ -202,6 +202,29 @@ class ReportConfig:
 
 
 @dataclass
+class MeasureConfig:
+    """``drift measure``: two checkpoints of a classifier drift did not train (:mod:`drift.measure`).
+
+    Models are specs of :func:`drift.user_models.load_model`: ``timm:<name>`` (or a timm name) with a state-dict
+    file, ``module:function`` or ``file.py:function`` factories (state-dict file optional), or a registry name
+    with a ``drift run`` checkpoint. Model A fills the archive's ``transfer`` slot, model B the ``finetune`` slot.
+    """
+
+    model_a: str = ""
+    weights_a: str = ""
+    model_b: str = ""  # empty: the same spec as model_a
+    weights_b: str = ""
+    # State-dict files of replicas of model B (B retrained with other seeds): the retraining-noise floor.
+    replicas_b: list[str] = field(default_factory=list)
+    name: str = "model"  # the architecture name the archive files the pair under
+    images: str = "test"  # the images measured: test (the data's test split, as drift run) | all (every split)
+    # Input normalisation of both models; empty: timm's pretrained_cfg for timm models, none for factories.
+    mean: list[float] = field(default_factory=list)
+    std: list[float] = field(default_factory=list)
+    channels: int = 0  # input channels the networks take; 0: timm's in_chans, or the images' own for factories
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -213,6 +236,7 @@ class Config:
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
     fisher: FisherConfig = field(default_factory=FisherConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    measure: MeasureConfig = field(default_factory=MeasureConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -14,12 +14,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from . import distributed, stats
+from . import distributed, measuring, stats
 from .archive import ArchiveReader
 from .attribution import normalize, upsample
 from .config import PHASES
-from .h5tree import as_tree, write_tree
-from .metrics import pair_metrics, pearson
+from .export import write_metrics_view
+from .h5tree import write_tree
+from .metrics import pearson
 from .rundir import log
 
 if TYPE_CHECKING:
@@ -58,6 +59,7 @@ def run_step(pipe: Pipeline, arch: str) -> None:
         write_tree(g, tree)
         g.attrs["sample_set"] = mcfg.sample_set
         g.attrs["n_selected"] = int(selected.sum())
+        write_metrics_view(f, arch)  # the xarray view of the same numbers (drift.export)
     pipe.timings[name] = time.perf_counter() - t0
     n_cells = len(acfg.layers) * len(acfg.scores) * len(mcfg.normalize)
     log(f"{arch}: drift metrics of {n_cells} protocol cells x {len(acfg.methods)} methods in "
@@ -94,26 +96,11 @@ def pair_tree(pipe: Pipeline, a: torch.Tensor, b: torch.Tensor, lung: torch.Tens
         "summary": {metric: aggregate, "paired": {quantity: paired test}}}``, as written under ``drift/<arch>``.
     """
     test = pipe.splits.test
-    labels, ids = test.labels[:n], np.asarray(test.ids)[:n]
     mcfg = pipe.cfg.metrics
-    n_classes = len(pipe.class_names)
-    per = distributed.by_images(pair_metrics, len(a), a, b, lung_mask=lung, lesion_mask=lesion,
-                                fractions=tuple(mcfg.fractions), marker_mask=marker)
-    per = {k: v.cpu().numpy() for k, v in per.items()}
-    valid = per.pop("valid").astype(bool)
-    deg = {"transfer": per.pop("degenerate_tl"), "finetune": per.pop("degenerate_ft")}
-    use = selected & valid
-    summary = {}
-    for metric, values in per.items():
-        agg = stats.aggregate(np.where(use, values, np.nan), labels, n_classes, mcfg.n_boot,
-                              pipe.cfg.run.seed, min_per_class=mcfg.min_per_class)
-        summary[metric] = as_tree(agg)
-    for q in ("entropy", "gini", "top10_mass", "lung_mass", "lesion_energy", "marker_mass"):
-        tl, ft = per.get(f"{q}_tl"), per.get(f"{q}_ft")
-        if tl is not None and ft is not None:
-            summary.setdefault("paired", {})[q] = as_tree(stats.paired_test(tl[use], ft[use]))
-    return {"per_sample": {**per, "ids": ids, "labels": labels, "valid": valid, "selected": selected},
-            "degenerate": deg, "summary": summary}
+    return measuring.pair_tree(a, b, test.labels[:n], np.asarray(test.ids)[:n], len(pipe.class_names), selected,
+                               lung=lung, lesion=lesion, marker=marker, fractions=mcfg.fractions,
+                               n_boot=mcfg.n_boot, seed=pipe.cfg.run.seed, min_per_class=mcfg.min_per_class,
+                               by_images=distributed.by_images)
 
 
 def sample_mask(pipe: Pipeline, arch: str | None, rule: str) -> np.ndarray:

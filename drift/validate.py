@@ -15,14 +15,17 @@ def validate(cfg: Config) -> None:
     from .models import LAYER_PRESETS, REGISTRY
     from .stats import SELECTION_RULES
 
+    _check_measure(cfg)
     for arch in cfg.run.archs:
-        if arch not in REGISTRY:
+        if arch not in REGISTRY and not (cfg.measure.model_a and arch == cfg.measure.name):
             raise ConfigError(f"run.archs: unknown architecture {arch!r}; registered: {', '.join(sorted(REGISTRY))}")
     if not cfg.run.archs:
         raise ConfigError("run.archs is empty")
-    if cfg.data.source not in ("synthetic", "folder", "csv"):
-        raise ConfigError(f"data.source must be synthetic, folder or csv, got {cfg.data.source!r}")
-    if cfg.data.source != "synthetic" and not cfg.data.path:
+    if cfg.data.source not in ("synthetic", "folder", "csv") and not (cfg.data.source == "arrays"
+                                                                       and cfg.measure.model_a):
+        raise ConfigError(f"data.source must be synthetic, folder or csv (arrays: drift.measure only), got "
+                          f"{cfg.data.source!r}")
+    if cfg.data.source in ("folder", "csv") and not cfg.data.path:
         raise ConfigError(f"data.source = {cfg.data.source!r} needs data.path")
     if cfg.run.seed < 0:
         raise ConfigError(f"run.seed must be >= 0, got {cfg.run.seed}")
@@ -183,6 +186,24 @@ def _check_baselines(cfg: Config) -> None:
     if (isinstance(b.flag_pearson, bool) or not isinstance(b.flag_pearson, (int, float))
             or not -1 <= b.flag_pearson <= 1):
         raise ConfigError(f"baselines.flag_pearson must be a correlation in [-1, 1], got {b.flag_pearson!r}")
+
+
+def _check_measure(cfg: Config) -> None:
+    """``measure`` settings (``drift measure``): names, the image choice, the normalisation and replica files."""
+    m = cfg.measure
+    if m.images not in ("test", "all"):
+        raise ConfigError(f"measure.images must be test or all, got {m.images!r}")
+    if not isinstance(m.name, str) or not m.name or "/" in m.name or m.name == "targets":
+        raise ConfigError(f"measure.name must be a non-empty name without '/', got {m.name!r}")
+    if len(m.mean) != len(m.std):
+        raise ConfigError(f"measure.mean {m.mean} and measure.std {m.std} must have the same length")
+    if m.std:
+        _number_list(m.std, "measure.std", 0.0, float("inf"))
+    _int_at_least(m.channels, "measure.channels", 0, " (0: the model's own)")
+    if len(set(m.replicas_b)) != len(m.replicas_b):
+        raise ConfigError(f"measure.replicas_b lists a file twice: {m.replicas_b}")
+    if (m.weights_a or m.model_b or m.weights_b or m.replicas_b) and not m.model_a:
+        raise ConfigError("measure.* settings need measure.model_a (the first model)")
 
 
 def _check_list(values: list, key: str, allowed: tuple[str, ...] | None) -> None:

@@ -14,7 +14,7 @@ from pytorch_grad_cam.utils.image import scale_cam_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
-from drift.attribution import METHODS, SCORES, cams, cams_multi, capture, normalize, upsample
+from drift.attribution import METHODS, SCORES, cams, cams_multi, capture, normalize, resolve_target_layer, upsample
 from drift.models import build, freeze_backbone
 
 PGC_EPS = 1e-6  # pytorch_grad_cam/grad_cam_plusplus.py adds this to the alpha denominator
@@ -432,8 +432,14 @@ def test_cams_multi_and_presets_errors(rng):
         capture(model, x, layer="target", score="probability")
     with pytest.raises(ValueError, match="pytorch-grad-cam.*softmax"):
         cams(model, x, methods=("layercam", "pgc:gradcam"), layer="target", score="softmax")
+    # Presets of a model outside the registry resolve through drift.layers at the input's shape.
+    from drift import layers as any_layers
+
+    block = any_layers.resolve(model, "block", tuple(x.shape))
+    torch.testing.assert_close(cams_multi(model, x, layers=("target", "block"))["block", "logit"]["layercam"],
+                               cams(model, x, layer=block)["layercam"])
     with pytest.raises(ValueError, match="preset.*_Tiny.*dotted"):
-        cams_multi(model, x, layers=("target", "block"))
+        resolve_target_layer(model, "block")  # no input shape to trace with
     conv = nn.Conv2d(3, 3, 1)
     twice = nn.Sequential(conv, nn.ReLU(), conv, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2))
     with pytest.raises(ValueError, match="'0' ran more than once"):

@@ -140,6 +140,9 @@ def load_folder(root: str | os.PathLike, size: int, seed: int, val_fraction: flo
                 classes: Sequence[str] | None = None) -> Splits:
     """Load ``root/<class>/*`` (split here) or ``root/{train,val,test}/<class>/*`` (already split).
 
+    Split folders may carry their common names: ``train`` or ``training``, ``val``, ``valid`` or ``validation``,
+    ``test`` or ``testing`` (two folders naming one split are an error); sample ids keep the folder's own name.
+
     Class names are ``classes`` when given (a class folder outside it is an error naming the folder, so a typo
     never becomes a class of its own), else the sorted class folder names (of ``train`` when pre-split). Symbolic
     links that give no file are left out with a `DataWarning` and recorded in `Splits.skipped`. Without a split
@@ -178,36 +181,44 @@ def load_folder(root: str | os.PathLike, size: int, seed: int, val_fraction: flo
     if not root.is_dir():
         raise DataError(f"data root {root} is not a folder")
     top = sorted(p.name for p in root.iterdir() if p.is_dir() and _visible(p))
-    split_dirs = [name for name in top if name in SPLIT_NAMES]
+    # Split folders by their conventional names: train/training, val/valid/validation, test/testing.
+    split_dirs = [name for name in top if name in _SPLIT_ALIASES]
+    folder_of: dict[str, str] = {}
+    for name in split_dirs:
+        if _SPLIT_ALIASES[name] in folder_of:
+            raise DataError(f"{root}: folders {folder_of[_SPLIT_ALIASES[name]]!r} and {name!r} both name the "
+                            f"{_SPLIT_ALIASES[name]!r} split; keep one")
+        folder_of[_SPLIT_ALIASES[name]] = name
+    split_dirs = [s for s in SPLIT_NAMES if s in folder_of]
     skipped: list[tuple[str, str]] = []
     if not split_dirs:
         by_class = _class_folders(root, root, skipped)
         layout = {None: by_class}
     else:
-        others = [name for name in top if name not in SPLIT_NAMES]
+        others = [name for name in top if name not in _SPLIT_ALIASES]
         if others:
             raise DataError(f"{root}: mixes split folders ({', '.join(split_dirs)}) with other folders "
                             f"({', '.join(others[:5])}); use either root/<class>/ or root/{{train,val,test}}/<class>/")
         for required in ("train", "test"):
             if required not in split_dirs:
                 raise DataError(f"{root}: pre-split layout has no {required!r} folder (found {', '.join(split_dirs)})")
-        layout = {name: _class_folders(root / name, root, skipped) for name in SPLIT_NAMES if name in split_dirs}
+        layout = {name: _class_folders(root / folder_of[name], root, skipped) for name in split_dirs}
         class_set = set(layout["train"])
         for name, by_class in layout.items():
             missing, extra = sorted(class_set - set(by_class)), sorted(set(by_class) - class_set)
             if missing:
-                raise DataError(f"split {name!r} ({root / name}) has no folder for class(es) "
+                raise DataError(f"split {name!r} ({root / folder_of[name]}) has no folder for class(es) "
                                 f"{', '.join(map(repr, missing))}")
             if extra:
-                raise DataError(f"split {name!r} ({root / name}) has class(es) {', '.join(map(repr, extra))} "
-                                f"that train lacks")
+                raise DataError(f"split {name!r} ({root / folder_of[name]}) has class(es) "
+                                f"{', '.join(map(repr, extra))} that train lacks")
     class_names = tuple(sorted(next(iter(layout.values()))))
     if classes is not None:
         expected = tuple(str(c) for c in classes)
         if len(set(expected)) != len(expected):
             raise ValueError(f"classes has duplicate names: {expected}")
         for s, by_class in layout.items():
-            where = root if s is None else root / s
+            where = root if s is None else root / folder_of[s]
             extra = [name for name in sorted(by_class) if name not in expected]
             if extra:
                 raise DataError(f"{where}: class folder(s) {', '.join(repr(str(where / e)) for e in extra)} not in "
@@ -230,7 +241,7 @@ def load_folder(root: str | os.PathLike, size: int, seed: int, val_fraction: flo
     labels = np.asarray(labels, dtype=np.int64)[keep]
     split_arr = np.asarray(split_of, dtype=np.int64)[keep]
     for s in layout:
-        where = str(root if s is None else root / s)
+        where = str(root if s is None else root / folder_of[s])
         sel = np.ones(len(labels), dtype=bool) if s is None else split_arr == SPLIT_NAMES.index(s)
         _check_classes(class_names, labels[sel], where)
     return build_splits(class_names, labels, ids, paths, None, split_arr if split_dirs else None, size, seed,

@@ -254,6 +254,28 @@ def test_pre_split_folders(rng, tmp_path):
         load_folder(bad, 8, 0)
 
 
+@pytest.mark.parametrize("val_name", ["valid", "validation"])
+def test_split_folders_valid_and_validation_are_val(rng, tmp_path, val_name):
+    # The common train/valid/test layout (e.g. NIH chest X-ray exports): "valid" / "validation" is the val split.
+    counts = {"train": {"a": 4, "b": 5}, val_name: {"a": 2, "b": 3}, "test": {"a": 3, "b": 2}}
+    arrays = {}
+    for split, c in counts.items():
+        arrays.update({f"{split}/{k}": v for k, v in _make_classes(tmp_path / split, rng, c, (9, 9)).items()})
+    splits = load_folder(tmp_path, 9, _seed(rng))
+    assert sorted(splits.val.ids) == sorted(k for k in arrays if k.startswith(f"{val_name}/"))
+    assert len(splits.train) == 9 and len(splits.test) == 5
+    # Labels follow the class folder, pixels the file (native size: no resampling).
+    for i, lab in zip(splits.val.ids, splits.val.labels):
+        assert splits.val.class_names[lab] == i.split("/")[1]
+    x = splits.val.images(np.arange(len(splits.val))).numpy()[:, 0]
+    ref = np.stack([arrays[i] for i in splits.val.ids]).astype(np.float32) / 255
+    np.testing.assert_allclose(x, ref, atol=2e-6)
+    # Two folders naming one split are refused, naming both.
+    _make_classes(tmp_path / "val", rng, {"a": 1, "b": 1})
+    with pytest.raises(DataError, match=f"'val' and '{val_name}'|'{val_name}' and 'val'"):
+        load_folder(tmp_path, 9, 0)
+
+
 # -- CSV manifests -----------------------------------------------------------------------------------------------
 
 def _write_manifest(path: Path, header: str, rows: list[str]) -> Path:
