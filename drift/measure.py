@@ -11,10 +11,10 @@ model's ``role`` (A or B), spec, state-dict file and its sha256, and the factory
 Replicas of model B (``measure.replicas_b``: B retrained with other seeds) give the retraining-noise floor: for
 every protocol cell, method and ranking metric, the archive holds ``d_tl`` (R+1, N), the instability of A against
 B and each replica, and ``d_ft`` (R+1, R+1, N), the instability between every ordered pair of B and its replicas
-(diagonal NaN), under ``measure/<name>/replicas/<layer>/<score>/<norm>/<method>/<metric>``. The instability of
-a metric m is 1 - m for metrics where higher is more stable (overlap, correlation), |m| for signed changes and m
-for distances (:func:`drift.baselines.instability`, the seed floor's orientation). :func:`systematic` passes
-them to ``drift.stats.systematic_drift`` when the installed drift has it.
+(diagonal NaN), under ``measure/<name>/replicas/<layer>/<score>/<norm>/<method>/<metric>``, as the metric's
+squared-Euclidean reading (:func:`drift.stats.euclidean_instability`: 1 - r, 1 - Dice, the squared shift), with
+the systematic drift of :func:`systematic` beside them and, in the primary cell, the verdict of
+:func:`drift.verdicts.judge_systematic` (at least two replicas).
 
 Images are a folder or CSV manifest (``data.*`` as for ``drift run``; the measured images are the test split,
 or every split with ``measure.images = "all"``) or, from Python, an array (N, 1, H, W) or (N, H, W) in [0, 1] with
@@ -37,14 +37,15 @@ import torch
 from torch import nn
 
 from . import config as config_mod
+from . import verdicts
 from .archive import ArchiveReader
-from .baselines import instability
 from .config import PHASES, Config
 from .data.base import ImageSet, Splits
 from .h5tree import write_tree
 from .metrics import pair_metrics
 from .pipeline import Pipeline, Trained
 from .rundir import log
+from .stats.systematic import euclidean_instability, euclidean_label
 from .train import evaluate
 from .user_models import ModelOrigin, load_model
 
@@ -54,23 +55,15 @@ MEASURE_STEPS = ("data", "models", "attributions", "drift", "fisher", "replicas"
 ROLES = {"transfer": "A", "finetune": "B"}
 
 
-def systematic(d_tl: np.ndarray, d_ft: np.ndarray) -> dict | None:
-    """The systematic drift of A -> B beyond retraining noise, from ``d_tl`` (R+1, N) and ``d_ft`` (R+1, R+1, N):
-    ``drift.stats.systematic_drift`` when present in this version of drift, else None (the arrays are archived
-    either way, so the estimate can be computed from the archive later)."""
+def systematic(d_tl: np.ndarray, d_ft: np.ndarray, metric: str, labels: np.ndarray | None = None,
+               min_per_class: int = 1) -> dict:
+    """The systematic drift of A -> B beyond retraining noise (:func:`drift.stats.systematic_drift` in the form
+    :func:`drift.stats.systematic_form` gives ``metric``), from ``d_tl`` (R+1, N) and ``d_ft`` (R+1, R+1, N), the
+    metric's squared-Euclidean instabilities (:func:`drift.stats.euclidean_instability`)."""
     from . import stats
 
-    fn = getattr(stats, "systematic_drift", None)
-    if fn is None:
-        return None
-    res = fn(d_tl, d_ft)
-    return res if isinstance(res, dict) else {k: v for k, v in vars(res).items() if not k.startswith("_")}
-
-
-def _has_systematic() -> bool:
-    from . import stats
-
-    return callable(getattr(stats, "systematic_drift", None))
+    return stats.systematic_drift(d_tl, d_ft, labels, min_per_class=min_per_class,
+                                  form=stats.systematic_form(metric)).as_dict()
 
 
 def _concat(parts: Sequence[ImageSet]) -> ImageSet:
@@ -250,6 +243,7 @@ class MeasureRun(Pipeline):
         b_maps = [maps_of("finetune", 0)] + [cams(self, m, targets_of(m), f"B replica {r + 1} CAMs")
                                               for r, (m, _) in enumerate(self.replicas)]
         tree: dict = {}
+        judged: dict = {}
         n, R1 = len(test), len(b_models)
         for layer in acfg.layers:
             for score in acfg.scores:
@@ -266,27 +260,31 @@ class MeasureRun(Pipeline):
                                     self._fill(d_ft, (r, s), bs[r], bs[s], lung, lesion, marker)
                         out = tree.setdefault(layer, {}).setdefault(score, {}).setdefault(norm, {})
                         for k in mcfg.ranking_metrics:
-                            entry = {"d_tl": d_tl[k], "d_ft": d_ft[k]}
-                            est = systematic(d_tl[k], d_ft[k])
-                            if est is not None:
-                                entry["systematic"] = est
+                            entry = {"d_tl": d_tl[k], "d_ft": d_ft[k], "instability": euclidean_label(k)}
+                            if R1 >= 2:
+                                entry["systematic"] = systematic(d_tl[k], d_ft[k], k, labels,
+                                                                 mcfg.min_per_class)
+                                if (layer, score, norm) == (acfg.layers[0], acfg.scores[0], mcfg.normalize[0]):
+                                    judged[self.name, method, k] = (d_tl[k], d_ft[k])
                             out.setdefault(method, {})[k.replace("/", "_")] = entry
         origins = [o.to_dict() for _, o in b_models]
+        verdict = verdicts.judge_systematic(judged, labels, min_per_class=mcfg.min_per_class)["sentence"]
         with self.archive.commit(name, replace=(name,), started=t0, **self._stamp("baselines")) as f:
             g = f.require_group(name)
             write_tree(g, tree)
             g.attrs.update({"origins": json.dumps(origins), "n_replicas": len(self.replicas),
-                            "instability": "1 - m (higher is stable), |m| (signed change), m (distance)",
-                            "systematic": "drift.stats.systematic_drift" if _has_systematic() else
-                            "not computed: this drift has no drift.stats.systematic_drift"})
-        log(f"replicas: A against B and {len(self.replicas)} replica(s) of B in {time.perf_counter() - t0:.0f} s")
+                            "instability": "squared-Euclidean readings (drift.stats.euclidean_instability)",
+                            "verdict": verdict})
+        log(f"replicas: A against B and {len(self.replicas)} replica(s) of B in {time.perf_counter() - t0:.0f} s"
+            + (f"; {verdict}" if verdict else ""))
 
     def _fill(self, out: dict, at: tuple, a, b, lung, lesion, marker) -> None:
+        """The squared-Euclidean instabilities of the pair (a, b) into ``out[metric][at]``, NaN where invalid."""
         fr = tuple(self.cfg.metrics.fractions)
         per = pair_metrics(a, b, lung_mask=lung, lesion_mask=lesion, fractions=fr, marker_mask=marker)
         valid = per["valid"].cpu().numpy().astype(bool)
         for k, arr in out.items():
-            v = instability(k, per[k].cpu().numpy(), fr)
+            v = euclidean_instability(k, per[k].cpu().numpy())
             arr[at] = np.where(valid, v, np.nan)
 
 

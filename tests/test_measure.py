@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from drift.archive import ArchiveReader
-from drift.baselines import instability
 from drift.cli import main
 from drift.export import COLUMNS, export_table
 from drift.measure import measure
+from drift.stats import euclidean_instability, systematic_drift, systematic_form
 
 FAST = ["run.progress=false", "metrics.n_boot=20", "fisher.enabled=false", "metrics.min_per_class=1",
         'metrics.sample_set="all"', "report.enabled=false"]
@@ -199,10 +199,16 @@ def test_measure_api_on_two_timm_families_with_a_replica(timm_pair):
         for metric in ("iou@20", "pearson", "centroid_shift"):
             d_tl, d_ft = rep[metric]["d_tl"], rep[metric]["d_ft"]
             assert d_tl.shape == (2, 7) and d_ft.shape == (2, 2, 7)
-            want = np.where(per["valid"], instability(metric, per[metric], (0.05, 0.1, 0.2, 0.3)), np.nan)
+            want = np.where(per["valid"], euclidean_instability(metric, per[metric]), np.nan)
             np.testing.assert_allclose(d_tl[0], want, atol=1e-6)
             assert np.isnan(d_ft[0, 0]).all() and np.isnan(d_ft[1, 1]).all()
             np.testing.assert_allclose(d_ft[0, 1], d_ft[1, 0], atol=1e-6)  # symmetric metrics
+            # the stored estimate is the estimator on the stored arrays (two models: no model resampling)
+            est = rep[metric]["systematic"]
+            ref = systematic_drift(d_tl, d_ft, per["labels"], min_per_class=r.config.metrics.min_per_class,
+                                   form=systematic_form(metric))
+            assert est["n_models"] == 2 and not est["models_resampled"]
+            assert est["estimate"] == pytest.approx(ref.estimate, rel=1e-9, nan_ok=True)
         assert 1 - per["pearson"][0] == pytest.approx(rep["pearson"]["d_tl"][0, 0], abs=1e-6)
 
 
