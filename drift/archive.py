@@ -64,14 +64,16 @@ fisher/<arch>/<phase>/  eigenvalues (N, r), rank (N,), probs (N, C), ids; compon
                         x_low, k, energy_share}; perturbation/<arrays of the perturbation experiment>; summary attrs
 replicas/<arch>/<phase>/seed<s>/
                         a seed replica of a phase (``baselines.seeds``): as models/<arch>/<phase>/, plus attrs seed
-baselines/arch/<arch>/  attrs: seeds, phases, randomize (JSON), flag_pearson, n_images
+baselines/arch/<arch>/  attrs: seeds, phases, randomize (JSON), flag_alpha, flag_normalised, n_images
     floor/<phase>/<layer>/<score>/<norm>/<method>/seed<s>/
                         the run's maps of <phase> vs the replica's, scored as drift/<arch>/... scores TL vs FT
                         (per_sample, degenerate, summary)
     floor/<phase>/<layer>/<score>/<norm>/<method>/against/<metric>/
                         ratio (drift / floor of macro-mean instabilities), n, drift/floor/excess (aggregates)
-    randomisation/      fractions, n_modules (per cut), labels (JSON), normalize;
-                        <layer>/<score>/<method>/{cut<i>/(pair tree), pearson_by_cut, flagged}
+    randomisation/      fractions, n_modules, spread (per cut), refused, labels (JSON), trained_spread, normalize;
+                        <layer>/<score>/<method>/{cut<i>/{per_sample, mean, null_seed, null_images, null_cross,
+                        test} (drift.randomisation.randomisation_scores), pearson_by_cut, normalised_by_cut,
+                        p_by_cut, flagged}
 baselines/ranking/<phase>/<layer>/<score>/<norm>/<metric>/
                         rankings of drift minus floor (as stats/ranking); attrs: verdict (one sentence), seeds,
                         phases, n_ranked, ranking_sample_set

@@ -187,9 +187,17 @@ class BaselinesConfig:
     # BatchNorm), counted from the top, are re-initialised; [] = no randomisation check.
     randomize: list[float] = field(default_factory=list)
     n_images: int = 48  # test images of the randomisation check (the first ones)
-    # A method whose maps keep a mean Pearson correlation >= this with the trained model's maps at every cut
-    # point is flagged: its maps carry little information about the model.
-    flag_pearson: float = 0.5
+    # The flag (drift.randomisation): a cut rejects when the permutation test of "the randomised maps share the
+    # trained maps' image content" has p <= flag_alpha and the normalised similarity (0 = a random pairing of images,
+    # 1 = the trained maps) is >= flag_normalised; a method is flagged when every scored cut rejects.
+    flag_alpha: float = 0.05
+    flag_normalised: float = 0.5
+    n_permutations: int = 999  # permutations of the flag's test
+    # A randomised model whose logits vary by less than this (mean over classes of the std over images, logit
+    # units) does not depend on its input: that cut is refused, not scored.
+    min_logit_spread: float = 1e-3
+    # Subtract each model's mean map over the check's images before comparing (removes the common pattern).
+    subtract_mean_map: bool = False
 
 
 @dataclass
@@ -260,7 +268,7 @@ class ConfigError(ValueError):
     pass
 
 
-RENAMED_KEYS = {"baselines.stages": "baselines.phases"}
+RENAMED_KEYS = {"baselines.stages": "baselines.phases", "baselines.flag_pearson": "baselines.flag_normalised"}
 """Keys of earlier versions read under their new name (configs stored in older archives still load)."""
 
 
