@@ -168,6 +168,11 @@ class FisherConfig:
     alphas: list[float] = field(default_factory=lambda: [0.5, 1.0])
     n_draws: int = 1
     batch_size: int = 8
+    # The controls of the iFIM claim (drift.perturb): the same analysis of an untrained network of the same
+    # architecture (BatchNorm statistics of the training images), and the share of each image's pixels, ranked by
+    # the fine-tuned model's CAM (first method, layer and score), that the ``cam`` control perturbs.
+    untrained: bool = True
+    cam_fraction: float = 0.2
 
 
 @dataclass
@@ -257,7 +262,7 @@ STEP_SECTIONS: dict[str, tuple[str, ...]] = {
     "train": _TRAINED,
     "attributions": (*_TRAINED, "attribution"),
     "drift": (*_TRAINED, "attribution", "metrics"),
-    "fisher": (*_TRAINED, "fisher"),
+    "fisher": (*_TRAINED, "attribution", "fisher"),  # attribution: the CAM region of the ``cam`` control
     "stats": (*_TRAINED, "attribution", "metrics"),
     "baselines": (*_TRAINED, "attribution", "metrics", "baselines"),
 }

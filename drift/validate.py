@@ -157,6 +157,9 @@ def _check_analysis(cfg: Config) -> None:
     if not 0 < fc.energy <= 1:
         raise ConfigError(f"fisher.energy must be in (0, 1], got {fc.energy!r}")
     _number_list(fc.eps_grid, "fisher.eps_grid", 0, math.inf, low_open=False)
+    cf = fc.cam_fraction
+    if isinstance(cf, bool) or not isinstance(cf, (int, float)) or not 0 < cf <= 1:
+        raise ConfigError(f"fisher.cam_fraction must be a share of the pixels in (0, 1], got {fc.cam_fraction!r}")
     _check_list(fc.eps_grid, "fisher.eps_grid", None)
     _number_list(fc.alphas, "fisher.alphas", 0, 1, low_open=False)
     _check_list(fc.alphas, "fisher.alphas", None)
