@@ -11,9 +11,10 @@ L(x) - L(x + d), L = log p_pred - log(1 - p_pred) (= z_pred - logsumexp_{c != pr
 sigmoid; pred = argmax of p(x)), which does not saturate; beside it the confidence change p_pred(x) - p_pred(x + d),
 the margin change M(x) - M(x + d) with M = z_pred - max_{c != pred} z_c, prediction flips (argmax changes),
 KL(p(x) || p(x + d)) (computed as log(1 + sum_c p_c (expm1(y_c) - y_c)), y = delta z - sum_c p_c delta z_c,
-non-negative by construction), the set's accuracy and macro one-vs-rest AUC, and the second-order prediction
-1/2 d^T F d = 1/2 |G d|^2 of the KL with the ratio KL / (1/2 d^T F d): where its median lies in [0.8, 1.25]
-(:data:`LOCAL_RATIO`) the eps is in the *local* regime the Fisher describes, elsewhere in the finite-size regime.
+non-negative by construction; :func:`_kl_categorical`), the set's accuracy and macro one-vs-rest AUC, and the
+second-order prediction 1/2 d^T F d = 1/2 |G d|^2 of the KL with the ratio KL / (1/2 d^T F d): where its median
+lies in [0.8, 1.25] (:data:`LOCAL_RATIO`) the eps is in the *local* regime the Fisher describes, elsewhere in
+the finite-size regime.
 Removal / attenuation: x - alpha x_high against x - alpha |x_high| u_complement (an equal-norm random piece of the
 complement), for alpha in [0, 1].
 
@@ -75,12 +76,18 @@ def _kl_categorical(z0: torch.Tensor, z1: torch.Tensor) -> torch.Tensor:
     """KL(softmax(z0) || softmax(z1)) over the last axis, float64, >= 0 by construction.
 
     With delta = z1 - z0, p = softmax(z0) and y = delta - sum_c p_c delta_c: KL = log sum_c p_c exp(y_c)
-    = log1p(sum_c p_c (expm1(y_c) - y_c)) (sum_c p_c y_c = 0), a sum of non-negative terms."""
+    = log1p(sum_c p_c (expm1(y_c) - y_c)) (sum_c p_c y_c = 0), a sum of non-negative terms; where some |y_c| >= 1
+    (exp could overflow) as logsumexp_c(log p_c + y_c), clamped at 0."""
     z0, z1 = z0.double(), z1.double()
-    p = torch.softmax(z0, -1)
+    logp = torch.log_softmax(z0, -1)
+    p = logp.exp()
     delta = z1 - z0
-    y = delta - (p * delta).sum(-1, keepdim=True)
-    return torch.log1p((p * (torch.expm1(y) - y).clamp_min(0)).sum(-1))
+    y = delta - torch.where(p > 0, p * delta, 0).sum(-1, keepdim=True)
+    small = torch.where(p > 0, y.abs(), 0).amax(-1) < 1
+    ys = torch.where(small.unsqueeze(-1), y, 0)
+    near = torch.log1p(torch.where(p > 0, p * (torch.expm1(ys) - ys).clamp_min(0), 0).sum(-1))
+    far = torch.logsumexp(logp + y, -1).clamp_min(0)
+    return torch.where(small, near, far)
 
 
 def _kl_from_logits(z0: torch.Tensor, z1: torch.Tensor, head: str) -> torch.Tensor:
