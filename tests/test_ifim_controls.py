@@ -34,7 +34,7 @@ def test_control_directions_match_brute_force(rng, head, k):
                               region=region)
     Jb = brute_jacobian(model, x).numpy()
     pb = p.detach().numpy()
-    for b, (w, V) in enumerate(brute_eig(model, x, head)):
+    for b, (_w, V) in enumerate(brute_eig(model, x, head)):
         kb, rank = int(kk[b]), int(spec.rank[b])
         # (a) inside the span of the top-k right singular vectors of J
         _, _, Vt = np.linalg.svd(Jb[b])
