@@ -164,7 +164,9 @@ class FisherConfig:
     n_spectrum: int = 20  # test samples with eigenvalues; 0 = all
     n_components: int = 12  # test samples with components and perturbation curves
     energy: float = 0.9
-    eps_grid: list[float] = field(default_factory=lambda: [0.01, 0.02, 0.05, 0.1])
+    # Relative perturbation sizes |d| / |x|: the smaller ones lie in the local regime (KL ratio within [0.8, 1.25]),
+    # the larger ones in the finite-size regime (docs/controls.md says how the grid was chosen).
+    eps_grid: list[float] = field(default_factory=lambda: [0.0003, 0.001, 0.003, 0.01, 0.03, 0.1])
     alphas: list[float] = field(default_factory=lambda: [0.5, 1.0])
     n_draws: int = 1
     batch_size: int = 8

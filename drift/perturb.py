@@ -480,7 +480,7 @@ def run_perturbations(
     model: nn.Module,
     x: torch.Tensor,
     labels: torch.Tensor | np.ndarray | Sequence[int],
-    eps_grid: Sequence[float] = (0.01, 0.02, 0.05, 0.1, 0.2),
+    eps_grid: Sequence[float] = (0.0003, 0.001, 0.003, 0.01, 0.03, 0.1),
     alphas: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
     k: int | None = None,
     energy: float = 0.9,

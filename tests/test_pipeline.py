@@ -254,7 +254,7 @@ def test_ifim_controls_and_untrained_network_are_archived_and_summarised(full_ru
     for arch in cfg.run.archs:
         for model in ("finetune", "untrained"):
             p = r.read(f"fisher/{arch}/{model}/perturbation")
-            assert [k.decode() for k in p["kinds"]] == list(KINDS)
+            assert [str(k) for k in p["kinds"]] == list(KINDS)
             assert p["abs_logodds_change"].shape[:3] == (len(KINDS), 1, 2)
             assert np.isfinite(p["abs_logodds_change"][KINDS.index("cam")]).all()  # a region from the CAMs
             assert np.all(p["kl"][np.isfinite(p["kl"])] >= 0)
