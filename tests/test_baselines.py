@@ -9,7 +9,7 @@ import torch
 
 from drift import baselines as bl
 from drift.attribution import normalize, upsample
-from drift.metrics import topk_iou
+from drift.metrics import pearson, topk_iou
 from drift.stats import aggregate
 
 
@@ -172,6 +172,11 @@ def test_step_records_ranking_verdict_randomisation_and_resumes(floor_run, capsy
             assert len(node["pearson_by_cut"]) == 2 and len(node["cut0"]["per_sample"]["pearson"]) == 6
             for null in ("null_seed", "null_images", "null_cross"):
                 assert set(node["cut0"][null]) == {"pearson", "spearman", "abs_spearman", "ssim"}
+            # The input-independent null, recomputed from the archived trained maps: image i vs image i + 1.
+            own = normalize(upsample(torch.as_tensor(r.maps(arch, "finetune", method, "block", "logit")[:6],
+                                                     dtype=torch.float64), (64, 64)), "minmax")
+            ref = np.nanmean(pearson(own, torch.roll(own, -1, 0)).numpy())
+            assert node["cut0"]["null_images"]["pearson"] == pytest.approx(ref, rel=1e-9, nan_ok=True)
             assert node["flagged"] in (True, False, 0, 1)
         # The randomised models (architecture's own initialiser, BatchNorm statistics of the training images) vary
         # with their input: no cut refused.
