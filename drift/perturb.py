@@ -11,7 +11,7 @@ L(x) - L(x + d), L = log p_pred - log(1 - p_pred) (= z_pred - logsumexp_{c != pr
 sigmoid; pred = argmax of p(x)), which does not saturate; beside it the confidence change p_pred(x) - p_pred(x + d),
 the margin change M(x) - M(x + d) with M = z_pred - max_{c != pred} z_c, prediction flips (argmax changes),
 KL(p(x) || p(x + d)) (computed as log(1 + sum_c p_c (expm1(y_c) - y_c)), y = delta z - sum_c p_c delta z_c,
-non-negative by construction; :func:`_kl_categorical`), the set's accuracy and macro one-vs-rest AUC, and the
+non-negative by construction; :mod:`drift.head_scores`), the set's accuracy and macro one-vs-rest AUC, and the
 second-order prediction 1/2 d^T F d = 1/2 |G d|^2 of the KL with the ratio KL / (1/2 d^T F d): where its median
 lies in [0.8, 1.25] (:data:`LOCAL_RATIO`) the eps is in the *local* regime the Fisher describes, elsewhere in
 the finite-size regime.
@@ -48,6 +48,7 @@ from .directions import (
     sample_generator,
 )
 from .fisher import IFIM, _check_head, fisher_apply, head_probs, ifim_from_jacobian, input_jacobian
+from .head_scores import kl_from_logits, logodds_and_margin
 from .stats import area as _area
 from .stats import macro_auc, paired_test
 
@@ -70,45 +71,6 @@ REMOVAL_KINDS = ("high", "complement")
 METRICS = ("logodds_change", "abs_logodds_change", "conf_change", "abs_conf_change", "margin_change", "kl", "flip")
 LOCAL_RATIO = (0.8, 1.25)
 """The local regime: median KL / (1/2 d^T F d) within these bounds."""
-
-
-def _kl_categorical(z0: torch.Tensor, z1: torch.Tensor) -> torch.Tensor:
-    """KL(softmax(z0) || softmax(z1)) over the last axis, float64, >= 0 by construction.
-
-    With delta = z1 - z0, p = softmax(z0) and y = delta - sum_c p_c delta_c: KL = log sum_c p_c exp(y_c)
-    = log1p(sum_c p_c (expm1(y_c) - y_c)) (sum_c p_c y_c = 0), a sum of non-negative terms; where some |y_c| >= 1
-    (exp could overflow) as logsumexp_c(log p_c + y_c), clamped at 0."""
-    z0, z1 = z0.double(), z1.double()
-    logp = torch.log_softmax(z0, -1)
-    p = logp.exp()
-    delta = z1 - z0
-    y = delta - torch.where(p > 0, p * delta, 0).sum(-1, keepdim=True)
-    small = torch.where(p > 0, y.abs(), 0).amax(-1) < 1
-    ys = torch.where(small.unsqueeze(-1), y, 0)
-    near = torch.log1p(torch.where(p > 0, p * (torch.expm1(ys) - ys).clamp_min(0), 0).sum(-1))
-    far = torch.logsumexp(logp + y, -1).clamp_min(0)
-    return torch.where(small, near, far)
-
-
-def _kl_from_logits(z0: torch.Tensor, z1: torch.Tensor, head: str) -> torch.Tensor:
-    """KL(p(z0) || p(z1)) (..., C) -> (...) in float64: categorical (softmax) or summed Bernoulli KLs (sigmoid,
-    each the categorical KL of the logits (z_c, 0))."""
-    if head == "softmax":
-        return _kl_categorical(z0, z1)
-    z0, z1 = z0.double(), z1.double()
-    pair = lambda z: torch.stack([z, torch.zeros_like(z)], -1)  # noqa: E731
-    return _kl_categorical(pair(z0), pair(z1)).sum(-1)
-
-
-def _logodds_and_margin(z: torch.Tensor, pred: torch.Tensor, head: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-odds L and margin M of class ``pred`` from logits z (..., C) (float64): softmax L = z_pred -
-    logsumexp_{c != pred} z_c, sigmoid L = z_pred; M = z_pred - max_{c != pred} z_c. ``pred`` broadcasts as (...)."""
-    z = z.double()
-    idx = pred.unsqueeze(-1).expand(*z.shape[:-1], 1)
-    zp = z.gather(-1, idx).squeeze(-1)
-    others = z.scatter(-1, idx, -math.inf)
-    margin = zp - others.amax(-1)
-    return (zp - torch.logsumexp(others, -1) if head == "softmax" else zp), margin
 
 
 @dataclass
@@ -367,20 +329,20 @@ class _Perturbations:
         p0d = head_probs(z0d, head)
         pred0 = p0d.argmax(1)
         conf0 = p0d.gather(1, pred0[:, None]).squeeze(1)
-        lo0, mg0 = _logodds_and_margin(z0d, pred0, head)
+        lo0, mg0 = logodds_and_margin(z0d, pred0, head)
         ok_pert = defined.unsqueeze(1)  # (K, 1, B, m)
         for prefix, z1, lead, ok in (("", z_pert, (nk, E), ok_pert), ("removal_", z_rem, (len(REMOVAL_KINDS), A),
                                                                         None)):
             z1 = z1.double()
             p1 = head_probs(z1, head)
             pv = pred0.view(1, 1, B, 1).expand(*lead, B, m)
-            lo1, mg1 = _logodds_and_margin(z1, pv, head)
+            lo1, mg1 = logodds_and_margin(z1, pv, head)
             conf = conf0.view(1, 1, B, 1) - p1.gather(-1, pv.unsqueeze(-1)).squeeze(-1)
             dlo = lo0.view(1, 1, B, 1) - lo1
             values = {"conf_change": conf, "abs_conf_change": conf.abs(), "logodds_change": dlo,
                       "abs_logodds_change": dlo.abs(), "margin_change": mg0.view(1, 1, B, 1) - mg1,
                       "flip": (p1.argmax(-1) != pred0.view(1, 1, B, 1)).double(),
-                      "kl": _kl_from_logits(z0d.view(1, 1, B, 1, C), z1, head)}
+                      "kl": kl_from_logits(z0d.view(1, 1, B, 1, C), z1, head)}
             for name, v in values.items():
                 store(prefix + name, v if ok is None else torch.where(ok, v, nan))
             store(prefix + "probs", p1)

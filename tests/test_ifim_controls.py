@@ -143,3 +143,30 @@ def test_cam_regions_hold_the_top_fraction(rng):
         assert int(mask[i, 0].sum()) == int(np.ceil(0.25 * 99))
         assert torch.equal(mask[i, 0], mask[i, 1])
         assert up[i][mask[i, 0]].min() >= up[i][~mask[i, 0]].max()
+
+
+@pytest.mark.parametrize("scale", [1e-9, 1e-4, 3.0])
+def test_kl_matches_a_high_precision_reference_and_is_never_negative(rng, scale):
+    import mpmath
+
+    from drift.head_scores import kl_categorical, kl_from_logits
+
+    z0 = 6 * torch.randn(40, 5, generator=rng, dtype=torch.float64)
+    z1 = z0 + scale * torch.randn(40, 5, generator=rng, dtype=torch.float64)
+    kl = kl_categorical(z0, z1).numpy()
+    assert np.all(kl >= 0)
+    assert np.all(kl_categorical(z0, z0).numpy() == 0)
+    mpmath.mp.dps = 50
+    for i in range(0, 40, 7):
+        a = [mpmath.mpf(float(v)) for v in z0[i]]
+        b = [mpmath.mpf(float(v)) for v in z1[i]]
+        la, lb = mpmath.log(sum(mpmath.exp(v) for v in a)), mpmath.log(sum(mpmath.exp(v) for v in b))
+        ref = sum(mpmath.exp(u - la) * ((u - la) - (v - lb)) for u, v in zip(a, b))
+        assert kl[i] == pytest.approx(float(ref), rel=1e-6, abs=1e-300)
+    # sigmoid: the sum of the Bernoulli KLs of each logit against scipy's relative entropy
+    s0, s1 = scipy.special.expit(z0.numpy()), scipy.special.expit(z1.numpy())
+    ref = (scipy.special.rel_entr(s0, s1) + scipy.special.rel_entr(1 - s0, 1 - s1)).sum(-1)
+    got = kl_from_logits(z0, z1, "sigmoid").numpy()
+    assert np.all(got >= 0)
+    if scale > 1e-4:  # below that the reference's own cancellation dominates
+        np.testing.assert_allclose(got, ref, rtol=1e-6)
