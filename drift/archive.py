@@ -62,6 +62,9 @@ stats/examples/<arch>/  index (k,), ids (k,), images (k, H, W) float16 in [0, 1]
                         shows with their maps (drift.headline.examples)
 fisher/<arch>/<phase>/  eigenvalues (N, r), rank (N,), probs (N, C), ids; components/{ids, x (float16), x_high,
                         x_low, k, energy_share}; perturbation/<arrays of the perturbation experiment>; summary attrs
+fisher/<arch>/untrained/
+                        the same for an untrained network of the architecture (``fisher.untrained``: the iFIM
+                        controls' baseline; BatchNorm statistics of the training images)
 replicas/<arch>/<phase>/seed<s>/
                         a seed replica of a phase (``baselines.seeds``): as models/<arch>/<phase>/, plus attrs seed
 baselines/arch/<arch>/  attrs: seeds, phases, randomize (JSON), flag_alpha, flag_normalised, n_images

@@ -157,7 +157,8 @@ class PerturbationResult:
           ``wilcoxon_logodds_statistic`` / ``_pvalue``: the paired test above on its per-sample area.
         * ``vs_<kind>_logodds_gap`` (E,): high minus <kind> mean |delta L| per eps, for every other kind;
           ``vs_<kind>_pvalue`` (E,): two-sided Wilcoxon signed-rank p per eps, paired by sample (means over
-          draws), of |delta L| high vs <kind>; ``vs_<kind>_flip_gap`` (E,): high minus <kind> flip rate.
+          draws), of |delta L| high vs <kind>; ``vs_<kind>_margin_pvalue`` (E,): the same test of |margin change|
+          (the classification half, per image); ``vs_<kind>_flip_gap`` (E,): high minus <kind> flip rate.
         * ``kl_ratio_high`` (E,): median KL / (1/2 d^T F d) of the high kind; ``local`` (E,) 1 where it lies in
           :data:`LOCAL_RATIO` (the local regime), 0 in the finite-size regime.
         """
@@ -181,6 +182,7 @@ class PerturbationResult:
         out["removal_confidence_gap"] = self.removal_curves["conf_change"][0] - self.removal_curves["conf_change"][1]
         out["kl_ratio_small_eps"] = float(self.curves["kl_ratio"][hi, int(np.argmin(self.eps))])
         lo = self.abs_logodds_change[:, :, self.valid].mean(-1)  # (K, E, N)
+        mg = np.abs(self.margin_change[:, :, self.valid]).mean(-1)  # (K, E, N)
         test = paired_test(_area(lo[co].T, self.eps), _area(lo[hi].T, self.eps))
         out["wilcoxon_logodds_statistic"], out["wilcoxon_logodds_pvalue"] = test.statistic, test.pvalue
         out["logodds_gap"] = self.curves["abs_logodds_change"][hi] - self.curves["abs_logodds_change"][co]
@@ -191,6 +193,8 @@ class PerturbationResult:
             out[f"vs_{kind}_logodds_gap"] = self.curves["abs_logodds_change"][hi] - self.curves["abs_logodds_change"][j]
             out[f"vs_{kind}_flip_gap"] = self.curves["flip"][hi] - self.curves["flip"][j]
             out[f"vs_{kind}_pvalue"] = np.array([paired_test(lo[j, e], lo[hi, e]).pvalue for e in range(len(self.eps))])
+            out[f"vs_{kind}_margin_pvalue"] = np.array([paired_test(mg[j, e], mg[hi, e]).pvalue
+                                                        for e in range(len(self.eps))])
         out["kl_ratio_high"] = self.curves["kl_ratio"][hi]
         out["local"] = self.curves["local"][hi]
         out["n_valid"] = int(self.valid.sum())

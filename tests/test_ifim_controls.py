@@ -126,11 +126,12 @@ def test_kl_ratio_separates_the_local_regime(rng):
     for kind in KINDS[1:]:
         j = KINDS.index(kind)
         for e in range(2):
-            a, b = res.abs_logodds_change[j, e].mean(-1), res.abs_logodds_change[hi, e].mean(-1)
-            ok = np.isfinite(a) & np.isfinite(b)
-            want = scipy.stats.wilcoxon(a[ok], b[ok]).pvalue if ok.sum() and np.any(a[ok] != b[ok]) else np.nan
-            got = s[f"vs_{kind}_pvalue"][e]
-            assert (np.isnan(want) and (np.isnan(got) or got == 1.0)) or got == pytest.approx(want), kind
+            for values, key in ((res.abs_logodds_change, "pvalue"), (np.abs(res.margin_change), "margin_pvalue")):
+                a, b = values[j, e].mean(-1), values[hi, e].mean(-1)
+                ok = np.isfinite(a) & np.isfinite(b)
+                want = scipy.stats.wilcoxon(a[ok], b[ok]).pvalue if ok.sum() and np.any(a[ok] != b[ok]) else np.nan
+                got = s[f"vs_{kind}_{key}"][e]
+                assert (np.isnan(want) and (np.isnan(got) or got == 1.0)) or got == pytest.approx(want), (kind, key)
 
 
 def test_cam_regions_hold_the_top_fraction(rng):
