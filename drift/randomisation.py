@@ -268,14 +268,14 @@ def randomisation_maps(model: nn.Module, x: torch.Tensor, targets: torch.Tensor,
 
 # ---------------------------------------------------------------------------------------------- similarity
 def prepare(maps: torch.Tensor, size: tuple[int, int], norm: str, subtract_mean: bool = False,
-            where: str = "") -> torch.Tensor:
+            where: str | None = None) -> torch.Tensor:
     """Maps (N, h, w) upsampled to ``size`` and normalised (:func:`drift.maps.normalize`), float64; with
     ``subtract_mean`` the mean map over the N images is subtracted afterwards (the data set's common pattern).
-    Warns when the maps are coarser than 7 x 7, naming ``where``."""
+    Warns when the maps are coarser than 7 x 7, naming ``where`` (None: no warning)."""
     from .maps import normalize, upsample
 
     h, w = maps.shape[-2:]
-    if h * w < MIN_MAP_CELLS:
+    if where is not None and h * w < MIN_MAP_CELLS:
         warnings.warn(f"randomisation {where}: maps of {h} x {w} cells (coarser than 7 x 7) are dominated by the "
                       "architecture's pattern; consider baselines.subtract_mean_map = true", RuntimeWarning,
                       stacklevel=2)
@@ -458,8 +458,8 @@ def run_check(pipe, arch: str, reader, size: tuple[int, int]) -> dict:
                     if r.maps is None:
                         tests.append({"T": math.nan, "null": math.nan, "normalised": math.nan, "p": math.nan})
                         continue
-                    rm = prepare(r.maps[(layer, score)][method], size, norm, b.subtract_mean_map, where)
-                    other = prepare(r.maps_other_seed[(layer, score)][method], size, norm, b.subtract_mean_map, where)
+                    rm = prepare(r.maps[(layer, score)][method], size, norm, b.subtract_mean_map)
+                    other = prepare(r.maps_other_seed[(layer, score)][method], size, norm, b.subtract_mean_map)
                     sc = randomisation_scores(own, rm, other, b.n_permutations, cfg.run.seed + i)
                     node[f"cut{i}"] = sc
                     tests.append(sc["test"])
