@@ -65,9 +65,12 @@ stats/examples/<arch>/  index (k,), ids (k,), images (k, H, W) float16 in [0, 1]
                         shows with their maps (drift.headline.examples)
 fisher/<arch>/<phase>/  eigenvalues (N, r), rank (N,), probs (N, C), ids; components/{ids, x (float16), x_high,
                         x_low, k, energy_share}; perturbation/<arrays of the perturbation experiment>; summary attrs
+fisher/<arch>/untrained/
+                        the same for an untrained network of the architecture (``fisher.untrained``: the iFIM
+                        controls' baseline; BatchNorm statistics of the training images)
 replicas/<arch>/<phase>/seed<s>/
                         a seed replica of a phase (``baselines.seeds``): as models/<arch>/<phase>/, plus attrs seed
-baselines/arch/<arch>/  attrs: seeds, phases, randomize (JSON), flag_pearson, n_images
+baselines/arch/<arch>/  attrs: seeds, phases, randomize (JSON), flag_alpha, flag_normalised, n_images
     seeds/<phase>/<layer>/<score>/<norm>/<method>/
                         attrs models (JSON: "run", "seed<s>", ...); fixed_vs_<model>/ (the other phase's maps vs a
                         replica) and <model>_vs_<model>/ (every pair of replicated models), each scored as
@@ -78,8 +81,10 @@ baselines/arch/<arch>/  attrs: seeds, phases, randomize (JSON), flag_pearson, n_
                         instabilities (NaN outside the drift table's sample), attrs: models, instability and the
                         drift.stats.systematic_drift result (estimate, low, high, noise_share, sigma2, drift, p_value,
                         se, se_images, se_models, df, n_images, n_models, models_resampled, ci)
-    randomisation/      fractions, n_modules (per cut), labels (JSON), normalize;
-                        <layer>/<score>/<method>/{cut<i>/(pair tree), pearson_by_cut, flagged}
+    randomisation/      fractions, n_modules, spread (per cut), refused, labels (JSON), trained_spread, normalize;
+                        <layer>/<score>/<method>/{cut<i>/{per_sample, mean, null_seed, null_images, null_cross,
+                        test} (drift.randomisation.randomisation_scores), pearson_by_cut, normalised_by_cut,
+                        p_by_cut, flagged}
 baselines/ranking/<phase>/
                         systematic/<arch>/<method>/<metric> and ranking/<method>/<metric>/<a>/<b>: the verdicts'
                         results with Holm-adjusted p (drift.verdicts); reversal/ (finetune: the reversal tests with

@@ -13,11 +13,8 @@ reads as "drift below its floor", and ranking on drift minus floor favours the n
 (:func:`instability`: 1 - value for overlaps and correlations, the value for displacements, |value| for
 concentration changes) for the reversal tests.
 
-**Randomisation check** (cascading model randomisation: Adebayo et al., "Sanity checks for saliency maps",
-NeurIPS 2018, section 3.1). The fine-tuned model's layers are re-initialised from the head downwards
-(:func:`cascade`); at each cut the maps of the randomised model are compared with the trained model's by the same
-metrics. A method whose maps barely move even when the whole network is random (mean Pearson r >= a threshold at
-every cut) is *flagged*: its maps, and hence its drift numbers, say little about the model.
+**Randomisation check** (cascading model randomisation with nulls): :mod:`drift.randomisation`; this step
+calls it (:func:`drift.randomisation.run_check`) and archives its result.
 
 The pipeline's ``baselines`` step (:func:`run_step`) trains the replicas (archived and resumed like the run's own
 models: ``replicas/<arch>/<phase>/seed<s>``), scores them, and judges systematic drift, rankings and reversals.
@@ -25,18 +22,14 @@ models: ``replicas/<arch>/<phase>/seed<s>``), scores them, and judges systematic
 
 from __future__ import annotations
 
-import copy
 import json
-import math
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import numpy as np
 import torch
-from torch import nn
 
-from . import attributions_step, stats, verdicts
+from . import attributions_step, randomisation, stats, verdicts
 from .archive import ArchiveReader, Cell
 from .attribution import normalize, upsample
 from .drift_step import masks, pair_tree, sample_mask
@@ -47,11 +40,6 @@ from .stats.systematic import euclidean_instability, euclidean_label, systematic
 
 REPLICA_SEED_OFFSET = 1000
 """Replica ``r`` of a run with seed ``s`` trains with seed ``s + 1000 + r`` (unless ``baselines.replica_seeds``)."""
-
-MapsFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], dict[tuple[str, str], dict[str, torch.Tensor]]]
-"""(model, images, targets) -> {(layer, score): {method: maps (B, h, w)}}, e.g. :func:`drift.attribution.cams_multi`
-with the run's settings bound."""
-
 
 CHAIN_SEED_OFFSET = 2000
 """Chain ``r`` of a run with seed ``s`` trains both phases with seed ``s + 2000 + r`` (``baselines.chains``)."""
@@ -79,115 +67,6 @@ def instability(metric: str, values: np.ndarray, fractions: Sequence[float] = DE
     if absolute:
         return np.abs(v)
     return 1.0 - v if higher else v
-
-
-# ---------------------------------------------------------------------------------------------- randomisation
-@dataclass(frozen=True)
-class Cut:
-    """One cut of the cascade: the head and the top ``fraction`` of the backbone's parameterised layers."""
-
-    fraction: float
-    modules: tuple[str, ...]  # names of the re-initialised modules, head first, then downwards
-
-    @property
-    def label(self) -> str:
-        return "head" if self.fraction == 0 else f"head + top {self.fraction:.0%}"
-
-
-def parameterised_layers(model: nn.Module, x: torch.Tensor) -> list[str]:
-    """Names of the modules that own parameters directly (convolutions, linear layers, norms), in the order they
-    first run on ``x[:1]`` (modules that do not run are left out)."""
-    order: list[str] = []
-    hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: order.append(name))
-             for name, m in model.named_modules() if next(m.parameters(recurse=False), None) is not None]
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(x[:1])
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
-    return list(dict.fromkeys(order))
-
-
-def cascade(model: nn.Module, x: torch.Tensor, fractions: Sequence[float], head: str = "head") -> list[Cut]:
-    """Cut points of a cascading randomisation from the top of ``model`` down.
-
-    Args:
-        model: the classifier; modules under ``head`` (the classification head) are randomised at every cut.
-        x: a batch the model accepts (the execution order of its layers is read from ``x[:1]``).
-        fractions: increasing fractions in [0, 1]: each cut also randomises the last ``ceil(f x L)`` of the
-            backbone's L parameterised layers in execution order (0 = the head only, 1 = every layer).
-        head: name prefix of the head's modules.
-
-    Raises:
-        ValueError: no parameterised module under ``head``.
-    """
-    layers = parameterised_layers(model, x)
-    top = [n for n in layers if n == head or n.startswith(head + ".")]
-    if not top:
-        raise ValueError(f"randomisation: no parameterised module named {head!r} or under it; modules that run: "
-                         f"{layers[-5:]}")
-    body = [n for n in layers if n not in top][::-1]  # top of the backbone first
-    return [Cut(float(f), tuple(top[::-1] + body[:math.ceil(f * len(body))])) for f in fractions]
-
-
-def randomised(model: nn.Module, modules: Sequence[str], seed: int) -> nn.Module:
-    """A copy of ``model`` whose ``modules`` are re-initialised with their own initialiser (``reset_parameters``:
-    PyTorch's default initialisation of that layer type, running statistics of norms reset), seeded; modules
-    without one get Kaiming-uniform weights (a = sqrt(5), PyTorch's convolution default), unit scales and zero
-    biases. The model itself is left untouched."""
-    out = copy.deepcopy(model)
-    named = dict(out.named_modules())
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for name in modules:
-            m = named[name]
-            if hasattr(m, "reset_parameters"):
-                m.reset_parameters()
-                if hasattr(m, "reset_running_stats"):
-                    m.reset_running_stats()
-                continue
-            with torch.no_grad():
-                for pname, p in m.named_parameters(recurse=False):
-                    if p.ndim > 1:
-                        nn.init.kaiming_uniform_(p, a=math.sqrt(5))
-                    elif "bias" in pname:
-                        p.zero_()
-                    else:
-                        p.fill_(1.0)
-    return out.eval()
-
-
-def randomisation_maps(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, cuts: Sequence[Cut],
-                       maps_fn: MapsFn, seed: int, batch_size: int = 16
-                       ) -> list[dict[tuple[str, str], dict[str, torch.Tensor]]]:
-    """Maps of the randomised models, one dict per cut (as ``maps_fn`` returns them, on the CPU, float32).
-
-    Every cut re-initialises from the *trained* model with the same seed, so the layers randomised at one cut
-    carry the same random weights at every deeper cut (a cascade, as in Adebayo et al.)."""
-    out = []
-    for cut in cuts:
-        rand = randomised(model, cut.modules, seed)
-        parts: dict[tuple[str, str], dict[str, list[torch.Tensor]]] = {}
-        for lo in range(0, len(x), batch_size):
-            res = maps_fn(rand, x[lo:lo + batch_size], targets[lo:lo + batch_size])
-            for key, by_method in res.items():
-                for m, v in by_method.items():
-                    parts.setdefault(key, {}).setdefault(m, []).append(v.detach().float().cpu())
-        out.append({k: {m: torch.cat(v) for m, v in d.items()} for k, d in parts.items()})
-        del rand
-    return out
-
-
-def flagged(pearson_by_cut: Sequence[float], threshold: float) -> bool:
-    """Whether a method barely reacts to randomisation: its mean Pearson r with the trained maps stays at or
-    above ``threshold`` at every cut (NaN cuts, with no valid image, do not count; all NaN: not flagged)."""
-    r = np.asarray(pearson_by_cut, dtype=np.float64)
-    r = r[np.isfinite(r)]
-    return bool(r.size and (r >= threshold).all())
 
 
 # ---------------------------------------------------------------------------------------------- seed replicas
@@ -326,12 +205,13 @@ def _arch_step(pipe, arch: str, seeds: list[int], name: str) -> None:
     if seeds:
         tree["seeds"] = _seed_tree(pipe, arch, seeds, reader, size, selected)
     if b.randomize:
-        tree["randomisation"] = _randomisation(pipe, arch, reader, size)
+        tree["randomisation"] = randomisation.run_check(pipe, arch, reader, size)
     with pipe.archive.commit(name, replace=(name,), started=t0, **pipe._stamp("baselines")) as f:
         g = f.require_group(name)
         write_tree(g, tree)
         g.attrs.update({"seeds": json.dumps(seeds), "phases": json.dumps(list(b.phases) if seeds else []),
-                        "randomize": json.dumps(list(b.randomize)), "flag_pearson": b.flag_pearson,
+                        "randomize": json.dumps(list(b.randomize)), "flag_alpha": b.flag_alpha,
+                        "flag_normalised": b.flag_normalised,
                         "n_images": min(b.n_images, n) if b.randomize else 0})
     pipe.timings[name] = time.perf_counter() - t0
     what = []
@@ -341,47 +221,11 @@ def _arch_step(pipe, arch: str, seeds: list[int], name: str) -> None:
     if b.randomize:
         fl = [f"{m} at {layer}" for layer, by_score in tree["randomisation"].items() if isinstance(by_score, dict)
               for by_method in by_score.values() for m, node in by_method.items() if node.get("flagged")]
+        refused = sum(bool(r) for r in json.loads(tree["randomisation"]["refused"]))
         what.append(f"randomisation check at {len(b.randomize)} cuts"
+                    + (f", {refused} refused (randomised output independent of the input)" if refused else "")
                     + (f" (flagged: {', '.join(fl)})" if fl else " (no method flagged)"))
     log(f"{arch}: {' and '.join(what)} in {pipe.timings[name]:.0f} s")
-
-
-def _randomisation(pipe, arch: str, reader, size) -> dict:
-    from .attribution import cams_multi  # looked up per call, as the attributions step does
-
-    cfg, b, a = pipe.cfg, pipe.cfg.baselines, pipe.cfg.attribution
-    m = min(b.n_images, len(pipe.splits.test))
-    idx = np.arange(m)
-    model = pipe.trained(arch, "finetune").model.eval()
-    x = pipe.test_images(idx).to(pipe.device)
-    targets = torch.as_tensor(attributions_step.targets(pipe, arch, "finetune")[idx]).to(pipe.device)
-    cuts = cascade(model, x, b.randomize)
-
-    def maps_fn(model, xb, tb):
-        return cams_multi(model, xb, tb, methods=tuple(a.methods), layers=tuple(a.layers), scores=tuple(a.scores),
-                          eps=a.eps)
-
-    rand = randomisation_maps(model, x, targets, cuts, maps_fn, cfg.run.seed, a.batch_size)
-    norm = cfg.metrics.normalize[0]
-    everyone = np.ones(len(pipe.splits.test), dtype=bool)
-    out: dict = {"fractions": np.asarray([c.fraction for c in cuts]),
-                 "n_modules": np.asarray([len(c.modules) for c in cuts]),
-                 "labels": json.dumps([c.label for c in cuts])}
-    for layer in a.layers:
-        for score in a.scores:
-            for method in a.methods:
-                own = reader.maps(arch, "finetune", method, layer, score)[:m]
-                node: dict = {}
-                r_by_cut = []
-                for i, maps in enumerate(rand):
-                    pt = _pair(pipe, own, maps[(layer, score)][method].numpy(), norm, size, everyone)
-                    node[f"cut{i}"] = pt
-                    r_by_cut.append(pt["summary"]["pearson"]["mean"])
-                node["pearson_by_cut"] = np.asarray(r_by_cut)
-                node["flagged"] = flagged(r_by_cut, b.flag_pearson)
-                out.setdefault(layer, {}).setdefault(score, {})[method] = node
-    out["normalize"] = norm
-    return out
 
 
 def _ranking_step(pipe, seeds: list[int]) -> None:

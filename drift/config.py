@@ -164,10 +164,17 @@ class FisherConfig:
     n_spectrum: int = 20  # test samples with eigenvalues; 0 = all
     n_components: int = 12  # test samples with components and perturbation curves
     energy: float = 0.9
-    eps_grid: list[float] = field(default_factory=lambda: [0.01, 0.02, 0.05, 0.1])
+    # Relative perturbation sizes |d| / |x|: the smaller ones lie in the local regime (KL ratio within [0.8, 1.25]),
+    # the larger ones in the finite-size regime (docs/controls.md says how the grid was chosen).
+    eps_grid: list[float] = field(default_factory=lambda: [0.0003, 0.001, 0.003, 0.01, 0.03, 0.1])
     alphas: list[float] = field(default_factory=lambda: [0.5, 1.0])
     n_draws: int = 1
     batch_size: int = 8
+    # The controls of the iFIM claim (drift.perturb): the same analysis of an untrained network of the same
+    # architecture (BatchNorm statistics of the training images), and the share of each image's pixels, ranked by
+    # the fine-tuned model's CAM (first method, layer and score), that the ``cam`` control perturbs.
+    untrained: bool = True
+    cam_fraction: float = 0.2
 
 
 @dataclass
@@ -190,9 +197,17 @@ class BaselinesConfig:
     # BatchNorm), counted from the top, are re-initialised; [] = no randomisation check.
     randomize: list[float] = field(default_factory=list)
     n_images: int = 48  # test images of the randomisation check (the first ones)
-    # A method whose maps keep a mean Pearson correlation >= this with the trained model's maps at every cut
-    # point is flagged: its maps carry little information about the model.
-    flag_pearson: float = 0.5
+    # The flag (drift.randomisation): a cut rejects when the permutation test of "the randomised maps share the
+    # trained maps' image content" has p <= flag_alpha and the normalised similarity (0 = a random pairing of images,
+    # 1 = the trained maps) is >= flag_normalised; a method is flagged when every scored cut rejects.
+    flag_alpha: float = 0.05
+    flag_normalised: float = 0.5
+    n_permutations: int = 999  # permutations of the flag's test
+    # A randomised model whose logits vary by less than this (mean over classes of the std over images, logit
+    # units) does not depend on its input: that cut is refused, not scored.
+    min_logit_spread: float = 1e-3
+    # Subtract each model's mean map over the check's images before comparing (removes the common pattern).
+    subtract_mean_map: bool = False
 
 
 @dataclass
@@ -276,7 +291,7 @@ STEP_SECTIONS: dict[str, tuple[str, ...]] = {
     "train": _TRAINED,
     "attributions": (*_TRAINED, "attribution"),
     "drift": (*_TRAINED, "attribution", "metrics"),
-    "fisher": (*_TRAINED, "fisher"),
+    "fisher": (*_TRAINED, "attribution", "fisher"),  # attribution: the CAM region of the ``cam`` control
     "stats": (*_TRAINED, "attribution", "metrics"),
     "baselines": (*_TRAINED, "attribution", "metrics", "baselines"),
 }
@@ -287,7 +302,7 @@ class ConfigError(ValueError):
     pass
 
 
-RENAMED_KEYS = {"baselines.stages": "baselines.phases"}
+RENAMED_KEYS = {"baselines.stages": "baselines.phases", "baselines.flag_pearson": "baselines.flag_normalised"}
 """Keys of earlier versions read under their new name (configs stored in older archives still load)."""
 
 

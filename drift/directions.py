@@ -8,6 +8,17 @@ For each image x, with V_k the top-k eigenvectors of the iFIM F = G^T G at x, th
   V_k V_k^T g = G^T U_k diag(1/lambda_k) U_k^T (G g) (applied twice, so rounding leaves no component inside);
 * ``random``: u = g / |g|.
 
+Controls of equal norm (:func:`control_directions`, :data:`CONTROL_KINDS`), the informative alternatives a
+claim about the top-k subspace has to beat (any direction outside span(G) is a first-order null direction, so
+``high`` beating ``complement`` holds for every differentiable classifier):
+
+* ``jacobian``: a random direction in the span of the top-k right singular vectors of the logit Jacobian J (not
+  weighted by p): J^T W_k diag(s_k)^-1 a, with J J^T W = W diag(s^2), a ~ N(0, I_k);
+* ``gradient``: +-grad_x log p_pred / |.| (the sign drawn per draw): the steepest direction of the confidence;
+* ``cam``: g restricted to a region (the top CAM region of the image), g ~ N(0, I_D) there, zero elsewhere;
+* ``span_rest``: a random direction inside span(G) orthogonal to the top-k eigenvectors: G^T U_r' diag(lambda)^-1/2
+  a over the eigenvalues k+1 .. rank (NaN where rank <= k).
+
 Removal / attenuation inputs (:func:`removal_inputs`): x - alpha x_high against x - alpha |x_high| u_complement
 (an equal-norm random piece of the complement), for alpha in [0, 1].
 
@@ -36,12 +47,18 @@ from .fisher import (
     ifim_from_jacobian,
 )
 
-__all__ = ["Directions", "perturbation_directions", "removal_inputs", "sample_generator"]
+__all__ = ["CONTROL_KINDS", "Directions", "control_directions", "perturbation_directions", "removal_inputs",
+           "sample_generator"]
+
+CONTROL_KINDS = ("jacobian", "gradient", "cam", "span_rest")
+"""The informative alternatives to the top-k iFIM subspace (:func:`control_directions`)."""
 
 
-def sample_generator(seed: int, index: int) -> torch.Generator:
-    """CPU generator of sample ``index`` under ``seed``: independent streams from numpy's SeedSequence([seed, i])."""
-    state = np.random.SeedSequence([int(seed), int(index)]).generate_state(2, dtype=np.uint32)
+def sample_generator(seed: int, index: int, stream: int = 0) -> torch.Generator:
+    """CPU generator of sample ``index`` under ``seed``: independent streams from numpy's SeedSequence([seed, i])
+    (stream 0; stream s > 0 from SeedSequence([seed, i, s]))."""
+    key = [int(seed), int(index)] + ([int(stream)] if stream else [])
+    state = np.random.SeedSequence(key).generate_state(2, dtype=np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 31 ^ int(state[1]))
 
 
@@ -174,3 +191,80 @@ def removal_inputs(
     high = x.unsqueeze(0) - a * x_high.unsqueeze(0)
     comp = x.unsqueeze(0).unsqueeze(2) - a.unsqueeze(2) * hn * complement.unsqueeze(0)
     return high, comp
+
+
+def control_directions(
+    J: torch.Tensor,
+    p: torch.Tensor,
+    x: torch.Tensor,
+    spectrum: IFIM,
+    k: torch.Tensor,
+    head: str = "softmax",
+    n_draws: int = 1,
+    seed: int = 0,
+    first_index: int = 0,
+    region: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """The control directions of :data:`CONTROL_KINDS` (module docstring), unit norm, (B, m, *S) each.
+
+    Args:
+        J: (B, C, D) input Jacobian at x; p: (B, C) probabilities; x: (B, *S) inputs.
+        spectrum: :func:`drift.fisher.ifim_from_jacobian` of (J, p, x).
+        k: (B,) the top-k subspace sizes of the ``high`` kind (the ``jacobian`` kind takes the same k).
+        head, n_draws, seed, first_index: as :func:`perturbation_directions`; draws come from stream 1 of
+            :func:`sample_generator`, so the other kinds' draws do not change.
+        region: (B, *S) bool, the pixels the ``cam`` kind perturbs; None: that kind is NaN.
+
+    Returns:
+        ``{kind: (B, m, *S)}`` in x's dtype; NaN where no such direction exists (empty span or region, zero
+        gradient).
+    """
+    B, C, D = _check_jp(J, p, head)
+    m, dev, dt = n_draws, x.device, x.dtype
+    lam, U = spectrum.eigenvalues, spectrum.U
+    r = lam.shape[1]
+    Jd = J.double()
+    # Right singular vectors of J from the C x C matrix J J^T (float64), descending.
+    s2, W = torch.linalg.eigh(Jd @ Jd.transpose(1, 2))
+    s2, W = s2.flip(-1), W.flip(-1)
+    tol = s2[:, :1].clamp_min(0) * 1e-12
+    a_jac = torch.empty(B, C, m, dtype=torch.float64)
+    a_rest = torch.empty(B, r, m, dtype=torch.float64)
+    signs = torch.empty(B, m, dtype=torch.float64)
+    g_cam = torch.empty(B, D, m, dtype=torch.float64)
+    for b in range(B):
+        gen = sample_generator(seed, first_index + b, stream=1)
+        a_jac[b] = torch.randn(m, C, generator=gen, dtype=torch.float64).T
+        a_rest[b] = torch.randn(m, r, generator=gen, dtype=torch.float64).T
+        signs[b] = torch.randint(0, 2, (m,), generator=gen).double() * 2 - 1
+        g_cam[b] = torch.randn(m, D, generator=gen, dtype=torch.float64).T
+    a_jac, a_rest, signs, g_cam = a_jac.to(dev), a_rest.to(dev), signs.to(dev), g_cam.to(dev)
+    kk = k.to(dev).unsqueeze(1)
+    in_jac = (torch.arange(C, device=dev).unsqueeze(0) < kk) & (s2 > tol)
+    coef = torch.where(in_jac, s2.clamp_min(torch.finfo(torch.float64).tiny).rsqrt(), torch.zeros_like(s2))
+    jac = Jd.transpose(1, 2) @ (W @ (coef.unsqueeze(-1) * a_jac))  # (B, D, m)
+
+    p64 = p.double()
+    pred = p64.argmax(1)
+    if head == "softmax":  # grad log p_pred = J^T (e_pred - p)
+        w = torch.nn.functional.one_hot(pred, C).double() - p64
+    else:  # grad log sigmoid(z_pred) = (1 - p_pred) J_pred
+        w = torch.nn.functional.one_hot(pred, C).double() * (1 - p64)
+    grad = (Jd.transpose(1, 2) @ w.unsqueeze(-1)) * signs.unsqueeze(1)  # (B, D, m)
+
+    rest = (torch.arange(r, device=dev).unsqueeze(0) >= kk) & (lam > 0)
+    inv_sqrt = torch.where(rest, lam.clamp_min(torch.finfo(torch.float64).tiny).rsqrt(), torch.zeros_like(lam))
+    span_rest = _project(J, p, U @ (inv_sqrt.unsqueeze(-1) * a_rest), head).double()
+
+    if region is None:
+        cam = torch.full_like(g_cam, math.nan)
+    else:
+        mask = _flat_batch(region.to(dev), B, D, "region").double()
+        cam = g_cam * mask.unsqueeze(-1)
+
+    shape = tuple(x.shape[1:])
+
+    def out(V: torch.Tensor) -> torch.Tensor:
+        return _unit_columns(V).to(dt).transpose(1, 2).reshape(B, m, *shape)
+
+    return {"jacobian": out(jac), "gradient": out(grad), "cam": out(cam), "span_rest": out(span_rest)}

@@ -69,6 +69,7 @@ def ifim_study(
     n_components: int,
     schedule: Callable[[list[int]], list[int]] = list,
     gather: Callable[[list[_StudyBatch]], list[_StudyBatch]] = list,
+    region_of: Callable[[np.ndarray], torch.Tensor] | None = None,
     **settings: Any,
 ) -> IFIMStudy:
     """The iFIM spectrum of inputs 0 .. n - 1 and the components and perturbations of inputs 0 .. m - 1, from one
@@ -94,6 +95,8 @@ def ifim_study(
         gather: every batch's result in schedule order, given this process's (default: its own). With
             ``drift.distributed.my_batches`` and ``gather_batches`` the processes of a run share the batches;
             each batch is computed as one process computes it, so the result does not change.
+        region_of: ``region_of(idx)`` returns the (len(idx), *S) bool regions of the ``cam`` control of the
+            inputs ``idx`` (:func:`run_perturbations`' ``region``); None: that control is NaN.
         settings: keyword arguments of :func:`run_perturbations` (eps_grid, alphas, k, energy, head, n_draws,
             seed, batch_size, rtol), with its defaults.
 
@@ -104,7 +107,7 @@ def ifim_study(
         if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
     n, m = int(n_spectrum), int(n_components)
-    defaults = list(inspect.signature(run_perturbations).parameters.values())[3:]
+    defaults = [p for p in list(inspect.signature(run_perturbations).parameters.values())[3:] if p.name != "region"]
     unknown = set(settings) - {p.name for p in defaults}
     if unknown:
         raise TypeError(f"ifim_study got unknown settings {sorted(unknown)}; see run_perturbations")
@@ -119,10 +122,11 @@ def ifim_study(
         spec = ifim_from_jacobian(J, head_probs(z, head), xb, head, rtol, eigenvectors=False, logits=z)
         ns, nc = max(0, min(n - start, len(xb))), max(0, min(m - start, len(xb)))
         dirs, outcomes = None, None
+        region = None if region_of is None or nc == 0 else region_of(np.arange(start, start + nc)).to(xb.device)
         if nc == len(xb):
-            dirs, outcomes = exp.batch(xb, J, z, start, spec)
+            dirs, outcomes = exp.batch(xb, J, z, start, spec, region)
         elif nc > 0:
-            dirs, outcomes = exp.batch(xb[:nc], J[:nc], z[:nc], start, _rows(spec, nc))
+            dirs, outcomes = exp.batch(xb[:nc], J[:nc], z[:nc], start, _rows(spec, nc), region)
         parts.append(
             _StudyBatch(
                 eigenvalues=spec.eigenvalues[:ns].double().cpu(),
@@ -149,3 +153,34 @@ def ifim_study(
         ),
         perturbation=exp.result([p.outcomes for p in with_components]),
     )
+
+
+# ---------------------------------------------------------------------------------------------- the pipeline's controls
+def untrained_model(pipe, arch: str) -> nn.Module:
+    """The untrained control of ``arch``: the classifier built under the run's seed with the architecture's own
+    initialiser, its BatchNorm statistics estimated on the training images (as ``model.weights = "none"``)."""
+    from .models import build
+    from .train import BN_CALIBRATION_IMAGES, calibrate_bn
+
+    cfg = pipe.cfg
+    side = pipe.input_size(arch)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.run.seed)
+        model = build(arch, len(pipe.class_names), cfg.model.dropout, 0 if side == cfg.data.image_size else side)
+    model = model.to(pipe.device)
+    calibrate_bn(model, pipe.splits.train, pipe.device, max_images=BN_CALIBRATION_IMAGES)
+    return model.eval()
+
+
+def cam_regions(maps: np.ndarray, shape: Sequence[int], fraction: float) -> torch.Tensor:
+    """The top-``fraction`` region of each map: maps (N, h, w) upsampled to the inputs' (H, W) (bilinear), the
+    ceil(fraction H W) highest pixels of each (ties broken by position), as a bool mask broadcast to the inputs'
+    shape (N, *shape) with shape = (channels, H, W)."""
+    from .maps import upsample
+
+    H, W = shape[-2:]
+    u = upsample(torch.as_tensor(maps, dtype=torch.float64), (H, W)).flatten(1)
+    n_top = max(1, int(np.ceil(fraction * H * W)))
+    top = torch.zeros_like(u, dtype=torch.bool)
+    top.scatter_(1, u.argsort(dim=1, descending=True, stable=True)[:, :n_top], True)
+    return top.view(-1, 1, H, W).expand(-1, *shape).contiguous()

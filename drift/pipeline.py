@@ -395,7 +395,8 @@ class Pipeline:
         name = f"fisher/{arch}"
         if not self._todo(name, "fisher"):
             return
-        from .ifim_study import ifim_study
+        from .archive import ArchiveReader
+        from .ifim_study import cam_regions, ifim_study, untrained_model
 
         fc = self.cfg.fisher
         test = self.splits.test
@@ -404,11 +405,24 @@ class Pipeline:
         comp_idx = np.arange(m)
         t0 = time.perf_counter()
         tree = {}
-        for phase in PHASES:
-            model = self.trained(arch, phase).model.eval()
+        a, reader = self.cfg.attribution, ArchiveReader(self.path)
+        shape = tuple(self.test_images([0]).shape[1:])
+
+        def regions(phase):  # the fine-tuned model's top CAM region for the untrained control
+            path = f"attributions/{arch}/{a.layers[0]}/{a.scores[0]}/{phase}/{a.methods[0]}"
+            if not reader.has(path):
+                return None
+            maps = reader.read(path)
+            return lambda idx: cam_regions(maps[idx], shape, fc.cam_fraction)
+
+        models = [(phase, self.trained(arch, phase).model.eval(), phase) for phase in PHASES]
+        if fc.untrained:
+            models.append(("untrained", untrained_model(self, arch), "finetune"))
+        for phase, model, region_phase in models:
             # One Jacobian per batch serves the spectra (first n images), components and perturbations (first m).
             st = ifim_study(model, lambda idx: self.test_images(idx).to(self.device), test.labels[comp_idx], n, m,
                             schedule=distributed.my_batches, gather=distributed.gather_batches,
+                            region_of=regions(region_phase),
                             eps_grid=fc.eps_grid, alphas=fc.alphas, energy=fc.energy, head=fc.head,
                             n_draws=fc.n_draws, seed=self.cfg.run.seed, batch_size=fc.batch_size)
             eig_t, pert = st.eigenvalues, st.perturbation

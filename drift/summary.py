@@ -198,13 +198,21 @@ def _fisher(r: ArchiveReader, h: dict) -> list[str]:
              _fmt(f["area_complement"], 4), _fmt(f["area_random"], 4),
              f"{_fmt(f['gap'], 4)} [{_fmt(f['gap_lo'], 4)}, {_fmt(f['gap_hi'], 4)}]", _fmt(f["wilcoxon_p"], 4)]
             for arch, by_phase in h["fisher"].items() for phase, f in by_phase.items()]
-    if not rows:
-        return []
-    return ["iFIM: top eigenvalue share, numerical rank, and |confidence change| under equal-norm perturbations "
-            "(area over eps) inside the high-sensitivity subspace, its complement and a random direction; the "
-            "confidence gap (high - complement, mean over images [95% bootstrap interval]) and its paired Wilcoxon p",
-            table(["architecture", "phase", "top share", "mean rank", "high", "complement", "random", "gap",
-                   "Wilcoxon p"], rows), ""]
+    from .report.fisher import CONTROLS_CAPTION, control_rows
+
+    out = []
+    if rows:
+        out += ["iFIM: top eigenvalue share, numerical rank, and |confidence change| under equal-norm perturbations "
+                "(area over eps) inside the high-sensitivity subspace, its complement and a random direction; the "
+                "confidence gap (high - complement, mean over images [95% bootstrap interval]; a consistency check: "
+                "it holds for any differentiable classifier) and its paired Wilcoxon p",
+                table(["architecture", "phase", "top share", "mean rank", "high", "complement", "random", "gap",
+                       "Wilcoxon p"], rows), ""]
+    header, crows = control_rows(r, r.keys("fisher"))
+    if crows:
+        out += [f"iFIM controls (trained phases and an untrained network of the same architecture). {CONTROLS_CAPTION}",
+                table(header, crows), ""]
+    return out
 
 
 def _baselines(r: ArchiveReader, h: dict) -> list[str]:

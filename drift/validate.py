@@ -160,6 +160,9 @@ def _check_analysis(cfg: Config) -> None:
     if not 0 < fc.energy <= 1:
         raise ConfigError(f"fisher.energy must be in (0, 1], got {fc.energy!r}")
     _number_list(fc.eps_grid, "fisher.eps_grid", 0, math.inf, low_open=False)
+    cf = fc.cam_fraction
+    if isinstance(cf, bool) or not isinstance(cf, (int, float)) or not 0 < cf <= 1:
+        raise ConfigError(f"fisher.cam_fraction must be a share of the pixels in (0, 1], got {fc.cam_fraction!r}")
     _check_list(fc.eps_grid, "fisher.eps_grid", None)
     _number_list(fc.alphas, "fisher.alphas", 0, 1, low_open=False)
     _check_list(fc.alphas, "fisher.alphas", None)
@@ -183,9 +186,11 @@ def _check_baselines(cfg: Config) -> None:
             raise ConfigError(f"baselines.randomize must be increasing (a cascade from the head down), "
                               f"got {b.randomize}")
     _int_at_least(b.n_images, "baselines.n_images", 2, " (test images of the randomisation check)")
-    if (isinstance(b.flag_pearson, bool) or not isinstance(b.flag_pearson, (int, float))
-            or not -1 <= b.flag_pearson <= 1):
-        raise ConfigError(f"baselines.flag_pearson must be a correlation in [-1, 1], got {b.flag_pearson!r}")
+    for key, lo, hi in (("flag_alpha", 0, 1), ("flag_normalised", -1, 1), ("min_logit_spread", 0, math.inf)):
+        v = getattr(b, key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
+            raise ConfigError(f"baselines.{key} must be a number in [{lo}, {hi}], got {v!r}")
+    _int_at_least(b.n_permutations, "baselines.n_permutations", 19, " (permutations of the randomisation flag's test)")
 
 
 def _check_measure(cfg: Config) -> None:

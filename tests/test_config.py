@@ -127,7 +127,11 @@ def test_extends_errors_name_the_file(tmp_path):
     ("baselines.randomize=[0.5, 0.25]", "baselines.randomize must be increasing"),
     ("baselines.randomize=[1.5]", r"baselines.randomize: 1.5 is not a finite number in \[0, 1\]"),
     ("baselines.replica_seeds=[4, 4]", "baselines.replica_seeds lists a seed twice"),
-    ("baselines.flag_pearson=2", r"baselines.flag_pearson must be a correlation in \[-1, 1\]"),
+    ("baselines.flag_pearson=2", r"baselines.flag_normalised must be a number in \[-1, 1\], got 2"),  # earlier name
+    ("baselines.flag_alpha=1.5", r"baselines.flag_alpha must be a number in \[0, 1\], got 1.5"),
+    ("baselines.min_logit_spread=-1", r"baselines.min_logit_spread must be a number in \[0, inf\], got -1"),
+    ("baselines.n_permutations=5", "baselines.n_permutations must be an integer >= 19"),
+    ("fisher.cam_fraction=0", r"fisher.cam_fraction must be a share of the pixels in \(0, 1\], got 0"),
     ("baselines.n_images=1", "baselines.n_images must be an integer >= 2"),
 ])  # fmt: skip
 def test_baselines_settings_are_checked(override, message):

@@ -242,6 +242,34 @@ def test_fisher_spectra_are_sorted_and_rank_bounded(full_run):
             np.testing.assert_allclose(c["x_high"] + c["x_low"], c["x"].astype(np.float32), atol=2e-3)
 
 
+def test_ifim_controls_and_untrained_network_are_archived_and_summarised(full_run):
+    """The fisher step's controls: every direction kind, the CAM region from the archived maps, an untrained network
+    of the same architecture (BatchNorm statistics of the data, other weights than the trained models'), and the
+    summary's table of them per eps with the KL ratio."""
+    from drift.ifim_study import untrained_model
+    from drift.perturb import KINDS
+    from drift.summary import summary_text
+
+    cfg, pipe, r = full_run
+    for arch in cfg.run.archs:
+        for model in ("finetune", "untrained"):
+            p = r.read(f"fisher/{arch}/{model}/perturbation")
+            assert [str(k) for k in p["kinds"]] == list(KINDS)
+            assert p["abs_logodds_change"].shape[:3] == (len(KINDS), 1, 2)
+            assert np.isfinite(p["abs_logodds_change"][KINDS.index("cam")]).all()  # a region from the CAMs
+            assert np.all(p["kl"][np.isfinite(p["kl"])] >= 0)
+        net = untrained_model(pipe, arch)
+        trained = pipe.trained(arch, "finetune").model
+        w = dict(net.named_parameters())
+        assert any(not torch.equal(w[k].cpu(), v.cpu()) for k, v in trained.named_parameters())
+        bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        assert bns and not torch.all(bns[0].running_var == 1)  # statistics of the data, not the reset ones
+    text = summary_text(r.path)
+    assert "iFIM controls" in text and "consistency check" in text
+    for arch in cfg.run.archs:
+        assert any(line.startswith(arch) and " untrained " in line for line in text.splitlines())
+
+
 def test_resume_after_interruption_gives_the_same_results(full_run, tmp_path):
     cfg, _, ref = full_run
     out = tmp_path / "resumed"

@@ -62,8 +62,9 @@ def sections(run: Run) -> list[Section]:
         s.blocks.append(Table("tbl-answer-fisher", "iFIM: mean share of the top eigenvalue in the Fisher trace; the "
                               "confidence gap, area over eps of |change of predicted-class confidence| under an "
                               "equal-norm perturbation inside the high-sensitivity subspace minus inside its "
-                              "complement (mean over images [95% bootstrap interval]; positive: the subspace moves the "
-                              "prediction more), with its paired Wilcoxon p",
+                              "complement (mean over images [95% bootstrap interval]), with its paired Wilcoxon p: a "
+                              "consistency check, positive for any differentiable classifier (the controls that can "
+                              "fail are in the iFIM section)",
                               ["architecture", "phase", "top share", "confidence gap", "Wilcoxon p", "n"], rows))
     if not any(isinstance(b, Table) for b in s.blocks):
         s.blocks.append(Text("No trained model has results yet.", "note"))

@@ -48,25 +48,54 @@ def systematic_rows(reader: ArchiveReader, cells: list[Cell] | None = None) -> t
 
 
 def randomisation_rows(reader: ArchiveReader) -> tuple[list[str], list[list[str]]]:
-    """The randomisation check of an archive: header and rows (architecture, layer, score, method, mean Pearson r
-    with the trained maps at each cut, flagged). Empty without the check."""
-    rows, labels = [], []
+    """The randomisation check of an archive: header and rows, one per architecture, layer, score, method and cut:
+    the mean similarities of the trained and the randomised maps (Pearson, Spearman, |Spearman|, SSIM) beside the
+    two nulls of the same run (Pearson of two randomised models with different seeds, and of the trained maps of
+    different images), the normalised similarity and permutation p of the flag's test, the randomised model's logit
+    spread, and whether the method is flagged (:mod:`drift.randomisation`). Empty without the check."""
+    rows = []
     for arch in reader.keys("baselines/arch"):
         path = f"baselines/arch/{arch}/randomisation"
         if not reader.has(path):
             continue
         top = reader.read(path)
-        labels = json.loads(top.get("labels", "[]")) or labels
+        labels = json.loads(top.get("labels", "[]"))
+        refused = json.loads(top.get("refused", "[]")) or [""] * len(labels)
+        spread = np.asarray(top.get("spread", [np.nan] * len(labels)), dtype=float)
         for layer, by_score in top.items():
             if not isinstance(by_score, dict):
                 continue
             for score, by_method in by_score.items():
                 for method, node in by_method.items():
-                    r = np.asarray(node.get("pearson_by_cut", []), dtype=float)
-                    rows.append([arch, layer, score, method, " -> ".join(fmt(x) for x in r),
-                                 "FLAGGED" if yes_no(node.get("flagged")) == "yes" else "no"])
-    cuts = " -> ".join(labels) if labels else "cuts"
-    return ["architecture", "layer", "score", "method", f"Pearson r with the trained maps ({cuts})", "flagged"], rows
+                    flag = "FLAGGED" if yes_no(node.get("flagged")) == "yes" else "no"
+                    for i, label in enumerate(labels):
+                        c = node.get(f"cut{i}")
+                        if c is None or refused[i]:
+                            rows.append([arch, layer, score, method, label, "refused: output independent of the "
+                                         f"input (logit spread {fmt(spread[i], 3)})", "", "", "", "", flag])
+                            continue
+                        m, t = c["mean"], c["test"]
+                        rows.append([arch, layer, score, method, label,
+                                     " / ".join(fmt(m.get(k)) for k in ("pearson", "spearman", "abs_spearman",
+                                                                        "ssim")),
+                                     fmt(c["null_seed"].get("pearson")), fmt(c["null_images"].get("pearson")),
+                                     f"{fmt(t.get('normalised'))} (p {fmt(t.get('p'), 3)})", fmt(spread[i], 3), flag])
+    return ["architecture", "layer", "score", "method", "cut", "trained vs random: r / rho / |rho| / SSIM",
+            "null: random vs random' (r)", "null: trained, other image (r)", "normalised (permutation p)",
+            "logit spread", "flagged"], rows
+
+
+def randomisation_caption(reader: ArchiveReader) -> str:
+    """What the randomisation table shows and how the flag is decided (its settings read from the archive)."""
+    attrs = next((reader.read(f"baselines/arch/{a}") for a in reader.keys("baselines/arch")), {})
+    alpha, thr = attrs.get("flag_alpha"), attrs.get("flag_normalised", attrs.get("flag_pearson"))
+    return ("Randomisation check (cascading re-initialisation of the fine-tuned model from the head down, each "
+            "architecture's own initialiser, BatchNorm statistics of training images): similarity of the trained and "
+            "the randomised maps of the same image beside two nulls of the same run; normalised = (r - r0) / (1 - r0) "
+            "with r0 the mean r of trained vs randomised maps of different images. A cut rejects when the permutation "
+            f"p <= {fmt(alpha)} and normalised >= {fmt(thr)}; a method is flagged (its maps do not depend on the "
+            f"weights) when every scored cut rejects: false-positive rate at most {fmt(alpha)} "
+            "(docs/controls.md)")
 
 
 def verdict(reader: ArchiveReader) -> str:
@@ -88,11 +117,7 @@ def summary_lines(reader: ArchiveReader, headline: dict | None = None) -> list[s
                 "seed noise / observed drift", table(header, rows), ""]
     header, rows = randomisation_rows(reader)
     if rows:
-        thr = next((reader.read(f"baselines/arch/{a}").get("flag_pearson") for a in reader.keys("baselines/arch")),
-                   None)
-        out += ["Randomisation check (cascading re-initialisation of the fine-tuned model from the head down): "
-                f"a method is flagged when its maps keep r >= {fmt(thr)} with the trained maps at every cut",
-                table(header, rows), ""]
+        out += [randomisation_caption(reader), table(header, rows), ""]
     v = verdict(reader)
     if v:
         out += [v, ""]
@@ -124,9 +149,10 @@ def sections(run: Run) -> list[Section]:
     if rrows:
         s.blocks.append(Text(
             "Cascading randomisation (Adebayo et al., Sanity checks for saliency maps, 2018): the fine-tuned model's "
-            "layers are re-initialised from the head downwards; each cut's maps are compared with the trained maps. "
-            "Maps that stay similar at every cut (flagged) carry little information about the model, and so do their "
-            "drift numbers."))
-        s.blocks.append(Table("tbl-randomisation", "Randomisation check: mean Pearson r between the trained and the "
-                              "randomised model's maps at each cut", rheader, rrows))
+            "layers are re-initialised from the head downwards; each cut's maps are compared with the trained maps "
+            "of the same images, beside the similarity of two randomised models (what the architecture alone makes "
+            "maps share: near 1, the check has no range at that cut) and of the trained maps of different images "
+            "(their input-independent component). A flagged method's maps reproduce the image content of the "
+            "trained maps whatever the weights, and so do their drift numbers."))
+        s.blocks.append(Table("tbl-randomisation", randomisation_caption(run.reader), rheader, rrows))
     return [s]
