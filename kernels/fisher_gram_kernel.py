@@ -41,7 +41,7 @@ partials in a fixed order and symmetrises, so the result is bitwise reproducible
   tile and all C_PAD^2 products of it, so no product is computed twice (a 16 x 16 ``tl.dot`` tile, the smallest
   there is, is replicated in every warp) and no tensor core is involved; the accumulator is at most 32 fp32
   registers a thread (BLOCK_D = 32 * 32 * num_warps / C_PAD^2).
-  The tile loop is one flat ``tl.range(..., num_stages=3)`` loop, which triton (3.6 and 3.8) software-pipelines:
+  The tile loop is one flat ``tl.range(..., num_stages=2)`` loop, which triton (3.6 and 3.8) software-pipelines:
   the loads of the next tiles go to shared memory by cp.async while the current one is multiplied, so the
   memory-bound reduction keeps loads in flight; the grid is one wave of the programs an SM holds.
 * C > 16: IEEE ``tl.dot`` (FMA) of the row block g_I (BLOCK_CI, BLOCK_D) with g^T (BLOCK_D, C_PAD), an output tile
@@ -84,6 +84,10 @@ INNER_TILES = 16
 #: cut into this many pieces, multiplied as one batch and summed after, which keeps the fp32 error near the
 #: reference's at the cost of one batched matmul (``tl.dot`` path only).
 INTERPRETER_PIECES = 8
+
+#: Pipeline stages of the broadcast path's tile loop (tiles in flight: the current one and the next). Three
+#: stages left ptxas 64 registers and 12 B of spills a thread for C = 5 float16 on sm_80 under triton 3.8.
+BROADCAST_STAGES = 2
 
 #: Programs a streaming multiprocessor holds at once on the broadcast path (C_PAD <= 16, 8 warps): ptxas gives
 #: the partial kernel 80 registers a thread (triton 3.6 and 3.8, sm_80 / sm_89 / sm_90a), so 65536 registers
@@ -139,7 +143,7 @@ def _fisher_gram_partial_kernel(
     INNER: tl.constexpr,
     SUB: tl.constexpr,
     PRECISION: tl.constexpr,
-    NUM_STAGES: tl.constexpr = 3,
+    NUM_STAGES: tl.constexpr = 2,
 ):
     """Partial K[s, b, I, :] = G[I, Ds] G[:, Ds]^T and G[I, Ds] x[Ds] over the D range Ds of split s.
 
@@ -286,8 +290,8 @@ def _config(C: int, D: int, on_gpu: bool) -> _Config:
     """Meta-parameters for C classes and D input dimensions.
 
     GPU, C_PAD <= 16: 8 warps and BLOCK_D = ACC_PER_THREAD * 256 / C_PAD^2 (32 to 256), so that the broadcast
-    accumulator is at most 32 registers a thread; the flat loop is pipelined over 3 stages (cp.async prefetch of
-    the next two tiles) and 3 programs fill an SM (``PROGRAMS_PER_SM``). GPU, C_PAD >= 32: an output tile
+    accumulator is at most 32 registers a thread; the flat loop is pipelined over ``BROADCAST_STAGES`` = 2
+    stages (cp.async prefetch of the next tile) and 3 programs fill an SM (``PROGRAMS_PER_SM``). GPU, C_PAD >= 32: an output tile
     BLOCK_CI x C_PAD of at most 32 values a thread (rows of K in blocks of 64 for C_PAD = 128 and of 32 for 256,
     2 pipeline stages for both), and short tiles (32 columns for C_PAD = 32, 16 beyond) because the FMA
     ``tl.dot`` keeps a BLOCK_D-long slice of both operands in registers; 16 is also the least K of an fp32
@@ -303,7 +307,7 @@ def _config(C: int, D: int, on_gpu: bool) -> _Config:
             return _Config(c_pad, c_pad, max(16, min(next_pow2(D), (1 << 18) // (c_pad * c_pad))), False, 4)
         num_warps = 8
         block_d = max(32, min(256, ACC_PER_THREAD * 32 * num_warps // (c_pad * c_pad)))
-        return _Config(c_pad, c_pad, block_d, False, num_warps)
+        return _Config(c_pad, c_pad, block_d, False, num_warps, BROADCAST_STAGES)
     if not on_gpu:
         block_ci = min(c_pad, 64) if c_pad > 128 else c_pad
         return _Config(c_pad, block_ci, max(16, min(next_pow2(D), (1 << 18) // (block_ci * c_pad))), True, 4)

@@ -137,7 +137,7 @@ def test_recorded_launch_matches_the_dispatch_configuration():
     assert isinstance(partial.args[0], cc.TensorArg) and partial.args[0].dtype == BF16
     n_split = partial.grid[1]
     assert partial.grid == (1, n_split, 8) and 1 < n_split <= cfg.programs_per_sm * cc.TARGETS["sm_90a"].n_sm
-    assert partial.meta["NUM_STAGES"] == cfg.num_stages == partial.meta["num_stages"] == 3
+    assert partial.meta["NUM_STAGES"] == cfg.num_stages == partial.meta["num_stages"] == fg.BROADCAST_STAGES >= 2
     assert reduce.name == "_fisher_gram_reduce_kernel"
 
 
