@@ -66,11 +66,14 @@ def summary_markdown(summary: dict, work: Path) -> str:
                       f"{tests['errors']} errors, {tests['skipped']} skipped."]  # fmt: skip
     kernels = summary.get("kernels") or []
     if kernels:
-        lines += ["", "## Kernels (cold L2, median of repeats)", ""]
+        copy = kernels[0].get("copy_gbps")
+        lines += ["", "## Kernels (cold L2, median of repeats)", "",
+                  f"Device-to-device copy measured in the same run: {_f(copy, '.0f')} GB/s (read + write).", ""]
         lines += _md_table(
-            ["op", "dtype", "B/N", "C", "kernel ms", "reference ms", "speed-up", "GB/s", "of copy", "err kernel",
-             "err reference", "goals"],
+            ["op", "dtype", "B/N", "C", "kernel ms", "reference ms", "3-pass ms", "compiled ms", "best torch",
+             "vs best", "GB/s", "of copy", "err kernel", "err reference", "goals"],
             [[r["op"], r["dtype"], r["B"], r["C"], _f(r["kernel_ms"], ".3f"), _f(r["reference_ms"], ".3f"),
+              _f(r.get("three_pass_ms"), ".3f"), _f(r.get("compiled_ms"), ".3f"), r.get("best_torch"),
               _f(r["speedup"], ".2f"), _f(r["gbps"], ".0f"), _f(r["copy_fraction"], ".0%"), _f(r["err_kernel"], ".2e"),
               _f(r["err_reference"], ".2e"), "yes" if r["ok"] else "no"] for r in kernels],
         )  # fmt: skip
