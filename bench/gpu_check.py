@@ -118,7 +118,7 @@ def steps() -> list[Step]:
         "python -m drift_kernels.compile_check --device --markdown --workers 8 --dtypes float32 bfloat16 "
         "--heads softmax --with-x yes --m 4 13 --dims 150528 268203"
     )
-    kernels = f"python bench/gpu_kernels.py --json {WORK}/kernels.json"
+    kernels = f"python bench/gpu_kernels.py --json {WORK}/kernels.json --torch-wins {WORK}/torch_wins.json"
     cams = f"python bench/cam_speed.py --device cuda --size 224 --batch 64 --repeats 3 --json {WORK}/cam_speed.json"
     ifim = (
         "python bench/jacobian_routes.py --device cuda --size 224 --batch 16 --models densenet201 --classes 5 14 "

@@ -231,6 +231,16 @@ def topk_rows(device, N, H, W, timer, warmup, repeat, copy_gbps) -> list[dict]:
     ]
 
 
+def torch_wins(rows: Sequence[dict]) -> list[dict]:
+    """The dispatch records (op, device, dtype, C) of the Fisher rows where the best torch route beat the kernel;
+    at several B for one (op, dtype, C), torch must win at every B measured."""
+    cases: dict[tuple, list[bool]] = {}
+    for r in rows:
+        if r["op"] in ("fisher_gram", "fisher_project"):
+            cases.setdefault((r["op"], r["device"], r["dtype"], r["C"]), []).append(r["best_torch_ms"] < r["kernel_ms"])
+    return [dict(op=o, device=d, dtype=t, C=c) for (o, d, t, c), won in sorted(cases.items()) if all(won)]
+
+
 def format_table(rows: Sequence[dict], title: str) -> str:
     """The rows as an aligned text table under a title line."""
     head = [label for _, label, _ in COLUMNS]
@@ -249,6 +259,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     parser.add_argument("--dry-run", action="store_true", help="tiny CPU cases through Triton's interpreter")
     parser.add_argument("--repeat", type=int, default=None, help="timed repeats per case (median reported)")
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile route of the Gram")
+    parser.add_argument(
+        "--torch-wins", type=Path, help="write the Fisher cases torch won (kernels/torch_wins.json's format) here"
+    )
     args = parser.parse_args(argv)
 
     dry = args.dry_run or not torch.cuda.is_available()
@@ -287,6 +300,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=1))
+    if args.torch_wins and not dry:
+        args.torch_wins.parent.mkdir(parents=True, exist_ok=True)
+        args.torch_wins.write_text(json.dumps(torch_wins(rows), indent=1) + "\n")
     print(
         f"goals: fisher_* >= {GOAL_BANDWIDTH:.0%} of copy bandwidth, >= {GOAL_FISHER_SPEEDUP:g}x the best torch "
         "route (fisher_gram: reference, three-pass bmm, torch.compile; fisher_project: reference), "

@@ -90,10 +90,12 @@ INTERPRETER_PIECES = 8
 BROADCAST_STAGES = 2
 
 #: Programs a streaming multiprocessor holds at once on the broadcast path (C_PAD <= 16, 8 warps): ptxas gives
-#: the partial kernel 80 registers a thread (triton 3.6 and 3.8, sm_80 / sm_89 / sm_90a), so 65536 registers
-#: hold 3 programs of 256 threads. The split of D launches this many programs per SM, one full wave; the
-#: compile check asserts that every launch's occupancy is at least its ``programs_per_sm``.
-PROGRAMS_PER_SM = 3
+#: the partial kernel 64 to 95 registers a thread (triton 3.6 and 3.8, sm_80 / sm_89 / sm_90a; 80 for the
+#: study's float32, 95 for float16 with the sigmoid head and x), so 65536 registers hold 2 programs of 256
+#: threads in every case (3 in some). The split of D launches this many programs per SM: one wave, all of it
+#: resident (the earlier grid assumed 4 where 3 fitted, leaving a mostly idle second wave). The compile check
+#: asserts that every launch's occupancy is at least its ``programs_per_sm``.
+PROGRAMS_PER_SM = 2
 
 
 @triton.jit
@@ -291,7 +293,8 @@ def _config(C: int, D: int, on_gpu: bool) -> _Config:
 
     GPU, C_PAD <= 16: 8 warps and BLOCK_D = ACC_PER_THREAD * 256 / C_PAD^2 (32 to 256), so that the broadcast
     accumulator is at most 32 registers a thread; the flat loop is pipelined over ``BROADCAST_STAGES`` = 2
-    stages (cp.async prefetch of the next tile) and 3 programs fill an SM (``PROGRAMS_PER_SM``). GPU, C_PAD >= 32: an output tile
+    stages (cp.async prefetch of the next tile) and the grid is one wave of ``PROGRAMS_PER_SM`` = 2 programs
+    an SM, which every compiled variant holds at once. GPU, C_PAD >= 32: an output tile
     BLOCK_CI x C_PAD of at most 32 values a thread (rows of K in blocks of 64 for C_PAD = 128 and of 32 for 256,
     2 pipeline stages for both), and short tiles (32 columns for C_PAD = 32, 16 beyond) because the FMA
     ``tl.dot`` keeps a BLOCK_D-long slice of both operands in registers; 16 is also the least K of an fp32
