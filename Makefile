@@ -53,7 +53,7 @@ gpu-study:
 # The ahead-of-time compile check (tests/kernels/test_compile.py) under triton 3.6, the GPU machine's version, in a
 # side folder (.triton36/, triton 3.6 installed there with --no-deps and put first on PYTHONPATH; torch and the
 # rest from .venv). Run before any GPU session; about 5 minutes on 2 cores.
-TRITON36 := .triton36
+TRITON36 := $(CURDIR)/.triton36
 $(TRITON36)/.installed:
 	$(GPU_PY) -m pip install --quiet --no-deps --target $(TRITON36) 'triton==3.6.*'
 	@touch $@

@@ -295,8 +295,10 @@ def _config(C: int, D: int, on_gpu: bool) -> _Config:
     accumulator is at most 32 registers a thread; the flat loop is pipelined over ``BROADCAST_STAGES`` = 2
     stages (cp.async prefetch of the next tile) and the grid is one wave of ``PROGRAMS_PER_SM`` = 2 programs
     an SM, which every compiled variant holds at once. GPU, C_PAD >= 32: an output tile
-    BLOCK_CI x C_PAD of at most 32 values a thread (rows of K in blocks of 64 for C_PAD = 128 and of 32 for 256,
-    2 pipeline stages for both), and short tiles (32 columns for C_PAD = 32, 16 beyond) because the FMA
+    BLOCK_CI x C_PAD of at most 32 values a thread (rows of K in blocks of 32 for C_PAD = 128 with 4 warps and
+    for 256 with 8, one stage: with 2 or 3 stages, or blocks of 16 or 64, ptxas held 128 registers and spilled
+    12 to 400 B a thread on some target, version or D), and short tiles (32 columns for C_PAD = 32, 16 beyond)
+    because the FMA
     ``tl.dot`` keeps a BLOCK_D-long slice of both operands in registers; 16 is also the least K of an fp32
     ``tl.dot`` that triton 3.6 accepts (3.8 takes 8). Chosen with ``python -m drift_kernels.compile_check``
     under triton 3.6 and 3.8, at D = 3 x 224 x 224 and at the odd D = 3 x 299 x 299: at neighbouring settings
@@ -314,10 +316,10 @@ def _config(C: int, D: int, on_gpu: bool) -> _Config:
     if not on_gpu:
         block_ci = min(c_pad, 64) if c_pad > 128 else c_pad
         return _Config(c_pad, block_ci, max(16, min(next_pow2(D), (1 << 18) // (block_ci * c_pad))), True, 4)
-    block_ci, block_d, num_warps, stages = {32: (32, 32, 4, 3), 64: (64, 16, 4, 3), 128: (64, 16, 8, 2)}.get(
-        c_pad, (32, 16, 8, 2)
+    block_ci, block_d, num_warps, stages = {32: (32, 32, 4, 3), 64: (64, 16, 4, 3), 128: (32, 16, 4, 1)}.get(
+        c_pad, (32, 16, 8, 1)
     )
-    # 128 to 226 registers a thread: one program of 4 or 8 warps an SM, two for C_PAD = 32 (4 warps).
+    # Up to 255 registers a thread: one program an SM assumed (two for C_PAD = 32, 4 warps).
     return _Config(c_pad, block_ci, block_d, True, num_warps, stages, 2 if c_pad == 32 else 1)
 
 
