@@ -1,28 +1,43 @@
 """Everything a CUDA machine can tell about the kernels and the engines, in one command: ``make gpu-check``.
 
-    python bench/gpu_check.py             # on a CUDA machine: the steps below, results under results/gpu/
-    python bench/gpu_check.py --dry-run   # anywhere: list the steps, check their scripts and tests exist and import
+    python bench/gpu_check.py                      # on a CUDA machine: every step, results packed under results/gpu/
+    python bench/gpu_check.py --only kernels cams  # rerun some steps (their records replace the earlier ones)
+    python bench/gpu_check.py --skip cams          # every step but these
+    python bench/gpu_check.py --dry-run            # anywhere: each step's modules imported under the GPU
+                                                   # machine's package set (see below); no CUDA needed
 
-Steps and their time budgets (seconds on one H100 / H200; whole run under 6 minutes). A step that overruns its
-budget is stopped and reported as such, the next one runs, and no step starts past the overall limit:
+Steps and their time budgets (seconds on one H100 / H200; whole run under 6 minutes). Every step is independent:
+a step that fails, or overruns its budget and is stopped, is recorded with its error and the next one runs; no
+step starts past the overall limit:
 
-    setup       20  python -m pip install --no-index --find-links wheels/ <what is missing> (grad-cam, ttach, asv,
-                    hypothesis), and python -m pip install --no-deps -e . when drift does not import
-    tests      110  TRITON_INTERPRET=0 python -m pytest tests/kernels -m gpu: the kernels compiled for the device,
+    setup       20  the pure-Python wheels of wheels/ (grad-cam, ttach) installed with
+                    pip install --no-index --no-deps --target .gpu-deps when their modules are missing (nothing
+                    from the network; asv is not needed on the GPU machine), and drift importable from the source
+                    tree through PYTHONPATH when it is not installed
+    tests       95  TRITON_INTERPRET=0 python -m pytest tests/kernels -m gpu: the kernels compiled for the device,
                     float32 / float16 / bfloat16, against their references (tests/conftest.py skips the
                     interpreter-only tests in such a session)
     resources   50  python -m drift_kernels.compile_check --device: registers, spills and shared memory of every
                     launch the dispatch layer makes for the study's sizes, compiled for this device's capability
-    kernels     70  bench/gpu_kernels.py --json results/gpu/kernels.json: kernel vs torch reference, cold L2 each
-                    repeat, kernels timed through their launchers (no host-side validation in the time)
-    cams        50  bench/cam_speed.py --device cuda: drift's one-pass CAM engine vs pytorch-grad-cam, DenseNet201 at
+    kernels     95  bench/gpu_kernels.py --json kernels.json: kernels vs the best torch paths and a device copy
+                    measured in the same run, cold L2 each repeat
+    cams        45  bench/cam_speed.py --device cuda: drift's one-pass CAM engine vs pytorch-grad-cam, DenseNet201 at
                     its native 224 px, batch 64
-    ifim        45  bench/jacobian_routes.py --ifim: iFIM spectrum throughput vs one forward + C backward passes,
+    ifim        40  bench/jacobian_routes.py --ifim: iFIM spectrum throughput vs one forward + C backward passes,
                     DenseNet201, 224 px, batch 16, C = 5 and 14
 
-Writes results/gpu/summary.json and results/gpu/summary.md (device, driver, CUDA, torch, triton; one table per
-step) next to each step's own output (tests.xml, resources.md, kernels.json, cam_speed.json, ifim.json, *.log).
-Exit status 0 when every step passed.
+Outputs: every step writes into results/gpu/work/ (its log, its own output file, the step records
+``steps.json``); at the end the work folder is packed into one file, results/gpu/gpu-check.tar.gz, and
+results/gpu/summary.md is written beside it (device, driver, CUDA, torch, triton; one table per step). Those two
+files are all a lent machine has to return. Exit status 0 when every step run passed.
+
+The GPU machine's package set: the machine this is written for has torch, triton, numpy, timm, h5py, pytest,
+pytest-benchmark, hypothesis, scipy, matplotlib, tqdm and scikit-learn, and lacks grad-cam, ttach and asv
+(:data:`GPU_LACKS`). ``--dry-run`` hides those modules (plus any named with ``--hide``) from every Python process
+it starts, installs wheels/ into a temporary target as setup would, and then, per step, imports the modules the
+step needs, imports its script, and for the tests step collects the tests; a step whose module is missing there
+fails the dry run. grad-cam imports OpenCV (cv2), a binary wheel that is not in wheels/: where the machine lacks
+it, the dry run's cams step says so (``--hide cv2`` shows it here).
 """
 
 from __future__ import annotations
@@ -33,27 +48,34 @@ import dataclasses
 import importlib.util
 import json
 import os
-import platform
-import re
-import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
-import xml.etree.ElementTree as ET
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_summary import load, machine, summary_markdown, test_counts  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = Path("results/gpu")
+WORK = OUT / "work"
+ARCHIVE = OUT / "gpu-check.tar.gz"
 WHEELS = Path("wheels")
+#: Where setup installs the wheels of wheels/ (``pip install --target``); put first on the steps' PYTHONPATH.
+DEPS = Path(".gpu-deps")
 #: Whole run, seconds: the step budgets add up to this, and no step runs past it.
 TOTAL_BUDGET_S = 345
-#: Modules the steps import that a bare CUDA machine may lack, with the distribution that provides each.
-THIRD_PARTY = {"pytorch_grad_cam": "grad-cam", "ttach": "ttach", "asv": "asv", "hypothesis": "hypothesis"}
+#: Modules the steps import that the GPU machine lacks and wheels/ provides, with their distribution.
+THIRD_PARTY = {"pytorch_grad_cam": "grad-cam", "ttach": "ttach"}
+#: Modules the GPU machine lacks (hidden by ``--dry-run``): the wheels' modules, and asv, which no step needs.
+GPU_LACKS = ("pytorch_grad_cam", "ttach", "asv")
 #: Modules the CUDA machine is expected to hold already (reported, never installed).
-PRESENT = ("torch", "triton", "timm", "h5py", "pytest", "scipy", "numpy")
+PRESENT = ("torch", "triton", "timm", "h5py", "pytest", "hypothesis", "scipy", "numpy", "sklearn", "matplotlib")
 
 
 @dataclasses.dataclass
@@ -61,13 +83,14 @@ class Step:
     """One step: a command run from the repository root with a time budget.
 
     Attributes:
-        name: short name (the summary's key).
+        name: short name (the summary's key, and the name for ``--only`` / ``--skip``).
         what: one line saying what the step measures.
         cmd: the command, ``python`` standing for this interpreter.
         budget_s: seconds it may run before it is stopped.
         paths: repository paths the command names (checked by ``--dry-run``).
         env: extra environment variables.
-        output: file under results/gpu/ the step writes (or that its stdout is saved to).
+        output: file of the work folder the step writes (or that its stdout is saved to).
+        modules: modules the step imports (``--dry-run`` imports each under the GPU machine's package set).
     """
 
     name: str
@@ -77,6 +100,7 @@ class Step:
     paths: list[str]
     env: dict[str, str] = dataclasses.field(default_factory=dict)
     output: str = ""
+    modules: list[str] = dataclasses.field(default_factory=list)
 
     def shell(self) -> str:
         env = " ".join(f"{k}={v}" for k, v in self.env.items())
@@ -84,26 +108,30 @@ class Step:
 
 
 def steps() -> list[Step]:
-    """The measuring steps, in order (setup runs before them)."""
+    """The measuring steps, in order (setup, the first step, is not among them: see :func:`setup`)."""
     compiled = {"TRITON_INTERPRET": "0"}
     # pytest: pyproject's addopts are dropped (its --benchmark-disable needs pytest-benchmark, not used here).
-    pytest = f"python -m pytest -q -o addopts=-ra -p no:cacheprovider tests/kernels -m gpu --junitxml={OUT}/tests.xml"
-    resources = "python -m drift_kernels.compile_check --device --markdown --workers 8"
-    kernels = f"python bench/gpu_kernels.py --json {OUT}/kernels.json"
-    cams = f"python bench/cam_speed.py --device cuda --size 224 --batch 64 --repeats 3 --json {OUT}/cam_speed.json"
+    pytest = f"python -m pytest -q -o addopts=-ra -p no:cacheprovider tests/kernels -m gpu --junitxml={WORK}/tests.xml"
+    resources = (
+        "python -m drift_kernels.compile_check --device --markdown --workers 8 --dtypes float32 bfloat16 "
+        "--heads softmax --with-x yes --m 4 13 --dims 150528 268203"
+    )
+    kernels = f"python bench/gpu_kernels.py --json {WORK}/kernels.json --torch-wins {WORK}/torch_wins.json"
+    cams = f"python bench/cam_speed.py --device cuda --size 224 --batch 64 --repeats 3 --json {WORK}/cam_speed.json"
     ifim = (
         "python bench/jacobian_routes.py --device cuda --size 224 --batch 16 --models densenet201 --classes 5 14 "
-        f"--routes loop --repeats 3 --ifim --no-check --json {OUT}/ifim.json"
+        f"--routes loop --repeats 3 --ifim --no-check --json {WORK}/ifim.json"
     )
     return [
         Step(
             "tests",
             "compiled kernels vs references, float32 / float16 / bfloat16 (pytest -m gpu)",
             pytest.split(),
-            110,
+            95,
             ["tests/kernels", "tests/conftest.py", "tests/kernels/conftest.py"],
             compiled,
             "tests.xml",
+            ["pytest", "hypothesis", "torch", "triton", "drift_kernels"],
         ),
         Step(
             "resources",
@@ -113,42 +141,47 @@ def steps() -> list[Step]:
             ["kernels/compile_check.py"],
             compiled,
             "resources.md",
+            ["drift_kernels.compile_check", "triton.backends.nvidia.compiler"],
         ),
         Step(
             "kernels",
             "Triton kernels vs torch references: time (cold L2), bandwidth, error",
             kernels.split(),
-            70,
+            95,
             ["bench/gpu_kernels.py"],
             compiled,
             "kernels.json",
+            [f"drift_kernels.{k}_kernel" for k in ("fisher_gram", "fisher_project", "topk_iou")],
         ),
         Step(
             "cams",
             "CAM engine (one pass) vs pytorch-grad-cam, DenseNet201, 224 px, batch 64",
             cams.split(),
-            50,
+            45,
             ["bench/cam_speed.py"],
             compiled,
             "cam_speed.json",
+            ["drift.attribution", "timm", "pytorch_grad_cam", "pytorch_grad_cam.utils.model_targets", "ttach"],
         ),
         Step(
             "ifim",
             "iFIM throughput vs one forward + C backward passes, DenseNet201, 224 px, batch 16",
             ifim.split(),
-            45,
+            40,
             ["bench/jacobian_routes.py"],
             compiled,
             "ifim.json",
+            ["drift.fisher", "drift.jacobian", "timm"],
         ),
     ]
 
 
 SETUP_BUDGET_S = TOTAL_BUDGET_S - sum(s.budget_s for s in steps())
+STEP_NAMES = ("setup", *(s.name for s in steps()))
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Setup: third-party modules from wheels/, drift importable
+# Setup: the wheels' modules from wheels/, drift importable
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -159,64 +192,122 @@ def _has(module: str) -> bool:
         return False
 
 
-def missing_distributions() -> list[str]:
-    """Distributions of :data:`THIRD_PARTY` whose module does not import here."""
-    return [dist for mod, dist in THIRD_PARTY.items() if not _has(mod)]
+def wheel_files(wheels: Path = WHEELS) -> dict[str, Path]:
+    """The wheel of each distribution of :data:`THIRD_PARTY` found in wheels (distribution -> file)."""
+    found = {}
+    if wheels.is_dir():
+        for dist in THIRD_PARTY.values():
+            stem = dist.replace("-", "_").lower() + "-"
+            hits = sorted(f for f in wheels.iterdir() if f.name.lower().startswith(stem) and f.suffix == ".whl")
+            if hits:
+                found[dist] = hits[-1]
+    return found
 
 
-def _wheel_for(dist: str) -> Path | None:
-    """A wheel (or sdist) of dist in wheels/, or None."""
-    if not WHEELS.is_dir():
-        return None
-    stem = re.sub(r"[-_.]+", "_", dist).lower()
-    for f in sorted(WHEELS.iterdir()):
-        if re.sub(r"[-_.]+", "_", f.name).lower().startswith(stem + "_"):
-            return f
-    return None
+def install_wheels(dists: Sequence[str], target: Path, wheels: Path, log) -> list[str]:
+    """Install the wheels of dists into target, no index, no dependencies; returns problems (empty when done).
+
+    pip installs them (``--no-index --no-deps --target``); without pip, the pure-Python wheels are unpacked into
+    target, which is all such an install does for importing.
+    """
+    files = wheel_files(wheels)
+    problems = [f"no wheel of {d} in {wheels}/" for d in dists if d not in files]
+    todo = [files[d] for d in dists if d in files]
+    if not todo:
+        return problems
+    target.mkdir(parents=True, exist_ok=True)
+    if _has("pip"):
+        cmd = [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--upgrade", "--target", str(target)]
+        log("$ " + " ".join(cmd + [str(f) for f in todo]))
+        done = subprocess.run(cmd + [str(f) for f in todo], capture_output=True, text=True, cwd=ROOT, timeout=120)
+        log(done.stdout + done.stderr)
+        if done.returncode != 0:
+            problems.append(f"pip install --target {target} failed (rc {done.returncode}): {done.stderr[-500:]}")
+        return problems
+    for f in todo:
+        log(f"unpacking {f} into {target} (no pip here)")
+        with zipfile.ZipFile(ROOT / f) as z:
+            z.extractall(target)
+    return problems
 
 
-def _drift_imports(env: dict[str, str]) -> bool:
-    """Whether a fresh interpreter started from bench/ (as the steps are) imports drift and drift_kernels."""
-    code = "import drift, drift_kernels.compile_check"
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT / "bench", env=env, capture_output=True)
-    return done.returncode == 0
+def drift_path() -> Path:
+    """A folder holding ``drift_kernels -> kernels/`` (the package maps that name to kernels/), made once."""
+    shim = Path(tempfile.gettempdir()) / f"drift-path-{os.getuid()}-{abs(hash(str(ROOT)))}"
+    link = shim / "drift_kernels"
+    if not link.exists():
+        shim.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            link.symlink_to(ROOT / "kernels", target_is_directory=True)
+    return shim
 
 
-def _pip(cmd: list[str], log) -> bool:
-    """Run a pip command (local files only, so it is quick), its output to the log; True when it succeeded."""
-    log(f"$ {' '.join(cmd)}")
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=3 * SETUP_BUDGET_S)
-    except subprocess.TimeoutExpired:
-        log(f"stopped after {3 * SETUP_BUDGET_S} s")
-        return False
-    log(done.stdout + done.stderr)
-    return done.returncode == 0
+def _python_path(env: dict[str, str], *front: Path | str) -> str:
+    return os.pathsep.join(filter(None, [*(str(p) for p in front), env.get("PYTHONPATH", "")]))
 
 
-def setup(env: dict[str, str], log) -> tuple[bool, list[str]]:
-    """Install what is missing; returns (ok, notes). env gains PYTHONPATH entries if drift needs them."""
+def setup(env: dict[str, str], log, wheels: Path = WHEELS, target: Path = DEPS) -> tuple[bool, list[str]]:
+    """Install what is missing from wheels/ into target and make drift importable; returns (ok, notes).
+
+    env gains PYTHONPATH entries: target (always, so that an install of an earlier run is used), and the
+    repository root with a ``drift_kernels`` link when drift does not import otherwise.
+    """
+    target = ROOT / target
+    env["PYTHONPATH"] = _python_path(env, target)
+    needed = [*THIRD_PARTY, "drift", "drift_kernels.compile_check"]
+    errors = import_errors({"setup": needed}, env)["setup"]
+    missing = [dist for mod, dist in THIRD_PARTY.items() if mod in errors]
     notes = []
-    ok = True
-    missing = missing_distributions()
+    problems = install_wheels(missing, target, wheels, log) if missing else []
     if missing:
-        done = _pip([sys.executable, "-m", "pip", "install", "--no-index", "--find-links", str(WHEELS), *missing], log)
-        notes.append(f"pip install from {WHEELS}/: {' '.join(missing)}: {'ok' if done else 'FAILED'}")
-        ok &= done
+        notes.append(f"installed from {wheels}/ into {target.name}/: {' '.join(missing)}")
     else:
-        notes.append("third-party modules present: " + ", ".join(THIRD_PARTY.values()))
-    if not _drift_imports(env):
-        editable = ["install", "--no-deps", "--no-index", "--no-build-isolation", "-e", "."]
-        done = _pip([sys.executable, "-m", "pip", *editable], log)
-        notes.append(f"pip install --no-deps -e .: {'ok' if done else 'failed'}")
-        if not _drift_imports(env):
-            # The package maps drift_kernels to kernels/: a link to it and the repository root on PYTHONPATH.
-            shim = Path(tempfile.mkdtemp(prefix="drift-path-"))
-            (shim / "drift_kernels").symlink_to(ROOT / "kernels", target_is_directory=True)
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), str(shim), env.get("PYTHONPATH", "")]))
-            notes.append(f"drift imported through PYTHONPATH ({ROOT}, {shim}/drift_kernels -> kernels/)")
-            ok &= _drift_imports(env)
-    return ok, notes
+        notes.append("present: " + ", ".join(THIRD_PARTY.values()))
+    if "drift" in errors or "drift_kernels.compile_check" in errors:
+        env["PYTHONPATH"] = _python_path(env, ROOT, drift_path())
+        notes.append("drift imported from the source tree through PYTHONPATH")
+    if missing or errors:
+        errors = import_errors({"setup": needed}, env)["setup"]
+        problems += [f"{mod} does not import after setup: {err}" for mod, err in errors.items()]
+    notes += problems
+    return not problems, notes
+
+
+_IMPORTER = """
+import importlib, importlib.util, json, sys
+plan = json.loads(sys.argv[1])
+out = {}
+for group, names in plan.items():
+    out[group] = {}
+    for name in names:
+        try:
+            if name.endswith(".py"):
+                spec = importlib.util.spec_from_file_location("_dry_" + str(abs(hash(name))), name)
+                module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(module)
+            else:
+                importlib.import_module(name)
+        except BaseException as err:
+            out[group][name] = f"{type(err).__name__}: {err}"
+print("@@" + json.dumps(out))
+"""
+
+
+def import_errors(plan: dict[str, list[str]], env: dict[str, str]) -> dict[str, dict[str, str]]:
+    """Import every module (or script path, ``*.py``) of each group in one fresh interpreter with env.
+
+    Run from bench/ (as the scripts run); returns {group: {name: error}} with only the names that failed.
+    """
+    plan = {g: [str(ROOT / n) if n.endswith(".py") else n for n in names] for g, names in plan.items()}
+    done = subprocess.run([sys.executable, "-c", _IMPORTER, json.dumps(plan)], cwd=ROOT / "bench", env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("@@")]
+    if not lines:
+        why = (done.stderr.strip().splitlines() or [f"rc {done.returncode}"])[-1]
+        return {g: {n: f"the import check died: {why}" for n in names} for g, names in plan.items()}
+    found = json.loads(lines[-1][2:])
+    root = str(ROOT) + os.sep
+    return {g: {n.removeprefix(root): e for n, e in errs.items()} for g, errs in found.items()}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -224,18 +315,26 @@ def setup(env: dict[str, str], log) -> tuple[bool, list[str]]:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def run_step(step: Step, env: dict[str, str], timeout_s: float) -> dict:
-    """Run step with its output shown and saved to results/gpu/<name>.log; stopped after timeout_s."""
+def run_step(step: Step, env: dict[str, str], timeout_s: float, work: Path) -> dict:
+    """Run step with its output shown and saved to <work>/<name>.log; stopped after timeout_s.
+
+    A step that cannot start (its program missing) is recorded as failed with the error, like one that fails.
+    """
     cmd = [sys.executable if c == "python" else c for c in step.cmd]
-    log_path = ROOT / OUT / f"{step.name}.log"
+    log_path = work / f"{step.name}.log"
     print(f"\n=== {step.name} (budget {step.budget_s} s): {step.shell()}", flush=True)
     t0 = time.monotonic()
     lines: list[str] = []
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            cmd, cwd=ROOT, env={**env, **step.env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            start_new_session=True,
-        )  # fmt: skip
+        try:
+            proc = subprocess.Popen(
+                cmd, cwd=ROOT, env={**env, **step.env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                start_new_session=True,
+            )  # fmt: skip
+        except OSError as err:
+            log.write(f"could not start: {err}\n")
+            return dict(name=step.name, what=step.what, command=step.shell(), status=f"failed: {err}", rc=None,
+                        seconds=time.monotonic() - t0, budget_s=step.budget_s, output=step.output)  # fmt: skip
 
         def pump() -> None:
             for line in proc.stdout:
@@ -257,240 +356,107 @@ def run_step(step: Step, env: dict[str, str], timeout_s: float) -> dict:
     seconds = time.monotonic() - t0
     if step.output == "resources.md":  # the step prints its table: keep it as Markdown
         table = [ln for ln in lines if ln.startswith("|")]
-        (ROOT / OUT / step.output).write_text("".join(table))
+        (work / step.output).write_text("".join(table))
     print(f"=== {step.name}: {status} ({seconds:.0f} s)", flush=True)
     return dict(name=step.name, what=step.what, command=step.shell(), status=status, rc=rc, seconds=seconds,
-                budget_s=step.budget_s, output=str(OUT / step.output))  # fmt: skip
+                budget_s=step.budget_s, output=step.output)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Summary
+# The run
 # --------------------------------------------------------------------------------------------------------------
 
 
-def machine() -> dict:
-    """Device, driver, CUDA, torch and triton of this machine."""
-    import torch
-
-    info = dict(python=platform.python_version(), torch=torch.__version__, cuda=torch.version.cuda)
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = None
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        info.update(device=props.name, capability=f"{props.major}.{props.minor}", sms=props.multi_processor_count,
-                    memory_gb=round(props.total_memory / 2**30, 1))  # fmt: skip
-    smi = shutil.which("nvidia-smi")
-    if smi:
-        done = subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
-                              text=True)  # fmt: skip
-        info["driver"] = done.stdout.strip().splitlines()[0] if done.returncode == 0 and done.stdout.strip() else None
-    return info
+def select(only: Sequence[str] | None, skip: Sequence[str] | None) -> list[str]:
+    """The step names to run: ``--only`` (in pipeline order) or every step, minus ``--skip``."""
+    for name in [*(only or []), *(skip or [])]:
+        if name not in STEP_NAMES:
+            raise SystemExit(f"unknown step {name!r}; the steps are {', '.join(STEP_NAMES)}")
+    chosen = [n for n in STEP_NAMES if not only or n in only]
+    return [n for n in chosen if n not in (skip or [])]
 
 
-def _load(name: str):
-    path = ROOT / OUT / name
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+def pack(work: Path, archive: Path) -> None:
+    """Pack the work folder into one gzipped tar file (written beside, then renamed over archive)."""
+    tmp = archive.with_name(archive.name + ".part")
+    with tarfile.open(tmp, "w:gz") as tar:
+        tar.add(work, arcname="gpu-check")
+    os.replace(tmp, archive)
 
 
-def _test_counts() -> dict | None:
-    try:
-        root = ET.parse(ROOT / OUT / "tests.xml").getroot()
-    except (OSError, ET.ParseError):
-        return None
-    suites = [root] if root.tag == "testsuite" else list(root)
-    total = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
-    total["passed"] = total["tests"] - total["failures"] - total["errors"] - total["skipped"]
-    return total
-
-
-def _md_table(head: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
-    out = ["| " + " | ".join(head) + " |", "|" + "|".join(" --- " for _ in head) + "|"]
-    return out + ["| " + " | ".join("-" if v is None else str(v) for v in row) + " |" for row in rows]
-
-
-def _f(v, fmt: str) -> str | None:
-    return None if v is None else format(v, fmt)
-
-
-def summary_markdown(summary: dict) -> str:
-    """results/gpu/summary.md: where it ran, then one table per step."""
-    m = summary["machine"]
-    lines = [
-        "# GPU check",
-        "",
-        f"Device {m.get('device')} (capability {m.get('capability')}, {m.get('sms')} SMs, {m.get('memory_gb')} GB), "
-        f"driver {m.get('driver')}, CUDA {m.get('cuda')}, torch {m.get('torch')}, triton {m.get('triton')}, "
-        f"Python {m.get('python')}; {summary['started']} UTC, {summary['seconds']:.0f} s.",
-        "",
-    ]
-    lines += _md_table(
-        ["step", "what", "status", "s", "budget s"],
-        [[s["name"], s["what"], s["status"], f"{s['seconds']:.0f}", s["budget_s"]] for s in summary["steps"]],
-    )
-    tests = summary.get("tests")
-    if tests:
-        lines += ["", f"Compiled-kernel tests: {tests['passed']} passed, {tests['failures']} failed, "
-                      f"{tests['errors']} errors, {tests['skipped']} skipped."]  # fmt: skip
-    kernels = summary.get("kernels") or []
-    if kernels:
-        lines += ["", "## Kernels (cold L2, median of repeats)", ""]
-        lines += _md_table(
-            ["op", "dtype", "B/N", "C", "kernel ms", "reference ms", "speed-up", "GB/s", "of copy", "err kernel",
-             "err reference", "goals"],
-            [[r["op"], r["dtype"], r["B"], r["C"], _f(r["kernel_ms"], ".3f"), _f(r["reference_ms"], ".3f"),
-              _f(r["speedup"], ".2f"), _f(r["gbps"], ".0f"), _f(r["copy_fraction"], ".0%"), _f(r["err_kernel"], ".2e"),
-              _f(r["err_reference"], ".2e"), "yes" if r["ok"] else "no"] for r in kernels],
-        )  # fmt: skip
-    cam = summary.get("cams")
-    if cam:
-        lines += ["", f"## CAMs: {cam['model']}, {cam['size']} px, batch {cam['batch']}", ""]
-        lines += _md_table(
-            ["engine", "images/s", "s a batch"],
-            [["drift (one pass, Grad-CAM++ + LayerCAM)", _f(cam["drift_images_per_s"], ".1f"),
-              _f(cam["drift_s_per_batch"], ".3f")],
-             ["pytorch-grad-cam (a pass per method)", _f(cam["reference_images_per_s"], ".1f"),
-              _f(cam["reference_s_per_batch"], ".3f")]],
-        )  # fmt: skip
-        diff = cam["max_abs_diff_minmax"]
-        lines += ["", f"Speed-up {cam['speedup']:.2f}x; max |difference| after min-max normalisation {diff:.1e}."]
-    ifim = [r for r in summary.get("ifim") or [] if r.get("route") == "ifim"]
-    if ifim:
-        lines += ["", "## iFIM throughput", ""]
-        lines += _md_table(
-            ["model", "C", "batch", "iFIM images/s", "forward + C backward images/s", "iFIM / Jacobian time"],
-            [[r["model"], r["C"], r["batch"], _f(r.get("images_per_s"), ".1f"),
-              _f(r.get("jacobian_images_per_s"), ".1f"), _f(r.get("ratio_to_jacobian"), ".2f")] for r in ifim],
-        )  # fmt: skip
-    resources = ROOT / OUT / "resources.md"
-    if resources.exists() and resources.stat().st_size:
-        lines += ["", "## Kernel resources on this device", "", resources.read_text().rstrip()]
-    return "\n".join(lines) + "\n"
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Dry run
-# --------------------------------------------------------------------------------------------------------------
-
-
-def dry_run() -> int:
-    """Print the steps; check that every path they name exists and every script / module / test imports."""
-    problems: list[str] = []
-    print(f"GPU check, dry run: the steps it runs on a CUDA machine (budget {TOTAL_BUDGET_S} s in all)\n")
-    missing = missing_distributions()
-    setup_cmd = f"python -m pip install --no-index --find-links {WHEELS}/ <missing: {' '.join(missing) or 'none here'}>"
-    print(f"  setup      {SETUP_BUDGET_S:>4} s  {setup_cmd}")
-    print(f"  {'':<10} {'':>6}  python -m pip install --no-deps -e . when drift does not import")
-    for step in steps():
-        print(f"  {step.name:<10} {step.budget_s:>4} s  {step.shell()}")
-        print(f"  {'':<10} {'':>6}  {step.what}")
-    print()
-    for step in steps():
-        for rel in step.paths:
-            if not (ROOT / rel).exists():
-                problems.append(f"{step.name}: {rel} does not exist")
-    # The scripts import (their main does not run: each guards it with __name__ == "__main__").
-    for step in steps():
-        for rel in step.paths:
-            if rel.endswith(".py") and rel.startswith("bench/"):
-                spec = importlib.util.spec_from_file_location(f"_gpu_check_{step.name}", ROOT / rel)
-                try:
-                    spec.loader.exec_module(importlib.util.module_from_spec(spec))
-                    print(f"  imports: {rel}")
-                except Exception as err:  # reported, the other checks still run
-                    problems.append(f"{step.name}: {rel} does not import: {type(err).__name__}: {err}")
-    for module in ("drift", "drift_kernels.compile_check", "drift.attribution", "drift.fisher"):
-        try:
-            importlib.import_module(module)
-            print(f"  imports: {module}")
-        except Exception as err:
-            problems.append(f"{module} does not import: {type(err).__name__}: {err}")
-    # The compiled-kernel tests collect (their modules import) in a TRITON_INTERPRET=0 session.
-    tests = steps()[0]
-    cmd = [sys.executable if c == "python" else c for c in tests.cmd if not c.startswith("--junitxml")]
-    done = subprocess.run(
-        [*cmd, "--collect-only"], cwd=ROOT, env={**os.environ, **tests.env}, capture_output=True, text=True,
-        timeout=240,
-    )  # fmt: skip
-    collected = [ln for ln in done.stdout.splitlines() if "::" in ln]
-    if done.returncode != 0 or not collected:
-        problems.append(f"tests: collection failed (rc {done.returncode}):\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+def run(selected: Sequence[str]) -> int:
+    """Run the selected steps; the records of steps not run this time are kept from the last run."""
+    work = ROOT / WORK
+    work.mkdir(parents=True, exist_ok=True)
+    previous = {r["name"]: r for r in (load(work, "steps.json") or [])}
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+    t0 = time.monotonic()
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("TRITON_INTERPRET", None)
+    records: dict[str, dict] = {}
+    if "setup" in selected:
+        print(f"=== setup (budget {SETUP_BUDGET_S} s)", flush=True)
+        with open(work / "setup.log", "w") as setup_log:
+            try:
+                ok, notes = setup(env, lambda text: setup_log.write(text + "\n"))
+            except Exception as err:  # recorded; the measuring steps still run
+                ok, notes = False, [f"{type(err).__name__}: {err}"]
+        for note in notes:
+            print(f"  {note}")
+        records["setup"] = dict(name="setup", what="; ".join(notes), command="pip install --no-deps --target",
+                                status="passed" if ok else "failed", rc=0 if ok else 1,
+                                seconds=time.monotonic() - t0, budget_s=SETUP_BUDGET_S, output="setup.log")  # fmt: skip
     else:
-        print(f"  collects: {len(collected)} compiled-kernel tests in tests/kernels (-m gpu, TRITON_INTERPRET=0)")
-    for mod in PRESENT:
-        print(f"  {'present' if _has(mod) else 'absent '}: {mod}")
-    for mod, dist in THIRD_PARTY.items():
-        wheel = _wheel_for(dist)
-        state = "present" if _has(mod) else "absent "
-        print(f"  {state}: {mod} ({dist}; in {WHEELS}/: {wheel.name if wheel else 'no'})")
-    print()
-    for p in problems:
-        print(f"PROBLEM: {p}")
-    print("dry run: " + ("ok" if not problems else f"{len(problems)} problem(s)"))
-    return 1 if problems else 0
-
-
-def _importable_here() -> None:
-    """Let the dry run import drift and drift_kernels from the source tree when they are not installed."""
-    if not _has("drift"):
-        sys.path.insert(0, str(ROOT))
-    if not _has("drift_kernels"):
-        spec = importlib.util.spec_from_file_location(
-            "drift_kernels", ROOT / "kernels" / "__init__.py", submodule_search_locations=[str(ROOT / "kernels")]
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["drift_kernels"] = module
-        spec.loader.exec_module(module)
+        env["PYTHONPATH"] = _python_path(env, ROOT / DEPS, ROOT, drift_path())
+    for step in steps():
+        if step.name not in selected:
+            continue
+        left = TOTAL_BUDGET_S - (time.monotonic() - t0)
+        if left < 5:
+            records[step.name] = dict(name=step.name, what=step.what, command=step.shell(),
+                                      status="not run: over budget", rc=None, seconds=0.0, budget_s=step.budget_s,
+                                      output=step.output)  # fmt: skip
+            continue
+        records[step.name] = run_step(step, env, min(step.budget_s, left), work)
+    merged = [records.get(n) or previous.get(n) for n in STEP_NAMES]
+    merged = [r for r in merged if r]
+    (work / "steps.json").write_text(json.dumps(merged, indent=1) + "\n")
+    summary = dict(
+        started=started, seconds=time.monotonic() - t0, machine=machine(), steps=merged, tests=test_counts(work),
+        kernels=load(work, "kernels.json"), cams=load(work, "cam_speed.json"), ifim=load(work, "ifim.json"),
+    )  # fmt: skip
+    (work / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    md = summary_markdown(summary, work)
+    (work / "summary.md").write_text(md)
+    (ROOT / OUT / "summary.md").write_text(md)
+    pack(work, ROOT / ARCHIVE)
+    print("\n" + md)
+    print(f"written: {ARCHIVE} (every output), {OUT}/summary.md")
+    return 0 if all(r["status"] == "passed" for r in records.values()) else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--dry-run", action="store_true", help="list the steps and check them; no CUDA needed")
+    parser.add_argument("--dry-run", action="store_true", help="check every step under the GPU package set")
+    parser.add_argument("--only", nargs="+", metavar="STEP", help=f"run only these steps ({', '.join(STEP_NAMES)})")
+    parser.add_argument("--skip", nargs="+", metavar="STEP", help="run every step but these")
+    parser.add_argument("--hide", nargs="+", default=[], metavar="MODULE",
+                        help="dry run: hide these top-level modules too")  # fmt: skip
+    parser.add_argument("--wheels", type=Path, default=WHEELS, help="dry run: the wheels folder to install from")
     args = parser.parse_args(argv)
     os.chdir(ROOT)
+    selected = select(args.only, args.skip)
     if args.dry_run:
-        _importable_here()
-        return dry_run()
+        from gpu_dry_run import dry_run
+
+        return dry_run(selected, args.hide, args.wheels)
 
     import torch
 
     if not torch.cuda.is_available():
         print("no CUDA device: run with --dry-run to check the steps on this machine", file=sys.stderr)
         return 2
-    (ROOT / OUT).mkdir(parents=True, exist_ok=True)
-    started = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
-    t0 = time.monotonic()
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    print(f"=== setup (budget {SETUP_BUDGET_S} s)", flush=True)
-    with open(ROOT / OUT / "setup.log", "w") as setup_log:
-        ok, notes = setup(env, lambda text: setup_log.write(text + "\n"))
-    for note in notes:
-        print(f"  {note}")
-    results = [dict(name="setup", what="; ".join(notes), command="pip install (wheels/)", status="passed" if ok else
-                    "failed", rc=0 if ok else 1, seconds=time.monotonic() - t0, budget_s=SETUP_BUDGET_S)]  # fmt: skip
-    for step in steps():
-        left = TOTAL_BUDGET_S - (time.monotonic() - t0)
-        if left < 5:
-            results.append(dict(name=step.name, what=step.what, command=step.shell(), status="not run: over budget",
-                                rc=None, seconds=0.0, budget_s=step.budget_s))  # fmt: skip
-            continue
-        results.append(run_step(step, env, min(step.budget_s, left)))
-    summary = dict(
-        started=started, seconds=time.monotonic() - t0, machine=machine(), steps=results, tests=_test_counts(),
-        kernels=_load("kernels.json"), cams=_load("cam_speed.json"), ifim=_load("ifim.json"),
-    )  # fmt: skip
-    (ROOT / OUT / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    md = summary_markdown(summary)
-    (ROOT / OUT / "summary.md").write_text(md)
-    print("\n" + md)
-    print(f"written: {OUT}/summary.json, {OUT}/summary.md")
-    return 0 if all(s["status"] == "passed" for s in results) else 1
+    return run(selected)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ Command line (prints one table row per kernel launch and target)::
 
     python -m drift_kernels.compile_check [--ops fisher_gram fisher_project topk_iou] [--classes 5 14 100 200]
         [--dtypes float32 float16 bfloat16] [--ties fractional index] [--targets sm_80 sm_89 sm_90a] [--markdown]
+        [--m 4 13] [--dims 150528 268203]           # fisher_project's m; D of the Fisher kernels
         [--device]                                  # this machine's GPU instead of --targets
 """
 
@@ -56,6 +57,8 @@ class Target:
         shared_limit: largest dynamic shared memory one block may opt in to, in bytes.
         n_sm: streaming multiprocessors of the reference GPU, given to launchers that size their grid by it.
         gpus: the GPUs this target stands for.
+        max_warps_per_sm: resident warps an SM holds (64 on sm_80 / sm_90, 48 on sm_86 / sm_89).
+        shared_per_sm: shared memory an SM holds for all its resident blocks, in bytes.
     """
 
     name: str
@@ -63,13 +66,36 @@ class Target:
     shared_limit: int
     n_sm: int
     gpus: str
+    max_warps_per_sm: int = 64
+    shared_per_sm: int = 233472
 
 
 TARGETS: dict[str, Target] = {
-    "sm_80": Target("sm_80", 80, 166912, 108, "A100"),
-    "sm_89": Target("sm_89", 89, 101376, 142, "L40S, RTX 40xx (sm_86 has the same shared limit)"),
-    "sm_90a": Target("sm_90a", 90, 232448, 132, "H100, H200"),
+    "sm_80": Target("sm_80", 80, 166912, 108, "A100", 64, 167936),
+    "sm_89": Target("sm_89", 89, 101376, 142, "L40S, RTX 40xx (sm_86 has the same shared limit)", 48, 102400),
+    "sm_90a": Target("sm_90a", 90, 232448, 132, "H100, H200", 64, 233472),
 }
+
+#: Registers of an SM, and the most blocks it holds at once (sm_80 to sm_90).
+REGISTERS_PER_SM = 65536
+MAX_BLOCKS_PER_SM = 24
+
+
+def occupancy(report: CompileReport, target: str | Target) -> int:
+    """Blocks of a compiled kernel an SM holds at once: the least of the register, warp and shared-memory limits.
+
+    Registers are allocated per warp in units of 256 (8 a thread): a block takes
+    ceil(regs * 32 / 256) * 256 * num_warps of the SM's 65536; warps are limited by ``max_warps_per_sm``;
+    shared memory by ``shared_per_sm`` (plus 1 KB the runtime reserves per block).
+    """
+    tgt = _target(target)
+    if report.error:
+        return 0
+    per_block_regs = -(-report.registers * 32 // 256) * 256 * report.num_warps
+    by_regs = REGISTERS_PER_SM // max(1, per_block_regs)
+    by_warps = tgt.max_warps_per_sm // report.num_warps
+    by_shared = tgt.shared_per_sm // (report.shared + 1024)
+    return max(0, min(by_regs, by_warps, by_shared, MAX_BLOCKS_PER_SM))
 
 
 def _target(target: str | Target) -> Target:
@@ -99,7 +125,9 @@ def device_target(device: int | str | torch.device = 0) -> Target:
     limit = int(getattr(props, "shared_memory_per_block_optin", 0) or 0)
     if not limit:
         limit = next((t.shared_limit for t in TARGETS.values() if t.arch == arch), TARGETS["sm_89"].shared_limit)
-    return Target(name, arch, limit, props.multi_processor_count, props.name)
+    warps = int(getattr(props, "max_threads_per_multi_processor", 2048) or 2048) // 32
+    per_sm = int(getattr(props, "shared_memory_per_multiprocessor", 0) or 0) or limit + 1024
+    return Target(name, arch, limit, props.multi_processor_count, props.name, warps, per_sm)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -542,6 +570,8 @@ def record_launches(module: str, make_args: Callable[[], tuple], n_sm: int = 132
 #: Problem sizes of the study: D = 3 x 224 x 224 inputs, B = 8 samples a call; m = 4 columns of W for
 #: fisher_project; N = 4096 map pairs of 224 x 224 pixels and the four top-k fractions of drift.metrics.
 STUDY_D = 3 * 224 * 224
+#: D of InceptionV3's 299 px inputs: odd, so rows of J are not 16-byte aligned (no vector loads; more registers).
+STUDY_D_ODD = 3 * 299 * 299
 STUDY_B = 8
 STUDY_M = 4
 STUDY_MAPS = (4096, 224, 224)
@@ -570,9 +600,10 @@ class Case:
         if self.op == "topk_iou":
             n, h, w = STUDY_MAPS
             return f"N={n} {h}x{w} T={len(STUDY_FRACTIONS)} {dt}{' index' if self.ties == 'index' else ''}"
+        d = "" if self.D == STUDY_D else f" D={self.D}"
         if self.op == "fisher_project":
-            return f"C={self.C} m={self.m} {dt} {self.head}"
-        return f"C={self.C} {dt} {self.head}{' +x' if self.with_x else ''}"
+            return f"C={self.C} m={self.m} {dt} {self.head}{d}"
+        return f"C={self.C} {dt} {self.head}{' +x' if self.with_x else ''}{d}"
 
 
 def dispatch_launches(case: Case, target: str | Target = "sm_90a") -> list[Launch]:
@@ -634,20 +665,23 @@ def study_cases(
     with_x: Sequence[bool] = (False, True),
     ms: Sequence[int] = (STUDY_M,),
     ties: Sequence[str] = ("fractional",),
+    dims: Sequence[int] = (STUDY_D,),
 ) -> list[Case]:
-    """Every combination of the given options (x for fisher_gram, m for fisher_project; topk_iou: dtype x ties)."""
+    """Every combination of the given options (x for fisher_gram, m for fisher_project, D for both; topk_iou:
+    dtype x ties)."""
     cases = []
     for op in ops:
         if op == "topk_iou":
             cases += [Case(op, dtype=dt, ties=rule) for dt in dtypes for rule in ties]
             continue
-        for C in classes:
-            for dt in dtypes:
-                for head in heads:
-                    if op == "fisher_gram":
-                        cases += [Case(op, C, dt, head, x) for x in with_x]
-                    else:
-                        cases += [Case(op, C, dt, head, m=m) for m in ms]
+        for D in dims:
+            for C in classes:
+                for dt in dtypes:
+                    for head in heads:
+                        if op == "fisher_gram":
+                            cases += [Case(op, C, dt, head, x, D=D) for x in with_x]
+                        else:
+                            cases += [Case(op, C, dt, head, m=m, D=D) for m in ms]
     return cases
 
 
@@ -692,6 +726,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--heads", nargs="+", default=["softmax", "sigmoid"])
     parser.add_argument("--with-x", nargs="+", choices=["no", "yes"], default=["no", "yes"], help="fisher_gram")
     parser.add_argument("--m", nargs="+", type=int, default=[STUDY_M], help="columns of W (fisher_project)")
+    parser.add_argument("--dims", nargs="+", type=int, default=[STUDY_D], help="D, input dimensions (Fisher kernels)")
     parser.add_argument(
         "--ties", nargs="+", choices=["fractional", "index"], default=["fractional", "index"], help="topk_iou"
     )
@@ -707,7 +742,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     dtypes = [getattr(torch, name) for name in args.dtypes]
     with_x = [x == "yes" for x in args.with_x]
-    cases = study_cases(args.ops, args.classes, dtypes, args.heads, with_x, args.m, args.ties)
+    cases = study_cases(args.ops, args.classes, dtypes, args.heads, with_x, args.m, args.ties, args.dims)
     targets: list[str | Target] = list(args.targets)
     if args.device:
         if not torch.cuda.is_available():

@@ -5,6 +5,8 @@
 * ``auto`` (default): the Triton kernel for CUDA tensors; the torch reference for CPU tensors, except when
   ``TRITON_INTERPRET=1``, where the kernel runs on CPU tensors through Triton's interpreter. Inputs the kernels
   do not take (float64, more than 256 classes) go to the reference, which computes them exactly as specified.
+  So do the Fisher cases where a recorded GPU measurement found the kernel slower than the best torch route
+  (``kernels/torch_wins.json``, see :func:`torch_wins`).
 * ``reference``: the torch reference everywhere.
 * ``triton``: the kernel everywhere; a RuntimeError where it cannot run (no Triton, or a CPU tensor without
   the interpreter), a TypeError / ValueError for inputs it does not take.
@@ -17,8 +19,10 @@ from __future__ import annotations
 
 import functools
 import importlib
+import json
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from types import ModuleType
 
 import torch
@@ -84,8 +88,36 @@ def backend(t: torch.Tensor) -> str:
     return "reference"
 
 
-def _fisher_kernel_takes(J: torch.Tensor) -> bool:
-    return J.dtype in KERNEL_DTYPES and J.shape[1] <= MAX_CLASSES
+#: Measured cases where torch beats the Fisher kernels: a JSON list of records {"op", "device", "dtype", "C"}
+#: (op fisher_gram or fisher_project, the device name torch reports, J's dtype name, the class count), written
+#: by ``bench/gpu_kernels.py --torch-wins`` from the rows whose kernel was slower than the best torch route in the
+#: same run, and committed here. A missing file means no such measurement: the kernels serve every case.
+TORCH_WINS = Path(__file__).with_name("torch_wins.json")
+
+
+@functools.lru_cache(maxsize=4)
+def _load_torch_wins(path: Path) -> frozenset[tuple[str, str, str, int]]:
+    if not path.exists():
+        return frozenset()
+    try:
+        records = json.loads(path.read_text())
+        return frozenset((str(r["op"]), str(r["device"]), str(r["dtype"]), int(r["C"])) for r in records)
+    except (ValueError, TypeError, KeyError) as err:
+        raise ValueError(f"{path}: expected a JSON list of {{op, device, dtype, C}} records ({err})") from None
+
+
+def _device_name(t: torch.Tensor) -> str:
+    return torch.cuda.get_device_name(t.device) if t.is_cuda else t.device.type
+
+
+def torch_wins(op: str, J: torch.Tensor) -> bool:
+    """Whether a recorded measurement found torch faster than the kernel for op at J's device, dtype and C."""
+    wins = _load_torch_wins(TORCH_WINS)
+    return bool(wins) and (op, _device_name(J), str(J.dtype).removeprefix("torch."), int(J.shape[1])) in wins
+
+
+def _fisher_kernel_takes(J: torch.Tensor, op: str) -> bool:
+    return J.dtype in KERNEL_DTYPES and J.shape[1] <= MAX_CLASSES and not torch_wins(op, J)
 
 
 def fisher_gram(
@@ -105,7 +137,7 @@ def fisher_gram(
         K (B, C, C) and G x (B, C) (None without x), float32 (float64 for a float64 J).
     """
     check_fisher_inputs(J, p, head, x=x)
-    if backend(J) == "triton" and (_mode() == "triton" or _fisher_kernel_takes(J)):
+    if backend(J) == "triton" and (_mode() == "triton" or _fisher_kernel_takes(J, "fisher_gram")):
         check_kernel_fisher(J, MAX_CLASSES)
         return _kernel_module("fisher_gram_kernel")._launch(J, p, x, head)
     return fisher_gram_reference(J, p, x, head)
@@ -124,7 +156,7 @@ def fisher_project(J: torch.Tensor, p: torch.Tensor, W: torch.Tensor, head: str 
         (B, D, m) float32 (float64 for a float64 J).
     """
     check_fisher_inputs(J, p, head, W=W)
-    if backend(J) == "triton" and (_mode() == "triton" or _fisher_kernel_takes(J)):
+    if backend(J) == "triton" and (_mode() == "triton" or _fisher_kernel_takes(J, "fisher_project")):
         check_kernel_fisher(J, MAX_CLASSES)
         return _kernel_module("fisher_project_kernel")._launch(J, p, W, head)
     return fisher_project_reference(J, p, W, head)

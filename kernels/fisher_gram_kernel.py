@@ -41,6 +41,9 @@ partials in a fixed order and symmetrises, so the result is bitwise reproducible
   tile and all C_PAD^2 products of it, so no product is computed twice (a 16 x 16 ``tl.dot`` tile, the smallest
   there is, is replicated in every warp) and no tensor core is involved; the accumulator is at most 32 fp32
   registers a thread (BLOCK_D = 32 * 32 * num_warps / C_PAD^2).
+  The tile loop is one flat ``tl.range(..., num_stages=2)`` loop, which triton (3.6 and 3.8) software-pipelines:
+  the loads of the next tiles go to shared memory by cp.async while the current one is multiplied, so the
+  memory-bound reduction keeps loads in flight; the grid is one wave of the programs an SM holds.
 * C > 16: IEEE ``tl.dot`` (FMA) of the row block g_I (BLOCK_CI, BLOCK_D) with g^T (BLOCK_D, C_PAD), an output tile
   of at least 32 x 32 so that every thread owns distinct outputs; beyond C = 64 rows of K are split in blocks
   (a program then reads its own rows of J a second time, from cache). Compute-bound for C >= 100 (C_PAD^2 FMAs
@@ -82,8 +85,39 @@ INNER_TILES = 16
 #: reference's at the cost of one batched matmul (``tl.dot`` path only).
 INTERPRETER_PIECES = 8
 
-#: Programs launched per streaming multiprocessor when choosing the split of D (enough to hide memory latency).
-PROGRAMS_PER_SM = 4
+#: Pipeline stages of the broadcast path's tile loop (tiles in flight: the current one and the next). Three
+#: stages left ptxas 64 registers and 12 B of spills a thread for C = 5 float16 on sm_80 under triton 3.8.
+BROADCAST_STAGES = 2
+
+#: Programs a streaming multiprocessor holds at once on the broadcast path (C_PAD <= 16, 8 warps): ptxas gives
+#: the partial kernel 64 to 95 registers a thread (triton 3.6 and 3.8, sm_80 / sm_89 / sm_90a; 80 for the
+#: study's float32, 95 for float16 with the sigmoid head and x), so 65536 registers hold 2 programs of 256
+#: threads in every case (3 in some). The split of D launches this many programs per SM: one wave, all of it
+#: resident (the earlier grid assumed 4 where 3 fitted, leaving a mostly idle second wave). The compile check
+#: asserts that every launch's occupancy is at least its ``programs_per_sm``.
+PROGRAMS_PER_SM = 2
+
+
+@triton.jit
+def _factor_tile(j_base, a, delta, scale, p, rows, row_ok, cols, col_ok, stride_jc, SOFTMAX: tl.constexpr):
+    """One tile of the factor: g (C_PAD, BLOCK_D) float32 for the columns cols, with J_a and r of the centring.
+
+    softmax: g[c] = scale_c ((J_c - J_a) - r), r = sum_j p_j (J_j - J_a) - delta J_a (row a read again, from
+    cache); sigmoid: g[c] = scale_c J_c (J_a and r are then zeros).
+    """
+    j = tl.load(
+        j_base + rows[:, None] * stride_jc + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0
+    ).to(tl.float32)
+    if SOFTMAX:
+        j_a = tl.load(j_base + a * stride_jc + cols, mask=col_ok, other=0.0).to(tl.float32)
+        dj = j - j_a[None, :]
+        r = tl.sum(p[:, None] * dj, axis=0) - delta * j_a
+        g = scale[:, None] * (dj - r[None, :])
+    else:
+        j_a = tl.zeros_like(cols).to(tl.float32)
+        r = j_a
+        g = scale[:, None] * j
+    return g, j_a, r
 
 
 @triton.jit
@@ -111,6 +145,7 @@ def _fisher_gram_partial_kernel(
     INNER: tl.constexpr,
     SUB: tl.constexpr,
     PRECISION: tl.constexpr,
+    NUM_STAGES: tl.constexpr = 2,
 ):
     """Partial K[s, b, I, :] = G[I, Ds] G[:, Ds]^T and G[I, Ds] x[Ds] over the D range Ds of split s.
 
@@ -133,10 +168,13 @@ def _fisher_gram_partial_kernel(
     row_ok = rows < C
     # Scales, a and delta come from the launcher (float64 there, rounded once): no float64 in the kernel.
     scale = tl.load(S + b * C + rows, mask=row_ok, other=0.0)
+    p = tl.load(P + b * C + rows, mask=row_ok, other=0.0)
     if SOFTMAX:
-        p = tl.load(P + b * C + rows, mask=row_ok, other=0.0)
         a = tl.load(CENTRE + b)
         delta = tl.load(DELTA + b)
+    else:
+        a = 0
+        delta = 0.0
 
     ri = pid_i * BLOCK_CI + tl.arange(0, BLOCK_CI)
     ri_ok = ri < C
@@ -151,26 +189,13 @@ def _fisher_gram_partial_kernel(
         acc3 = tl.zeros((C_PAD, C_PAD, BLOCK_D), dtype=tl.float32)
         gx2 = tl.zeros((C_PAD, BLOCK_D), dtype=tl.float32)
     d0 = s.to(tl.int64) * tiles_per_split * BLOCK_D
-    for t0 in range(0, tiles_per_split, INNER):
-        if USE_DOT:
+    if USE_DOT:
+        for t0 in range(0, tiles_per_split, INNER):
             part = tl.zeros((BLOCK_CI, C_PAD), dtype=tl.float32)
-        for t in range(t0, tl.minimum(t0 + INNER, tiles_per_split)):
-            cols = d0 + t * BLOCK_D + tl.arange(0, BLOCK_D)
-            col_ok = cols < D
-            j = tl.load(
-                j_base + rows[:, None] * stride_jc + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0
-            ).to(tl.float32)
-            if SOFTMAX:
-                # Centre on row a (read again, from cache): J_c - m = (J_c - J_a) - r, r small when p_a ~ 1.
-                j_a = tl.load(j_base + a * stride_jc + cols, mask=col_ok, other=0.0).to(tl.float32)
-                dj = j - j_a[None, :]
-                r = tl.sum(p[:, None] * dj, axis=0) - delta * j_a
-                g = scale[:, None] * (dj - r[None, :])
-            else:
-                g = scale[:, None] * j
-            if HAS_X:
-                xv = tl.load(X + b * stride_xb + cols, mask=col_ok, other=0.0).to(tl.float32)
-            if USE_DOT:
+            for t in range(t0, tl.minimum(t0 + INNER, tiles_per_split)):
+                cols = d0 + t * BLOCK_D + tl.arange(0, BLOCK_D)
+                col_ok = cols < D
+                g, j_a, r = _factor_tile(j_base, a, delta, scale, p, rows, row_ok, cols, col_ok, stride_jc, SOFTMAX)
                 if BLOCK_CI == C_PAD:
                     g_i = g
                 else:
@@ -190,15 +215,20 @@ def _fisher_gram_partial_kernel(
                     g_3 = tl.permute(tl.reshape(g, (C_PAD, BLOCK_D // SUB, SUB)), (1, 2, 0))
                     part += tl.sum(tl.dot(g_i3, g_3, input_precision=PRECISION), axis=0)
                 if HAS_X:
+                    xv = tl.load(X + b * stride_xb + cols, mask=col_ok, other=0.0).to(tl.float32)
                     gx += tl.sum(g_i * xv[None, :], axis=1)
-            else:
-                # Independent lanes: one product per (i, j, d) a tile, no reduction inside the loop.
-                acc3 += g[:, None, :] * g[None, :, :]
-                if HAS_X:
-                    gx2 += g * xv[None, :]
-        if USE_DOT:
             acc += part
-    if not USE_DOT:
+    else:
+        # One flat loop, software-pipelined: the loads of the next NUM_STAGES - 1 tiles are issued (cp.async
+        # into shared memory) while this tile is multiplied; independent lanes, no reduction inside the loop.
+        for t in tl.range(0, tiles_per_split, num_stages=NUM_STAGES):
+            cols = d0 + t * BLOCK_D + tl.arange(0, BLOCK_D)
+            col_ok = cols < D
+            g, _j_a, _r = _factor_tile(j_base, a, delta, scale, p, rows, row_ok, cols, col_ok, stride_jc, SOFTMAX)
+            acc3 += g[:, None, :] * g[None, :, :]
+            if HAS_X:
+                xv = tl.load(X + b * stride_xb + cols, mask=col_ok, other=0.0).to(tl.float32)
+                gx2 += g * xv[None, :]
         acc = tl.sum(acc3, axis=2)
         if HAS_X:
             gx = tl.sum(gx2, axis=1)
@@ -255,17 +285,24 @@ class _Config(NamedTuple):
     use_dot: bool
     num_warps: int
     num_stages: int = 3
+    programs_per_sm: int = PROGRAMS_PER_SM
 
 
 def _config(C: int, D: int, on_gpu: bool) -> _Config:
     """Meta-parameters for C classes and D input dimensions.
 
     GPU, C_PAD <= 16: 8 warps and BLOCK_D = ACC_PER_THREAD * 256 / C_PAD^2 (32 to 256), so that the broadcast
-    accumulator is at most 32 registers a thread. GPU, C_PAD >= 32: an output tile BLOCK_CI x C_PAD of at most 32
-    values a thread (rows of K in blocks of 64 for C_PAD = 128, of 16 with 2 pipeline stages for 256), and short
-    tiles (32 columns for C_PAD = 32, 16 for 64, 8 beyond) because the FMA ``tl.dot`` keeps a BLOCK_D-long slice
-    of both operands in registers. Chosen with ``python -m drift_kernels.compile_check``: at neighbouring
-    settings ptxas spills a few bytes a thread on some target (it trades them for an occupancy step), here none.
+    accumulator is at most 32 registers a thread; the flat loop is pipelined over ``BROADCAST_STAGES`` = 2
+    stages (cp.async prefetch of the next tile) and the grid is one wave of ``PROGRAMS_PER_SM`` = 2 programs
+    an SM, which every compiled variant holds at once. GPU, C_PAD >= 32: an output tile
+    BLOCK_CI x C_PAD of at most 32 values a thread (rows of K in blocks of 32 for C_PAD = 128 with 4 warps and
+    for 256 with 8, one stage: with 2 or 3 stages, or blocks of 16 or 64, ptxas held 128 registers and spilled
+    12 to 400 B a thread on some target, version or D), and short tiles (32 columns for C_PAD = 32, 16 beyond)
+    because the FMA
+    ``tl.dot`` keeps a BLOCK_D-long slice of both operands in registers; 16 is also the least K of an fp32
+    ``tl.dot`` that triton 3.6 accepts (3.8 takes 8). Chosen with ``python -m drift_kernels.compile_check``
+    under triton 3.6 and 3.8, at D = 3 x 224 x 224 and at the odd D = 3 x 299 x 299: at neighbouring settings
+    ptxas spills a few bytes a thread on some target and version, here none.
     Interpreter: few, large tiles, because every tile costs a round of numpy calls.
     """
     use_dot = next_pow2(C) > SMALL_C
@@ -275,21 +312,22 @@ def _config(C: int, D: int, on_gpu: bool) -> _Config:
             return _Config(c_pad, c_pad, max(16, min(next_pow2(D), (1 << 18) // (c_pad * c_pad))), False, 4)
         num_warps = 8
         block_d = max(32, min(256, ACC_PER_THREAD * 32 * num_warps // (c_pad * c_pad)))
-        return _Config(c_pad, c_pad, block_d, False, num_warps)
+        return _Config(c_pad, c_pad, block_d, False, num_warps, BROADCAST_STAGES)
     if not on_gpu:
         block_ci = min(c_pad, 64) if c_pad > 128 else c_pad
         return _Config(c_pad, block_ci, max(16, min(next_pow2(D), (1 << 18) // (block_ci * c_pad))), True, 4)
-    block_ci, block_d, num_warps, stages = {32: (32, 32, 4, 3), 64: (64, 16, 4, 3), 128: (64, 8, 8, 3)}.get(
-        c_pad, (16, 8, 8, 2)
+    block_ci, block_d, num_warps, stages = {32: (32, 32, 4, 3), 64: (64, 16, 4, 3), 128: (32, 16, 4, 1)}.get(
+        c_pad, (32, 16, 8, 1)
     )
-    return _Config(c_pad, block_ci, block_d, True, num_warps, stages)
+    # Up to 255 registers a thread: one program an SM assumed (two for C_PAD = 32, 4 warps).
+    return _Config(c_pad, block_ci, block_d, True, num_warps, stages, 2 if c_pad == 32 else 1)
 
 
-def _split(B: int, n_row_blocks: int, n_tiles: int, device: torch.device) -> int:
-    """Tiles per split of D: enough programs for every SM, each a contiguous run of whole tiles."""
+def _split(B: int, n_row_blocks: int, n_tiles: int, device: torch.device, programs_per_sm: int) -> int:
+    """Tiles per split of D: one wave of programs_per_sm programs on every SM, each a contiguous run of tiles."""
     if device.type != "cuda":
         return n_tiles
-    target = PROGRAMS_PER_SM * _common.sm_count(device)
+    target = programs_per_sm * _common.sm_count(device)
     n_split = max(1, min(n_tiles, cdiv(target, B * n_row_blocks)))
     return cdiv(n_tiles, n_split)
 
@@ -339,7 +377,7 @@ def _launch(
     n_row_blocks = cdiv(C, cfg.block_ci)
     n_tiles = cdiv(D, block_d)
     if tiles_per_split is None:
-        tiles_per_split = _split(B, n_row_blocks, n_tiles, device)
+        tiles_per_split = _split(B, n_row_blocks, n_tiles, device, cfg.programs_per_sm)
     if tiles_per_split < 1:
         raise ValueError(f"tiles_per_split must be >= 1, got {tiles_per_split}")
     n_split = cdiv(n_tiles, tiles_per_split)
@@ -376,6 +414,7 @@ def _launch(
             INNER=INNER_TILES,
             SUB=block_d if on_gpu or not cfg.use_dot else max(16, block_d // INTERPRETER_PIECES),
             PRECISION=precision,
+            NUM_STAGES=cfg.num_stages,
         )
         if autotune:
             _tuned_kernel()[grid](*args, **meta)

@@ -193,9 +193,13 @@ class _Config(NamedTuple):
 def _config(C: int, D: int, m: int, on_gpu: bool) -> _Config:
     """Meta-parameters for C classes, D columns and m columns of W.
 
-    m <= 16, GPU: a J tile of at most 8192 values and an output tile of at most 4096, so registers stay below
-    ~100 a thread. m > 16, GPU: classes in blocks of BLOCK_C <= 32, columns of W in blocks of 32 or 64, a
-    (BLOCK_D, M_PAD) accumulator of at most 32 values a thread. Interpreter: large tiles and all classes in one
+    m <= 16, GPU: a J tile (float64) of at most 4096 values and an output tile (BLOCK_D, M_PAD) of at most 2048,
+    8 warps from a J tile of 2048 values, so registers stay below ~100 a thread. Larger tiles (8192 J values,
+    4096 outputs, the earlier rule) spilled up to 100 B a thread at odd D (rows of J not 16-byte aligned, so no
+    vector loads: InceptionV3's D = 3 x 299 x 299) for C = 14 with m = 13 and m = 4 on sm_80 / sm_89 / sm_90a
+    under triton 3.6 or 3.8; the compile check covers those shapes. m > 16, GPU: classes in blocks of
+    BLOCK_C <= 32, columns of W in blocks of 32 or 64, a (BLOCK_D, M_PAD) accumulator of at most 32 values a
+    thread. Interpreter: large tiles and all classes in one
     block, because every tile costs a round of numpy calls.
     """
     if m <= SMALL_M:
@@ -204,8 +208,8 @@ def _config(C: int, D: int, m: int, on_gpu: bool) -> _Config:
         if not on_gpu:
             block_d = max(16, min(next_pow2(D), (1 << 18) // c_pad, (1 << 18) // m_pad))
             return _Config(c_pad, c_pad, block_d, m_pad, False, 4)
-        block_d = max(16, min(1024, 8192 // c_pad, 4096 // m_pad))
-        return _Config(c_pad, c_pad, block_d, m_pad, False, 8 if c_pad * block_d >= 8192 else 4)
+        block_d = max(16, min(1024, 4096 // c_pad, 2048 // m_pad))
+        return _Config(c_pad, c_pad, block_d, m_pad, False, 8 if c_pad * block_d >= 2048 else 4)
     c_pad = max(16, next_pow2(C))
     m_pad = min(64, next_pow2(m))
     if not on_gpu:

@@ -32,11 +32,19 @@ PAIRWISE = [
 PROJECT_SMALL_C = [(F32, "softmax", 4), (F16, "sigmoid", 1), (BF16, "softmax", 40)]
 PROJECT_LARGE_C = [(F32, "sigmoid", 4), (BF16, "softmax", 40)]
 
+#: fisher_project with m = C - 1 (every eigenvector of a rank C - 1 softmax Fisher matrix) at the study's C.
+PROJECT_ALL_EIGEN = [(F32, "softmax"), (BF16, "sigmoid")]
+#: The odd D of InceptionV3's 299 px inputs: rows of J not 16-byte aligned, no vector loads, more registers.
+ODD = cc.STUDY_D_ODD
+
 CASES = (
     [cc.Case("fisher_gram", C, dt, head, x) for C in (5, 14) for dt, head, x in PAIRWISE]
     + [cc.Case("fisher_gram", C, dt, head, x) for C in (100, 200) for dt, head, x in PAIRWISE[::2]]
+    + [cc.Case("fisher_gram", C, F32, "softmax", True, D=ODD) for C in (5, 14, 100, 200)]
     + [cc.Case("fisher_project", C, dt, head, m=m) for C in (5, 14) for dt, head, m in PROJECT_SMALL_C]
     + [cc.Case("fisher_project", C, dt, head, m=m) for C in (100, 200) for dt, head, m in PROJECT_LARGE_C]
+    + [cc.Case("fisher_project", 14, dt, head, m=13, D=D) for dt, head in PROJECT_ALL_EIGEN for D in (cc.STUDY_D, ODD)]
+    + [cc.Case("fisher_project", 14, F32, "softmax", m=4, D=ODD)]
     + [cc.Case("topk_iou", dtype=dt, ties=ties) for dt in (F32, F16, BF16) for ties in ("fractional", "index")]
 )
 
@@ -77,6 +85,35 @@ def test_fisher_kernels_fit_the_smallest_shared_memory(rows):
                 assert row.report.shared <= cc.TARGETS["sm_89"].shared_limit, (case.describe(), row.report)
 
 
+def test_fisher_gram_grid_is_one_wave_of_resident_programs(rows):
+    # The split of D launches programs_per_sm programs an SM; each SM must hold that many at once (registers,
+    # warps, shared memory of the compiled kernel), or the last programs run as a second, mostly idle wave.
+    import drift_kernels.fisher_gram_kernel as fg
+
+    seen = 0
+    for (case, target), launches in rows.items():
+        if case.op != "fisher_gram":
+            continue
+        partial = next(r for r in launches if r.report.kernel == "_fisher_gram_partial_kernel")
+        cfg = fg._config(case.C, case.D, on_gpu=True)
+        resident = cc.occupancy(partial.report, target)
+        what = f"{case.describe()} on {target}: {partial.report.registers} registers, w{partial.report.num_warps}"
+        assert resident >= cfg.programs_per_sm, f"{what}: {resident} programs an SM, grid assumes {cfg.programs_per_sm}"
+        n_programs = partial.launch.grid[0] * partial.launch.grid[1] * partial.launch.grid[2]
+        assert n_programs <= cfg.programs_per_sm * cc.TARGETS[target].n_sm + case.B * partial.launch.grid[0], what
+        seen += 1
+    assert seen >= 3 * len(TARGETS)
+
+
+def test_occupancy_follows_the_register_warp_and_shared_limits():
+    rep = cc.CompileReport("k", "sm_90a", 8, 80, 0, 0, 0, 14336, 232448)
+    # 80 registers -> 2560 a warp, 20480 a block of 8 warps: 3 blocks in 65536.
+    assert cc.occupancy(rep, "sm_90a") == 3
+    assert cc.occupancy(cc.CompileReport("k", "sm_89", 4, 32, 0, 0, 0, 0, 101376), "sm_89") == 12  # 48 warps
+    assert cc.occupancy(cc.CompileReport("k", "sm_89", 1, 16, 0, 0, 0, 40000, 101376), "sm_89") == 2  # shared
+    assert cc.occupancy(cc.CompileReport("k", "sm_80", 8, 255, 0, 0, 0, 0, 166912), "sm_80") == 1
+
+
 def test_small_class_counts_use_the_broadcast_path_without_tensor_cores():
     # C <= 16 (the study): fp32 FMA on independent lanes, never a 16 x 16 tl.dot replicated over the warps.
     for C in (1, 5, 14, 16):
@@ -98,7 +135,8 @@ def test_recorded_launch_matches_the_dispatch_configuration():
     assert partial.meta["HAS_X"] is False and partial.meta["SOFTMAX"] is False
     assert isinstance(partial.args[0], cc.TensorArg) and partial.args[0].dtype == BF16
     n_split = partial.grid[1]
-    assert partial.grid == (1, n_split, 8) and 1 < n_split <= fg.PROGRAMS_PER_SM * cc.TARGETS["sm_90a"].n_sm
+    assert partial.grid == (1, n_split, 8) and 1 < n_split <= cfg.programs_per_sm * cc.TARGETS["sm_90a"].n_sm
+    assert partial.meta["NUM_STAGES"] == cfg.num_stages == partial.meta["num_stages"] == fg.BROADCAST_STAGES >= 2
     assert reduce.name == "_fisher_gram_reduce_kernel"
 
 

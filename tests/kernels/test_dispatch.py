@@ -175,3 +175,53 @@ def test_imports_and_falls_back_to_the_reference_without_triton():
     env = {k: v for k, v in os.environ.items() if k != "DRIFT_KERNELS"}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_measured_torch_wins_send_that_case_to_the_reference(env, monkeypatch, tmp_path, rng):
+    import json
+
+    import drift_kernels.dispatch as dispatch
+    import drift_kernels.fisher_gram_kernel as fg
+
+    env(None, "1")
+    wins = tmp_path / "torch_wins.json"
+    wins.write_text(json.dumps([{"op": "fisher_gram", "device": "cpu", "dtype": "float32", "C": 5}]))
+    monkeypatch.setattr(dispatch, "TORCH_WINS", wins)
+    launched = []
+    real = fg._launch
+    monkeypatch.setattr(fg, "_launch", lambda *a, **k: launched.append(a[0].shape) or real(*a, **k))
+    C5 = torch.randn(2, 5, 37, generator=rng)
+    p5 = probabilities(2, 5, "softmax", rng)
+    K, _ = drift_kernels.fisher_gram(C5, p5)
+    assert launched == [] and torch.equal(K, fisher_gram_reference(C5, p5)[0])  # the measured case: torch
+    C6 = torch.randn(2, 6, 37, generator=rng)
+    drift_kernels.fisher_gram(C6, probabilities(2, 6, "softmax", rng))
+    drift_kernels.fisher_gram(C5.to(torch.bfloat16), p5)
+    assert launched == [(2, 6, 37), (2, 5, 37)]  # other C, other dtype: the kernel
+    assert dispatch.torch_wins("fisher_gram", C5) and not dispatch.torch_wins("fisher_project", C5)
+    env("triton", "1")
+    drift_kernels.fisher_gram(C5, p5)
+    assert launched[-1] == (2, 5, 37)  # DRIFT_KERNELS=triton forces the kernel
+    wins.write_text('[{"op": "fisher_gram"}]')
+    dispatch._load_torch_wins.cache_clear()
+    with pytest.raises(ValueError, match="torch_wins.json: expected a JSON list"):
+        dispatch.torch_wins("fisher_gram", C5)
+    dispatch._load_torch_wins.cache_clear()
+
+
+def test_torch_wins_records_come_from_rows_torch_won_at_every_batch():
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "bench" / "gpu_kernels.py"
+    spec = importlib.util.spec_from_file_location("gpu_kernels_wins", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def row(op, C, B, k, t, dtype="float32"):
+        return dict(op=op, device="H100", dtype=dtype, C=C, B=B, kernel_ms=k, best_torch_ms=t)
+
+    rows = [row("fisher_gram", 5, 8, 1.0, 0.5), row("fisher_gram", 5, 64, 2.0, 1.5),  # torch wins at both B
+            row("fisher_gram", 14, 8, 1.0, 0.5), row("fisher_gram", 14, 64, 1.0, 3.0),  # split: kernel stays
+            row("fisher_project", 5, 8, 1.0, 2.0), row("topk_iou", 4, 4096, 9.0, 1.0)]  # fmt: skip
+    assert bench.torch_wins(rows) == [dict(op="fisher_gram", device="H100", dtype="float32", C=5)]

@@ -34,3 +34,33 @@ def test_dry_run_prints_the_table_last_and_writes_json(tmp_path, capsys):
             # Relative errors against float64: the kernel's at most twice the reference's, or a few float32 ulps.
             assert r["err_kernel"] <= max(2 * r["err_reference"], bench.ULPS)
             assert 0 <= r["err_reference"] < 0.05
+
+
+def _torch_routes():
+    import sys
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    from benchmarks import _torch_routes
+
+    return _torch_routes
+
+
+@pytest.mark.parametrize("C, D, sharp", [(5, 301, 1.0), (14, 777, 9.0), (3, 64, 30.0)])
+def test_three_pass_gram_matches_float64_and_is_as_accurate_as_the_reference(C, D, sharp, rng):
+    # The three-pass torch route, the comparator of the benchmark: exact algebra, float32 arithmetic.
+    import torch
+    from drift_kernels.reference import fisher_gram_reference
+
+    routes = _torch_routes()
+    J = torch.randn(3, C, D, generator=rng)
+    p = torch.softmax(sharp * torch.randn(3, C, generator=rng, dtype=torch.float64), 1).float()  # sum p != 1
+    exact, _ = fisher_gram_reference(J.double(), p.double(), compute_dtype=torch.float64)
+    K = routes.gram_three_pass(J, p)
+    ref, _ = fisher_gram_reference(J, p)
+    assert K.dtype == torch.float32 and K.shape == (3, C, C)
+    scale = exact.abs().amax()
+    err, err_ref = (K.double() - exact).abs().amax() / scale, (ref.double() - exact).abs().amax() / scale
+    assert err <= max(2 * err_ref, 8 * torch.finfo(torch.float32).eps), (err, err_ref)
+    # float64 in, float64 arithmetic: agrees with the float64 reference to rounding.
+    K64 = routes.gram_three_pass(J.double(), p.double())
+    assert K64.dtype == torch.float64 and torch.allclose(K64, exact, rtol=1e-12, atol=1e-12 * float(scale))
