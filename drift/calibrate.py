@@ -8,7 +8,8 @@ does. Known answers make every printed claim either true or false, so the share 
 verdict makes a false claim is its false-positive rate, and the share in which it finds a planted effect its power.
 
 The map model (log intensities on an S x S grid, maps = exp): an image's anatomy (a smooth random field shared by
-every model and method), an architecture pattern, a method pattern, a planted TL -> FT change (a smooth field per
+every model and method), a base pattern (the same for every architecture), a method pattern, a planted TL -> FT
+change (a smooth field per
 architecture and method, scaled to the scenario's size), and seed noise: a model-level field shared by every image
 of one fine-tuned model (what makes replicas differ as a whole) plus image-level noise, each method with its own
 share. Transfer checkpoints carry no seed noise of their own except in the chain scenario: the verdicts on
@@ -25,6 +26,7 @@ Grad-CAM++ only), ``unequal-noise`` (equal systematic change, seed noise 0.5x / 
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,8 +124,11 @@ class Study:
         method_pat = {m: 0.4 * _field(rng, (), s) for m in METHODS}
         f = max(sc.m, sc.chains)
         out = {}
+        # One base pattern for every architecture: they differ only by the planted change and the seed noise, so
+        # that "equal systematic change" holds in every metric's representation too (with a pattern per
+        # architecture, a nonlinear metric such as the centroid turns one log-intensity change into unequal ones).
+        arch_pat = 0.4 * _field(rng, (), s)
         for a, noise in enumerate(sc.noise):
-            arch_pat = 0.4 * _field(rng, (), s)
             shift_dir = _field(rng, (), s)  # the planted change's direction, shared by the methods
             # model-level seed noise: one field per model shared by its images; common to both methods in part
             mod = _field(rng, (f,), s)
@@ -240,26 +245,59 @@ class Rate:
         return math.sqrt(p * (1 - p) / self.total) if self.total else math.nan
 
 
+def _chunk(task: tuple) -> dict[str, tuple[int, int, float]]:
+    """Studies of one scenario from one seed sequence: ``{verdict: (claims, studies, power sum)}``."""
+    name, n, n_images, side, seq = task
+    sc = next(s for s in SCENARIOS if s.name == name)
+    rng = np.random.default_rng(seq)
+    out: dict[str, list] = {}
+    for _ in range(n):
+        for verdict, r in Study(sc, n_images, side, rng).judge().items():
+            acc = out.setdefault(verdict, [0, 0, 0.0])
+            acc[0] += bool(r["claims"])
+            acc[1] += 1
+            acc[2] += float(r.get("power", r["claims"]))
+    return {k: tuple(v) for k, v in out.items()}
+
+
 def run(n_studies: int = 200, n_images: int = 40, side: int = 16, seed: int = 0,
-        scenarios: tuple[Scenario, ...] = SCENARIOS) -> dict:
-    """Simulate ``n_studies`` studies per scenario and count each verdict's claims.
+        scenarios: tuple[Scenario, ...] = SCENARIOS, workers: int = 1, chunk: int = 20,
+        chain_studies: int | None = None) -> dict:
+    """Simulate ``n_studies`` studies per scenario (``chain_studies`` for the chain scenarios) and count each
+    verdict's claims.
+
+    Studies run in chunks of ``chunk``, each from its own child of ``numpy.random.SeedSequence([seed, scenario
+    index])``, so the result does not depend on ``workers`` (processes; 1 = this process).
 
     Returns:
-        ``{scenario name: {verdict: Rate}}``: under a scenario where a verdict's claim is false (truth False) the
-        rate is its false-positive rate; where it is true, its power; ``truth None`` (a claim that may hold either
-        way, e.g. the systematic drift of the interaction scenario) is reported without a reading.
+        ``{scenario name: {"rates": {verdict: Rate}, "scenario": Scenario}}``: under a scenario where a verdict's
+        claim is false (truth False) the rate is its false-positive rate; where it is true, its power; ``truth
+        None`` (a claim that may hold either way, e.g. the systematic drift of the interaction scenario) is reported
+        without a reading.
     """
-    rng = np.random.default_rng(seed)
-    out: dict = {}
+    tasks, owner = [], []
     for sc in scenarios:
-        rates: dict[str, Rate] = {}
-        for _ in range(n_studies):
-            for verdict, r in Study(sc, n_images, side, rng).judge().items():
-                rate = rates.setdefault(verdict, Rate())
-                rate.total += 1
-                rate.hits += bool(r["claims"])
-                rate.power_sum += float(r.get("power", r["claims"]))
-        out[sc.name] = {"rates": rates, "scenario": sc}
+        n = chain_studies if sc.chains and chain_studies is not None else n_studies
+        sizes = [min(chunk, n - lo) for lo in range(0, n, chunk)]
+        for size, seq in zip(sizes, np.random.SeedSequence([seed, SCENARIOS.index(sc)]).spawn(len(sizes)),
+                             strict=True):
+            tasks.append((sc.name, size, n_images, side, seq))
+            owner.append(sc)
+    if workers > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as ex:
+            parts = list(ex.map(_chunk, tasks))
+    else:
+        parts = [_chunk(t) for t in tasks]
+    out: dict = {sc.name: {"rates": {}, "scenario": sc} for sc in scenarios}
+    for sc, part in zip(owner, parts, strict=True):
+        for verdict, (hits, total, power) in part.items():
+            rate = out[sc.name]["rates"].setdefault(verdict, Rate())
+            rate.hits += hits
+            rate.total += total
+            rate.power_sum += power
     return out
 
 
@@ -276,13 +314,15 @@ def table(results: dict) -> list[dict]:
     return rows
 
 
-def markdown(results: dict, seconds: float, n_studies: int, n_images: int, side: int, seed: int) -> str:
+def markdown(results: dict, seconds: float, n_studies: int, n_images: int, side: int, seed: int,
+             chain_studies: int | None = None) -> str:
     rows = table(results)
     lines = ["# Calibration of drift's verdicts", "",
              "Generated by `drift calibrate` (module `drift.calibrate`): simulated studies with known answers, scored "
              "by drift's own metric functions and judged by the functions that judge archives (`drift.verdicts`). "
-             f"{n_studies} studies per scenario, {n_images} images, {side} x {side} maps, 3 architectures, 2 methods, "
-             f"seed {seed}; {seconds:.0f} s. Family-wise alpha = {ALPHA:g} for every verdict.", "",
+             f"{n_studies} studies per scenario ({chain_studies or n_studies} for the chain scenarios), {n_images} "
+             f"images, {side} x {side} maps, 3 architectures, 2 methods, seed {seed}; {seconds:.0f} s. Family-wise "
+             f"alpha = {ALPHA:g} for every verdict.", "",
              "A false-positive rate is the share of studies in which the verdict claims something that is false "
              "in that scenario; it must be at most alpha within Monte Carlo error (SE = sqrt(p (1 - p) / n)). "
              "Power is the share in which it finds the planted effect.", "",
@@ -320,20 +360,22 @@ def main(quick: bool = False, out: str | None = None, n_studies: int | None = No
     false-positive rate exceeds alpha + 2 Monte Carlo SE.
 
     ``quick``: the scenarios in which some verdict's claim is false (every null; the power-only scenarios are
-    left out), 150 studies each of 30 images on 12 x 12 maps; the full run: every scenario, 1000 studies of 60
-    images on 16 x 16 maps."""
-    n = n_studies or (150 if quick else 1000)
-    n_images, side = (30, 12) if quick else (60, 16)
+    left out), 100 studies each (50 for chains) of 24 images on 12 x 12 maps; the full run: every scenario, 1000
+    studies of 60 images on 16 x 16 maps. Studies are shared among up to four processes."""
+    n = n_studies or (100 if quick else 1000)
+    chains = max(n // 2, 20) if quick else n  # a chain study scores 8 chains: the quick run takes fewer
+    n_images, side = (24, 12) if quick else (60, 16)
     scenarios = tuple(sc for sc in SCENARIOS if not quick or any(sc.truth.get(v, False) is False
                                                                  for v in sc.verdicts()))
     t0 = time.perf_counter()
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # many small batches: threads cost more than they give
+    torch.set_num_threads(1)  # many small batches: threads cost more than they give; processes share the cores
     try:
-        res = run(n, n_images, side, seed, scenarios)
+        res = run(n, n_images, side, seed, scenarios, workers=max(1, min(os.cpu_count() or 1, 4)),
+                  chain_studies=chains)
     finally:
         torch.set_num_threads(threads)
-    text = markdown(res, time.perf_counter() - t0, n, n_images, side, seed)
+    text = markdown(res, time.perf_counter() - t0, n, n_images, side, seed, chains)
     print(text)
     if out:
         path = Path(out)

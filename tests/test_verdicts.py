@@ -86,14 +86,15 @@ def test_chain_verdict_says_when_no_test_can_reject(nrng):
         res["sentence"]
 
 
-def test_quick_calibration_keeps_every_false_positive_rate(tmp_path, rng):
+def test_quick_calibration_keeps_every_false_positive_rate(tmp_path):
     """The acceptance run of the harness: every verdict's false-positive rate under every null is at most alpha
-    + 2 Monte Carlo SE (``drift calibrate --quick``, fresh seed)."""
-    import torch
+    + 2 Monte Carlo SE (``drift calibrate --quick``).
 
-    seed = int(torch.randint(0, 2**31, (1,), generator=rng))
+    With the CLI's default seed: the simulated studies are the random input here, and under a 2-SE criterion a
+    verdict whose rate is exactly alpha fails about 2.5% of fresh seeds by chance, so a fresh seed would make the
+    suite fail on valid code; other seeds are one ``drift calibrate --quick --seed N`` away."""
     out = tmp_path / "calibration.md"
-    assert calibrate.main(quick=True, out=str(out), seed=seed) == 0
+    assert calibrate.main(quick=True, out=str(out)) == 0
     text = out.read_text()
     for sc in calibrate.SCENARIOS:
         quick = any(sc.truth.get(v, False) is False for v in sc.verdicts())
