@@ -211,8 +211,37 @@ def _baselines(r: ArchiveReader, h: dict) -> list[str]:
     return summary_lines(r, h)
 
 
+def legacy_preprocessing(r: ArchiveReader) -> list[str]:
+    """The models of the archive trained with a normalisation since corrected (:data:`drift.models.
+    LEGACY_PREPROCESSING`): those of such a backbone that record no ``input_mean`` (made before the fix) or record
+    the old one, as ``"<arch>/<phase>"``."""
+    from .models import LEGACY_PREPROCESSING
+
+    out = []
+    for arch in r.archs():
+        if arch not in LEGACY_PREPROCESSING:
+            continue
+        for phase in r.keys(f"models/{arch}"):
+            mean = r.read(f"models/{arch}/{phase}").get("input_mean")
+            if mean is None or tuple(json.loads(mean)) == tuple(LEGACY_PREPROCESSING[arch][0]):
+                out.append(f"{arch}/{phase}")
+    return out
+
+
+def _preprocessing(r: ArchiveReader, h: dict) -> list[str]:
+    old = legacy_preprocessing(r)
+    if not old:
+        return []
+    from .models import LEGACY_PREPROCESSING, get_spec
+
+    arch = old[0].split("/")[0]
+    return [f"WARNING: {', '.join(old)} were trained with the earlier input normalisation (mean "
+            f"{list(LEGACY_PREPROCESSING[arch][0])}), not the mean {list(get_spec(arch).mean)} / std "
+            f"{list(get_spec(arch).std)} its pretrained weights declare; re-run with this drift to compare them.", ""]
+
+
 SECTIONS: list[Callable[[ArchiveReader, dict], list[str]]] = [
-    _classification, _drift, _agreement, _ranking, _grid, _verdict, _baselines, _fisher]
+    _preprocessing, _classification, _drift, _agreement, _ranking, _grid, _verdict, _baselines, _fisher]
 """The summary's parts in print order. Each takes the archive and its headline numbers (:func:`drift.headline.load`)
 and returns its lines (a caption, a table and a blank line; nothing when its step has not run). A new part is a
 function of that signature appended here; numbers it prints belong in :func:`drift.headline.compute`."""
