@@ -147,6 +147,14 @@ class MetricsConfig:
     # Map normalisation before the metrics, applied to both checkpoints' maps alike: minmax | sum | none. The
     # first is the primary one; every one listed is scored (a cell of the protocol grid).
     normalize: list[str] = field(default_factory=lambda: ["minmax"])
+    # Resampling of the layer's maps before the metrics, another axis of the protocol grid (every one listed is
+    # scored, the first is primary): zoom-corners (scipy.ndimage.zoom order 1: tf-keras-vis), bilinear-halfpixel
+    # (F.interpolate, align_corners=False), none (metrics at the layer's own grid; masks averaged down to it).
+    upsample: list[str] = field(default_factory=lambda: ["bilinear-halfpixel"])
+    # Top-k overlap: jaccard (weighted Jaccard of the fractional tie memberships: 1 for identical maps), fractional
+    # (their product: the expected overlap under random tie breaks, below 1 for a map with itself when its cut
+    # passes through ties), index (lower flat index first). Pixels <= 0 never enter a top set.
+    ties: str = "jaccard"
     # Images on which architectures are ranked: tp_all (correct under both checkpoints of every architecture:
     # one common sample, so the ranking is not confounded with each architecture's class mix) or a per-arch rule.
     ranking_sample_set: str = "tp_all"

@@ -1,5 +1,6 @@
 """The pipeline's ``drift`` step: per-image drift metrics TL -> FT of every method in every cell of the protocol grid
-(layer x score x normalisation), their summaries over the selected images, and the agreement between methods.
+(layer x score x normalisation x resampling), their summaries over the selected images, and the agreement between
+methods.
 
 The step scores every test image and records which ones its summaries use (:func:`sample_mask`); the seed floors
 of :mod:`drift.baselines` score their map pairs with the same :func:`pair_tree`. The data step archives the marker
@@ -8,6 +9,7 @@ masks of :func:`marker_masks` that the metrics score against.
 
 from __future__ import annotations
 
+import json
 import time
 from typing import TYPE_CHECKING
 
@@ -15,11 +17,12 @@ import numpy as np
 import torch
 
 from . import distributed, stats
-from .archive import ArchiveReader
+from .archive import ArchiveReader, Cell
 from .attribution import normalize, upsample
 from .config import PHASES
 from .h5tree import as_tree, write_tree
-from .metrics import pair_metrics, pearson
+from .maps import to_grid
+from .metrics import iou_key, pair_metrics, pearson, topk_short
 from .rundir import log
 
 if TYPE_CHECKING:
@@ -43,23 +46,33 @@ def run_step(pipe: Pipeline, arch: str) -> None:
     tree: dict = {}
     for layer in acfg.layers:
         for score in acfg.scores:
-            up = {(st, m): upsample(torch.as_tensor(reader.maps(arch, st, m, layer, score)), size)
-                  for st in PHASES for m in acfg.methods}
-            cell = tree.setdefault(layer, {}).setdefault(score, {})
-            cell["agreement"] = {st: {f"{m1} vs {m2}": pearson(up[st, m1], up[st, m2]).cpu().numpy()
-                                      for i, m1 in enumerate(acfg.methods) for m2 in acfg.methods[i + 1:]}
-                                 for st in PHASES}
-            for norm in mcfg.normalize:
-                for method in acfg.methods:
-                    a, b = normalize(up["transfer", method], norm), normalize(up["finetune", method], norm)
-                    cell.setdefault(norm, {})[method] = pair_tree(pipe, a, b, lung, lesion, marker, selected)
+            raw = {(st, m): torch.as_tensor(reader.maps(arch, st, m, layer, score))
+                   for st in PHASES for m in acfg.methods}
+            grid = tuple(next(iter(raw.values())).shape[-2:])
+            node = tree.setdefault(layer, {}).setdefault(score, {})
+            for k, mode in enumerate(mcfg.upsample):
+                up = {key: upsample(v, size, mode) for key, v in raw.items()}
+                if k == 0:  # method agreement: on the primary resampling's maps
+                    node["agreement"] = {st: {f"{m1} vs {m2}": pearson(up[st, m1], up[st, m2]).cpu().numpy()
+                                              for i, m1 in enumerate(acfg.methods) for m2 in acfg.methods[i + 1:]}
+                                         for st in PHASES}
+                # Metrics at the layer's grid: each mask cell weighs its fraction of mask pixels.
+                cell_masks = tuple(to_grid(mk, grid) for mk in (lung, lesion, marker)) if mode == "none" else (
+                    lung, lesion, marker)
+                for norm in mcfg.normalize:
+                    leaf = Cell(layer, score, norm, mode).leaf
+                    for method in acfg.methods:
+                        a, b = normalize(up["transfer", method], norm), normalize(up["finetune", method], norm)
+                        node.setdefault(leaf, {})[method] = pair_tree(pipe, a, b, *cell_masks, selected)
     with pipe.archive.commit(name, replace=(name,), started=t0, **pipe._stamp("drift")) as f:
         g = f.require_group(name)
         write_tree(g, tree)
         g.attrs["sample_set"] = mcfg.sample_set
         g.attrs["n_selected"] = int(selected.sum())
+        g.attrs.update({"upsample": json.dumps(list(mcfg.upsample)), "ties": mcfg.ties,
+                        "agreement_upsample": mcfg.upsample[0]})
     pipe.timings[name] = time.perf_counter() - t0
-    n_cells = len(acfg.layers) * len(acfg.scores) * len(mcfg.normalize)
+    n_cells = len(acfg.layers) * len(acfg.scores) * len(mcfg.normalize) * len(mcfg.upsample)
     log(f"{arch}: drift metrics of {n_cells} protocol cells x {len(acfg.methods)} methods in "
         f"{pipe.timings[name]:.0f} s")
 
@@ -98,11 +111,14 @@ def pair_tree(pipe: Pipeline, a: torch.Tensor, b: torch.Tensor, lung: torch.Tens
     mcfg = pipe.cfg.metrics
     n_classes = len(pipe.class_names)
     per = distributed.by_images(pair_metrics, len(a), a, b, lung_mask=lung, lesion_mask=lesion,
-                                fractions=tuple(mcfg.fractions), marker_mask=marker)
+                                fractions=tuple(mcfg.fractions), marker_mask=marker, ties=mcfg.ties, small=True)
     per = {k: v.cpu().numpy() for k, v in per.items()}
     valid = per.pop("valid").astype(bool)
     deg = {"transfer": per.pop("degenerate_tl"), "finetune": per.pop("degenerate_ft")}
     use = selected & valid
+    # Maps with fewer positive pixels than a fraction's k have no top set there (NaN IoU): counted per fraction.
+    short = (topk_short(a, mcfg.fractions) | topk_short(b, mcfg.fractions)).cpu().numpy()
+    deg["topk_short"] = {iou_key(f): int((short[:, t] & use).sum()) for t, f in enumerate(mcfg.fractions)}
     summary = {}
     for metric, values in per.items():
         agg = stats.aggregate(np.where(use, values, np.nan), labels, n_classes, mcfg.n_boot,

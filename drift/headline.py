@@ -229,7 +229,7 @@ def load(reader: ArchiveReader) -> dict:
     for key in ("classification", "fisher"):  # phases in training order (HDF5 lists groups by name)
         out[key] = {arch: {st: by_phase[st] for st in PHASES if st in by_phase} for arch, by_phase in out[key].items()}
     out["stored"] = stored
-    out["ranking"] = reader.ranking(Cell(*out["cell"].split("/"))) if "cell" in out else {}
+    out["ranking"] = reader.ranking(Cell.parse(out["cell"])) if "cell" in out else {}
     out["stats"] = reader.stats_attrs()
     return out
 

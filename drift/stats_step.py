@@ -38,11 +38,12 @@ def run_step(pipe: Pipeline) -> None:
     tree: dict = {}
     for layer in acfg.layers if len(archs) > 1 else ():  # ranking needs two architectures
         for score in acfg.scores:
-            for norm in mcfg.normalize:
-                cell = Cell(layer, score, norm)
-                out = tree.setdefault(layer, {}).setdefault(score, {}).setdefault(norm, {})
-                for metric in mcfg.ranking_metrics:
-                    out[metric.replace("/", "_")] = _rank(pipe, reader, cell, metric, archs, ranked, n_classes)
+            for mode in mcfg.upsample:
+                for norm in mcfg.normalize:
+                    cell = Cell(layer, score, norm, mode)
+                    out = tree.setdefault(layer, {}).setdefault(score, {}).setdefault(cell.leaf, {})
+                    for metric in mcfg.ranking_metrics:
+                        out[metric.replace("/", "_")] = _rank(pipe, reader, cell, metric, archs, ranked, n_classes)
     verdict = headline.grid_verdict(tree, acfg.methods, mcfg.ranking_metrics)
     counts = np.bincount(labels[ranked], minlength=n_classes) if ranked.any() else np.zeros(n_classes, int)
     numbers = headline.compute(reader, mcfg.n_boot, pipe.cfg.run.seed)

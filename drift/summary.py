@@ -211,6 +211,21 @@ def _baselines(r: ArchiveReader, h: dict) -> list[str]:
     return summary_lines(r, h)
 
 
+def _saturation(r: ArchiveReader, h: dict) -> list[str]:
+    rows = []
+    for arch in r.keys("attributions"):
+        attrs = {k: v for k, v in r.read(f"attributions/{arch}").items() if not isinstance(v, dict)}
+        if f"n_saturated_{PHASES[0]}" not in attrs:
+            continue
+        n = len(r.read(f"attributions/{arch}/targets/{PHASES[0]}"))
+        rows.append([arch, *[f"{int(attrs[f'n_saturated_{st}'])} / {n}" for st in PHASES]])
+    if not rows:
+        return []
+    return ["Test images whose float32 softmax probability of the explained class is exactly 1 or 0 (a float32 "
+            "softmax score has a zero derivative there; drift differentiates it in float64)",
+            table(["architecture", *PHASES], rows), ""]
+
+
 def legacy_preprocessing(r: ArchiveReader) -> list[str]:
     """The models of the archive trained with a normalisation since corrected (:data:`drift.models.
     LEGACY_PREPROCESSING`): those of such a backbone that record no ``input_mean`` (made before the fix) or record
@@ -241,7 +256,7 @@ def _preprocessing(r: ArchiveReader, h: dict) -> list[str]:
 
 
 SECTIONS: list[Callable[[ArchiveReader, dict], list[str]]] = [
-    _preprocessing, _classification, _drift, _agreement, _ranking, _grid, _verdict, _baselines, _fisher]
+    _preprocessing, _classification, _drift, _saturation, _agreement, _ranking, _grid, _verdict, _baselines, _fisher]
 """The summary's parts in print order. Each takes the archive and its headline numbers (:func:`drift.headline.load`)
 and returns its lines (a caption, a table and a blank line; nothing when its step has not run). A new part is a
 function of that signature appended here; numbers it prints belong in :func:`drift.headline.compute`."""

@@ -38,10 +38,11 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"metrics.{key} must be one of {', '.join(SELECTION_RULES)}, "
                               f"got {getattr(cfg.metrics, key)!r}")
     _check_list(cfg.metrics.normalize, "metrics.normalize", NORMALIZE_MODES)
+    _check_metrics_reading(cfg)
     _check_list(cfg.attribution.scores, "attribution.scores", SCORES)
     _check_list(cfg.attribution.layers, "attribution.layers", None)
     for layer in cfg.attribution.layers:
-        if not isinstance(layer, str) or not layer or layer == "targets" or "/" in layer:
+        if not isinstance(layer, str) or not layer or layer in ("targets", "saturated") or "/" in layer:
             raise ConfigError(f"attribution.layers: {layer!r} is neither a preset ({', '.join(LAYER_PRESETS)}) nor "
                               "a dotted module name")
     _check_list(cfg.attribution.methods, "attribution.methods", None)
@@ -182,6 +183,17 @@ def _check_baselines(cfg: Config) -> None:
     if (isinstance(b.flag_pearson, bool) or not isinstance(b.flag_pearson, (int, float))
             or not -1 <= b.flag_pearson <= 1):
         raise ConfigError(f"baselines.flag_pearson must be a correlation in [-1, 1], got {b.flag_pearson!r}")
+
+
+def _check_metrics_reading(cfg: Config) -> None:
+    """The protocol readings of ``[metrics]``: resampling modes and the top-k tie rule."""
+    from drift_kernels.reference import TOPK_TIES
+
+    from .maps import UPSAMPLE_MODES
+
+    _check_list(cfg.metrics.upsample, "metrics.upsample", UPSAMPLE_MODES)
+    if cfg.metrics.ties not in TOPK_TIES:
+        raise ConfigError(f"metrics.ties must be one of {', '.join(TOPK_TIES)}, got {cfg.metrics.ties!r}")
 
 
 def _check_list(values: list, key: str, allowed: tuple[str, ...] | None) -> None:

@@ -39,6 +39,7 @@ from .pairwise import (
     spearman,
     ssim,
     topk_iou,
+    topk_short,
 )
 from .registry import (
     HEADLINE_KEYS,
@@ -86,4 +87,5 @@ __all__ = [
     "stability",
     "top_mass",
     "topk_iou",
+    "topk_short",
 ]

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import torch
 from drift_kernels import topk_iou as _topk_iou_kernel
-from drift_kernels.reference import TopkTies, check_ties
+from drift_kernels.reference import TopkTies, check_ties, topk_count
 
 DEFAULT_FRACTIONS = (0.05, 0.1, 0.2, 0.3)
 
@@ -147,30 +147,38 @@ def topk_iou(
     a: torch.Tensor,
     b: torch.Tensor,
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
-    ties: TopkTies = "fractional",
+    ties: TopkTies = "jaccard",
+    positive: bool = True,
 ) -> torch.Tensor:
-    """IoU of the top-k pixel sets of a and b, for every fraction f: |S_a ∩ S_b| / |S_a ∪ S_b|.
+    """Overlap of the top-k pixel sets of a and b, for every fraction f.
 
     S_m holds k = ceil(f H W) pixels of m (at least 1), in order of value descending. With t the k-th largest
-    value of m, n_above = #{m > t} and n_tied = #{m == t}, ``ties`` decides the cut through the tied pixels:
+    value of m, n_above = #{m > t} and n_tied = #{m == t}, pixel i belongs to S_m with weight w_i = 1 if m_i > t,
+    (k - n_above) / n_tied if m_i == t, else 0 (its probability of selection under a uniformly random tie break;
+    sum w = k). ``ties`` decides how the overlap is read:
 
-    * ``"fractional"`` (default): pixel i belongs to S_m with weight w_i = 1 if m_i > t, (k - n_above) / n_tied
-      if m_i == t, else 0 (its probability of selection under a uniformly random tie break; sum w = k).
-      |S_a ∩ S_b| = sum_i w_a,i w_b,i, the expected intersection under independent random tie breaks of a and b,
-      and |S_a ∪ S_b| = 2k - |S_a ∩ S_b|. The IoU does not depend on pixel order: two maps that are both zero over
-      a region no longer agree on its low-index zeros (sparse, ReLU'd maps). Maps without a cut inside a tie
-      group give the same IoU as the index rule.
+    * ``"jaccard"`` (default): the weighted Jaccard index sum_i min(w_a,i, w_b,i) / sum_i max(w_a,i, w_b,i).
+      Equal to the set IoU |S_a ∩ S_b| / |S_a ∪ S_b| when no cut passes through a tie group, exactly 1 for
+      identical maps, independent of pixel order, and 1 - IoU is a metric.
+    * ``"fractional"``: inter = sum_i w_a,i w_b,i (the expected intersection under independent random tie breaks),
+      union = 2k - inter. Not reflexive: IoU(x, x) < 1 when x's cut passes through a tie group.
     * ``"index"``: ties broken by the lower flat (row-major) index first (exact set counts).
+
+    With ``positive`` (default), pixels <= 0 never enter a top set: a fraction whose k exceeds the number of
+    positive pixels of either map has no top set there and gives NaN (count such maps with
+    :func:`topk_short`). Otherwise every pixel can enter (a sparse map's cut then passes through its zeros).
 
     Computed by ``drift_kernels.topk_iou`` on float32 maps.
 
     Args:
         a, b: maps (B, H, W).
         fractions: T fractions in (0, 1].
-        ties: ``"fractional"`` or ``"index"``.
+        ties: ``"jaccard"``, ``"fractional"`` or ``"index"``.
+        positive: only positive pixels form top sets.
 
     Returns:
-        (B, T) float64; rows of pairs with a non-finite map are NaN (those maps never reach the kernel).
+        (B, T) float64; rows of pairs with a non-finite map are NaN (those maps never reach the kernel), and with
+        ``positive`` the fractions a map has too few positive pixels for.
     """
     _check_pair(a, b)
     fr = _check_fractions(fractions)
@@ -184,7 +192,19 @@ def topk_iou(
         fb = b[sel].to(torch.float32).contiguous()
         inter, union, _ = _topk_iou_kernel(fa, fb, fr, ties)
         out[sel] = inter.to(torch.float64) / union.to(torch.float64)
+    if positive:
+        out = torch.where(topk_short(a, fr) | topk_short(b, fr), torch.full_like(out, math.nan), out)
     return out
+
+
+def topk_short(a: torch.Tensor, fractions: Sequence[float] = DEFAULT_FRACTIONS) -> torch.Tensor:
+    """(B, T) bool: map a[i] has fewer positive pixels than k = ceil(f H W) of fraction f (its top-k set would
+    take pixels <= 0), the degenerate case of a top-k overlap with ``positive=True``."""
+    _check_maps(a, "a")
+    fr = _check_fractions(fractions)
+    n_pix = a.shape[1] * a.shape[2]
+    ks = torch.tensor([topk_count(n_pix, f) for f in fr], device=a.device)
+    return (a > 0).flatten(1).sum(1)[:, None] < ks[None, :]
 
 
 def _check_fractions(fractions: Sequence[float]) -> tuple[float, ...]:

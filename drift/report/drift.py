@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..maps import UPSAMPLE_WORDS
 from ..summary import fmt
 from .document import (
     DEGENERATE_CODES,
@@ -47,7 +48,8 @@ def _drift(run: Run) -> tuple[Section, Section, dict]:
                 deg_rows.append([arch, method, phase, *map(str, counts), str(int((c != 0).sum())), str(c.size)])
     s.blocks.append(Text(f"Per-sample metrics compare the transfer (TL) map with the fine-tuned (FT) map of the "
                          f"same image and target class at CAM layer '{run.cell.layer}' (score: {run.cell.score}), "
-                         f"upsampled bilinearly to the input size and normalised '{run.cell.norm}' (the primary cell"
+                         f"{UPSAMPLE_WORDS.get(run.cell.upsample, run.cell.upsample)} and normalised "
+                         f"'{run.cell.norm}' (the primary cell"
                          " of the protocol grid; the other cells are in the ranking section). Values are macro means "
                          "over classes of per-class means, with seeded within-class bootstrap 95% intervals; classes "
                          "with fewer images than metrics.min_per_class are left out of the mean. "
