@@ -22,7 +22,7 @@ from .attribution import normalize, upsample
 from .config import PHASES
 from .h5tree import as_tree, write_tree
 from .maps import to_grid
-from .metrics import iou_key, pair_metrics, pearson, topk_short
+from .metrics import DEGENERATE_NAMES, degenerate, iou_key, pair_metrics, pearson, topk_short
 from .rundir import log
 
 if TYPE_CHECKING:
@@ -61,16 +61,24 @@ def run_step(pipe: Pipeline, arch: str) -> None:
                     lung, lesion, marker)
                 for norm in mcfg.normalize:
                     leaf = Cell(layer, score, norm, mode).leaf
-                    for method in acfg.methods:
-                        a, b = normalize(up["transfer", method], norm), normalize(up["finetune", method], norm)
-                        node.setdefault(leaf, {})[method] = pair_tree(pipe, a, b, *cell_masks, selected)
+                    pairs = {m: (normalize(up["transfer", m], norm), normalize(up["finetune", m], norm))
+                             for m in acfg.methods}
+                    valid = {m: ((degenerate(a) == 0) & (degenerate(b) == 0)).cpu().numpy()
+                             for m, (a, b) in pairs.items()}
+                    common = np.logical_and.reduce(list(valid.values()))
+                    use = common if mcfg.method_sample == "common" else None
+                    for method, (a, b) in pairs.items():
+                        pt = pair_tree(pipe, a, b, *cell_masks, selected, use=use)
+                        pt["per_sample"]["in_common"] = common
+                        pt["methods"] = method_counts(pipe, selected, valid, method, mcfg.method_sample)
+                        node.setdefault(leaf, {})[method] = pt
     with pipe.archive.commit(name, replace=(name,), started=t0, **pipe._stamp("drift")) as f:
         g = f.require_group(name)
         write_tree(g, tree)
         g.attrs["sample_set"] = mcfg.sample_set
         g.attrs["n_selected"] = int(selected.sum())
         g.attrs.update({"upsample": json.dumps(list(mcfg.upsample)), "ties": mcfg.ties,
-                        "agreement_upsample": mcfg.upsample[0]})
+                        "agreement_upsample": mcfg.upsample[0], "method_sample": mcfg.method_sample})
     pipe.timings[name] = time.perf_counter() - t0
     n_cells = len(acfg.layers) * len(acfg.scores) * len(mcfg.normalize) * len(mcfg.upsample)
     log(f"{arch}: drift metrics of {n_cells} protocol cells x {len(acfg.methods)} methods in "
@@ -90,9 +98,62 @@ def masks(pipe: Pipeline, n: int | None = None) -> tuple[torch.Tensor | None, to
                  for m in (test.lung_masks, test.lesion_masks, marker_masks(test)))
 
 
+def method_counts(pipe: Pipeline, selected: np.ndarray, valid: dict[str, np.ndarray], method: str,
+                  rule: str) -> dict:
+    """How the sample of one method relates to the other methods of its cell.
+
+    Args:
+        pipe: The run (its test ids).
+        selected: ``(N,)`` bool, the sample set.
+        valid: ``{method: (N,) bool}`` neither map degenerate, for every method of the cell.
+        method: The method described.
+        rule: ``metrics.method_sample``: ``common`` (summaries over images valid under every method) or
+            ``per-method``.
+
+    Returns:
+        ``{"rule", "n_common": selected images valid under every method, "n_valid": selected images valid under
+        this method, "dropped": ids of selected images this method's maps leave out of the common sample}``.
+    """
+    ids = np.asarray(pipe.splits.test.ids)[: len(selected)]
+    common = np.logical_and.reduce(list(valid.values()))
+    mine = valid[method]
+    return {"rule": rule, "n_common": int((selected & common).sum()), "n_valid": int((selected & mine).sum()),
+            "dropped": json.dumps([str(i) for i in ids[selected & ~mine]])}
+
+
+def empty_reason(selected: np.ndarray, valid: np.ndarray, deg: dict[str, np.ndarray], use: np.ndarray) -> str:
+    """Why a summary has no image (an empty string when it has one): no image in the sample set, or the
+    degenerate maps (:data:`drift.metrics.DEGENERATE_NAMES`) of each phase among the selected images, or the
+    common sample of the methods (``metrics.method_sample = "common"``) is empty.
+
+    Args:
+        selected: ``(N,)`` bool, the sample set; valid: ``(N,)`` bool, neither map degenerate; use: ``(N,)`` bool,
+            the images the summaries use.
+        deg: ``{phase: (N,) int codes}`` of :func:`drift.metrics.degenerate`.
+    """
+    if use.any():
+        return ""
+    n = int(selected.sum())
+    if n == 0:
+        return "no test image is in the sample set"
+    if (selected & valid).any():
+        return f"no selected image is valid under every method of the cell ({int((selected & valid).sum())} of " \
+               f"{n} are under this one)"
+    parts = []
+    for phase in PHASES:
+        codes = np.asarray(deg[phase])[selected]
+        counts = [(DEGENERATE_NAMES[k], int((codes == k).sum())) for k in range(1, len(DEGENERATE_NAMES))]
+        for name, c in counts:
+            if c == n:
+                parts.append(f"all {n} {phase} maps are {name}")
+            elif c:
+                parts.append(f"{c} of {n} {phase} maps are {name}")
+    return "; ".join(parts)
+
+
 def pair_tree(pipe: Pipeline, a: torch.Tensor, b: torch.Tensor, lung: torch.Tensor | None,
               lesion: torch.Tensor | None, marker: torch.Tensor | None, selected: np.ndarray,
-              n: int | None = None) -> dict:
+              n: int | None = None, use: np.ndarray | None = None) -> dict:
     """Per-image metrics of the map pairs (``a`` TL, ``b`` FT) and their summaries over the selected, valid images.
 
     Args:
@@ -101,21 +162,25 @@ def pair_tree(pipe: Pipeline, a: torch.Tensor, b: torch.Tensor, lung: torch.Tens
         lung, lesion, marker: ``(n, H, W)`` bool masks or None (:func:`masks`).
         selected: ``(n,)`` bool, the images the summaries use (:func:`sample_mask`).
         n: How many test images, from the first; None for all.
+        use: ``(n,)`` bool, the images the summaries may use besides selected and valid ones (the common sample
+            of the cell's methods), or None.
 
     Returns:
-        ``{"per_sample": {metric: (n,), ids, labels, valid, selected}, "degenerate": {phase: (n,)},
-        "summary": {metric: aggregate, "paired": {quantity: paired test}}}``, as written under ``drift/<arch>``.
+        ``{"per_sample": {metric: (n,), ids, labels, valid, selected}, "degenerate": {phase: (n,), "topk_short":
+        {iou@XX: count}}, "summary": {metric: aggregate, "paired": {quantity: paired test}}, "empty": why the
+        summaries have no image, or ""}``, as written under ``drift/<arch>``.
     """
     test = pipe.splits.test
     labels, ids = test.labels[:n], np.asarray(test.ids)[:n]
     mcfg = pipe.cfg.metrics
     n_classes = len(pipe.class_names)
     per = distributed.by_images(pair_metrics, len(a), a, b, lung_mask=lung, lesion_mask=lesion,
-                                fractions=tuple(mcfg.fractions), marker_mask=marker, ties=mcfg.ties, small=True)
+                                fractions=tuple(mcfg.fractions), marker_mask=marker, ties=mcfg.ties, small=True,
+                                thresholds=tuple(mcfg.binarize), centroid_norm=mcfg.centroid_norm)
     per = {k: v.cpu().numpy() for k, v in per.items()}
     valid = per.pop("valid").astype(bool)
     deg = {"transfer": per.pop("degenerate_tl"), "finetune": per.pop("degenerate_ft")}
-    use = selected & valid
+    use = selected & valid & (True if use is None else np.asarray(use, dtype=bool))
     # Maps with fewer positive pixels than a fraction's k have no top set there (NaN IoU): counted per fraction.
     short = (topk_short(a, mcfg.fractions) | topk_short(b, mcfg.fractions)).cpu().numpy()
     deg["topk_short"] = {iou_key(f): int((short[:, t] & use).sum()) for t, f in enumerate(mcfg.fractions)}
@@ -129,7 +194,7 @@ def pair_tree(pipe: Pipeline, a: torch.Tensor, b: torch.Tensor, lung: torch.Tens
         if tl is not None and ft is not None:
             summary.setdefault("paired", {})[q] = as_tree(stats.paired_test(tl[use], ft[use]))
     return {"per_sample": {**per, "ids": ids, "labels": labels, "valid": valid, "selected": selected},
-            "degenerate": deg, "summary": summary}
+            "degenerate": deg, "summary": summary, "empty": empty_reason(selected, valid, deg, use)}
 
 
 def sample_mask(pipe: Pipeline, arch: str | None, rule: str) -> np.ndarray:

@@ -72,6 +72,8 @@ def _rank(pipe: Pipeline, reader: ArchiveReader, cell: Cell, metric: str, archs:
                 raise KeyError(f"metrics.ranking_metrics: no metric {metric!r}; "
                                f"available: {sorted(k for k in per if k not in ('ids', 'labels'))}")
             use = ranked & per["valid"].astype(bool)
+            if pipe.cfg.metrics.method_sample == "common" and "in_common" in per:
+                use &= per["in_common"].astype(bool)
             values[arch][method] = (np.where(use, per[metric], np.nan), per["labels"])
     m = pipe.cfg.metrics
     higher, absolute = stability(metric, m.fractions)

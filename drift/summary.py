@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .archive import ArchiveReader
+from .archive import LEGACY_UPSAMPLE, ArchiveReader
 from .config import PHASES
 from .headline import load
 from .metrics import metric_label
@@ -152,10 +152,44 @@ def _drift(r: ArchiveReader, h: dict) -> list[str]:
         return []
     cell = r.primary_cell()
     sample = r.read(f"drift/{r.archs()[0]}").get("sample_set", "?") if r.has(f"drift/{r.archs()[0]}") else "?"
-    return [f"Drift TL -> FT at layer {cell.layer}, score {cell.score}, maps normalised {cell.norm}; images "
-            f"{sample} (macro mean over classes with >= {min_per_class(r)} images, 95% bootstrap interval; "
+    return [f"Drift TL -> FT at layer {cell.layer}, score {cell.score}, maps normalised {cell.norm}"
+            f"{'' if cell.upsample == LEGACY_UPSAMPLE else f', upsampled {cell.upsample}'}; images "
+            f"{sample} ({_average_words(h, r)}, 95% bootstrap interval; "
             "n = images, per class)",
-            table(["architecture", "method", "n", *[metric_label(m) for m in metrics]], rows), ""]
+            table(["architecture", "method", "n", *[metric_label(m) for m in metrics]], rows),
+            *sample_notes(r, cell), ""]
+
+
+def _average_words(h: dict, r: ArchiveReader) -> str:
+    if h.get("average") == "micro":
+        return f"micro mean over the images of classes with >= {min_per_class(r)} images, image bootstrap"
+    return f"macro mean over classes with >= {min_per_class(r)} images"
+
+
+def sample_notes(r: ArchiveReader, cell) -> list[str]:
+    """Lines on the images behind a cell's drift table, as stored by the drift step: the common sample of the
+    methods with each method's count and the images it dropped, and why a summary is empty."""
+    out = []
+    for arch in r.archs():
+        if not r.has(cell.drift_path(arch)):
+            continue
+        counts, empty = [], []
+        for method in r.methods(arch, cell):
+            g = r.read(f"{cell.drift_path(arch)}/{method}")
+            info = g.get("methods", {})
+            if info:
+                dropped = json.loads(info.get("dropped", "[]"))
+                shown = ", ".join(dropped[:5]) + (f", ... ({len(dropped)} in all)" if len(dropped) > 5 else "")
+                counts.append(f"{method} {int(info['n_valid'])} valid" + (f" (drops {shown})" if dropped else ""))
+                rule, n_common = info.get("rule", "?"), int(info["n_common"])
+            if g.get("empty"):
+                empty.append(f"  {arch} {method}: no image scored: {g['empty']}")
+        if counts:
+            how = (f"methods compared on the {n_common} images valid under every method" if rule == "common"
+                   else "each method on its own valid images")
+            out.append(f"  {arch}: {how}; {'; '.join(counts)}")
+        out += empty
+    return out
 
 
 def _agreement(r: ArchiveReader, h: dict) -> list[str]:

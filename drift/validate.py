@@ -192,6 +192,19 @@ def _check_metrics_reading(cfg: Config) -> None:
     from .maps import UPSAMPLE_MODES
 
     _check_list(cfg.metrics.upsample, "metrics.upsample", UPSAMPLE_MODES)
+    if cfg.metrics.method_sample not in ("common", "per-method"):
+        raise ConfigError(f"metrics.method_sample must be common or per-method, got {cfg.metrics.method_sample!r}")
+    from .metrics import CENTROID_NORMS
+
+    if cfg.metrics.centroid_norm not in CENTROID_NORMS:
+        raise ConfigError(f"metrics.centroid_norm must be one of {', '.join(CENTROID_NORMS)}, "
+                          f"got {cfg.metrics.centroid_norm!r}")
+    if len(set(cfg.metrics.binarize)) != len(cfg.metrics.binarize):
+        raise ConfigError(f"metrics.binarize lists a value twice: {cfg.metrics.binarize}")
+    if cfg.metrics.binarize:
+        _number_list(cfg.metrics.binarize, "metrics.binarize", 0.0, 1.0)
+    if cfg.metrics.average not in ("macro", "micro"):
+        raise ConfigError(f"metrics.average must be macro or micro, got {cfg.metrics.average!r}")
     if cfg.metrics.ties not in TOPK_TIES:
         raise ConfigError(f"metrics.ties must be one of {', '.join(TOPK_TIES)}, got {cfg.metrics.ties!r}")
 

@@ -18,8 +18,9 @@ IoU = inter / union. Classifying every pixel as above (>) or tied (=) in each ma
 so the pass only counts: the four class pairs and n_a = #{a=}, n_b = #{b=} (int32 per program, stored as int64;
 exact). Jaccard ties (the weighted Jaccard index of the same memberships, inter = sum_i min(w_a,i, w_b,i),
 union = sum_i max(w_a,i, w_b,i) = 2k - inter; reflexive) take the same six counts, with the last term
-#{a=, b=} min(r_a / n_a, r_b / n_b). The float64 combination above is :func:`~drift_kernels.reference.topk_overlap_from_counts`, shared with
-the reference, so kernel and reference agree bit for bit; no floating-point sum runs over the pixels.
+#{a=, b=} min(r_a / n_a, r_b / n_b). The float64 combination above is
+:func:`~drift_kernels.reference.topk_overlap_from_counts`, shared with the reference, so kernel and reference agree
+bit for bit; no floating-point sum runs over the pixels.
 
 Index ties. The tied pixels of lower flat index come first: pixel i is in the set iff
 

@@ -96,23 +96,33 @@ def _centroids(a: torch.Tensor) -> torch.Tensor:
     return _nan_where((mass > 0)[:, None], torch.stack([cy, cx], 1))
 
 
-def centroid_shift(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Distance between the mass-weighted centroids of a and b, over the image diagonal.
+CENTROID_NORMS = ("diagonal", "side", "pixels")
+"""What a centroid shift is measured in: the map's diagonal sqrt(H^2 + W^2), its longer side max(H, W), or pixels
+of the map's own grid (input pixels for maps upsampled to the input; layer cells at the layer's grid)."""
+
+
+def centroid_shift(a: torch.Tensor, b: torch.Tensor, norm: str = "diagonal") -> torch.Tensor:
+    """Distance between the mass-weighted centroids of a and b, over the image diagonal (or as ``norm`` says).
 
     c(m) = (sum_ij m_ij i, sum_ij m_ij j) / sum_ij m_ij with pixel indices (i, j);
-    shift = ||c(a) - c(b)||_2 / sqrt(H^2 + W^2), in [0, 1).
+    shift = ||c(a) - c(b)||_2 / L with L = sqrt(H^2 + W^2) (``"diagonal"``, in [0, 1)), max(H, W) (``"side"``) or
+    1 (``"pixels"``).
 
     Args:
         a, b: non-negative maps (B, H, W).
+        norm: one of :data:`CENTROID_NORMS`.
 
     Returns:
         (B,) float64; NaN where either map has no mass or is non-finite.
     """
     _check_pair(a, b)
+    if norm not in CENTROID_NORMS:
+        raise ValueError(f"centroid norm must be one of {CENTROID_NORMS}, got {norm!r}")
     _check_nonnegative(a, "a")
     _check_nonnegative(b, "b")
     d = torch.linalg.vector_norm(_centroids(a) - _centroids(b), dim=1)
-    return d / _diagonal(*a.shape[1:])
+    h, w = a.shape[1:]
+    return d / {"diagonal": _diagonal(h, w), "side": float(max(h, w)), "pixels": 1.0}[norm]
 
 
 def _peaks(a: torch.Tensor) -> torch.Tensor:
@@ -205,6 +215,42 @@ def topk_short(a: torch.Tensor, fractions: Sequence[float] = DEFAULT_FRACTIONS) 
     n_pix = a.shape[1] * a.shape[2]
     ks = torch.tensor([topk_count(n_pix, f) for f in fr], device=a.device)
     return (a > 0).flatten(1).sum(1)[:, None] < ks[None, :]
+
+
+def threshold_iou(a: torch.Tensor, b: torch.Tensor, thresholds: Sequence[float]) -> torch.Tensor:
+    """IoU of the pixels at or above a threshold of the min-max normalised maps, for every threshold t:
+
+    B_t(m) = {i : (m_i - min m) / (max m - min m) >= t};  IoU = |B_t(a) ∩ B_t(b)| / |B_t(a) ∪ B_t(b)|.
+
+    The binarisation of a map by its own range (``metrics.binarize``), beside the top-k sets of
+    :func:`topk_iou` whose size is fixed. B_t holds at least the maximum for t <= 1.
+
+    Args:
+        a, b: maps (B, H, W).
+        thresholds: T values in (0, 1].
+
+    Returns:
+        (B, T) float64; NaN where a map is constant (max = min) or non-finite.
+    """
+    _check_pair(a, b)
+    th = _check_fractions(thresholds)
+    x, y = _minmax(a.to(torch.float64)).flatten(1), _minmax(b.to(torch.float64)).flatten(1)
+    t = torch.tensor(th, dtype=torch.float64, device=a.device)[None, :, None]
+    ba, bb = x[:, None, :] >= t, y[:, None, :] >= t
+    iou = (ba & bb).sum(2).to(torch.float64) / (ba | bb).sum(2).to(torch.float64)
+
+    def constant(m):
+        f = m.flatten(1)
+        return f.amax(1) == f.amin(1)
+
+    ok = _finite(a) & _finite(b) & ~constant(a) & ~constant(b)
+    return _nan_where(ok[:, None], iou)
+
+
+def threshold_key(t: float) -> str:
+    """Result key of a binarisation threshold: 0.5 -> "thr@50", 0.25 -> "thr@25", 0.125 -> "thr@12.5"."""
+    pct = round(t * 100, 6)
+    return f"thr@{int(pct):02d}" if pct == int(pct) else f"thr@{pct:g}"
 
 
 def _check_fractions(fractions: Sequence[float]) -> tuple[float, ...]:

@@ -22,6 +22,8 @@ from .pairwise import (
     pearson,
     spearman,
     ssim,
+    threshold_iou,
+    threshold_key,
     topk_iou,
 )
 
@@ -49,6 +51,8 @@ def pair_metrics(
     marker_mask: torch.Tensor | None = None,
     ties: str = "jaccard",
     small: bool = False,
+    thresholds: Sequence[float] = (),
+    centroid_norm: str = "diagonal",
 ) -> dict[str, torch.Tensor]:
     """Every drift and localisation metric of a batch of (TL, FT) map pairs in one call.
 
@@ -72,6 +76,9 @@ def pair_metrics(
         ties: tie rule of the top-k overlap (:func:`~drift.metrics.pairwise.topk_iou`; only positive pixels form
             top sets, so ``iou@XX`` is NaN where a map has fewer positive pixels than k).
         small: accept maps below the SSIM window (metrics at a layer's own grid): ``ssim`` is NaN there.
+        thresholds: binarisation thresholds of :func:`~drift.metrics.pairwise.threshold_iou`: keys ``thr@XX``
+            (:func:`~drift.metrics.pairwise.threshold_key`); none by default.
+        centroid_norm: the length ``centroid_shift`` is measured in (:data:`~drift.metrics.pairwise.CENTROID_NORMS`).
 
     Returns:
         dict of (B,) tensors on the maps' device.
@@ -107,10 +114,17 @@ def pair_metrics(
     for spec in registry(fr):
         if spec.key.endswith(("_tl", "_ft", "_change")) or spec.key.startswith("pointing_"):
             continue
+        if spec.key == "centroid_shift":
+            got[spec.key] = centroid_shift(va, vb, centroid_norm)
+            continue
         if spec.key == "ssim" and too_small:
             got[spec.key] = torch.full((len(sel),), math.nan, dtype=torch.float64, device=a.device)
             continue
         got[spec.key] = iou[:, fr.index(spec.fraction)] if spec.fraction is not None else spec.fn(va, vb)
+    if thresholds:
+        thr = threshold_iou(va, vb, thresholds)
+        for i, t in enumerate(thresholds):
+            got[threshold_key(t)] = thr[:, i]
     for q, fn, mask in _MAP_QUANTITIES:
         if mask is not None and mask not in vm:
             continue
