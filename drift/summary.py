@@ -103,12 +103,12 @@ def grid_rows(r: ArchiveReader) -> list[list[str]]:
     for cell in r.cells():
         for metric, rr in r.ranking(cell).items():
             if "unranked" in rr:
-                rows.append([cell.layer, cell.score, cell.norm, metric, "not ranked", "-"])
+                rows.append([cell.layer, cell.score, cell.leaf, metric, "not ranked", "-"])
                 continue
             ranks = "; ".join(f"{m}: {_order(o)}" for m, o in rr.get("rankings", {}).items())
             revs = ", ".join(f"{p}: {fmt(rr['reverses'][p])} ({_fmt(rr.get('p_reverse', {}).get(p), 2)})"
                              for p in _pairs(rr) if "layercam" in p) or "-"
-            rows.append([cell.layer, cell.score, cell.norm, metric, ranks, revs])
+            rows.append([cell.layer, cell.score, cell.leaf, metric, ranks, revs])
     return rows
 
 
@@ -217,7 +217,7 @@ def _grid(r: ArchiveReader, h: dict) -> list[str]:
     if not (len(rows) > 1 or (rows and len(r.cells()) > 1)):
         return []
     return ["Protocol sensitivity: does the most stable architecture differ between LayerCAM and Grad-CAM++? "
-            "(per cell of layers x scores x normalisations; P = paired bootstrap probability)",
+            "(per cell of layers x scores x normalisations[@resampling]; P = paired bootstrap probability)",
             table(["layer", "score", "maps", "metric", "rankings (most stable first)", "reverses (P)"], rows), ""]
 
 
@@ -245,19 +245,27 @@ def _baselines(r: ArchiveReader, h: dict) -> list[str]:
     return summary_lines(r, h)
 
 
-def _saturation(r: ArchiveReader, h: dict) -> list[str]:
-    rows = []
+SATURATION_CAPTION = ("Test images whose float32 softmax probability of the explained class is exactly 1 or 0 (a "
+                      "float32 softmax score has a zero derivative there; drift differentiates it in float64)")
+
+
+def saturation_counts(r: ArchiveReader) -> dict[str, dict[str, tuple[int, int]]]:
+    """``{arch: {phase: (float32-saturated test images, test images)}}`` as the attributions step stored them
+    (archives made before it counted them have none)."""
+    out = {}
     for arch in r.keys("attributions"):
-        attrs = {k: v for k, v in r.read(f"attributions/{arch}").items() if not isinstance(v, dict)}
-        if f"n_saturated_{PHASES[0]}" not in attrs:
-            continue
-        n = len(r.read(f"attributions/{arch}/targets/{PHASES[0]}"))
-        rows.append([arch, *[f"{int(attrs[f'n_saturated_{st}'])} / {n}" for st in PHASES]])
+        with_attrs = {k: v for k, v in r.read(f"attributions/{arch}").items() if not isinstance(v, dict)}
+        if f"n_saturated_{PHASES[0]}" in with_attrs:
+            n = len(r.read(f"attributions/{arch}/targets/{PHASES[0]}"))
+            out[arch] = {st: (int(with_attrs[f"n_saturated_{st}"]), n) for st in PHASES}
+    return out
+
+
+def _saturation(r: ArchiveReader, h: dict) -> list[str]:
+    rows = [[arch, *[f"{k} / {n}" for k, n in by_phase.values()]] for arch, by_phase in saturation_counts(r).items()]
     if not rows:
         return []
-    return ["Test images whose float32 softmax probability of the explained class is exactly 1 or 0 (a float32 "
-            "softmax score has a zero derivative there; drift differentiates it in float64)",
-            table(["architecture", *PHASES], rows), ""]
+    return [SATURATION_CAPTION, table(["architecture", *PHASES], rows), ""]
 
 
 def legacy_preprocessing(r: ArchiveReader) -> list[str]:

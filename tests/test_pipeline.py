@@ -413,3 +413,30 @@ def test_pretrain_command_fills_the_cache_and_transfer_phase_keeps_the_source_ba
     attrs = ArchiveReader(pipe.path).read("models/resnet10t/transfer")
     assert attrs["weights"].startswith("synthetic-source: lesion-attributes task") and attrs["bn_frozen"]
     assert "held-out accuracy" in attrs["weights"]
+
+
+def test_saturation_counts_common_sample_and_their_summary_lines(full_run):
+    """Per checkpoint, the images whose float32 softmax probability of the explained class is 1 or 0 (recomputed
+    from the archived logits); per cell, the methods summarised on the images valid under all of them."""
+    from drift.summary import summary_text
+
+    cfg, pipe, r = full_run
+    for arch in cfg.run.archs:
+        g = r.read(f"attributions/{arch}")
+        for phase in ("transfer", "finetune"):
+            z = r.evaluation(arch, phase)["logits"].astype(np.float32)
+            e = np.exp(z - z.max(1, keepdims=True))
+            t = g["targets"][phase]
+            p = (e / e.sum(1, keepdims=True))[np.arange(len(t)), t]
+            np.testing.assert_array_equal(g["saturated"][phase], (p == 1) | (p == 0))
+            assert g[f"n_saturated_{phase}"] == int(((p == 1) | (p == 0)).sum())
+        for cell in r.cells():
+            per = {m: r.drift(arch, m, cell) for m in cfg.attribution.methods}
+            common = np.logical_and.reduce([ps["valid"].astype(bool) for ps in per.values()])
+            for m, ps in per.items():
+                np.testing.assert_array_equal(ps["in_common"], common)
+                use = ps["selected"].astype(bool) & common & np.isfinite(ps["pearson"])
+                assert int(np.sum(r.drift_summary(arch, m, cell)["pearson"]["n_per_class"])) == int(use.sum())
+    text = summary_text(pipe.path)
+    assert "float32 softmax probability of the explained class" in text
+    assert "methods compared on the" in text

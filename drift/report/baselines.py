@@ -19,7 +19,7 @@ def floor_rows(reader: ArchiveReader, cells: list[Cell] | None = None) -> tuple[
     interval of drift minus floor. Empty without a seed floor."""
     if cells is None:
         primary = reader.primary_cell()
-        cells = [c for c in reader.cells() if (c.score, c.norm) == (primary.score, primary.norm)]
+        cells = [c for c in reader.cells() if c[1:] == primary[1:]]
     header, rows = ["architecture", "layer", "method", "floor"], []
     metrics: list[str] = []
     for arch in reader.keys("baselines/arch"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..maps import UPSAMPLE_WORDS
-from ..summary import fmt
+from ..summary import SATURATION_CAPTION, fmt, sample_notes, saturation_counts
 from .document import (
     DEGENERATE_CODES,
     PHASES,
@@ -102,6 +102,16 @@ def _drift(run: Run) -> tuple[Section, Section, dict]:
                                  "of N"], deg_rows))
     else:
         deg.blocks.append(Text("The drift groups hold no degenerate-map codes.", "note"))
+    notes = sample_notes(run.reader, run.cell)
+    if notes:
+        deg.blocks.append(Text("Images behind the primary cell's drift table (methods compared on one sample unless "
+                               "metrics.method_sample = per-method; a summary without images says why): "
+                               + " ".join(n.strip() + ("" if n.strip().endswith(".") else ".") for n in notes)))
+    sat = saturation_counts(run.reader)
+    if sat:
+        deg.blocks.append(Text(SATURATION_CAPTION + ": " + "; ".join(
+            f"{arch} " + ", ".join(f"{phase} {k} of {n}" for phase, (k, n) in by_phase.items())
+            for arch, by_phase in sat.items()) + "."))
     return s, deg, per_sample
 
 
