@@ -292,7 +292,7 @@ def test_property_any_shape_and_ties(N, H, W, levels, fractions, block, ties, se
 
 
 @gpu
-@pytest.mark.parametrize("ties", ["fractional", "index"])
+@pytest.mark.parametrize("ties", ["fractional", "jaccard", "index"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_gpu_counts_equal_reference(dtype, ties, rng, poison):
     N, H, W = 257, 61, 67
