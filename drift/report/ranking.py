@@ -34,7 +34,7 @@ def _ranking(run: Run) -> Section:
         "descriptive (over three architectures its p-value cannot fall below 0.33); a reversal means the most stable "
         "architecture differs; P(reverse) is its probability under a paired bootstrap that resamples the images once "
         f"per replicate for every method and architecture. Primary cell: layer '{run.cell.layer}', score "
-        f"'{run.cell.score}', maps '{run.cell.norm}'."))
+        f"'{run.cell.score}', maps '{run.cell.norm}', resampling '{run.cell.upsample}'."))
     rows, pair_rows = [], []
     for metric, rr in rank.items():
         if "unranked" in rr:
