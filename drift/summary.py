@@ -184,6 +184,10 @@ def sample_notes(r: ArchiveReader, cell) -> list[str]:
                 rule, n_common = info.get("rule", "?"), int(info["n_common"])
             if g.get("empty"):
                 empty.append(f"  {arch} {method}: no image scored: {g['empty']}")
+            short = {k: int(v) for k, v in g.get("degenerate", {}).get("topk_short", {}).items() if int(v)}
+            if short:
+                empty.append(f"  {arch} {method}: no top-k IoU where a map has fewer positive pixels than k: "
+                             + ", ".join(f"{k} {v} images" for k, v in short.items()))
         if counts:
             how = (f"methods compared on the {n_common} images valid under every method" if rule == "common"
                    else "each method on its own valid images")

@@ -112,3 +112,30 @@ def test_settings_are_validated():
                        ("metrics.binarize=[1.5]", "metrics.binarize"), ('metrics.centroid_norm="x"', "centroid_norm")):
         with pytest.raises(config.ConfigError, match=match):
             config.load(None, [bad])
+
+
+def test_summary_notes_name_counts_dropped_images_and_empty_reasons(tmp_path):
+    from drift.archive import Archive, ArchiveReader, Cell
+    from drift.h5tree import write_tree
+    from drift.summary import sample_notes
+
+    ar = Archive(tmp_path / "a.h5", "", "", {"seed": 0})
+    cell = Cell("last-conv", "softmax", "minmax", "zoom-corners")
+    groups = {
+        "gradcam++": {"methods": {"rule": "common", "n_common": 18, "n_valid": 18,
+                                  "dropped": '["x1", "x2", "x3", "x4", "x5", "x6", "x7"]'},
+                      "empty": "", "degenerate": {"topk_short": {"iou@05": 0, "iou@20": 3}}},
+        "layercam": {"methods": {"rule": "common", "n_common": 18, "n_valid": 67, "dropped": "[]"},
+                     "empty": "all 200 transfer maps are all zero", "degenerate": {"topk_short": {"iou@20": 0}}},
+    }
+    for arch in ("m",):
+        with ar.commit(f"models/{arch}/transfer") as f:
+            f.require_group(f"models/{arch}/transfer")
+        with ar.commit(f"drift/{arch}") as f:
+            write_tree(f.require_group(cell.drift_path(arch)), groups)
+    lines = sample_notes(ArchiveReader(tmp_path / "a.h5"), cell)
+    assert lines[0] == ("  m: methods compared on the 18 images valid under every method; gradcam++ 18 valid (drops x1, "
+                        "x2, x3, x4, x5, ... (7 in all)); layercam 67 valid")
+    assert "  m gradcam++: no top-k IoU where a map has fewer positive pixels than k: iou@20 3 images" in lines
+    assert "  m layercam: no image scored: all 200 transfer maps are all zero" in lines
+    assert len(lines) == 3
