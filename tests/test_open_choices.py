@@ -134,8 +134,8 @@ def test_summary_notes_name_counts_dropped_images_and_empty_reasons(tmp_path):
         with ar.commit(f"drift/{arch}") as f:
             write_tree(f.require_group(cell.drift_path(arch)), groups)
     lines = sample_notes(ArchiveReader(tmp_path / "a.h5"), cell)
-    assert lines[0] == ("  m: methods compared on the 18 images valid under every method; gradcam++ 18 valid (drops x1, "
-                        "x2, x3, x4, x5, ... (7 in all)); layercam 67 valid")
+    assert lines[0] == ("  m: methods compared on the 18 images valid under every method; gradcam++ 18 valid "
+                        "(drops x1, x2, x3, x4, x5, ... (7 in all)); layercam 67 valid")
     assert "  m gradcam++: no top-k IoU where a map has fewer positive pixels than k: iou@20 3 images" in lines
     assert "  m layercam: no image scored: all 200 transfer maps are all zero" in lines
     assert len(lines) == 3
