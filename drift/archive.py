@@ -1,11 +1,14 @@
 """The run archive: one HDF5 file per run, written in commits so that a crash never corrupts it.
 
-Schema (version 3) -- the one place it is documented. ``<arch>`` is a registry name, ``<phase>`` a training phase,
+Schema (version 4) -- the one place it is documented. ``<arch>`` is a registry name, ``<phase>`` a training phase,
 ``transfer`` or ``finetune``, ``<method>`` an attribution method (``gradcam++``, ``gradcam++_tfkv``, ``layercam``,
 ...), ``<layer>`` a CAM layer preset (``block``, ``last-conv``, ``stride16``) or dotted module name, ``<score>`` the
 differentiated score (``logit``, ``softmax``), ``<norm>`` the map normalisation before the metrics (``minmax``,
-``sum``, ``none``). A (layer, score, norm) triple is a *cell* of the protocol grid (:class:`Cell`); the primary
-cell is the config's first layer, score and normalisation.
+``sum``, ``none``), ``<upsample>`` the resampling of the maps before the metrics (``zoom-corners``,
+``bilinear-halfpixel``, ``none``). A (layer, score, norm, upsample) tuple is a *cell* of the protocol grid
+(:class:`Cell`); its group ``<norm>`` below ``<layer>/<score>`` is ``<norm>@<upsample>`` unless the resampling is
+``bilinear-halfpixel`` (the only one before version 4), written ``<leaf>`` below. The primary cell is the config's
+first layer, score, normalisation and resampling.
 
 Root attributes
     schema_version      int, :data:`SCHEMA_VERSION`
@@ -26,23 +29,31 @@ models/<arch>/<phase>/  history/{epoch, train_loss, val_loss, val_accuracy, val_
                         seconds, precision, schedule, epochs, lr, batch_size (the phase's settings for this arch),
                         input_size (side of the images the backbone saw), seed (training seed), processes (how
                         many trained it: torchrun, drift.distributed), sync_bn (BatchNorm statistics over the
-                        global batch)
-attributions/<arch>/    attrs: target ("true"/"predicted"), eps, methods, scores (JSON); targets/<phase> (N,)
+                        global batch), input_mean, input_std (JSON: the input normalisation; absent before
+                        it was recorded)
+attributions/<arch>/    attrs: target ("true"/"predicted"), eps, methods, scores (JSON), score_dtype ("float64": the
+                        softmax score's dtype; absent before), n_saturated_<phase>; targets/<phase> (N,);
+                        saturated/<phase> (N,) bool: float32 softmax(z)[target] exactly 1 or 0 (a float32 softmax
+                        score would have a zero derivative there)
 attributions/<arch>/<layer>/
                         attrs: module (dotted name), keras (the Keras counterpart, presets of study backbones), grid
     <score>/<phase>/<method>
                         raw maps (N, h, w) float32 at the layer's resolution, chunked, gzip
-drift/<arch>/           attrs: sample_set, n_selected
+drift/<arch>/           attrs: sample_set, n_selected, upsample (JSON list), ties (top-k tie rule; absent: the
+                        "fractional" rule of earlier versions, where zeros could enter a top set),
+                        agreement_upsample
 drift/<arch>/<layer>/<score>/agreement/<phase>/<m1 vs m2>
                         (N,) per-image Pearson r between two methods' maps of one checkpoint (method agreement)
-drift/<arch>/<layer>/<score>/<norm>/<method>/
+drift/<arch>/<layer>/<score>/<leaf>/<method>/
                         per_sample/<metric> (N,) float over every test image, ids, labels, valid (neither map
                         degenerate), selected (metrics.sample_set); degenerate/{transfer, finetune} (N,) int codes
-                        (0 ok, 1 non-finite, 2 zero, 3 constant); summary/<metric>/{mean, lo, hi, per_class,
+                        (0 ok, 1 non-finite, 2 zero, 3 constant), degenerate/topk_short/iou@XX (selected
+                        valid pairs with a map of fewer positive pixels than k); summary/<metric>/{mean, lo, hi,
+                        per_class,
                         n_per_class, class_used} and paired tests (over the selected, valid images)
 stats/                  attrs: ranking_sample_set, n_ranked, n_ranked_per_class (JSON), min_per_class, verdict
                         (one sentence: does the reversal hold across the grid); ranked (N,) bool
-stats/ranking/<layer>/<score>/<norm>/<metric>/
+stats/ranking/<layer>/<score>/<leaf>/<metric>/
                         rankings (JSON per method), means, kendall_tau, reverses, fully_reversed, p_reverse,
                         p_fully_reversed (paired bootstrap: one resample of images per replicate for every
                         method and architecture; descriptive: P(top differs | these checkpoints, image resampling))
@@ -126,30 +137,57 @@ import numpy as np
 
 from .h5tree import read_tree
 
-SCHEMA_VERSION = 3
-"""Version 3 renamed two attributes (root ``stages`` -> ``commits``, ``stages`` -> ``phases`` on the ``baselines``
-groups); version-2 archives are read as they are and upgraded in place, atomically, when a run resumes one."""
+SCHEMA_VERSION = 4
+"""Version 4 added the resampling axis of the protocol grid (cell groups ``<norm>@<upsample>``; a group ``<norm>``
+is a :data:`LEGACY_UPSAMPLE` cell, which every cell of a version-3 archive is), and ``metrics`` attributes on
+``drift/<arch>``. Version 3 renamed two attributes (root ``stages`` -> ``commits``, ``stages`` -> ``phases`` on the
+``baselines`` groups). Earlier archives are read as they are and upgraded in place, atomically, when a run resumes
+one."""
 _RENAMED_V2 = {"stages": "commits"}
 _RENAMED_V2_BASELINES = {"stages": "phases"}
 
 
+LEGACY_UPSAMPLE = "bilinear-halfpixel"
+"""The map resampling of every cell of archives before schema version 4, and of a cell group named ``<norm>``
+without an ``@<upsample>`` suffix (:class:`Cell`)."""
+
+
 class Cell(NamedTuple):
-    """One cell of the protocol grid: CAM layer (preset or dotted name), differentiated score, map normalisation."""
+    """One cell of the protocol grid: CAM layer (preset or dotted name), differentiated score, map normalisation and
+    the resampling of the maps before the metrics (``metrics.upsample``; :data:`LEGACY_UPSAMPLE` when not given,
+    so a three-field cell is the cell of earlier archives)."""
 
     layer: str
     score: str
     norm: str
+    upsample: str = LEGACY_UPSAMPLE
+
+    @property
+    def leaf(self) -> str:
+        """The cell's last group name: ``<norm>``, or ``<norm>@<upsample>`` for another resampling than
+        :data:`LEGACY_UPSAMPLE`."""
+        return self.norm if self.upsample == LEGACY_UPSAMPLE else f"{self.norm}@{self.upsample}"
 
     @property
     def key(self) -> str:
-        """The cell's group path below ``drift/<arch>`` and ``stats/ranking``: ``<layer>/<score>/<norm>``."""
-        return f"{self.layer}/{self.score}/{self.norm}"
+        """The cell's group path below ``drift/<arch>`` and ``stats/ranking``: ``<layer>/<score>/<leaf>``."""
+        return f"{self.layer}/{self.score}/{self.leaf}"
+
+    @classmethod
+    def parse(cls, key: str) -> Cell:
+        """The cell of a :attr:`key` (``<layer>/<score>/<norm>[@<upsample>]``)."""
+        parts = key.split("/")
+        if len(parts) != 3 or not all(parts):
+            raise ValueError(f"a cell key is <layer>/<score>/<norm>[@<upsample>], got {key!r}")
+        norm, _, up = parts[2].partition("@")
+        return cls(parts[0], parts[1], norm, up or LEGACY_UPSAMPLE)
 
     def drift_path(self, arch: str) -> str:
         return f"drift/{arch}/{self.key}"
 
     def __str__(self) -> str:
-        return f"{self.layer}, {self.score}, {self.norm}"
+        return f"{self.layer}, {self.score}, {self.norm}" + (
+            "" if self.upsample == LEGACY_UPSAMPLE else f", upsampled {self.upsample}")
 
 
 class ArchiveError(RuntimeError):
@@ -212,8 +250,8 @@ class Archive:
             with _open_checked(self.path) as f:
                 old = f.attrs.get("science_hash", "")
                 version = int(f.attrs["schema_version"])
-            if version == 2:
-                self._upgrade_v2()
+            if version in (2, 3):
+                self._upgrade(version)
             elif version != SCHEMA_VERSION:
                 raise ArchiveError(f"{self.path} has schema version {version}; this drift resumes version "
                                    f"{SCHEMA_VERSION} only: use another --out folder, or --fresh to start over")
@@ -258,12 +296,14 @@ class Archive:
             raise
         self._commit()
 
-    def _upgrade_v2(self) -> None:
-        """Rename a version-2 archive's attributes to version 3's, in one transaction."""
+    def _upgrade(self, version: int) -> None:
+        """Bring a version-2 or -3 archive to the current version, in one transaction: version 2's attributes
+        renamed; a version-3 layout is already version 4's (its cells are :data:`LEGACY_UPSAMPLE` cells)."""
         with self._transaction() as f:
-            _rename_attrs(f, _RENAMED_V2)
-            if "baselines" in f:
-                f["baselines"].visititems(lambda _, g: _rename_attrs(g, _RENAMED_V2_BASELINES))
+            if version == 2:
+                _rename_attrs(f, _RENAMED_V2)
+                if "baselines" in f:
+                    f["baselines"].visititems(lambda _, g: _rename_attrs(g, _RENAMED_V2_BASELINES))
             f.attrs["schema_version"] = SCHEMA_VERSION
 
     def commits(self) -> list[str]:
@@ -385,9 +425,10 @@ class ArchiveReader:
         for arch in self.keys("drift"):
             for layer in self.keys(f"drift/{arch}"):
                 for score in self.keys(f"drift/{arch}/{layer}"):
-                    for norm in self.keys(f"drift/{arch}/{layer}/{score}"):
-                        if norm != "agreement" and Cell(layer, score, norm) not in out:
-                            out.append(Cell(layer, score, norm))
+                    for leaf in self.keys(f"drift/{arch}/{layer}/{score}"):
+                        cell = Cell.parse(f"{layer}/{score}/{leaf}")
+                        if leaf != "agreement" and cell not in out:
+                            out.append(cell)
         return out
 
     def cells(self) -> list[Cell]:
@@ -401,7 +442,8 @@ class ArchiveReader:
         archive holds no drift for that cell, the first cell it holds)."""
         try:
             cfg = self.config
-            cell = Cell(cfg.attribution.layers[0], cfg.attribution.scores[0], cfg.metrics.normalize[0])
+            cell = Cell(cfg.attribution.layers[0], cfg.attribution.scores[0], cfg.metrics.normalize[0],
+                        cfg.metrics.upsample[0])
         except Exception:  # a config this version cannot read
             cell = None
         stored = self._stored_cells()
@@ -409,14 +451,15 @@ class ArchiveReader:
             return stored[0] if stored else Cell("block", "logit", "none")
         if cell in stored or not stored:
             return cell
-        near = [c for c in stored if c[:2] == cell[:2]] or [c for c in stored if c.layer == cell.layer] or stored
+        near = ([c for c in stored if c[:3] == cell[:3]] or [c for c in stored if c[:2] == cell[:2]]
+                or [c for c in stored if c.layer == cell.layer] or stored)
         return near[0]
 
     def _cell(self, cell: Cell | None) -> Cell:
-        return self.primary_cell() if cell is None else Cell(*cell)
+        return self.primary_cell() if cell is None else Cell(*cell)  # a 3-tuple is a LEGACY_UPSAMPLE cell
 
     def layers(self, arch: str) -> list[str]:
-        return [k for k in self.keys(f"attributions/{arch}") if k != "targets"]
+        return [k for k in self.keys(f"attributions/{arch}") if k not in ("targets", "saturated")]
 
     def layer_info(self, arch: str, layer: str) -> dict:
         """Attributes of a CAM layer of ``arch``: module (dotted name), keras (counterpart name), grid (h, w)."""

@@ -11,6 +11,7 @@ import time
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
 from . import distributed
 from .config import PHASES
@@ -32,6 +33,15 @@ def targets(pipe: Pipeline, arch: str, phase: str) -> np.ndarray:
     return pipe.trained(arch, phase).evaluation.predictions
 
 
+def saturated(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """(N,) bool: the test images whose float32 softmax probability of the explained class is exactly 1 or 0
+    (:func:`drift.capture.float32_saturated`), from the checkpoint's stored test logits (N, C): there a float32
+    softmax score would have a zero derivative; drift differentiates it in float64."""
+    from .capture import float32_saturated
+
+    return float32_saturated(torch.as_tensor(logits), torch.as_tensor(targets)).numpy()
+
+
 def run_step(pipe: Pipeline, arch: str) -> None:
     """Raw CAMs of every method, layer and score, for both checkpoints, from one forward pass and one backward
     pass per score and batch (:func:`drift.attribution.cams_multi`); committed as ``attributions/<arch>`` unless
@@ -41,19 +51,22 @@ def run_step(pipe: Pipeline, arch: str) -> None:
         return
     acfg = pipe.cfg.attribution
     t0 = time.perf_counter()
-    tree: dict = {"targets": {}}
+    tree: dict = {"targets": {}, "saturated": {}}
     for phase in PHASES:
         tgt = targets(pipe, arch, phase)
-        res = cams(pipe, pipe.trained(arch, phase).model, tgt, f"{arch} {phase} CAMs")
+        trained = pipe.trained(arch, phase)
+        res = cams(pipe, trained.model, tgt, f"{arch} {phase} CAMs")
         for (layer, score), by_method in res.items():
             for m, v in by_method.items():
                 tree.setdefault(layer, {}).setdefault(score, {}).setdefault(phase, {})[m] = v
         tree["targets"][phase] = np.asarray(tgt)
+        tree["saturated"][phase] = saturated(trained.evaluation.logits, tgt)
     with pipe.archive.commit(name, replace=(name,), started=t0, **pipe._stamp("attributions")) as f:
         g = f.require_group(name)
         write_tree(g, tree)
         g.attrs.update({"target": acfg.target, "eps": acfg.eps, "methods": json.dumps(list(acfg.methods)),
-                        "scores": json.dumps(list(acfg.scores))})
+                        "scores": json.dumps(list(acfg.scores)), "score_dtype": "float64",
+                        **{f"n_saturated_{phase}": int(tree["saturated"][phase].sum()) for phase in PHASES}})
         for layer in acfg.layers:
             grid = tree[layer][acfg.scores[0]]["transfer"][acfg.methods[0]].shape[1:]
             g[layer].attrs.update({"module": _module_name(pipe, arch, layer),
@@ -64,7 +77,9 @@ def run_step(pipe: Pipeline, arch: str) -> None:
     first = {layer: tree[layer][acfg.scores[0]]["transfer"][acfg.methods[0]] for layer in acfg.layers}
     grids = ", ".join(f"{layer} {'x'.join(map(str, m.shape[1:]))}" for layer, m in first.items())
     log(f"{arch}: attribution maps ({grids}) for {len(acfg.methods)} methods x {len(acfg.scores)} scores x "
-        f"2 checkpoints in {pipe.timings[name]:.0f} s")
+        f"2 checkpoints in {pipe.timings[name]:.0f} s; float32-saturated softmax probabilities (scored in float64): "
+        + ", ".join(f"{phase} {int(tree['saturated'][phase].sum())}/{len(tree['targets'][phase])}"
+                    for phase in PHASES))
 
 
 def _module_name(pipe: Pipeline, arch: str, layer: str) -> str:

@@ -3,7 +3,8 @@
 The forward pass is hooked at every target layer; the backward pass differentiates a target-class score
 (:data:`SCORES`): ``"logit"``, s = sum_b z_b[t_b] (the logit of each image's target class, summed over the
 batch), or ``"softmax"``, s = sum_b softmax(z_b)[t_b] (the class probability: what tf-keras-vis's
-CategoricalScore differentiates on a Keras model with a softmax output), and yields each layer's activations
+CategoricalScore differentiates on a Keras model with a softmax output; the softmax of float64 logits, the
+gradient cast back to the model's dtype), and yields each layer's activations
 A (B, K, h, w) and gradients g = d s / d A (B, K, h, w). :func:`capture` returns one layer's (A, g); the CAMs of
 :mod:`drift.attribution` are functions of them.
 
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["SCORES", "Capture", "capture", "resolve_target_layer"]
+__all__ = ["SCORES", "Capture", "capture", "float32_saturated", "resolve_target_layer"]
 
 SCORES = ("logit", "softmax")
 """Differentiated target-class scores: the logit z_t, or the softmax probability softmax(z)_t."""
@@ -165,9 +166,22 @@ def _check_targets(targets, batch: int, n_classes: int, device: torch.device) ->
 
 
 def _score_value(logits: torch.Tensor, t: torch.Tensor, score: str) -> torch.Tensor:
+    """The differentiated score s. The softmax is taken of the logits cast to float64, and autograd casts the
+    gradient back to the logits' dtype: in float32, p_t rounds to exactly 1 from a logit margin of about 17, where
+    the float32 derivative p_t (1 - p_t) is 0 while the true one is ~1e-7 (already 11 % off at margin 15); in
+    float64 it stays exact to a margin of about 36 and, rounded to float32, representable down to ~1e-38."""
     if score == "logit":
         return logits.gather(1, t[:, None]).sum()
-    return logits.softmax(dim=1).gather(1, t[:, None]).sum()
+    return logits.to(torch.float64).softmax(dim=1).gather(1, t[:, None]).sum()
+
+
+def float32_saturated(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: the float32 softmax probability of the target class, softmax(z)[t] of logits z (B, C) cast to
+    float32, is exactly 1 or 0, so that its float32 derivative p_t (1 - p_t) vanishes (the images whose softmax
+    score a float32 computation would get wrong; drift's is taken in float64, :func:`_score_value`)."""
+    t = torch.as_tensor(targets, device=logits.device).long()
+    p = logits.to(torch.float32).softmax(dim=1).gather(1, t[:, None])[:, 0]
+    return (p == 1) | (p == 0)
 
 
 def _check_scores(scores: str | Sequence[str]) -> list[str]:

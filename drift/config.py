@@ -143,10 +143,29 @@ class AttributionConfig:
 
 @dataclass
 class MetricsConfig:
-    sample_set: str = "tp_both"  # per-architecture drift tables: tp_both | all | tp_either | tp_all
+    sample_set: str = "tp_both"  # per-architecture drift tables: tp_both | all | tp_either | tp_all | tp_ft
     # Map normalisation before the metrics, applied to both checkpoints' maps alike: minmax | sum | none. The
     # first is the primary one; every one listed is scored (a cell of the protocol grid).
     normalize: list[str] = field(default_factory=lambda: ["minmax"])
+    # Resampling of the layer's maps before the metrics, another axis of the protocol grid (every one listed is
+    # scored, the first is primary): zoom-corners (scipy.ndimage.zoom order 1: tf-keras-vis), bilinear-halfpixel
+    # (F.interpolate, align_corners=False), none (metrics at the layer's own grid; masks averaged down to it).
+    upsample: list[str] = field(default_factory=lambda: ["bilinear-halfpixel"])
+    # Top-k overlap: jaccard (weighted Jaccard of the fractional tie memberships: 1 for identical maps), fractional
+    # (their product: the expected overlap under random tie breaks, below 1 for a map with itself when its cut
+    # passes through ties), index (lower flat index first). Pixels <= 0 never enter a top set.
+    ties: str = "jaccard"
+    # Images the methods of a cell are summarised on: common (valid under every method of the cell: a method
+    # comparison on one sample) or per-method (each method's own valid images).
+    method_sample: str = "common"
+    # The mean the drift tables lead with: macro (mean of the per-class means) or micro (mean over images); both
+    # are stored in every summary.
+    average: str = "macro"
+    # IoU of the pixels at or above each threshold of the min-max normalised map (keys thr@XX), beside the top-k
+    # IoU; [] = none.
+    binarize: list[float] = field(default_factory=list)
+    # Centroid shift over the map's diagonal, its longer side, or in pixels of the grid it is measured on.
+    centroid_norm: str = "diagonal"
     # Images on which architectures are ranked: tp_all (correct under both checkpoints of every architecture:
     # one common sample, so the ranking is not confounded with each architecture's class mix) or a per-arch rule.
     ranking_sample_set: str = "tp_all"

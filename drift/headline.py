@@ -139,6 +139,24 @@ def _settings(reader: ArchiveReader) -> tuple[int, int, tuple[float, ...]]:
     return n_boot, seed, fractions
 
 
+def _average(reader: ArchiveReader) -> str:
+    """``metrics.average`` of the archive's run: ``macro`` (mean of the class means) or ``micro`` (mean over
+    images); ``macro`` when its config cannot be read or predates the setting."""
+    try:
+        return str(reader.config.metrics.average)
+    except Exception:  # a config from another version
+        return "macro"
+
+
+def _headline_mean(summ: dict, average: str) -> dict:
+    """The headline entry of one stored aggregate: mean, lo, hi of the ``average`` (the micro ones, ``micro``,
+    ``micro_lo``, ``micro_hi``, under ``micro``), n_per_class and class_used."""
+    keys = {"mean": "micro", "lo": "micro_lo", "hi": "micro_hi"} if average == "micro" else {}
+    out = {k: summ[keys.get(k, k)] for k in ("mean", "lo", "hi") if keys.get(k, k) in summ}
+    out.update({k: summ[k] for k in ("n_per_class", "class_used") if k in summ})
+    return out
+
+
 def _archs(reader: ArchiveReader) -> list[str]:
     out = list(reader.archs())
     for group in ("drift", "fisher"):
@@ -163,8 +181,9 @@ def compute(reader: ArchiveReader, n_boot: int | None = None, seed: int | None =
     seed = cfg_seed if seed is None else int(seed)
     cell = reader.primary_cell()
     metrics = [s.key for s in headline_specs(fractions)]
+    average = _average(reader)
     out: dict = {"classification": {}, "drift": {}, "fisher": {}, "n_boot": n_boot, "seed": seed,
-                 "cell": cell.key, "metrics": json.dumps(metrics)}
+                 "cell": cell.key, "metrics": json.dumps(metrics), "average": average}
     for arch in _archs(reader):
         for phase in PHASES:
             if reader.has(f"models/{arch}/{phase}/test"):
@@ -176,8 +195,7 @@ def compute(reader: ArchiveReader, n_boot: int | None = None, seed: int | None =
             for method in reader.methods(arch, cell):
                 summ = reader.drift_summary(arch, method, cell) if reader.has(
                     f"{cell.drift_path(arch)}/{method}/summary") else {}
-                got = {m: {k: summ[m][k] for k in ("mean", "lo", "hi", "n_per_class", "class_used") if k in summ[m]}
-                       for m in metrics if isinstance(summ.get(m), dict)}
+                got = {m: _headline_mean(summ[m], average) for m in metrics if isinstance(summ.get(m), dict)}
                 if got:
                     out["drift"].setdefault(arch, {})[method] = got
     return out
@@ -229,7 +247,7 @@ def load(reader: ArchiveReader) -> dict:
     for key in ("classification", "fisher"):  # phases in training order (HDF5 lists groups by name)
         out[key] = {arch: {st: by_phase[st] for st in PHASES if st in by_phase} for arch, by_phase in out[key].items()}
     out["stored"] = stored
-    out["ranking"] = reader.ranking(Cell(*out["cell"].split("/"))) if "cell" in out else {}
+    out["ranking"] = reader.ranking(Cell.parse(out["cell"])) if "cell" in out else {}
     out["stats"] = reader.stats_attrs()
     return out
 

@@ -13,10 +13,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import stats
+from .config import PHASES
 from .h5tree import as_tree
-from .metrics import pair_metrics
+from .metrics import DEGENERATE_NAMES, iou_key, pair_metrics, topk_short
 
-__all__ = ["cams", "pair_tree", "PAIRED_QUANTITIES"]
+__all__ = ["cams", "empty_reason", "pair_tree", "PAIRED_QUANTITIES"]
 
 PAIRED_QUANTITIES = ("entropy", "gini", "top10_mass", "lung_mass", "lesion_energy", "marker_mass")
 """Single-map quantities compared TL vs FT (A vs B) with a paired test when both are present."""
@@ -68,10 +69,42 @@ def cams(model: nn.Module, images: Callable[[np.ndarray], torch.Tensor], n: int,
     return out, modules
 
 
+def empty_reason(selected: np.ndarray, valid: np.ndarray, deg: dict[str, np.ndarray], use: np.ndarray) -> str:
+    """Why a summary has no image (an empty string when it has one): no image in the sample set, or the
+    degenerate maps (:data:`drift.metrics.DEGENERATE_NAMES`) of each phase among the selected images, or the
+    common sample of the methods (``metrics.method_sample = "common"``) is empty.
+
+    Args:
+        selected: ``(N,)`` bool, the sample set; valid: ``(N,)`` bool, neither map degenerate; use: ``(N,)`` bool,
+            the images the summaries use.
+        deg: ``{phase: (N,) int codes}`` of :func:`drift.metrics.degenerate`.
+    """
+    if use.any():
+        return ""
+    n = int(selected.sum())
+    if n == 0:
+        return "no test image is in the sample set"
+    if (selected & valid).any():
+        return f"no selected image is valid under every method of the cell ({int((selected & valid).sum())} of " \
+               f"{n} are under this one)"
+    parts = []
+    for phase in PHASES:
+        codes = np.asarray(deg[phase])[selected]
+        counts = [(DEGENERATE_NAMES[k], int((codes == k).sum())) for k in range(1, len(DEGENERATE_NAMES))]
+        for name, c in counts:
+            if c == n:
+                parts.append(f"all {n} {phase} maps are {name}")
+            elif c:
+                parts.append(f"{c} of {n} {phase} maps are {name}")
+    return "; ".join(parts)
+
+
 def pair_tree(a: torch.Tensor, b: torch.Tensor, labels: np.ndarray, ids: Sequence[str], n_classes: int,
               selected: np.ndarray, *, lung: torch.Tensor | None = None, lesion: torch.Tensor | None = None,
               marker: torch.Tensor | None = None, fractions: Sequence[float], n_boot: int, seed: int,
-              min_per_class: int, by_images: Callable | None = None) -> dict:
+              min_per_class: int, by_images: Callable | None = None, ties: str = "jaccard",
+              thresholds: Sequence[float] = (), centroid_norm: str = "diagonal",
+              use: np.ndarray | None = None) -> dict:
     """Per-image drift metrics of the map pairs (``a`` TL or model A, ``b`` FT or model B) and their summaries
     over the selected, valid images.
 
@@ -85,17 +118,27 @@ def pair_tree(a: torch.Tensor, b: torch.Tensor, labels: np.ndarray, ids: Sequenc
         n_boot, seed, min_per_class: bootstrap settings of :func:`drift.stats.aggregate`.
         by_images: ``by_images(fn, n, *args, **kw)`` runs ``fn`` on image chunks (a distributed run shares them
             out); None runs it at once.
+        ties, thresholds, centroid_norm: ``metrics.ties``, ``metrics.binarize`` and ``metrics.centroid_norm``
+            (:func:`drift.metrics.pair_metrics`).
+        use: ``(n,)`` bool, the images the summaries may use besides selected and valid ones (the common sample
+            of a cell's methods), or None.
 
     Returns:
-        ``{"per_sample": {metric: (n,), ids, labels, valid, selected}, "degenerate": {phase: (n,)},
-        "summary": {metric: aggregate, "paired": {quantity: paired test}}}``, as written under ``drift/<arch>``.
+        ``{"per_sample": {metric: (n,), ids, labels, valid, selected}, "degenerate": {phase: (n,), "topk_short":
+        {iou@XX: count}}, "summary": {metric: aggregate, "paired": {quantity: paired test}}, "empty": why the
+        summaries have no image, or ""}``, as written under ``drift/<arch>``.
     """
-    kw = {"lung_mask": lung, "lesion_mask": lesion, "fractions": tuple(fractions), "marker_mask": marker}
+    kw = {"lung_mask": lung, "lesion_mask": lesion, "fractions": tuple(fractions), "marker_mask": marker,
+          "ties": ties, "small": True, "thresholds": tuple(thresholds), "centroid_norm": centroid_norm}
     per = by_images(pair_metrics, len(a), a, b, **kw) if by_images is not None else pair_metrics(a, b, **kw)
     per = {k: v.cpu().numpy() for k, v in per.items()}
     valid = per.pop("valid").astype(bool)
     deg = {"transfer": per.pop("degenerate_tl"), "finetune": per.pop("degenerate_ft")}
-    use = np.asarray(selected, dtype=bool) & valid
+    selected = np.asarray(selected, dtype=bool)
+    use = selected & valid & (True if use is None else np.asarray(use, dtype=bool))
+    # Maps with fewer positive pixels than a fraction's k have no top set there (NaN IoU): counted per fraction.
+    short = (topk_short(a, fractions) | topk_short(b, fractions)).cpu().numpy()
+    deg["topk_short"] = {iou_key(f): int((short[:, t] & use).sum()) for t, f in enumerate(fractions)}
     summary = {}
     for metric, values in per.items():
         agg = stats.aggregate(np.where(use, values, np.nan), labels, n_classes, n_boot, seed,
@@ -106,5 +149,5 @@ def pair_tree(a: torch.Tensor, b: torch.Tensor, labels: np.ndarray, ids: Sequenc
         if tl is not None and ft is not None:
             summary.setdefault("paired", {})[q] = as_tree(stats.paired_test(tl[use], ft[use]))
     return {"per_sample": {**per, "ids": np.asarray(ids), "labels": np.asarray(labels), "valid": valid,
-                           "selected": np.asarray(selected, dtype=bool)},
-            "degenerate": deg, "summary": summary}
+                           "selected": selected},
+            "degenerate": deg, "summary": summary, "empty": empty_reason(selected, valid, deg, use)}

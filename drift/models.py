@@ -39,6 +39,14 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 INCEPTION_MEAN = (0.5, 0.5, 0.5)
 INCEPTION_STD = (0.5, 0.5, 0.5)
 
+LEGACY_PREPROCESSING: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "resnetv2_50": (IMAGENET_MEAN, IMAGENET_STD),
+}
+"""The (mean, std) an earlier registry gave a backbone whose pretrained weights declare another normalisation.
+``resnetv2_50``'s timm weights (and Keras's ResNet50V2 ``preprocess_input``) map [0, 1] to [-1, 1]: mean = std =
+0.5. Models of these backbones record their normalisation (``input_mean`` / ``input_std`` attributes of
+``models/<arch>/<phase>``); :func:`drift.summary.summary_text` marks an archive whose models lack it."""
+
 
 LAYER_PRESETS = ("block", "last-conv", "stride16")
 """CAM layer presets every registry backbone names (see the module docstring)."""
@@ -55,7 +63,8 @@ class BackboneSpec:
         input_size: the backbone's native input size in pixels.
         min_size: smallest input the backbone accepts.
         cam_min_size: smallest input whose target-layer map is larger than 1 x 1.
-        mean, std: per-channel normalisation of its pretrained weights.
+        mean, std: per-channel normalisation of its pretrained weights, as timm's pretrained config of
+            ``timm_name`` declares it (:func:`pretrained_preprocessing`; a test holds every spec to it).
         study: one of the study's three architectures (False: small models for tests and smoke runs).
         last_conv: dotted name of the last ``nn.Conv2d`` executed in the backbone's forward pass (``last-conv``).
         stride16: dotted name of a layer at output stride 16 that runs once per forward pass (``stride16``).
@@ -94,8 +103,9 @@ REGISTRY: dict[str, BackboneSpec] = {
     # Keras ResNet50V2 downsamples in the LAST block of each stack (stack2's stride1), timm's resnetv2_50 in the
     # first block of a stage: both have 6 blocks of width 1024 in the fourth stage, but Keras runs only blocks
     # 1-5 at stride 16, so its last stride-16 block output is conv4_block5_out where timm's is stages.2.
+    # Its timm weights (resnetv2_50.a1h_in1k) declare mean = std = 0.5, as Keras's ResNet50V2 preprocessing.
     "resnetv2_50": BackboneSpec(
-        "resnetv2_50", "norm", 224, 32, 64, study=True,
+        "resnetv2_50", "norm", 224, 32, 64, INCEPTION_MEAN, INCEPTION_STD, study=True,
         last_conv="stages.3.blocks.2.conv3", stride16="stages.2",
         keras=("post_relu", "conv5_block3_3_conv", "conv4_block5_out"),
     ),
@@ -123,6 +133,27 @@ def get_spec(arch: str) -> BackboneSpec:
         return REGISTRY[arch]
     except KeyError:
         raise ValueError(f"unknown architecture {arch!r}; registered: {', '.join(sorted(REGISTRY))}") from None
+
+
+def pretrained_preprocessing(arch: str) -> dict:
+    """The input normalisation timm's pretrained config declares for the default weights of ``arch``.
+
+    Read from ``timm.models.get_pretrained_cfg(spec.timm_name)`` (part of timm's code: no download). The model
+    maps an input x in [0, 1] to (x - mean) / std per channel.
+
+    Returns:
+        ``{"mean": (3,) tuple, "std": (3,) tuple, "weights": "<timm name>.<tag>", "input_size": (3, H, W)}``.
+
+    Raises:
+        ValueError: unknown ``arch``, or timm has no pretrained config for it.
+    """
+    spec = get_spec(arch)
+    cfg = timm.models.get_pretrained_cfg(spec.timm_name)
+    if cfg is None:
+        raise ValueError(f"{arch}: timm {timm.__version__} has no pretrained config for {spec.timm_name!r}")
+    tag = getattr(cfg, "tag", None)
+    return {"mean": tuple(float(v) for v in cfg.mean), "std": tuple(float(v) for v in cfg.std),
+            "weights": f"{spec.timm_name}.{tag}" if tag else spec.timm_name, "input_size": tuple(cfg.input_size)}
 
 
 def cam_layer_name(arch: str, layer: str) -> str:
@@ -229,6 +260,19 @@ class Classifier(nn.Module):
     def cam_layer(self) -> nn.Module:
         """The registry's CAM target layer (last convolutional block, post-activation)."""
         return resolve_layer(self.backbone, self.spec.cam_layer)
+
+    def set_normalization(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        """Use per-channel ``mean`` and ``std`` (3 values each, std > 0) for the inputs from now on."""
+        m, sd = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
+        if m.shape != (3,) or sd.shape != (3,) or not bool((sd > 0).all()) or not bool(m.isfinite().all()):
+            raise ValueError(f"{self.arch}: normalisation needs 3 finite means and 3 positive stds, got {mean}, {std}")
+        self.mean.copy_(m.view(1, 3, 1, 1))
+        self.std.copy_(sd.view(1, 3, 1, 1))
+
+    @property
+    def normalization(self) -> dict[str, list[float]]:
+        """The per-channel ``mean`` and ``std`` the model applies to its [0, 1] input (what the archive records)."""
+        return {"mean": [float(v) for v in self.mean.flatten()], "std": [float(v) for v in self.std.flatten()]}
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 1|3, H, W) in [0, 1] -> normalised (B, 3, H, W)."""

@@ -27,7 +27,7 @@ from . import distributed, source_weights
 from .archive import ArchiveReader
 from .config import PHASES, Config
 from .h5tree import as_tree, write_tree
-from .models import Classifier, build, get_spec
+from .models import LEGACY_PREPROCESSING, Classifier, build, get_spec
 from .rundir import RunLock, log, make_out, nothing_finished, provenance
 from .train import (
     BN_CALIBRATION_IMAGES,
@@ -127,8 +127,13 @@ class Pipeline:
         train = self.cfg.train
         precision = sorted({f"{st}={resolve_precision(getattr(train, st).for_arch(a).precision, self.device)}"
                             for a in self.cfg.run.archs for st in PHASES})
-        return {"threads": str(torch.get_num_threads()), "device": self.device.type, "precision": ",".join(precision),
-                "torch": torch.__version__, "timm": timm.__version__}
+        env = {"threads": str(torch.get_num_threads()), "device": self.device.type, "precision": ",".join(precision),
+               "torch": torch.__version__, "timm": timm.__version__}
+        # A backbone whose normalisation was corrected (LEGACY_PREPROCESSING): its earlier checkpoints are stale.
+        fixed = {a: get_spec(a).mean for a in self.cfg.run.archs if a in LEGACY_PREPROCESSING}
+        if fixed:
+            env["preprocessing"] = json.dumps(fixed, sort_keys=True)
+        return env
 
     @property
     def data_fingerprint(self) -> str:
@@ -372,7 +377,9 @@ class Pipeline:
                             "seconds": res.seconds, "precision": res.precision, "seed": seed,
                             "schedule": st.schedule, "epochs": st.epochs, "lr": st.lr, "batch_size": st.batch_size,
                             "input_size": self.input_size(arch), "processes": distributed.world_size(),
-                            "sync_bn": bool(st.sync_bn and not bn_frozen and distributed.world_size() > 1)})
+                            "sync_bn": bool(st.sync_bn and not bn_frozen and distributed.world_size() > 1),
+                            "input_mean": json.dumps(model.normalization["mean"]),
+                            "input_std": json.dumps(model.normalization["std"])})
         key = (arch, phase) if replica is None else (arch, phase, replica)
         self._models[key] = Trained(model, ev)
         return self._models[key]

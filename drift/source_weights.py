@@ -18,7 +18,7 @@ import torch
 
 from . import distributed
 from .config import Config, PhaseConfig
-from .models import build, get_spec
+from .models import LEGACY_PREPROCESSING, build, get_spec
 from .rundir import log
 from .train import BN_CALIBRATION_IMAGES, pretrain_source
 from .weights import load_state, sha256_file
@@ -38,8 +38,11 @@ def cache_path(cfg: Config, arch: str) -> Path:
     ``[source]`` settings, the recipe version and ``run.seed``.
     """
     side = input_side(cfg, arch)
-    key = json.dumps({"arch": arch, "size": side, "source": dataclasses.asdict(cfg.source),
-                      "recipe": RECIPE, "seed": cfg.run.seed}, sort_keys=True)
+    parts = {"arch": arch, "size": side, "source": dataclasses.asdict(cfg.source), "recipe": RECIPE,
+             "seed": cfg.run.seed}
+    if arch in LEGACY_PREPROCESSING:  # normalisation corrected since: weights pretrained under the old one are stale
+        parts["mean"] = list(get_spec(arch).mean)
+    key = json.dumps(parts, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     return Path(cfg.model.cache_dir) / "source" / f"{arch}-{side}px-{digest}.pt"
 

@@ -40,11 +40,12 @@ def run_step(pipe: Pipeline) -> None:
     tree: dict = {}
     for layer in acfg.layers if len(archs) > 1 else ():  # ranking needs two architectures
         for score in acfg.scores:
-            for norm in mcfg.normalize:
-                cell = Cell(layer, score, norm)
-                out = tree.setdefault(layer, {}).setdefault(score, {}).setdefault(norm, {})
-                for metric in mcfg.ranking_metrics:
-                    out[metric.replace("/", "_")] = _rank(pipe, reader, cell, metric, archs, ranked, n_classes)
+            for mode in mcfg.upsample:
+                for norm in mcfg.normalize:
+                    cell = Cell(layer, score, norm, mode)
+                    out = tree.setdefault(layer, {}).setdefault(score, {}).setdefault(cell.leaf, {})
+                    for metric in mcfg.ranking_metrics:
+                        out[metric.replace("/", "_")] = _rank(pipe, reader, cell, metric, archs, ranked, n_classes)
     numbers = headline.compute(reader, mcfg.n_boot, pipe.cfg.run.seed)
     grid = {}
     for cell in reader.cells():
@@ -89,6 +90,8 @@ def _rank(pipe: Pipeline, reader: ArchiveReader, cell: Cell, metric: str, archs:
                 raise KeyError(f"metrics.ranking_metrics: no metric {metric!r}; "
                                f"available: {sorted(k for k in per if k not in ('ids', 'labels'))}")
             use = ranked & per["valid"].astype(bool)
+            if pipe.cfg.metrics.method_sample == "common" and "in_common" in per:
+                use &= per["in_common"].astype(bool)
             values[arch][method] = (np.where(use, per[metric], np.nan), per["labels"])
     m = pipe.cfg.metrics
     higher, absolute = stability(metric, m.fractions)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .archive import ArchiveReader
+from .archive import LEGACY_UPSAMPLE, ArchiveReader
 from .config import PHASES
 from .headline import load
 from .metrics import metric_label
@@ -104,12 +104,12 @@ def grid_rows(r: ArchiveReader) -> list[list[str]]:
     for cell in r.cells():
         for metric, rr in r.ranking(cell).items():
             if "unranked" in rr:
-                rows.append([cell.layer, cell.score, cell.norm, metric, "not ranked", "-"])
+                rows.append([cell.layer, cell.score, cell.leaf, metric, "not ranked", "-"])
                 continue
             ranks = "; ".join(f"{m}: {_order(o)}" for m, o in rr.get("rankings", {}).items())
             revs = ", ".join(f"{p}: {fmt(rr['reverses'][p])} ({_fmt(rr.get('p_reverse', {}).get(p), 2)})"
                              for p in _pairs(rr) if "layercam" in p) or "-"
-            rows.append([cell.layer, cell.score, cell.norm, metric, ranks, revs])
+            rows.append([cell.layer, cell.score, cell.leaf, metric, ranks, revs])
     return rows
 
 
@@ -153,10 +153,48 @@ def _drift(r: ArchiveReader, h: dict) -> list[str]:
         return []
     cell = r.primary_cell()
     sample = r.read(f"drift/{r.archs()[0]}").get("sample_set", "?") if r.has(f"drift/{r.archs()[0]}") else "?"
-    return [f"Drift TL -> FT at layer {cell.layer}, score {cell.score}, maps normalised {cell.norm}; images "
-            f"{sample} (macro mean over classes with >= {min_per_class(r)} images, 95% bootstrap interval; "
+    return [f"Drift TL -> FT at layer {cell.layer}, score {cell.score}, maps normalised {cell.norm}"
+            f"{'' if cell.upsample == LEGACY_UPSAMPLE else f', upsampled {cell.upsample}'}; images "
+            f"{sample} ({_average_words(h, r)}, 95% bootstrap interval; "
             "n = images, per class)",
-            table(["architecture", "method", "n", *[metric_label(m) for m in metrics]], rows), ""]
+            table(["architecture", "method", "n", *[metric_label(m) for m in metrics]], rows),
+            *sample_notes(r, cell), ""]
+
+
+def _average_words(h: dict, r: ArchiveReader) -> str:
+    if h.get("average") == "micro":
+        return f"micro mean over the images of classes with >= {min_per_class(r)} images, image bootstrap"
+    return f"macro mean over classes with >= {min_per_class(r)} images"
+
+
+def sample_notes(r: ArchiveReader, cell) -> list[str]:
+    """Lines on the images behind a cell's drift table, as stored by the drift step: the common sample of the
+    methods with each method's count and the images it dropped, and why a summary is empty."""
+    out = []
+    for arch in r.archs():
+        if not r.has(cell.drift_path(arch)):
+            continue
+        counts, empty = [], []
+        for method in r.methods(arch, cell):
+            g = r.read(f"{cell.drift_path(arch)}/{method}")
+            info = g.get("methods", {})
+            if info:
+                dropped = json.loads(info.get("dropped", "[]"))
+                shown = ", ".join(dropped[:5]) + (f", ... ({len(dropped)} in all)" if len(dropped) > 5 else "")
+                counts.append(f"{method} {int(info['n_valid'])} valid" + (f" (drops {shown})" if dropped else ""))
+                rule, n_common = info.get("rule", "?"), int(info["n_common"])
+            if g.get("empty"):
+                empty.append(f"  {arch} {method}: no image scored: {g['empty']}")
+            short = {k: int(v) for k, v in g.get("degenerate", {}).get("topk_short", {}).items() if int(v)}
+            if short:
+                empty.append(f"  {arch} {method}: no top-k IoU where a map has fewer positive pixels than k: "
+                             + ", ".join(f"{k} {v} images" for k, v in short.items()))
+        if counts:
+            how = (f"methods compared on the {n_common} images valid under every method" if rule == "common"
+                   else "each method on its own valid images")
+            out.append(f"  {arch}: {how}; {'; '.join(counts)}")
+        out += empty
+    return out
 
 
 def _agreement(r: ArchiveReader, h: dict) -> list[str]:
@@ -185,7 +223,8 @@ def _grid(r: ArchiveReader, h: dict) -> list[str]:
     if not (len(rows) > 1 or (rows and len(r.cells()) > 1)):
         return []
     return ["Protocol sensitivity: does the most stable architecture differ between LayerCAM and Grad-CAM++? "
-            f"(per cell of layers x scores x normalisations; observed; P = {P_TOP_LABEL}; the verdict is the test)",
+            f"(per cell of layers x scores x normalisations[@resampling]; observed; P = {P_TOP_LABEL}; the verdict "
+            "is the test)",
             table(["layer", "score", "maps", "metric", "rankings (most stable first)", "top differs (P)"], rows), ""]
 
 
@@ -221,8 +260,60 @@ def _baselines(r: ArchiveReader, h: dict) -> list[str]:
     return summary_lines(r, h)
 
 
+SATURATION_CAPTION = ("Test images whose float32 softmax probability of the explained class is exactly 1 or 0 (a "
+                      "float32 softmax score has a zero derivative there; drift differentiates it in float64)")
+
+
+def saturation_counts(r: ArchiveReader) -> dict[str, dict[str, tuple[int, int]]]:
+    """``{arch: {phase: (float32-saturated test images, test images)}}`` as the attributions step stored them
+    (archives made before it counted them have none)."""
+    out = {}
+    for arch in r.keys("attributions"):
+        with_attrs = {k: v for k, v in r.read(f"attributions/{arch}").items() if not isinstance(v, dict)}
+        if f"n_saturated_{PHASES[0]}" in with_attrs:
+            n = len(r.read(f"attributions/{arch}/targets/{PHASES[0]}"))
+            out[arch] = {st: (int(with_attrs[f"n_saturated_{st}"]), n) for st in PHASES}
+    return out
+
+
+def _saturation(r: ArchiveReader, h: dict) -> list[str]:
+    rows = [[arch, *[f"{k} / {n}" for k, n in by_phase.values()]] for arch, by_phase in saturation_counts(r).items()]
+    if not rows:
+        return []
+    return [SATURATION_CAPTION, table(["architecture", *PHASES], rows), ""]
+
+
+def legacy_preprocessing(r: ArchiveReader) -> list[str]:
+    """The models of the archive trained with a normalisation since corrected (:data:`drift.models.
+    LEGACY_PREPROCESSING`): those of such a backbone that record no ``input_mean`` (made before the fix) or record
+    the old one, as ``"<arch>/<phase>"``."""
+    from .models import LEGACY_PREPROCESSING
+
+    out = []
+    for arch in r.archs():
+        if arch not in LEGACY_PREPROCESSING:
+            continue
+        for phase in r.keys(f"models/{arch}"):
+            mean = r.read(f"models/{arch}/{phase}").get("input_mean")
+            if mean is None or tuple(json.loads(mean)) == tuple(LEGACY_PREPROCESSING[arch][0]):
+                out.append(f"{arch}/{phase}")
+    return out
+
+
+def _preprocessing(r: ArchiveReader, h: dict) -> list[str]:
+    old = legacy_preprocessing(r)
+    if not old:
+        return []
+    from .models import LEGACY_PREPROCESSING, get_spec
+
+    arch = old[0].split("/")[0]
+    return [f"WARNING: {', '.join(old)} were trained with the earlier input normalisation (mean "
+            f"{list(LEGACY_PREPROCESSING[arch][0])}), not the mean {list(get_spec(arch).mean)} / std "
+            f"{list(get_spec(arch).std)} its pretrained weights declare; re-run with this drift to compare them.", ""]
+
+
 SECTIONS: list[Callable[[ArchiveReader, dict], list[str]]] = [
-    _classification, _drift, _agreement, _ranking, _grid, _verdict, _baselines, _fisher]
+    _preprocessing, _classification, _drift, _saturation, _agreement, _ranking, _grid, _verdict, _baselines, _fisher]
 """The summary's parts in print order. Each takes the archive and its headline numbers (:func:`drift.headline.load`)
 and returns its lines (a caption, a table and a blank line; nothing when its step has not run). A new part is a
 function of that signature appended here; numbers it prints belong in :func:`drift.headline.compute`."""

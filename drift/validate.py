@@ -41,10 +41,11 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"metrics.{key} must be one of {', '.join(SELECTION_RULES)}, "
                               f"got {getattr(cfg.metrics, key)!r}")
     _check_list(cfg.metrics.normalize, "metrics.normalize", NORMALIZE_MODES)
+    _check_metrics_reading(cfg)
     _check_list(cfg.attribution.scores, "attribution.scores", SCORES)
     _check_list(cfg.attribution.layers, "attribution.layers", None)
     for layer in cfg.attribution.layers:
-        if not isinstance(layer, str) or not layer or layer == "targets" or "/" in layer:
+        if not isinstance(layer, str) or not layer or layer in ("targets", "saturated") or "/" in layer:
             raise ConfigError(f"attribution.layers: {layer!r} is neither a preset ({', '.join(LAYER_PRESETS)}) nor "
                               "a dotted module name")
     _check_list(cfg.attribution.methods, "attribution.methods", None)
@@ -209,6 +210,30 @@ def _check_measure(cfg: Config) -> None:
         raise ConfigError(f"measure.replicas_b lists a file twice: {m.replicas_b}")
     if (m.weights_a or m.model_b or m.weights_b or m.replicas_b) and not m.model_a:
         raise ConfigError("measure.* settings need measure.model_a (the first model)")
+
+
+def _check_metrics_reading(cfg: Config) -> None:
+    """The protocol readings of ``[metrics]``: resampling modes and the top-k tie rule."""
+    from drift_kernels.reference import TOPK_TIES
+
+    from .maps import UPSAMPLE_MODES
+
+    _check_list(cfg.metrics.upsample, "metrics.upsample", UPSAMPLE_MODES)
+    if cfg.metrics.method_sample not in ("common", "per-method"):
+        raise ConfigError(f"metrics.method_sample must be common or per-method, got {cfg.metrics.method_sample!r}")
+    from .metrics import CENTROID_NORMS
+
+    if cfg.metrics.centroid_norm not in CENTROID_NORMS:
+        raise ConfigError(f"metrics.centroid_norm must be one of {', '.join(CENTROID_NORMS)}, "
+                          f"got {cfg.metrics.centroid_norm!r}")
+    if len(set(cfg.metrics.binarize)) != len(cfg.metrics.binarize):
+        raise ConfigError(f"metrics.binarize lists a value twice: {cfg.metrics.binarize}")
+    if cfg.metrics.binarize:
+        _number_list(cfg.metrics.binarize, "metrics.binarize", 0.0, 1.0)
+    if cfg.metrics.average not in ("macro", "micro"):
+        raise ConfigError(f"metrics.average must be macro or micro, got {cfg.metrics.average!r}")
+    if cfg.metrics.ties not in TOPK_TIES:
+        raise ConfigError(f"metrics.ties must be one of {', '.join(TOPK_TIES)}, got {cfg.metrics.ties!r}")
 
 
 def _check_list(values: list, key: str, allowed: tuple[str, ...] | None) -> None:

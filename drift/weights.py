@@ -282,6 +282,24 @@ def _timm_pretrained_state(name: str, state: dict, source: str) -> dict:
     return ref.state_dict()
 
 
+def check_preprocessing(model: Classifier) -> None:
+    """Refuse ImageNet weights for a model whose input normalisation is not the one timm's pretrained config of
+    the weights declares (:func:`drift.models.pretrained_preprocessing`): the weights would see inputs on
+    another scale than in their training.
+
+    Raises:
+        ValueError: naming the architecture, the weights and both normalisations.
+    """
+    from .models import pretrained_preprocessing
+
+    want = pretrained_preprocessing(model.arch)
+    have = model.normalization
+    if any(abs(a - b) > 1e-6 for k in ("mean", "std") for a, b in zip(have[k], want[k])):
+        raise ValueError(f"{model.arch}: the model normalises its input with mean {have['mean']}, std {have['std']}, "
+                         f"but timm's pretrained config of {want['weights']} declares mean {list(want['mean'])}, "
+                         f"std {list(want['std'])}: correct drift.models.REGISTRY[{model.arch!r}]")
+
+
 def load_imagenet(model: Classifier, weights_file: str | None = None) -> str:
     """Load ImageNet weights into the backbone of ``model``; the head stays as initialised.
 
@@ -289,7 +307,9 @@ def load_imagenet(model: Classifier, weights_file: str | None = None) -> str:
     fetched the way timm fetches them: from the local cache (``HF_HUB_CACHE``, or ``HF_HOME``/hub, by default
     ``~/.cache/huggingface/hub``) when there, else downloaded once into it from ``HF_ENDPOINT`` (huggingface.co by
     default). ``HF_HUB_OFFLINE=1`` allows the cache only. Hub files go through timm's key conversions and a strict
-    load, as with ``timm.create_model(name, pretrained=True)``.
+    load, as with ``timm.create_model(name, pretrained=True)``. The model's input normalisation must be the one
+    timm's pretrained config of the weights declares (:func:`check_preprocessing`; a ``weights_file`` is taken to
+    hold the weights of timm's default pretrained tag).
 
     Args:
         model: the classifier whose backbone receives the weights.
@@ -306,6 +326,7 @@ def load_imagenet(model: Classifier, weights_file: str | None = None) -> str:
             for, the cache folder and how to provide the weights; this error is also a FileNotFoundError).
     """
     name = model.spec.timm_name
+    check_preprocessing(model)
     if weights_file:
         state = _read_weights(weights_file)
         try:

@@ -5,7 +5,9 @@ Public entries (each validates its inputs and dispatches):
 * :func:`fisher_gram` -- K = G G^T and G x of the input-Fisher factor G, G never materialised.
 * :func:`fisher_project` -- G^T W for a small W.
 * :func:`topk_iou` -- intersections, unions and IoU of top-k pixel sets, for T fractions at once; ties at the
-  cut are shared fractionally (``ties="fractional"``, default) or go to the lower flat index (``ties="index"``).
+  cut are shared fractionally, the overlap read as the product of the memberships (``ties="fractional"``,
+  default here) or as their weighted Jaccard index (``ties="jaccard"``: reflexive; drift's metric uses it), or
+  go to the lower flat index (``ties="index"``).
 
 Dispatch (:mod:`drift_kernels.dispatch`): the Triton kernel for CUDA tensors; the torch reference for CPU
 tensors; the kernel itself through Triton's interpreter when ``TRITON_INTERPRET=1``. ``DRIFT_KERNELS=reference``

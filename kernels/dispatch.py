@@ -174,6 +174,8 @@ def topk_iou(
       inter = sum_i w_a,i w_b,i (the expected overlap when both maps break ties uniformly at random),
       union = 2k - inter, IoU = inter / union; all three float64. Equal to the index rule's counts when no
       tie group is cut.
+    * ``"jaccard"``: the same weights, weighted Jaccard: inter = sum_i min(w_a,i, w_b,i), union = 2k - inter
+      (= sum_i max); float64. Exactly 1 for identical maps; equal to the set IoU when no tie group is cut.
     * ``"index"``: the lower flat (row-major) index first; inter, union int64 and IoU float32.
 
     Raises:

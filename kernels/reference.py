@@ -68,16 +68,20 @@ def fisher_project_reference(
     return (G.transpose(1, 2) @ W.to(dt)).to(out_dt)
 
 
-#: Tie rules of the top-k overlap: "fractional" (the default) and "index" (lower flat index first).
-TOPK_TIES = ("fractional", "index")
+#: Tie rules of the top-k overlap: "fractional" (the default here), "jaccard" (weighted Jaccard of the same
+#: fractional memberships: reflexive) and "index" (lower flat index first).
+TOPK_TIES = ("fractional", "jaccard", "index")
 
-TopkTies = Literal["fractional", "index"]
+TopkTies = Literal["fractional", "jaccard", "index"]
+
+#: The rules that share the fractional memberships and the kernel's six class-pair counts.
+MEMBERSHIP_TIES = ("fractional", "jaccard")
 
 
 def check_ties(ties: object) -> str:
-    """The tie rule, validated: 'fractional' or 'index' (see :func:`topk_iou_reference`)."""
+    """The tie rule, validated: 'fractional', 'jaccard' or 'index' (see :func:`topk_iou_reference`)."""
     if not isinstance(ties, str) or ties not in TOPK_TIES:
-        raise ValueError(f"ties must be 'fractional' or 'index', got {ties!r}")
+        raise ValueError(f"ties must be 'fractional', 'jaccard' or 'index', got {ties!r}")
     return ties
 
 
@@ -135,7 +139,8 @@ def topk_weights_reference(a: torch.Tensor, fraction: float, ties: TopkTies = "f
 
     fractional: w_i = 1 if v_i > t, (k - n_above) / n_tied if v_i == t, else 0, with t the k-th largest value,
     n_above = #{v > t} and n_tied = #{v == t}: the probability that pixel i is in the top set when the tied
-    pixels are taken in a uniformly random order. index: the 0/1 mask of :func:`topk_masks_reference`.
+    pixels are taken in a uniformly random order (the memberships of both "fractional" and "jaccard"). index: the
+    0/1 mask of :func:`topk_masks_reference`.
     """
     if check_ties(ties) == "index":
         return topk_masks_reference(a, fraction).to(torch.float64)
@@ -145,7 +150,7 @@ def topk_weights_reference(a: torch.Tensor, fraction: float, ties: TopkTies = "f
 
 
 def topk_overlap_from_counts(
-    counts: torch.Tensor, need_a: torch.Tensor, need_b: torch.Tensor, ks: torch.Tensor
+    counts: torch.Tensor, need_a: torch.Tensor, need_b: torch.Tensor, ks: torch.Tensor, ties: str = "fractional"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fractional-tie intersection, union and IoU (N, T) float64 from integer class counts.
 
@@ -156,19 +161,28 @@ def topk_overlap_from_counts(
 
         inter = #{a>, b>} + #{a>, b=} r_b / n_b + #{a=, b>} r_a / n_a + #{a=, b=} r_a r_b / (n_a n_b),
 
-    union = 2k - inter and IoU = inter / union. Integer products are formed exactly, then each term takes one
-    float64 rounding, so integer intersections (no cut inside a tie group) come out exact. The kernel and the
-    reference both finish here, on the same integers, and so agree bit for bit.
+    union = 2k - inter and IoU = inter / union. ``ties="jaccard"`` takes the weighted Jaccard index of the same
+    memberships, inter = sum_i min(w_a,i, w_b,i) and union = sum_i max(w_a,i, w_b,i) = 2k - inter:
+
+        inter = #{a>, b>} + #{a>, b=} r_b / n_b + #{a=, b>} r_a / n_a + #{a=, b=} min(r_a / n_a, r_b / n_b),
+
+    so IoU(x, x) = k / k = 1 exactly, and 1 - IoU is a metric (the weighted Jaccard distance). Integer products
+    are formed exactly, then each term takes one float64 rounding, so integer intersections (no cut inside a tie
+    group) come out exact (and a map with itself gives inter = union = k exactly). The kernel and the reference
+    both finish here, on the same integers, and so agree bit for bit.
     """
     aa, at, ta, tt, n_a, n_b = counts.to(torch.int64).unbind(-1)
     r_a, r_b = need_a.to(torch.int64), need_b.to(torch.int64)
     f64 = torch.float64
-    inter = (
-        aa.to(f64)
-        + (at * r_b).to(f64) / n_b.to(f64)
-        + (ta * r_a).to(f64) / n_a.to(f64)
-        + (tt * r_a).to(f64) * r_b.to(f64) / (n_a * n_b).to(f64)
-    )
+    if ties == "jaccard":
+        # min(r_a / n_a, r_b / n_b) chosen on exact integers (r_a n_b <= r_b n_a), then one rounding.
+        a_less = r_a * n_b <= r_b * n_a
+        both = torch.where(a_less, (tt * r_a).to(f64) / n_a.to(f64), (tt * r_b).to(f64) / n_b.to(f64))
+    else:
+        both = (tt * r_a).to(f64) * r_b.to(f64) / (n_a * n_b).to(f64)
+    # The two one-sided terms are added to each other first: swapping a and b swaps them, and IEEE addition is
+    # commutative, so IoU(a, b) == IoU(b, a) bit for bit.
+    inter = aa.to(f64) + ((at * r_b).to(f64) / n_b.to(f64) + (ta * r_a).to(f64) / n_a.to(f64)) + both
     union = 2 * ks.to(device=inter.device, dtype=f64) - inter
     return inter, union, inter / union
 
@@ -189,6 +203,10 @@ def topk_iou_reference(
       intersection when both maps break their ties uniformly at random and independently; union = 2k - inter.
       Returns inter, union, iou as float64 (computed by :func:`topk_overlap_from_counts`). Without a cut inside a
       tie group this equals the index rule's counts exactly.
+    * ``"jaccard"``: the same memberships, weighted Jaccard: inter = sum_i min(w_a,i, w_b,i), union =
+      sum_i max(w_a,i, w_b,i) = 2k - inter (float64). Equal to the set IoU when no cut passes through a tie group,
+      exactly 1 for identical maps, independent of pixel order; 1 - IoU is a metric. (The fractional rule's
+      IoU(x, x) falls below 1 whenever x's cut passes through a tie group.)
     * ``"index"``: the tied pixels of lower flat (row-major) index are taken first; exact counts. Returns inter,
       union as int64 and iou float32. On sparse maps (many exact zeros) it makes equal low-index zeros agree.
     """
@@ -219,4 +237,5 @@ def topk_iou_reference(
         need_b.append(r_b)
     n_pix = a.shape[1] * a.shape[2]
     ks = torch.tensor([topk_count(n_pix, f) for f in fractions], dtype=torch.int64, device=a.device)
-    return topk_overlap_from_counts(torch.stack(counts, 1), torch.stack(need_a, 1), torch.stack(need_b, 1), ks)
+    return topk_overlap_from_counts(torch.stack(counts, 1), torch.stack(need_a, 1), torch.stack(need_b, 1), ks,
+                                    ties)

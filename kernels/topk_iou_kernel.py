@@ -16,8 +16,11 @@ IoU = inter / union. Classifying every pixel as above (>) or tied (=) in each ma
     inter = #{a>, b>} + #{a>, b=} r_b / n_b + #{a=, b>} r_a / n_a + #{a=, b=} r_a r_b / (n_a n_b),
 
 so the pass only counts: the four class pairs and n_a = #{a=}, n_b = #{b=} (int32 per program, stored as int64;
-exact). The float64 combination above is :func:`~drift_kernels.reference.topk_overlap_from_counts`, shared with
-the reference, so kernel and reference agree bit for bit; no floating-point sum runs over the pixels.
+exact). Jaccard ties (the weighted Jaccard index of the same memberships, inter = sum_i min(w_a,i, w_b,i),
+union = sum_i max(w_a,i, w_b,i) = 2k - inter; reflexive) take the same six counts, with the last term
+#{a=, b=} min(r_a / n_a, r_b / n_b). The float64 combination above is
+:func:`~drift_kernels.reference.topk_overlap_from_counts`, shared with the reference, so kernel and reference agree
+bit for bit; no floating-point sum runs over the pixels.
 
 Index ties. The tied pixels of lower flat index come first: pixel i is in the set iff
 
@@ -50,11 +53,11 @@ import triton.language as tl
 from . import _common
 from ._common import cdiv, interpreting, launch_device, next_pow2
 from ._validate import check_fractions, check_maps
-from .reference import TopkTies, check_ties, topk_count, topk_overlap_from_counts
+from .reference import MEMBERSHIP_TIES, TopkTies, check_ties, topk_count, topk_overlap_from_counts
 
 #: Count planes the kernel writes per rule: fractional #{a>,b>}, #{a>,b=}, #{a=,b>}, #{a=,b=}, n_a, n_b; index
 #: |A & B|, |A | B|.
-N_PLANES = {"fractional": 6, "index": 2}
+N_PLANES = {"fractional": 6, "jaccard": 6, "index": 2}
 
 
 @triton.jit
@@ -232,7 +235,7 @@ def _launch(
     ks = torch.tensor([topk_count(n_pix, f) for f in fractions], dtype=torch.int64, device=device)
     ta, need_a = topk_thresholds(fa, ks)
     tb, need_b = topk_thresholds(fb, ks)
-    fractional = ties == "fractional"
+    fractional = ties in MEMBERSHIP_TIES  # fractional and jaccard: the same six counts, another float64 finish
     rows, cfg_block, t_pad, num_warps = _config(N, n_pix, T, on_gpu, fractional)
     block = cfg_block if block is None else block
     if block < 16 or block & (block - 1):
@@ -248,7 +251,7 @@ def _launch(
         )  # fmt: skip
     if fractional:
         # The reference's own float64 finish on the same integers: bit for bit its inter, union and IoU.
-        for dst, src in zip((inter, union, iou), topk_overlap_from_counts(counts, need_a, need_b, ks)):
+        for dst, src in zip((inter, union, iou), topk_overlap_from_counts(counts, need_a, need_b, ks, ties)):
             dst.copy_(src)
         return inter, union, iou
     inter.copy_(counts[..., 0])
@@ -275,13 +278,14 @@ def topk_iou_triton(
         b: (N, H, W) maps of a's shape, on a's device.
         fractions: T fractions in (0, 1]; each selects ``topk_count(H*W, f)`` pixels per map.
         ties: ``"fractional"`` (tied pixels at the cut weigh r / n_tied each; expected overlap under random tie
-            breaks) or ``"index"`` (lower flat index first); see the module docstring.
+            breaks), ``"jaccard"`` (weighted Jaccard of the same weights) or ``"index"`` (lower flat index first);
+            see the module docstring.
         out: optional preallocated contiguous (inter, union, iou) outputs of the rule's dtypes.
         block: pixels per tile (power of two >= 16); default from H*W and T.
         rows_per_program: map pairs per program (power of two); default 2 on a GPU, many when interpreted.
 
     Returns:
-        fractional: inter, union, iou = inter / union, all (N, T) float64, equal bit for bit to
+        fractional, jaccard: inter, union, iou = inter / union, all (N, T) float64, equal bit for bit to
         :func:`~drift_kernels.reference.topk_iou_reference`; index: inter, union (N, T) int64 and iou (N, T)
         float32. union >= k >= 1 either way.
     """

@@ -155,7 +155,7 @@ def test_version_2_archive_is_read_and_upgraded_in_place_on_resume(tmp_path, rng
     a = Archive(path, "seed = 1\n", "h")
     assert a.commits() == ["data", "baselines"] and a.done("data")
     with h5py.File(path) as f:
-        assert int(f.attrs["schema_version"]) == 3 and "stages" not in f.attrs
+        assert int(f.attrs["schema_version"]) == 4 and "stages" not in f.attrs
         for g in ("baselines/arch/resnet18", "baselines/ranking/finetune"):
             assert f[g].attrs["phases"] == '["finetune"]' and "stages" not in f[g].attrs
         np.testing.assert_array_equal(f["data/v"][()], values)

@@ -75,10 +75,9 @@ def test_topk_iou_brute_force_with_ties(rng, levels):
     b[0] = a[0]  # identical maps: IoU 1 at every fraction under the index rule
     b[1] = 0  # an all-zero map: every pixel tied
     fr = (0.05, 0.1, 0.2, 0.3, 0.37)
-    got = M.topk_iou(a, b, fr)
-    got_index = M.topk_iou(a, b, fr, ties="index")
+    got = M.topk_iou(a, b, fr, ties="fractional", positive=False)
+    got_index = M.topk_iou(a, b, fr, ties="index", positive=False)
     assert got.shape == got_index.shape == (7, 5) and got.dtype == got_index.dtype == torch.float64
-    assert torch.equal(got, M.topk_iou(a, b, fr, ties="fractional"))
     for i in range(7):
         for t, f in enumerate(fr):
             k = _k(13 * 17, f)
@@ -91,7 +90,7 @@ def test_topk_iou_brute_force_with_ties(rng, levels):
         assert torch.equal(got[2:], got_index[2:])
     a[3, 4, 5] = math.inf
     for ties in ("fractional", "index"):
-        got = M.topk_iou(a, b, fr, ties=ties)  # a non-finite map must not reach the kernel (which would raise)
+        got = M.topk_iou(a, b, fr, ties=ties, positive=False)  # a non-finite map must not reach the kernel
         assert got[3].isnan().all() and got[[0, 1, 2, 4, 5, 6]].isfinite().all()
 
 
@@ -106,7 +105,8 @@ def test_topk_iou_fractional_ties_do_not_reward_shared_zeros(rng):
         a[i].view(-1)[on[:5]] = torch.rand(5, generator=rng, dtype=torch.float64) + 0.5
         b[i].view(-1)[on[5:]] = torch.rand(5, generator=rng, dtype=torch.float64) + 0.5
     fr = (0.1, 0.2)
-    frac, index = M.topk_iou(a, b, fr), M.topk_iou(a, b, fr, ties="index")
+    frac = M.topk_iou(a, b, fr, ties="fractional", positive=False)
+    index = M.topk_iou(a, b, fr, ties="index", positive=False)
     for i in range(4):
         for t, f in enumerate(fr):
             k = _k(h * w, f)
@@ -117,8 +117,8 @@ def test_topk_iou_fractional_ties_do_not_reward_shared_zeros(rng):
     assert (index > frac).all()
     perm = torch.randperm(h * w, generator=rng)
     pa, pb = a.flatten(1)[:, perm].reshape(4, h, w), b.flatten(1)[:, perm].reshape(4, h, w)
-    assert torch.equal(M.topk_iou(pa, pb, fr), frac)
-    with pytest.raises(ValueError, match="ties must be 'fractional' or 'index'"):
+    assert torch.equal(M.topk_iou(pa, pb, fr, ties="fractional", positive=False), frac)
+    with pytest.raises(ValueError, match="ties must be 'fractional', 'jaccard' or 'index'"):
         M.topk_iou(a, b, fr, ties="random")
 
 

@@ -1,7 +1,10 @@
 """End to end: the pipeline on a tiny synthetic study, resume after interruption, and CLI errors."""
 
+import itertools
+
 import numpy as np
 import pytest
+import scipy.ndimage
 import torch
 
 from drift import config, source_weights
@@ -17,6 +20,7 @@ TINY = [
     "fisher.eps_grid=[0.05]", "fisher.alphas=[1.0]", "fisher.batch_size=2", "report.enabled=false",
     "train.finetune.per_arch.resnet18.epochs=2", "train.finetune.per_arch.resnet18.patience=2",
     "model.input_scale={resnet18 = 1.5}", "metrics.min_per_class=1", 'metrics.normalize=["minmax", "none"]',
+    'metrics.upsample=["bilinear-halfpixel", "zoom-corners", "none"]',
 ]
 
 
@@ -49,7 +53,7 @@ def test_archive_holds_every_step(full_run):
         assert r.maps(arch, "finetune", "gradcam++").shape[1:] == (grid, grid)
         assert attrs["lr"] == cfg.train.finetune.lr and attrs["batch_size"] == cfg.train.finetune.batch_size
     assert r.config == cfg
-    assert r.attrs["schema_version"] == 3 and r.attrs["git_commit"]
+    assert r.attrs["schema_version"] == 4 and r.attrs["git_commit"]
 
 
 def test_archived_logits_are_the_checkpoints_outputs(full_run):
@@ -92,8 +96,12 @@ def test_archived_iou_matches_brute_force_on_archived_maps(full_run):
                 return (m > t) + (m == t) * ((k - (m > t).sum()) / (m == t).sum())
 
             for i in np.flatnonzero(per["valid"]):
-                inter = float(weights(a[i]) @ weights(b[i]))
-                assert per["iou@20"][i] == pytest.approx(inter / (2 * k - inter), abs=1e-6)
+                if min((a[i] > 0).sum(), (b[i] > 0).sum()) < k:  # zeros never enter a top set: no IoU
+                    assert np.isnan(per["iou@20"][i])
+                    continue
+                wa, wb = weights(a[i]), weights(b[i])  # weighted Jaccard (metrics.ties = "jaccard")
+                want = np.minimum(wa, wb).sum() / np.maximum(wa, wb).sum()
+                assert per["iou@20"][i] == pytest.approx(want, abs=1e-6)
 
 
 def test_every_protocol_cell_is_archived_with_its_settings(full_run):
@@ -106,8 +114,8 @@ def test_every_protocol_cell_is_archived_with_its_settings(full_run):
 
     cfg, _, r = full_run
     acfg, mcfg = cfg.attribution, cfg.metrics
-    assert r.primary_cell() == Cell(acfg.layers[0], acfg.scores[0], mcfg.normalize[0])
-    assert len(r.cells()) == len(acfg.layers) * len(acfg.scores) * len(mcfg.normalize)
+    assert r.primary_cell() == Cell(acfg.layers[0], acfg.scores[0], mcfg.normalize[0], mcfg.upsample[0])
+    assert len(r.cells()) == len(acfg.layers) * len(acfg.scores) * len(mcfg.normalize) * len(mcfg.upsample)
     for arch in cfg.run.archs:
         assert set(r.layers(arch)) == set(acfg.layers)
         for layer in acfg.layers:
@@ -116,24 +124,31 @@ def test_every_protocol_cell_is_archived_with_its_settings(full_run):
             for score in acfg.scores:
                 agr = r.agreement(arch, layer, score)
                 assert set(agr) == {"transfer", "finetune"}
-                for norm in mcfg.normalize:
-                    cell = Cell(layer, score, norm)
+                for mode, norm in itertools.product(mcfg.upsample, mcfg.normalize):
+                    cell = Cell(layer, score, norm, mode)
                     assert set(r.methods(arch, cell)) == set(acfg.methods)
                     for method in acfg.methods:
                         a = torch.as_tensor(r.maps(arch, "transfer", method, layer, score)).double()
                         b = torch.as_tensor(r.maps(arch, "finetune", method, layer, score)).double()
-                        up = lambda m: F.interpolate(m[:, None], size=(64, 64), mode="bilinear",  # noqa: E731
-                                                     align_corners=False)[:, 0].numpy()
+                        size = 64 if mode != "none" else a.shape[1]
+                        if mode == "zoom-corners":  # tf-keras-vis's resize, by scipy
+                            up = lambda m: np.stack([scipy.ndimage.zoom(x, 64 / x.shape[0], order=1)  # noqa: E731
+                                                     for x in m.numpy()])
+                        elif mode == "bilinear-halfpixel":
+                            up = lambda m: F.interpolate(m[:, None], size=(64, 64), mode="bilinear",  # noqa: E731
+                                                         align_corners=False)[:, 0].numpy()
+                        else:
+                            up = lambda m: m.numpy()  # noqa: E731
                         a, b = up(a), up(b)
                         if norm == "minmax":
                             mm = lambda m: (m - m.min((1, 2), keepdims=True)) / np.ptp(m, (1, 2), keepdims=True)  # noqa
                             a, b = mm(a), mm(b)
                         per = r.drift(arch, method, cell)
-                        ys, xs = np.mgrid[0:64, 0:64]
+                        ys, xs = np.mgrid[0:size, 0:size]
                         for i in np.flatnonzero(per["valid"]):
                             ca = np.array([(a[i] * ys).sum(), (a[i] * xs).sum()]) / a[i].sum()
                             cb = np.array([(b[i] * ys).sum(), (b[i] * xs).sum()]) / b[i].sum()
-                            want = np.linalg.norm(ca - cb) / np.hypot(64, 64)
+                            want = np.linalg.norm(ca - cb) / np.hypot(size, size)
                             assert per["centroid_shift"][i] == pytest.approx(want, rel=1e-4, abs=1e-6)
     for cell in r.cells():
         assert set(r.ranking(cell)) == set(mcfg.ranking_metrics)
@@ -426,3 +441,30 @@ def test_pretrain_command_fills_the_cache_and_transfer_phase_keeps_the_source_ba
     attrs = ArchiveReader(pipe.path).read("models/resnet10t/transfer")
     assert attrs["weights"].startswith("synthetic-source: lesion-attributes task") and attrs["bn_frozen"]
     assert "held-out accuracy" in attrs["weights"]
+
+
+def test_saturation_counts_common_sample_and_their_summary_lines(full_run):
+    """Per checkpoint, the images whose float32 softmax probability of the explained class is 1 or 0 (recomputed
+    from the archived logits); per cell, the methods summarised on the images valid under all of them."""
+    from drift.summary import summary_text
+
+    cfg, pipe, r = full_run
+    for arch in cfg.run.archs:
+        g = r.read(f"attributions/{arch}")
+        for phase in ("transfer", "finetune"):
+            z = r.evaluation(arch, phase)["logits"].astype(np.float32)
+            e = np.exp(z - z.max(1, keepdims=True))
+            t = g["targets"][phase]
+            p = (e / e.sum(1, keepdims=True))[np.arange(len(t)), t]
+            np.testing.assert_array_equal(g["saturated"][phase], (p == 1) | (p == 0))
+            assert g[f"n_saturated_{phase}"] == int(((p == 1) | (p == 0)).sum())
+        for cell in r.cells():
+            per = {m: r.drift(arch, m, cell) for m in cfg.attribution.methods}
+            common = np.logical_and.reduce([ps["valid"].astype(bool) for ps in per.values()])
+            for m, ps in per.items():
+                np.testing.assert_array_equal(ps["in_common"], common)
+                use = ps["selected"].astype(bool) & common & np.isfinite(ps["pearson"])
+                assert int(np.sum(r.drift_summary(arch, m, cell)["pearson"]["n_per_class"])) == int(use.sum())
+    text = summary_text(pipe.path)
+    assert "float32 softmax probability of the explained class" in text
+    assert "methods compared on the" in text

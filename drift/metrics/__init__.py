@@ -28,6 +28,7 @@ from .concentration import (
     top_mass,
 )
 from .pairwise import (
+    CENTROID_NORMS,
     DEFAULT_FRACTIONS,
     DEGENERATE_NAMES,
     SSIM_SIGMA,
@@ -38,7 +39,10 @@ from .pairwise import (
     pearson,
     spearman,
     ssim,
+    threshold_iou,
+    threshold_key,
     topk_iou,
+    topk_short,
 )
 from .registry import (
     HEADLINE_KEYS,
@@ -55,6 +59,7 @@ from .registry import (
 )
 
 __all__ = [
+    "CENTROID_NORMS",
     "DEFAULT_FRACTIONS",
     "DEGENERATE_NAMES",
     "HEADLINE_KEYS",
@@ -84,6 +89,9 @@ __all__ = [
     "spearman",
     "ssim",
     "stability",
+    "threshold_iou",
+    "threshold_key",
     "top_mass",
     "topk_iou",
+    "topk_short",
 ]

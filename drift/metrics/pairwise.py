@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import torch
 from drift_kernels import topk_iou as _topk_iou_kernel
-from drift_kernels.reference import TopkTies, check_ties
+from drift_kernels.reference import TopkTies, check_ties, topk_count
 
 DEFAULT_FRACTIONS = (0.05, 0.1, 0.2, 0.3)
 
@@ -96,23 +96,33 @@ def _centroids(a: torch.Tensor) -> torch.Tensor:
     return _nan_where((mass > 0)[:, None], torch.stack([cy, cx], 1))
 
 
-def centroid_shift(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Distance between the mass-weighted centroids of a and b, over the image diagonal.
+CENTROID_NORMS = ("diagonal", "side", "pixels")
+"""What a centroid shift is measured in: the map's diagonal sqrt(H^2 + W^2), its longer side max(H, W), or pixels
+of the map's own grid (input pixels for maps upsampled to the input; layer cells at the layer's grid)."""
+
+
+def centroid_shift(a: torch.Tensor, b: torch.Tensor, norm: str = "diagonal") -> torch.Tensor:
+    """Distance between the mass-weighted centroids of a and b, over the image diagonal (or as ``norm`` says).
 
     c(m) = (sum_ij m_ij i, sum_ij m_ij j) / sum_ij m_ij with pixel indices (i, j);
-    shift = ||c(a) - c(b)||_2 / sqrt(H^2 + W^2), in [0, 1).
+    shift = ||c(a) - c(b)||_2 / L with L = sqrt(H^2 + W^2) (``"diagonal"``, in [0, 1)), max(H, W) (``"side"``) or
+    1 (``"pixels"``).
 
     Args:
         a, b: non-negative maps (B, H, W).
+        norm: one of :data:`CENTROID_NORMS`.
 
     Returns:
         (B,) float64; NaN where either map has no mass or is non-finite.
     """
     _check_pair(a, b)
+    if norm not in CENTROID_NORMS:
+        raise ValueError(f"centroid norm must be one of {CENTROID_NORMS}, got {norm!r}")
     _check_nonnegative(a, "a")
     _check_nonnegative(b, "b")
     d = torch.linalg.vector_norm(_centroids(a) - _centroids(b), dim=1)
-    return d / _diagonal(*a.shape[1:])
+    h, w = a.shape[1:]
+    return d / {"diagonal": _diagonal(h, w), "side": float(max(h, w)), "pixels": 1.0}[norm]
 
 
 def _peaks(a: torch.Tensor) -> torch.Tensor:
@@ -147,30 +157,38 @@ def topk_iou(
     a: torch.Tensor,
     b: torch.Tensor,
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
-    ties: TopkTies = "fractional",
+    ties: TopkTies = "jaccard",
+    positive: bool = True,
 ) -> torch.Tensor:
-    """IoU of the top-k pixel sets of a and b, for every fraction f: |S_a ∩ S_b| / |S_a ∪ S_b|.
+    """Overlap of the top-k pixel sets of a and b, for every fraction f.
 
     S_m holds k = ceil(f H W) pixels of m (at least 1), in order of value descending. With t the k-th largest
-    value of m, n_above = #{m > t} and n_tied = #{m == t}, ``ties`` decides the cut through the tied pixels:
+    value of m, n_above = #{m > t} and n_tied = #{m == t}, pixel i belongs to S_m with weight w_i = 1 if m_i > t,
+    (k - n_above) / n_tied if m_i == t, else 0 (its probability of selection under a uniformly random tie break;
+    sum w = k). ``ties`` decides how the overlap is read:
 
-    * ``"fractional"`` (default): pixel i belongs to S_m with weight w_i = 1 if m_i > t, (k - n_above) / n_tied
-      if m_i == t, else 0 (its probability of selection under a uniformly random tie break; sum w = k).
-      |S_a ∩ S_b| = sum_i w_a,i w_b,i, the expected intersection under independent random tie breaks of a and b,
-      and |S_a ∪ S_b| = 2k - |S_a ∩ S_b|. The IoU does not depend on pixel order: two maps that are both zero over
-      a region no longer agree on its low-index zeros (sparse, ReLU'd maps). Maps without a cut inside a tie
-      group give the same IoU as the index rule.
+    * ``"jaccard"`` (default): the weighted Jaccard index sum_i min(w_a,i, w_b,i) / sum_i max(w_a,i, w_b,i).
+      Equal to the set IoU |S_a ∩ S_b| / |S_a ∪ S_b| when no cut passes through a tie group, exactly 1 for
+      identical maps, independent of pixel order, and 1 - IoU is a metric.
+    * ``"fractional"``: inter = sum_i w_a,i w_b,i (the expected intersection under independent random tie breaks),
+      union = 2k - inter. Not reflexive: IoU(x, x) < 1 when x's cut passes through a tie group.
     * ``"index"``: ties broken by the lower flat (row-major) index first (exact set counts).
+
+    With ``positive`` (default), pixels <= 0 never enter a top set: a fraction whose k exceeds the number of
+    positive pixels of either map has no top set there and gives NaN (count such maps with
+    :func:`topk_short`). Otherwise every pixel can enter (a sparse map's cut then passes through its zeros).
 
     Computed by ``drift_kernels.topk_iou`` on float32 maps.
 
     Args:
         a, b: maps (B, H, W).
         fractions: T fractions in (0, 1].
-        ties: ``"fractional"`` or ``"index"``.
+        ties: ``"jaccard"``, ``"fractional"`` or ``"index"``.
+        positive: only positive pixels form top sets.
 
     Returns:
-        (B, T) float64; rows of pairs with a non-finite map are NaN (those maps never reach the kernel).
+        (B, T) float64; rows of pairs with a non-finite map are NaN (those maps never reach the kernel), and with
+        ``positive`` the fractions a map has too few positive pixels for.
     """
     _check_pair(a, b)
     fr = _check_fractions(fractions)
@@ -184,7 +202,55 @@ def topk_iou(
         fb = b[sel].to(torch.float32).contiguous()
         inter, union, _ = _topk_iou_kernel(fa, fb, fr, ties)
         out[sel] = inter.to(torch.float64) / union.to(torch.float64)
+    if positive:
+        out = torch.where(topk_short(a, fr) | topk_short(b, fr), torch.full_like(out, math.nan), out)
     return out
+
+
+def topk_short(a: torch.Tensor, fractions: Sequence[float] = DEFAULT_FRACTIONS) -> torch.Tensor:
+    """(B, T) bool: map a[i] has fewer positive pixels than k = ceil(f H W) of fraction f (its top-k set would
+    take pixels <= 0), the degenerate case of a top-k overlap with ``positive=True``."""
+    _check_maps(a, "a")
+    fr = _check_fractions(fractions)
+    n_pix = a.shape[1] * a.shape[2]
+    ks = torch.tensor([topk_count(n_pix, f) for f in fr], device=a.device)
+    return (a > 0).flatten(1).sum(1)[:, None] < ks[None, :]
+
+
+def threshold_iou(a: torch.Tensor, b: torch.Tensor, thresholds: Sequence[float]) -> torch.Tensor:
+    """IoU of the pixels at or above a threshold of the min-max normalised maps, for every threshold t:
+
+    B_t(m) = {i : (m_i - min m) / (max m - min m) >= t};  IoU = |B_t(a) ∩ B_t(b)| / |B_t(a) ∪ B_t(b)|.
+
+    The binarisation of a map by its own range (``metrics.binarize``), beside the top-k sets of
+    :func:`topk_iou` whose size is fixed. B_t holds at least the maximum for t <= 1.
+
+    Args:
+        a, b: maps (B, H, W).
+        thresholds: T values in (0, 1].
+
+    Returns:
+        (B, T) float64; NaN where a map is constant (max = min) or non-finite.
+    """
+    _check_pair(a, b)
+    th = _check_fractions(thresholds)
+    x, y = _minmax(a.to(torch.float64)).flatten(1), _minmax(b.to(torch.float64)).flatten(1)
+    t = torch.tensor(th, dtype=torch.float64, device=a.device)[None, :, None]
+    ba, bb = x[:, None, :] >= t, y[:, None, :] >= t
+    iou = (ba & bb).sum(2).to(torch.float64) / (ba | bb).sum(2).to(torch.float64)
+
+    def constant(m):
+        f = m.flatten(1)
+        return f.amax(1) == f.amin(1)
+
+    ok = _finite(a) & _finite(b) & ~constant(a) & ~constant(b)
+    return _nan_where(ok[:, None], iou)
+
+
+def threshold_key(t: float) -> str:
+    """Result key of a binarisation threshold: 0.5 -> "thr@50", 0.25 -> "thr@25", 0.125 -> "thr@12.5"."""
+    pct = round(t * 100, 6)
+    return f"thr@{int(pct):02d}" if pct == int(pct) else f"thr@{pct:g}"
 
 
 def _check_fractions(fractions: Sequence[float]) -> tuple[float, ...]:

@@ -22,6 +22,8 @@ from .pairwise import (
     pearson,
     spearman,
     ssim,
+    threshold_iou,
+    threshold_key,
     topk_iou,
 )
 
@@ -47,6 +49,10 @@ def pair_metrics(
     lesion_mask: torch.Tensor | None = None,
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
     marker_mask: torch.Tensor | None = None,
+    ties: str = "jaccard",
+    small: bool = False,
+    thresholds: Sequence[float] = (),
+    centroid_norm: str = "diagonal",
 ) -> dict[str, torch.Tensor]:
     """Every drift and localisation metric of a batch of (TL, FT) map pairs in one call.
 
@@ -67,6 +73,12 @@ def pair_metrics(
         lung_mask, lesion_mask: (B, H, W) or (H, W) boolean masks, or None.
         fractions: top-k IoU fractions.
         marker_mask: (B, H, W) or (H, W) boolean mask of a shortcut marker, or None.
+        ties: tie rule of the top-k overlap (:func:`~drift.metrics.pairwise.topk_iou`; only positive pixels form
+            top sets, so ``iou@XX`` is NaN where a map has fewer positive pixels than k).
+        small: accept maps below the SSIM window (metrics at a layer's own grid): ``ssim`` is NaN there.
+        thresholds: binarisation thresholds of :func:`~drift.metrics.pairwise.threshold_iou`: keys ``thr@XX``
+            (:func:`~drift.metrics.pairwise.threshold_key`); none by default.
+        centroid_norm: the length ``centroid_shift`` is measured in (:data:`~drift.metrics.pairwise.CENTROID_NORMS`).
 
     Returns:
         dict of (B,) tensors on the maps' device.
@@ -74,7 +86,8 @@ def pair_metrics(
     _check_pair(a, b)
     fr = _check_fractions(fractions)
     h, w = a.shape[1:]
-    if h < SSIM_WINDOW or w < SSIM_WINDOW:
+    too_small = h < SSIM_WINDOW or w < SSIM_WINDOW
+    if too_small and not small:
         raise ValueError(
             f"pair_metrics needs maps of at least {SSIM_WINDOW} x {SSIM_WINDOW} (SSIM window), got {h} x {w}: "
             "upsample the maps to the input size first"
@@ -97,11 +110,21 @@ def pair_metrics(
     vm = {k: m[sel] for k, m in masks.items()}
 
     got: dict[str, torch.Tensor] = {}
-    iou = topk_iou(va, vb, fr)  # every fraction in one kernel call
+    iou = topk_iou(va, vb, fr, ties)  # every fraction in one kernel call
     for spec in registry(fr):
         if spec.key.endswith(("_tl", "_ft", "_change")) or spec.key.startswith("pointing_"):
             continue
+        if spec.key == "centroid_shift":
+            got[spec.key] = centroid_shift(va, vb, centroid_norm)
+            continue
+        if spec.key == "ssim" and too_small:
+            got[spec.key] = torch.full((len(sel),), math.nan, dtype=torch.float64, device=a.device)
+            continue
         got[spec.key] = iou[:, fr.index(spec.fraction)] if spec.fraction is not None else spec.fn(va, vb)
+    if thresholds:
+        thr = threshold_iou(va, vb, thresholds)
+        for i, t in enumerate(thresholds):
+            got[threshold_key(t)] = thr[:, i]
     for q, fn, mask in _MAP_QUANTITIES:
         if mask is not None and mask not in vm:
             continue

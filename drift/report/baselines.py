@@ -23,7 +23,7 @@ def systematic_rows(reader: ArchiveReader, cells: list[Cell] | None = None) -> t
     ``cells``: default every layer at the primary score and normalisation."""
     primary = reader.primary_cell()
     if cells is None:
-        cells = [c for c in reader.cells() if (c.score, c.norm) == (primary.score, primary.norm)]
+        cells = [c for c in reader.cells() if c[1:] == primary[1:]]
     header = ["architecture", "phase", "layer", "method", "instability", "models", "drift", "seed noise",
               "systematic S [95%]", "noise share", "p (Holm)"]
     rows = []

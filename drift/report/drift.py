@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..summary import fmt
+from ..maps import UPSAMPLE_WORDS
+from ..summary import SATURATION_CAPTION, fmt, sample_notes, saturation_counts
 from .document import (
     DEGENERATE_CODES,
     PHASES,
@@ -47,7 +48,8 @@ def _drift(run: Run) -> tuple[Section, Section, dict]:
                 deg_rows.append([arch, method, phase, *map(str, counts), str(int((c != 0).sum())), str(c.size)])
     s.blocks.append(Text(f"Per-sample metrics compare the transfer (TL) map with the fine-tuned (FT) map of the "
                          f"same image and target class at CAM layer '{run.cell.layer}' (score: {run.cell.score}), "
-                         f"upsampled bilinearly to the input size and normalised '{run.cell.norm}' (the primary cell"
+                         f"{UPSAMPLE_WORDS.get(run.cell.upsample, run.cell.upsample)} and normalised "
+                         f"'{run.cell.norm}' (the primary cell"
                          " of the protocol grid; the other cells are in the ranking section). Values are macro means "
                          "over classes of per-class means, with seeded within-class bootstrap 95% intervals; classes "
                          "with fewer images than metrics.min_per_class are left out of the mean. "
@@ -100,6 +102,16 @@ def _drift(run: Run) -> tuple[Section, Section, dict]:
                                  "of N"], deg_rows))
     else:
         deg.blocks.append(Text("The drift groups hold no degenerate-map codes.", "note"))
+    notes = sample_notes(run.reader, run.cell)
+    if notes:
+        deg.blocks.append(Text("Images behind the primary cell's drift table (methods compared on one sample unless "
+                               "metrics.method_sample = per-method; a summary without images says why): "
+                               + " ".join(n.strip() + ("" if n.strip().endswith(".") else ".") for n in notes)))
+    sat = saturation_counts(run.reader)
+    if sat:
+        deg.blocks.append(Text(SATURATION_CAPTION + ": " + "; ".join(
+            f"{arch} " + ", ".join(f"{phase} {k} of {n}" for phase, (k, n) in by_phase.items())
+            for arch, by_phase in sat.items()) + "."))
     return s, deg, per_sample
 
 

@@ -37,7 +37,7 @@ def _ranking(run: Run) -> Section:
         f"{P_TOP_LABEL} is its frequency under a paired bootstrap that resamples the images once per replicate for "
         "every method and architecture: it describes these trained weights, not the chance that a reversal is real "
         f"(the verdict below is the test). Primary cell: layer '{run.cell.layer}', score '{run.cell.score}', maps "
-        f"'{run.cell.norm}'."))
+        f"'{run.cell.norm}', resampling '{run.cell.upsample}'."))
     rows, pair_rows = [], []
     for metric, rr in rank.items():
         if "unranked" in rr:

@@ -122,6 +122,9 @@ class Aggregate:
         class_used: (n_classes,) bool, True for the classes in the macro mean: those with at least
             ``min_per_class`` finite values. The others are left out of the mean and of every replicate.
         min_per_class: the minimum number of finite values for a class to be used.
+        micro, micro_lo, micro_hi: the micro mean, the mean over every finite value of the classes used (each image
+            weighs alike, so large classes weigh more), with the percentile interval of an image bootstrap of the
+            same values (resampled with replacement, not within class).
     """
 
     mean: float
@@ -135,6 +138,9 @@ class Aggregate:
     seed: int
     class_used: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
     min_per_class: int = 1
+    micro: float = math.nan
+    micro_lo: float = math.nan
+    micro_hi: float = math.nan
 
     def as_dict(self) -> dict:
         """Plain Python values (lists for the per-class arrays), e.g. for JSON or archive attributes."""
@@ -189,7 +195,8 @@ def aggregate(
     ci: float = 0.95,
     min_per_class: int = 1,
 ) -> Aggregate:
-    """Per-sample values -> per-class means -> macro mean over the classes used, with a bootstrap interval.
+    """Per-sample values -> per-class means -> macro mean over the classes used, with a bootstrap interval; and the
+    micro mean of the same values beside it (``Aggregate.micro``, with an image bootstrap interval).
 
     mean = (1 / |U|) sum_{c in U} mean_{i: y_i = c} v_i over the classes U with at least ``min_per_class`` finite
     values (a class mean from a handful of images would weigh as much as one from hundreds). The interval is the
@@ -220,10 +227,14 @@ def aggregate(
     used = counts >= min_per_class
     per_class = np.array([g.mean() if g.size else math.nan for g in groups])
     mean = float(np.mean(per_class[used])) if used.any() else math.nan
-    lo = hi = math.nan
+    lo = hi = micro_lo = micro_hi = math.nan
+    pooled = np.concatenate([g for g, u in zip(groups, used) if u]) if used.any() else np.zeros(0)
+    micro = float(pooled.mean()) if pooled.size else math.nan
     if n_boot and used.any():
-        boot = _boot_macro([g for g, u in zip(groups, used) if u], n_boot, np.random.default_rng(seed))
+        rng = np.random.default_rng(seed)
+        boot = _boot_macro([g for g, u in zip(groups, used) if u], n_boot, rng)
         lo, hi = percentile_interval(boot, ci)
+        micro_lo, micro_hi = percentile_interval(_boot_macro([pooled], n_boot, rng), ci)
     return Aggregate(mean, lo, hi, per_class, counts, n_excluded, float(ci), int(n_boot), int(seed), used,
-                     int(min_per_class))
+                     int(min_per_class), micro, micro_lo, micro_hi)
 

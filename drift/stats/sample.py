@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 ArrayLike = Union[np.ndarray, "torch.Tensor", Sequence[float]]
 """One-dimensional per-sample data: a numpy array, a torch tensor (any device) or a list."""
 
-SELECTION_RULES = ("tp_both", "all", "tp_either", "tp_all")
+SELECTION_RULES = ("tp_both", "all", "tp_either", "tp_all", "tp_ft")
 
 
 def _as_array(x, name: str, kind: str) -> np.ndarray:
@@ -44,8 +44,10 @@ def select_samples(labels: ArrayLike, pred_tl: ArrayLike, pred_ft: ArrayLike, ru
     """Which samples of one architecture enter the drift statistics.
 
     Rules: ``"tp_both"`` label = pred_TL and label = pred_FT; ``"tp_either"`` label = pred_TL or label = pred_FT;
-    ``"all"`` every sample. ``"tp_all"`` (one sample common to every architecture) depends on the predictions of
-    every architecture, which this function does not see: it is computed by :func:`common_sample`.
+    ``"tp_ft"`` label = pred_FT, whatever the transfer checkpoint predicts (a study that selects its images on the
+    final, fine-tuned model); ``"all"`` every sample. ``"tp_all"`` (one sample common to every architecture)
+    depends on the predictions of every architecture, which this function does not see: it is computed by
+    :func:`common_sample`.
 
     Args:
         labels: true classes (N,).
@@ -71,6 +73,8 @@ def select_samples(labels: ArrayLike, pred_tl: ArrayLike, pred_ft: ArrayLike, ru
         return (y == p1) & (y == p2)
     if rule == "tp_either":
         return (y == p1) | (y == p2)
+    if rule == "tp_ft":
+        return y == p2
     if rule == "all":
         return np.ones(y.shape, dtype=bool)
     raise ValueError(f"rule must be one of {SELECTION_RULES}, got {rule!r}")

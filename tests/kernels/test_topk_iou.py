@@ -201,7 +201,7 @@ def test_tie_rule_and_out_dtypes_are_checked(rng):
         lambda: drift_kernels.topk_iou(a, a, (0.5,), ties="lower"),
         lambda: topk_iou_reference(a, a, (0.5,), ties=None),
     ):
-        with pytest.raises(ValueError, match="ties must be 'fractional' or 'index'"):
+        with pytest.raises(ValueError, match="ties must be 'fractional', 'jaccard' or 'index'"):
             call()
     index_out = (torch.zeros(2, 1, dtype=torch.int64), torch.zeros(2, 1, dtype=torch.int64), torch.zeros(2, 1))
     with pytest.raises(ValueError, match=r"out \(inter\) must be a contiguous torch.float64 .* ties='fractional'"):
@@ -292,7 +292,7 @@ def test_property_any_shape_and_ties(N, H, W, levels, fractions, block, ties, se
 
 
 @gpu
-@pytest.mark.parametrize("ties", ["fractional", "index"])
+@pytest.mark.parametrize("ties", ["fractional", "jaccard", "index"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_gpu_counts_equal_reference(dtype, ties, rng, poison):
     N, H, W = 257, 61, 67
