@@ -31,9 +31,10 @@ import torch
 
 from . import attributions_step, randomisation, stats, verdicts
 from .archive import ArchiveReader, Cell
-from .attribution import normalize, upsample
+from .attribution import normalize
 from .drift_step import masks, pair_tree, sample_mask
 from .h5tree import write_tree
+from .maps import to_grid, upsample
 from .metrics import DEFAULT_FRACTIONS, stability
 from .rundir import log
 from .stats.systematic import euclidean_instability, euclidean_label, systematic_form
@@ -106,12 +107,12 @@ def _replica_node(pipe, reader, arch: str, phase: str, cell: Cell, method: str, 
     per = {"run": reader.drift(arch, method, cell)}
     for name in names[1:]:
         a, b = (fixed, models[name]) if phase == "finetune" else (models[name], fixed)
-        node[f"fixed_vs_{name}"] = _pair(pipe, a, b, cell.norm, size, selected)
+        node[f"fixed_vs_{name}"] = _pair(pipe, a, b, cell, size, selected)
         per[name] = node[f"fixed_vs_{name}"]["per_sample"]
     between = {}
     for i, x in enumerate(names):
         for y in names[i + 1:]:
-            node[f"{x}_vs_{y}"] = _pair(pipe, models[x], models[y], cell.norm, size, selected)
+            node[f"{x}_vs_{y}"] = _pair(pipe, models[x], models[y], cell, size, selected)
             between[x, y] = node[f"{x}_vs_{y}"]["per_sample"]
     est = [n for n in names if n != f"seed{pipe.cfg.run.seed}"]
     use = selected[:len(per["run"]["valid"])]
@@ -149,11 +150,13 @@ def _seed_tree(pipe, arch: str, seeds: list[int], reader, size, selected: np.nda
                 models = {"run": reader.maps(arch, phase, method, layer, score),
                           **{f"seed{s}": reps[s][layer, score][method] for s in seeds}}
                 fixed = reader.maps(arch, fixed_phase, method, layer, score)
-                for norm in pipe.cfg.metrics.normalize:
-                    node = (tree.setdefault(phase, {}).setdefault(layer, {}).setdefault(score, {})
-                            .setdefault(norm, {}))
-                    node[method] = _replica_node(pipe, reader, arch, phase, Cell(layer, score, norm), method,
-                                                 models, fixed, size, selected)
+                for mode in pipe.cfg.metrics.upsample:
+                    for norm in pipe.cfg.metrics.normalize:
+                        cell = Cell(layer, score, norm, mode)
+                        node = (tree.setdefault(phase, {}).setdefault(layer, {}).setdefault(score, {})
+                                .setdefault(cell.leaf, {}))
+                        node[method] = _replica_node(pipe, reader, arch, phase, cell, method, models, fixed, size,
+                                                     selected)
     return tree
 
 
@@ -183,12 +186,17 @@ def run_step(pipe) -> None:
         _chains_step(pipe, chains)
 
 
-def _pair(pipe, a: np.ndarray, b: np.ndarray, norm: str, size, selected: np.ndarray) -> dict:
-    """Per-image pair metrics and summaries of maps ``a`` vs ``b`` (as the drift step scores TL vs FT)."""
+def _pair(pipe, a: np.ndarray, b: np.ndarray, cell: Cell, size, selected: np.ndarray) -> dict:
+    """Per-image pair metrics and summaries of raw maps ``a`` vs ``b`` in ``cell`` (its resampling and
+    normalisation; as the drift step scores TL vs FT)."""
     n = len(a)
-    lung, lesion, marker = masks(pipe, n)
-    ua = normalize(upsample(torch.as_tensor(a), size), norm)
-    ub = normalize(upsample(torch.as_tensor(b), size), norm)
+    ta, tb = torch.as_tensor(a), torch.as_tensor(b)
+    found = masks(pipe, n)
+    # Metrics at the layer's own grid (upsample = "none"): each mask cell weighs its fraction of mask pixels.
+    lung, lesion, marker = (tuple(to_grid(mk, tuple(ta.shape[-2:])) for mk in found) if cell.upsample == "none"
+                            else found)
+    ua = normalize(upsample(ta, size, cell.upsample), cell.norm)
+    ub = normalize(upsample(tb, size, cell.upsample), cell.norm)
     return pair_tree(pipe, ua, ub, lung, lesion, marker, selected[:n], n=n)
 
 
@@ -318,7 +326,7 @@ def _chains_step(pipe, chains: list[int]) -> None:
                 for j in range(r):
                     todo = [("tf", tl[i], ft[j])] + ([("tt", tl[i], tl[j]), ("ff", ft[i], ft[j])] if i < j else [])
                     for key, x, y in todo:
-                        per = _pair(pipe, x, y, cell.norm, size, everyone)["per_sample"]
+                        per = _pair(pipe, x, y, cell, size, everyone)["per_sample"]
                         for metric in mcfg.ranking_metrics:
                             v = _masked(per, metric, ranked)
                             raw[metric][key][i, j] = v
