@@ -120,7 +120,7 @@ def write_maps_view(f: h5py.File, arch: str) -> None:
     """Write ``xarray/<arch>/maps/<layer>`` (module docstring) from ``attributions/<arch>`` of the open archive."""
     src = f[f"attributions/{arch}"]
     ids = _text(f["data/test/ids"][()]) if "data/test/ids" in f else None
-    for layer in [k for k in _keys(src) if k != "targets"]:
+    for layer in [k for k in _keys(src) if k not in ("targets", "saturated")]:
         scores = _keys(src[layer])
         phases = [p for p in ("transfer", "finetune") if p in src[layer][scores[0]]]
         methods = list(src[layer][scores[0]][phases[0]])
