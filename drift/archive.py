@@ -1,6 +1,6 @@
 """The run archive: one HDF5 file per run, written in commits so that a crash never corrupts it.
 
-Schema (version 3) -- the one place it is documented. ``<arch>`` is a registry name, ``<phase>`` a training phase,
+Schema (version 4) -- the one place it is documented. ``<arch>`` is a registry name, ``<phase>`` a training phase,
 ``transfer`` or ``finetune``, ``<method>`` an attribution method (``gradcam++``, ``gradcam++_tfkv``, ``layercam``,
 ...), ``<layer>`` a CAM layer preset (``block``, ``last-conv``, ``stride16``) or dotted module name, ``<score>`` the
 differentiated score (``logit``, ``softmax``), ``<norm>`` the map normalisation before the metrics (``minmax``,
@@ -11,12 +11,17 @@ Root attributes
     schema_version      int, :data:`SCHEMA_VERSION`
     config              the run config as TOML text (of the newest commit, when a resume changed analysis settings)
     science_hash        hash of the settings the checkpoints depend on (resume refuses another hash)
+    digest              sha256 over every other root attribute (drift.integrity.root_digest), rewritten by each
+                        commit; checked by every reader and by a resume
     seed, data_seed, git_commit, device, created, versions (JSON: python, torch, timm, h5py, numpy, drift)
     commits             JSON list of the archive's commits, in order, one per unit of work a pipeline step
                         finished ("data", "models/<arch>/<phase>", "attributions/<arch>", "stats", ...), each
                         {"name", "seconds", "finished", "fingerprint", "inputs"}: the fingerprint hashes what the
                         work depends on (its step's settings, the data, and from training on the thread count,
-                        device, precision, torch and timm versions: "inputs"); a stale one is recomputed
+                        device, precision, torch and timm versions, drift's version and commit: "inputs"); a
+                        stale one is recomputed. "digest": {group path: sha256} of the groups the commit wrote
+                        (drift.integrity.group_digest), checked when they are read; "versions": the package
+                        versions (and drift's git commit) that computed it
 data/                   class_names (attr, JSON), test/ids, test/labels, test/lung_masks, test/lesion_masks
                         (bool, synthetic only), test/marker_masks (bool, confounder on),
                         skipped/files, skipped/reasons (inputs skipped under skip_bad)
@@ -77,6 +82,14 @@ baselines/ranking/<phase>/<layer>/<score>/<norm>/<metric>/
                         phases, n_ranked, ranking_sample_set
 bench/                  benchmark records (see ``drift bench export``)
 
+Integrity (:mod:`drift.integrity`): numeric datasets written by :func:`drift.h5tree.write_tree` carry HDF5's
+Fletcher32 checksum; each commit's groups and the root attributes carry sha256 digests. :class:`ArchiveReader` checks
+the root digest on opening and a commit's digest the first time it reads below one of its groups; a mismatch is one
+:class:`ArchiveError` naming the entry and the commit. A resume recomputes a damaged commit
+(:meth:`Archive.damaged`). Archives of schema 3 have no digests: they are read unverified (the reader's
+:attr:`ArchiveReader.integrity_note` says so) and upgraded to version 4 (digests of their current contents) when a
+run resumes one.
+
 Atomicity: each commit is one transaction (:meth:`Archive.commit`). The writer copies the archive to
 ``<name>.tmp``, writes the commit there, flushes and fsyncs it, and renames it over the archive (an atomic replace on
 POSIX). Whatever kills the process, the file at the archive's path is the previous complete version or the new one.
@@ -84,6 +97,7 @@ POSIX). Whatever kills the process, the file at the archive's path is the previo
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -97,10 +111,14 @@ import h5py
 import numpy as np
 
 from .h5tree import read_tree
+from .integrity import ROOT_DIGEST, Damaged, check_commit, check_root, commit_digests, root_digest
+from .safefile import exclusive_tmp, is_disk_full, tmp_path, write_error
 
-SCHEMA_VERSION = 3
-"""Version 3 renamed two attributes (root ``stages`` -> ``commits``, ``stages`` -> ``phases`` on the ``baselines``
-groups); version-2 archives are read as they are and upgraded in place, atomically, when a run resumes one."""
+SCHEMA_VERSION = 4
+"""Version 4 added checksums (root ``digest``, a ``digest`` per commit, Fletcher32 on numeric datasets); version 3
+renamed two attributes (root ``stages`` -> ``commits``, ``stages`` -> ``phases`` on the ``baselines`` groups).
+Version-2 and -3 archives are read as they are (unverified) and upgraded in place, atomically, when a run resumes
+one."""
 _RENAMED_V2 = {"stages": "commits"}
 _RENAMED_V2_BASELINES = {"stages": "phases"}
 
@@ -147,6 +165,12 @@ def _open_checked(path: Path, mode: str = "r") -> h5py.File:
     if int(version) > SCHEMA_VERSION:
         f.close()
         raise ArchiveError(f"{path} has schema version {int(version)}; this drift reads up to {SCHEMA_VERSION}")
+    try:
+        check_root(f, str(path))
+    except Damaged as exc:
+        f.close()
+        raise ArchiveError(f"{exc.entry} damaged: {exc.why}; the archive cannot be trusted (restore a copy, "
+                           "or start over with --fresh)") from None
     return f
 
 
@@ -176,9 +200,11 @@ class Archive:
                  provenance: Mapping[str, Any] | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = self.path.with_name(self.path.name + ".tmp")
+        self._tmp = tmp_path(self.path)
         self._config_text = ""
-        if self._tmp.exists():  # a commit that died mid-write; the archive itself is intact
+        self._provenance = {k: v if isinstance(v, (str, int, float, bool)) else json.dumps(v)
+                            for k, v in (provenance or {}).items()}
+        if os.path.lexists(self._tmp):  # a commit that died mid-write (the archive is intact), or a planted link
             self._tmp.unlink()
         if self.path.exists():
             with _open_checked(self.path) as f:
@@ -186,6 +212,8 @@ class Archive:
                 version = int(f.attrs["schema_version"])
             if version == 2:
                 self._upgrade_v2()
+            if version in (2, 3):
+                self._upgrade_v3()
             elif version != SCHEMA_VERSION:
                 raise ArchiveError(f"{self.path} has schema version {version}; this drift resumes version "
                                    f"{SCHEMA_VERSION} only: use another --out folder, or --fresh to start over")
@@ -196,15 +224,13 @@ class Archive:
                 )
             self._config_text = config_text
             return
-        with h5py.File(self._tmp, "w") as f:
+        with self._transaction(new=True) as f:
             f.attrs["schema_version"] = SCHEMA_VERSION
             f.attrs["config"] = config_text
             f.attrs["science_hash"] = science_hash
             f.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
             f.attrs["commits"] = "[]"
-            for k, v in (provenance or {}).items():
-                f.attrs[k] = v if isinstance(v, (str, int, float, bool)) else json.dumps(v)
-        self._commit()
+            f.attrs.update(self._provenance)
 
     def _commit(self) -> None:
         with open(self._tmp, "rb") as fh:
@@ -217,18 +243,38 @@ class Archive:
             os.close(dir_fd)
 
     @contextmanager
-    def _transaction(self) -> Iterator[h5py.File]:
-        """Yield a copy of the archive open for writing; on success it replaces the archive atomically, on any
-        exception it is deleted and the archive stays as it was."""
-        shutil.copyfile(self.path, self._tmp)
+    def _transaction(self, new: bool = False) -> Iterator[h5py.File]:
+        """Yield a copy of the archive (an empty file when ``new``) open for writing; on success it replaces the
+        archive atomically, on any exception it is deleted and the archive stays as it was.
+
+        The copy is created exclusively, never through a link (:func:`drift.safefile.exclusive_tmp`). A write
+        that fails for want of space (in the copy, in HDF5's writes or its final flush) is one
+        :class:`OutputError` naming the archive and "no space left on device"; HDF5's file is closed before the
+        copy is removed, so no half-written state is ever touched again.
+        """
+        _, fd = exclusive_tmp(self.path)
         try:
-            with h5py.File(self._tmp, "a") as f:
-                yield f
-                f.flush()
+            # HDF5 writes the commit into memory (h5py's file-object driver over a BytesIO) and Python writes the
+            # result to the exclusive .tmp: a full disk is then a Python OSError on a plain write, never a failure
+            # inside HDF5's own driver (which, on a full disk, ends in a segmentation fault when h5py frees the
+            # file's objects). The cost is one copy of the archive in memory while a commit is written.
+            with os.fdopen(fd, "wb") as fh:
+                buf = io.BytesIO(b"" if new else self.path.read_bytes())
+                with h5py.File(buf, "w" if new else "r+") as f:
+                    yield f
+                    f.attrs[ROOT_DIGEST] = root_digest(f)  # last: it covers every other root attribute
+                    f.flush()
+                fh.write(buf.getbuffer())
+                fh.flush()
+            self._commit()
+        except (OSError, RuntimeError, ValueError, KeyError) as exc:
+            self._tmp.unlink(missing_ok=True)
+            if is_disk_full(exc):
+                raise write_error(self.path, exc, "archive") from None
+            raise
         except BaseException:
             self._tmp.unlink(missing_ok=True)
             raise
-        self._commit()
 
     def _upgrade_v2(self) -> None:
         """Rename a version-2 archive's attributes to version 3's, in one transaction."""
@@ -236,7 +282,30 @@ class Archive:
             _rename_attrs(f, _RENAMED_V2)
             if "baselines" in f:
                 f["baselines"].visititems(lambda _, g: _rename_attrs(g, _RENAMED_V2_BASELINES))
+            f.attrs["schema_version"] = 3
+
+    def _upgrade_v3(self) -> None:
+        """Give a version-3 archive (no checksums) the digests of its current contents, in one transaction; its
+        contents before this point cannot be verified."""
+        with self._transaction() as f:
+            commits = commit_records(f.attrs)
+            for entry in commits:
+                entry["digest"] = commit_digests(f, (entry["name"],))
+            f.attrs["commits"] = json.dumps(commits)
             f.attrs["schema_version"] = SCHEMA_VERSION
+
+    def damaged(self, name: str) -> str | None:
+        """Why commit ``name``'s stored groups cannot be trusted (a checksum mismatch, an unreadable entry), or
+        None when they check out (or carry no digest)."""
+        entry = self.entry(name)
+        if entry is None:
+            return None
+        try:
+            with _open_checked(self.path) as f:
+                check_commit(f, entry)
+        except Damaged as exc:
+            return str(exc)
+        return None
 
     def commits(self) -> list[str]:
         """Names of the commits, in order."""
@@ -287,11 +356,18 @@ class Archive:
                 entry["fingerprint"] = fingerprint
             if inputs:
                 entry["inputs"] = dict(inputs)
+            versions = getattr(self, "_provenance", {}).get("versions")
+            if versions:
+                entry["versions"] = json.loads(versions)
+            entry["digest"] = commit_digests(f, (*replace, name))
             commits.append(entry)
             f.attrs["commits"] = json.dumps(commits)
             if self._config_text:
                 # A resume under changed analysis settings: the root config is the one of the newest commit.
                 f.attrs["config"] = self._config_text
+            # The root provenance (versions, git commit, device) says what computed the newest commit; each
+            # commit's own record keeps the versions that computed it.
+            f.attrs.update(getattr(self, "_provenance", {}))
 
 
 class ArchiveReader:
@@ -304,6 +380,41 @@ class ArchiveReader:
         self.path = Path(path)
         with _open_checked(self.path) as f:
             self.attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+        self._verified: set[str] = set()
+
+    @property
+    def integrity_note(self) -> str:
+        """Empty for an archive whose checksums are verified on reading; else a sentence saying its contents are
+        not (schema 3 or older, written before checksums)."""
+        version = int(self.attrs.get("schema_version", 0))
+        if version >= 4:
+            return ""
+        return (f"{self.path} has schema version {version}, written before archives carried checksums: its "
+                "contents are read unverified (a resumed run upgrades it)")
+
+    def _verify(self, f: h5py.File, path: str) -> None:
+        """Check the digest of every commit whose groups overlap ``path`` (each once per reader)."""
+        p = path.strip("/")
+        for entry in self.commits:
+            name = entry["name"]
+            if name in self._verified:
+                continue
+            groups = list((entry.get("digest") or {}).keys())
+            if not any(not p or p == g or p.startswith(g + "/") or g.startswith(p + "/") for g in groups):
+                continue
+            try:
+                check_commit(f, entry)
+            except Damaged as exc:
+                raise ArchiveError(f"{self.path}: {exc.entry} (commit {name!r}) is damaged: {exc.why}; "
+                                   "re-run the run to recompute it, or restore a copy of the archive") from None
+            self._verified.add(name)
+
+    def _owner(self, path: str) -> str:
+        p = path.strip("/")
+        for entry in reversed(self.commits):
+            if any(p == g or p.startswith(g + "/") for g in (entry.get("digest") or {entry["name"]: ""})):
+                return entry["name"]
+        return "none"
 
     # ---- provenance
     @property
@@ -331,7 +442,12 @@ class ArchiveReader:
             if path not in f:
                 raise KeyError(f"{self.path}: no {path!r} in the archive (committed: "
                                f"{[s['name'] for s in self.commits]})")
-            return read_tree(f[path])
+            self._verify(f, path)
+            try:
+                return read_tree(f[path])
+            except (OSError, RuntimeError, ValueError) as exc:  # damage HDF5 itself notices (Fletcher32, headers)
+                why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise ArchiveError(f"{self.path}: {path} (commit {self._owner(path)!r}) is damaged: {why}") from None
 
     def keys(self, path: str = "/") -> list[str]:
         with _open_checked(self.path) as f:

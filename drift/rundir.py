@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from . import __version__, distributed
-from .archive import ArchiveReader, OutputError
+from .archive import ArchiveError, ArchiveReader, OutputError
 from .config import Config
 
 
@@ -30,6 +30,66 @@ def git_commit() -> str:
         return "unknown"
 
 
+def drift_version() -> str:
+    """drift's version, with the git commit when drift runs from a checkout (``0.3.0+<commit>``): part of every
+    step's fingerprint, so results computed by other code are recomputed on resume."""
+    commit = git_commit()
+    return __version__ if commit == "unknown" else f"{__version__}+{commit[:12]}"
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def setting_changes(old: Config, new: Config, sections: tuple[str, ...]) -> list[str]:
+    """The settings of ``sections`` that differ between two configs, as ``key: old -> new`` (only those the
+    fingerprints hash, :meth:`drift.config.Config.hashed_settings`)."""
+    a, b = _flat(old.hashed_settings(*sections)), _flat(new.hashed_settings(*sections))
+    return [f"{k}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}" for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k)]
+
+
+def stored_config(path: Path) -> Config | None:
+    """The config recorded in the archive at ``path`` (None when there is none this drift can read)."""
+    try:
+        return ArchiveReader(path).config
+    except Exception:  # unreadable or foreign: Archive() reports it
+        return None
+
+
+def science_hash_to_resume(path: Path, cfg: Config) -> str:
+    """The science hash a run resumes ``path`` with: its own, or the archive's when the two differ but no
+    setting the checkpoints depend on does (a hash of an earlier drift that still hashed paths, the device
+    name). When settings do differ: one line naming each, old and new value.
+
+    Raises:
+        drift.archive.ArchiveError: the archive's checkpoints were trained under other settings.
+    """
+    from .config import STEP_SECTIONS
+
+    new = cfg.science_hash()
+    try:
+        old = str(ArchiveReader(path).attrs.get("science_hash", ""))
+    except Exception:
+        return new
+    if not old or old == new:
+        return new
+    old_cfg = stored_config(path)
+    if old_cfg is None:
+        return new  # Archive() refuses it naming the hashes
+    changes = setting_changes(old_cfg, cfg, STEP_SECTIONS["train"])
+    if not changes:
+        return old
+    raise ArchiveError(f"{path} was written with other settings the checkpoints depend on ({'; '.join(changes)}); "
+                       "use another --out folder, or --fresh to start over")
+
+
 def provenance(cfg: Config, device: torch.device) -> dict:
     import h5py
     import timm
@@ -39,6 +99,7 @@ def provenance(cfg: Config, device: torch.device) -> dict:
         "seed": cfg.run.seed,
         "data_seed": cfg.data_seed,
         "git_commit": git_commit(),
+        "drift": drift_version(),
         "device": f"{device} ({dev_name})",
         "versions": {"python": sys.version.split()[0], "torch": torch.__version__, "timm": timm.__version__,
                      "h5py": h5py.__version__, "numpy": np.__version__, "drift": __version__},

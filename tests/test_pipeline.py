@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from drift import config, source_weights
-from drift.archive import ArchiveReader
+from drift.archive import SCHEMA_VERSION, ArchiveReader
 from drift.cli import main
 from drift.pipeline import Pipeline
 
@@ -49,7 +49,7 @@ def test_archive_holds_every_step(full_run):
         assert r.maps(arch, "finetune", "gradcam++").shape[1:] == (grid, grid)
         assert attrs["lr"] == cfg.train.finetune.lr and attrs["batch_size"] == cfg.train.finetune.batch_size
     assert r.config == cfg
-    assert r.attrs["schema_version"] == 3 and r.attrs["git_commit"]
+    assert r.attrs["schema_version"] == SCHEMA_VERSION and r.attrs["git_commit"]
 
 
 def test_archived_logits_are_the_checkpoints_outputs(full_run):
