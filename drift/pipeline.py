@@ -223,6 +223,10 @@ class Pipeline:
         t0 = time.perf_counter()
         if "data" in steps:
             self.step_data()
+        if "train" in steps and self.cfg.data.source != "synthetic":
+            from .validate import check_batches
+
+            check_batches(self.cfg, len(self.splits.train))  # the batch sizes against the data, before training
         # Data (drawn or read on first use) and both training phases of every backbone, the later steps excluded.
         self.timings["data+training"] = time.perf_counter() - t0
         for arch in self.cfg.run.archs:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+
 from drift_kernels import topk_count
 
 from .pairwise import (
