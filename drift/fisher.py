@@ -46,11 +46,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
-from torch import nn
-
 import drift_kernels
+import torch
 from drift_kernels.reference import fisher_gram_reference, fisher_project_reference
+from torch import nn
 
 from .jacobian import JACOBIAN_ROUTES, _check_logits, _check_model_and_input, input_jacobian  # noqa: F401
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import torch
-
 from drift_kernels import topk_count
 
 from .pairwise import (

@@ -7,7 +7,6 @@ import math
 from collections.abc import Sequence
 
 import torch
-
 from drift_kernels import topk_iou as _topk_iou_kernel
 from drift_kernels.reference import TopkTies, check_ties
 
