@@ -100,3 +100,39 @@ def test_a_schema_3_archive_reads_unverified_and_is_upgraded_on_resume(tmp_path,
     with h5py.File(path) as f:
         assert [c["digest"] for c in r.commits] == [{c["name"]: group_digest(f[c["name"]])} for c in r.commits]
     np.testing.assert_array_equal(r.read("models/r/transfer/test/logits"), logits)
+
+
+SYNTHETIC = [
+    'run.archs=["resnet10t"]', "run.progress=false", "data.image_size=64", "data.n_train=12", "data.n_val=6",
+    "data.n_test=6", "model.weights=none", "train.transfer.epochs=1", "train.finetune.epochs=1",
+    "train.transfer.batch_size=6", "train.finetune.batch_size=6", "fisher.enabled=false", "report.enabled=false",
+]
+
+
+def test_summary_report_compare_stop_on_a_damaged_value_and_a_resume_recomputes_it(tmp_path, capsys, rng):
+    import contextlib
+    import io
+
+    from drift import config
+    from drift.cli import main
+    from drift.pipeline import Pipeline
+
+    cfg = config.load(None, [*SYNTHETIC, f'run.out="{tmp_path}"'])
+    path = Pipeline(cfg).run(("data", "train"))
+    name = "models/resnet10t/transfer"
+    stored = open_archive(path).read(f"{name}/test")["accuracy"]
+    with h5py.File(path, "a") as f:  # one changed value, as a flipped bit leaves it: 0.067 read as 0.063
+        f[f"{name}/test"].attrs["accuracy"] = stored + float(torch.rand(1, generator=rng) + 0.01) / 100
+    for argv in (["summary", str(path)], ["report", str(path), "--out", str(tmp_path / "rep")],
+                 ["compare", str(path), str(path)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1, err
+        assert f"{name} (commit '{name}') is damaged: checksum mismatch" in err
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        Pipeline(cfg).run(("data", "train"))
+    assert f"{name}: damaged in the archive ({name}: checksum mismatch" in buf.getvalue()
+    assert "finetune: damaged" not in buf.getvalue()
+    r = open_archive(path)
+    assert r.read(f"{name}/test")["accuracy"] == stored  # recomputed: the same training gives the same value
