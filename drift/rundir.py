@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -33,9 +34,11 @@ def git_commit() -> str:
         return "unknown"
 
 
+@functools.lru_cache(maxsize=1)
 def drift_version() -> str:
     """drift's version, with the git commit when drift runs from a checkout (``0.3.0+<commit>``): part of every
-    step's fingerprint, so results computed by other code are recomputed on resume."""
+    step's fingerprint, so results computed by other code are recomputed on resume. Read once per process: the
+    code a process runs is the code it imported."""
     commit = git_commit()
     return __version__ if commit == "unknown" else f"{__version__}+{commit[:12]}"
 
