@@ -157,7 +157,11 @@ def _open_checked(path: Path, mode: str = "r") -> h5py.File:
         f = h5py.File(path, mode)
     except OSError as exc:
         raise ArchiveError(f"{path} is not a readable HDF5 archive ({exc})") from None
-    version = f.attrs.get("schema_version")
+    try:
+        version = f.attrs.get("schema_version")
+    except (OSError, RuntimeError, KeyError, ValueError) as exc:
+        f.close()
+        raise ArchiveError(f"{path}: root attributes damaged ({exc}); the archive cannot be trusted") from None
     if version is None:
         f.close()
         raise ArchiveError(f"{path} has no schema_version attribute: not a drift archive")
@@ -378,7 +382,11 @@ class ArchiveReader:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         with _open_checked(self.path) as f:
-            self.attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+            try:
+                self.attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+            except (OSError, RuntimeError, KeyError, ValueError) as exc:
+                raise ArchiveError(f"{self.path}: root attributes damaged ({exc}); the archive cannot be trusted"
+                                   ) from None
         self._verified: set[str] = set()
 
     @property

@@ -120,7 +120,10 @@ def commit_digests(f: h5py.File, paths: tuple[str, ...]) -> dict[str, str]:
 def check_root(f: h5py.File, where: str) -> None:
     """Raise :class:`Damaged` when the root attributes differ from their recorded digest (none recorded: an
     archive of schema 3 or older, not checked)."""
-    stored = f.attrs.get(ROOT_DIGEST)
+    try:
+        stored = f.attrs.get(ROOT_DIGEST)
+    except (OSError, RuntimeError, KeyError, ValueError) as exc:
+        raise Damaged(f"{where} root attributes", f"unreadable ({_first_line(exc)})") from None
     if stored is None:
         return
     stored = stored.decode() if isinstance(stored, bytes) else str(stored)
@@ -132,7 +135,11 @@ def check_commit(f: h5py.File, record: Mapping[str, Any]) -> None:
     """Raise :class:`Damaged` naming the first group of commit ``record`` whose digest differs from the recorded
     one (or that is missing or unreadable). A record without ``digest`` (schema 3 or older) is not checked."""
     for path, expected in (record.get("digest") or {}).items():
-        if path not in f:
+        try:
+            node = f[path] if path in f else None
+        except (OSError, RuntimeError, KeyError, ValueError) as exc:
+            raise Damaged(path, f"unreadable ({_first_line(exc)})") from None
+        if node is None:
             raise Damaged(path, "missing")
-        if group_digest(f[path]) != expected:
+        if group_digest(node) != expected:
             raise Damaged(path, "checksum mismatch (its stored values changed since they were committed)")
