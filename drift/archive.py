@@ -110,7 +110,7 @@ import h5py
 import numpy as np
 
 from .h5tree import read_tree
-from .integrity import ROOT_DIGEST, Damaged, check_commit, check_root, commit_digests, root_digest
+from .integrity import H5_ERRORS, ROOT_DIGEST, Damaged, check_commit, check_root, commit_digests, root_digest
 from .safefile import exclusive_tmp, is_disk_full, tmp_path, write_error
 
 SCHEMA_VERSION = 4
@@ -155,11 +155,12 @@ def _open_checked(path: Path, mode: str = "r") -> h5py.File:
         raise ArchiveError(f"archive not found: {path}")
     try:
         f = h5py.File(path, mode)
-    except OSError as exc:
+    except H5_ERRORS as exc:
         raise ArchiveError(f"{path} is not a readable HDF5 archive ({exc})") from None
     try:
         version = f.attrs.get("schema_version")
-    except (OSError, RuntimeError, KeyError, ValueError) as exc:
+        version = None if version is None else int(version)
+    except H5_ERRORS as exc:
         f.close()
         raise ArchiveError(f"{path}: root attributes damaged ({exc}); the archive cannot be trusted") from None
     if version is None:
@@ -384,7 +385,7 @@ class ArchiveReader:
         with _open_checked(self.path) as f:
             try:
                 self.attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
-            except (OSError, RuntimeError, KeyError, ValueError) as exc:
+            except H5_ERRORS as exc:
                 raise ArchiveError(f"{self.path}: root attributes damaged ({exc}); the archive cannot be trusted"
                                    ) from None
         self._verified: set[str] = set()
@@ -441,24 +442,33 @@ class ArchiveReader:
 
     def has(self, path: str) -> bool:
         with _open_checked(self.path) as f:
-            return path in f
+            try:
+                return path in f
+            except H5_ERRORS as exc:
+                raise self._damaged(path, exc) from None
+
+    def _damaged(self, path: str, exc: BaseException) -> ArchiveError:
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return ArchiveError(f"{self.path}: {path} (commit {self._owner(path)!r}) is damaged: {why}")
 
     def read(self, path: str = "/") -> Any:
         """Everything below ``path`` as nested dicts of numpy arrays and attributes."""
         with _open_checked(self.path) as f:
-            if path not in f:
+            if not self.has(path):
                 raise KeyError(f"{self.path}: no {path!r} in the archive (committed: "
                                f"{[s['name'] for s in self.commits]})")
             self._verify(f, path)
             try:
                 return read_tree(f[path])
-            except (OSError, RuntimeError, ValueError) as exc:  # damage HDF5 itself notices (Fletcher32, headers)
-                why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                raise ArchiveError(f"{self.path}: {path} (commit {self._owner(path)!r}) is damaged: {why}") from None
+            except H5_ERRORS as exc:  # damage HDF5 notices (Fletcher32, headers)
+                raise self._damaged(path, exc) from None
 
     def keys(self, path: str = "/") -> list[str]:
         with _open_checked(self.path) as f:
-            return list(f[path].keys()) if path in f else []
+            try:
+                return list(f[path].keys()) if path in f else []
+            except H5_ERRORS as exc:
+                raise self._damaged(path, exc) from None
 
     # ---- study views
     @property

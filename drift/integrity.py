@@ -24,6 +24,10 @@ import h5py
 import numpy as np
 
 ROOT_DIGEST = "digest"
+H5_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError, AttributeError, IndexError)
+"""What h5py raises on damaged bytes (a damaged header may even turn a dataset into another kind of object)."""
+CHECKSUMMED_SCHEMA = 4
+"""The first archive schema with checksums; older archives are read unverified."""
 
 
 class Damaged(Exception):
@@ -47,12 +51,16 @@ def _attr_bytes(value: Any) -> bytes:
 
 
 def _hash_attrs(h, obj: h5py.HLObject, skip: tuple[str, ...] = ()) -> None:
-    for k in sorted(obj.attrs.keys()):
+    try:
+        names = sorted(obj.attrs.keys())
+    except H5_ERRORS as exc:
+        raise Damaged(f"{obj.name} attributes", f"unreadable ({_first_line(exc)})") from None
+    for k in names:
         if k in skip:
             continue
         try:
             v = obj.attrs[k]
-        except (OSError, RuntimeError, TypeError, ValueError) as exc:
+        except H5_ERRORS as exc:
             raise Damaged(f"{obj.name} attribute {k!r}", f"unreadable ({_first_line(exc)})") from None
         h.update(b"A" + k.encode() + b"\0" + _attr_bytes(v) + b"\0")
 
@@ -65,7 +73,7 @@ def _first_line(exc: BaseException) -> str:
 def _hash_dataset(h, ds: h5py.Dataset) -> None:
     try:
         data = ds[()]
-    except (OSError, RuntimeError, ValueError) as exc:  # Fletcher32 mismatch, a damaged chunk or header
+    except H5_ERRORS as exc:  # Fletcher32 mismatch, a damaged chunk or header
         raise Damaged(ds.name, f"unreadable ({_first_line(exc)})") from None
     arr = np.asarray(data)
     if arr.dtype.kind in ("O", "U", "S"):
@@ -88,21 +96,33 @@ def group_digest(node: h5py.Group | h5py.Dataset) -> str:
         if isinstance(obj, h5py.Dataset):
             _hash_dataset(h, obj)
             return
+        if not isinstance(obj, h5py.Group):  # a damaged header can make a dataset read as a named datatype
+            raise Damaged(obj.name or "?", f"unreadable (an HDF5 {type(obj).__name__} where data were stored)")
         h.update(b"G" + obj.name.encode() + b"\0")
         _hash_attrs(h, obj)
         try:
             keys = sorted(obj.keys())
-        except (OSError, RuntimeError) as exc:
+        except H5_ERRORS as exc:
             raise Damaged(obj.name, f"unreadable group ({_first_line(exc)})") from None
         for k in keys:
             try:
                 child = obj[k]
-            except (OSError, RuntimeError, KeyError, ValueError) as exc:
+            except H5_ERRORS as exc:
                 raise Damaged(f"{obj.name.rstrip('/')}/{k}", f"unreadable ({_first_line(exc)})") from None
             visit(child)
 
-    visit(node)
+    try:
+        visit(node)
+    except H5_ERRORS as exc:  # damage met in an unexpected place (a name, a type): still one Damaged
+        raise Damaged(_name(node), f"unreadable ({type(exc).__name__}: {_first_line(exc)})") from None
     return h.hexdigest()
+
+
+def _name(node) -> str:
+    try:
+        return str(node.name)
+    except H5_ERRORS:
+        return "?"
 
 
 def root_digest(f: h5py.File) -> str:
@@ -118,16 +138,26 @@ def commit_digests(f: h5py.File, paths: tuple[str, ...]) -> dict[str, str]:
 
 
 def check_root(f: h5py.File, where: str) -> None:
-    """Raise :class:`Damaged` when the root attributes differ from their recorded digest (none recorded: an
-    archive of schema 3 or older, not checked)."""
+    """Raise :class:`Damaged` when the root attributes differ from their recorded digest, or when an archive of
+    schema 4 or later has none (an archive of schema 3 or older has none and is not checked)."""
     try:
         stored = f.attrs.get(ROOT_DIGEST)
-    except (OSError, RuntimeError, KeyError, ValueError) as exc:
+    except H5_ERRORS as exc:
         raise Damaged(f"{where} root attributes", f"unreadable ({_first_line(exc)})") from None
     if stored is None:
+        try:
+            version = int(f.attrs.get("schema_version", 0))
+        except H5_ERRORS:
+            version = CHECKSUMMED_SCHEMA
+        if version >= CHECKSUMMED_SCHEMA:  # written with checksums: a missing digest is damage, not age
+            raise Damaged(f"{where} root attributes", "the checksum attribute is missing or its name damaged")
         return
     stored = stored.decode() if isinstance(stored, bytes) else str(stored)
-    if root_digest(f) != stored:
+    try:
+        actual = root_digest(f)
+    except H5_ERRORS as exc:
+        raise Damaged(f"{where} root attributes", f"unreadable ({_first_line(exc)})") from None
+    if actual != stored:
         raise Damaged(f"{where} root attributes (config, provenance, commits list)", "checksum mismatch")
 
 
@@ -137,7 +167,7 @@ def check_commit(f: h5py.File, record: Mapping[str, Any]) -> None:
     for path, expected in (record.get("digest") or {}).items():
         try:
             node = f[path] if path in f else None
-        except (OSError, RuntimeError, KeyError, ValueError) as exc:
+        except H5_ERRORS as exc:
             raise Damaged(path, f"unreadable ({_first_line(exc)})") from None
         if node is None:
             raise Damaged(path, "missing")

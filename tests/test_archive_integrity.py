@@ -152,7 +152,7 @@ def test_random_bit_flips_read_back_unchanged_or_stop_with_one_archive_error(tmp
     good = open_archive(path).read("/")
     raw = path.read_bytes()
     outcomes = {"equal": 0, "error": 0}
-    for _ in range(120):
+    for _ in range(150):
         data = bytearray(raw)
         k = int(torch.randint(0, len(data), (1,), generator=rng))
         data[k] ^= 1 << int(torch.randint(0, 8, (1,), generator=rng))
