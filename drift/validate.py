@@ -229,9 +229,9 @@ def _check_model(cfg: Config) -> None:
         _int_at_least(src.n_train, "source.n_train", 1)
         _int_at_least(src.n_val, "source.n_val", 1)
         _finite_positive(src.lr, "source.lr")
-        if src.n_train % src.batch_size == 1:
-            raise ConfigError(f"source.n_train = {src.n_train} leaves a last batch of 1 image at source.batch_size = "
-                              f"{src.batch_size}: BatchNorm cannot train on it; change either by one")
+        if src.batch_size > src.n_train:
+            raise ConfigError(f"source.batch_size = {src.batch_size} is larger than source.n_train = {src.n_train}: "
+                              "every step would be one smaller batch; lower the batch size")
 
 
 def _finite_positive(value: Any, key: str) -> None:
@@ -240,19 +240,18 @@ def _finite_positive(value: Any, key: str) -> None:
 
 
 def check_batches(cfg: Config, n_train: int) -> None:
-    """The training batch sizes against ``n_train`` training images: a phase that trains BatchNorm
-    (``train.finetune.bn_frozen = false``) cannot take a last batch of one image. Checked at configuration time
-    for synthetic data and once real data are read, before any training."""
+    """The training batch sizes against the ``n_train`` training images: a batch larger than the training set
+    would silently be one smaller batch per epoch (another batch size than the configured one, and another
+    learning-rate schedule). Checked at configuration time for synthetic data and once real data are read,
+    before any training."""
     for name in PHASES:
         st = getattr(cfg.train, name)
         for arch in cfg.run.archs:
             s = st.for_arch(arch, f"train.{name}")
-            if name == "finetune" and not s.bn_frozen and isinstance(s.batch_size, int) and s.batch_size > 1 \
-                    and n_train % s.batch_size == 1:
+            if isinstance(s.batch_size, int) and s.batch_size > n_train:
                 key = f"train.{name}" + (f".per_arch.{arch}" if arch in st.per_arch else "")
-                raise ConfigError(f"{key}.batch_size = {s.batch_size} leaves a last batch of 1 of the {n_train} "
-                                  f"training images, on which BatchNorm cannot train (bn_frozen = false); use "
-                                  f"another batch size")
+                raise ConfigError(f"{key}.batch_size = {s.batch_size} is larger than the {n_train} training images: "
+                                  "every epoch would be one smaller batch; lower the batch size")
 
 
 def _check_phase(st: PhaseConfig, where: str) -> None:

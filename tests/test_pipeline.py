@@ -274,7 +274,7 @@ def test_resume_refuses_an_archive_of_another_config(full_run, capsys):
     cfg, _, r = full_run
     argv = ["run", "--out", str(r.path.parent), "--set", "run.seed=99", *sum((["--set", s] for s in TINY), [])]
     assert main(argv) == 2
-    assert "another configuration" in capsys.readouterr().err
+    assert "written with other settings the checkpoints depend on (run.seed: 0 -> 99)" in capsys.readouterr().err
 
 
 def test_shipped_smoke_config_runs_end_to_end(tmp_path, capsys):

@@ -50,12 +50,11 @@ def _logged(fn, *args):
     ("train.finetune.batch_size=2.5", "train.finetune.batch_size"),
     ("train.finetune.weight_decay=nan", "train.finetune.weight_decay"),
     ("train.finetune.per_arch.resnet10t.lr=inf", "train.finetune.per_arch.resnet10t.lr"),
-    # 13 training images in batches of 6 leave a last batch of 1, on which BatchNorm cannot train
-    ("data.n_train=13", "train.finetune.batch_size = 6 leaves a last batch of 1"),
+    ("data.n_train=5", "train.transfer.batch_size = 6 is larger than the 5 training images"),
+    ("train.finetune.per_arch.resnet10t.batch_size=13", "train.finetune.per_arch.resnet10t.batch_size = 13"),
 ])
 def test_bad_settings_fail_before_the_data_step(tmp_path, capsys, setting, named):
-    extra = ["train.finetune.bn_frozen=false"] if setting.startswith("data.n_train") else []
-    assert main(["run", "--out", str(tmp_path / "o"), *_sets([*SYNTHETIC, *extra, setting])]) == 2
+    assert main(["run", "--out", str(tmp_path / "o"), *_sets([*SYNTHETIC, setting])]) == 2
     err = capsys.readouterr().err
     assert named in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()  # nothing computed, the folder not even created (nor locked)
@@ -65,6 +64,9 @@ def test_source_settings_are_checked_when_the_source_weights_are_used(tmp_path, 
     args = [a for a in SYNTHETIC if not a.startswith("model.weights")]
     assert main(["run", "--out", str(tmp_path / "o"), *_sets([*args, "source.lr=nan"])]) == 2
     assert "source.lr must be a finite number > 0, got nan" in capsys.readouterr().err
+    small = ["source.n_train=15", "source.batch_size=16"]
+    assert main(["run", "--out", str(tmp_path / "o"), *_sets([*args, *small])]) == 2
+    assert "source.batch_size = 16 is larger than source.n_train = 15" in capsys.readouterr().err
     config.load(None, [*SYNTHETIC, "source.lr=nan"])  # unused under model.weights = none
 
 
