@@ -140,33 +140,20 @@ def test_disk_full_injected_in_an_archive_commit_a_checkpoint_and_the_report(tmp
 
 _SMALL_FS = """
 import os, sys, numpy as np
-from pathlib import Path
 from drift.archive import Archive, OutputError, open_archive
 from drift.h5tree import write_tree
-from drift.report.render import write_atomic
-from drift.models import build
-from drift.weights import save_checkpoint
 d = sys.argv[1]
 rng = np.random.default_rng(int(sys.argv[2]))
 a = Archive(d + "/archive.h5", "seed = 1\\n", "h")
 small = rng.random(37)
 with a.commit("small") as f:
     write_tree(f.require_group("small"), {"v": small})
-def big_commit():
+try:
     with a.commit("big") as f:
         write_tree(f.require_group("big"), {"v": rng.random(300_001)})
-
-
-for what, write in (
-    ("archive", big_commit),
-    ("checkpoint", lambda: save_checkpoint(build("resnet10t", 2), d + "/c.pt")),
-    ("report", lambda: write_atomic(Path(d) / "report.html", os.urandom(3_000_000))),
-):
-    try:
-        write()
-        print(what, "written")
-    except OutputError as exc:
-        print(what, "error:", exc)
+    print("archive written")
+except OutputError as exc:
+    print("archive error:", exc)
 print("files:", sorted(os.listdir(d)))
 r = open_archive(d + "/archive.h5")
 assert [c["name"] for c in r.commits] == ["small"] and np.array_equal(r.read("small/v"), small)
@@ -189,14 +176,22 @@ def test_disk_full_on_a_real_small_file_system(tmp_path, rng):
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
         res = subprocess.run([sys.executable, "-c", _SMALL_FS, str(mnt), str(seed)], capture_output=True,
                              text=True, timeout=240, env=env, cwd=REPO)
-        # No segmentation fault (exit 139), no HDF5 traceback: one line per failed write.
+        # The archive in a child process: on the full disk, the unpatched writer ended in a segmentation fault
+        # (exit 139). Now: no crash, no HDF5 traceback, one line.
         assert res.returncode == 0, res.stderr[-3000:]
         assert "Traceback" not in res.stderr and "HDF5" not in res.stderr, res.stderr[-3000:]
         out = res.stdout.splitlines()
         assert f"archive error: cannot write archive {mnt}/archive.h5: no space left on device" in out
-        assert f"checkpoint error: cannot write checkpoint {mnt}/c.pt: no space left on device" in out
-        assert f"report error: cannot write report file {mnt}/report.html: no space left on device" in out
         assert "files: ['archive.h5']" in out and out[-1] == "archive valid"
+        from drift.models import build
+        from drift.report.render import write_atomic
+        from drift.weights import save_checkpoint
+
+        with pytest.raises(OutputError, match=f"^cannot write checkpoint {mnt}/c.pt: no space left on device$"):
+            save_checkpoint(build("resnet18", 2), mnt / "c.pt")  # 45 MB of weights
+        with pytest.raises(OutputError, match=f"^cannot write report file {mnt}/report.html: no space left"):
+            write_atomic(mnt / "report.html", os.urandom(3_000_000))
+        assert sorted(p.name for p in mnt.iterdir()) == ["archive.h5"]
     finally:
         subprocess.run(["umount", str(mnt)], capture_output=True, timeout=30)
 
