@@ -14,12 +14,17 @@ Root attributes
     schema_version      int, :data:`SCHEMA_VERSION`
     config              the run config as TOML text (of the newest commit, when a resume changed analysis settings)
     science_hash        hash of the settings the checkpoints depend on (resume refuses another hash)
+    digest              sha256 over every other root attribute (drift.integrity.root_digest), rewritten by each
+                        commit; checked by every reader and by a resume
     seed, data_seed, git_commit, device, created, versions (JSON: python, torch, timm, h5py, numpy, drift)
     commits             JSON list of the archive's commits, in order, one per unit of work a pipeline step
                         finished ("data", "models/<arch>/<phase>", "attributions/<arch>", "stats", ...), each
                         {"name", "seconds", "finished", "fingerprint", "inputs"}: the fingerprint hashes what the
                         work depends on (its step's settings, the data, and from training on the thread count,
-                        device, precision, torch and timm versions: "inputs"); a stale one is recomputed
+                        device, precision, torch and timm versions, drift's version and commit: "inputs"); a
+                        stale one is recomputed. "digest": {group path: sha256} of the groups the commit wrote
+                        (drift.integrity.group_digest), checked when they are read; "versions": the package
+                        versions (and drift's git commit) that computed it
 data/                   class_names (attr, JSON), test/ids, test/labels, test/lung_masks, test/lesion_masks
                         (bool, synthetic only), test/marker_masks (bool, confounder on),
                         skipped/files, skipped/reasons (inputs skipped under skip_bad)
@@ -116,6 +121,14 @@ A ``drift measure`` archive (drift.measure) has this layout with ``<arch>`` = ``
 ``transfer`` slot and model B in ``finetune``; models/<arch>/<phase> has no history and adds attrs role (A, B),
 spec, kind (timm, factory, drift, module) and code_sha256.
 
+Integrity (:mod:`drift.integrity`): numeric datasets written by :func:`drift.h5tree.write_tree` carry HDF5's
+Fletcher32 checksum; each commit's groups and the root attributes carry sha256 digests. :class:`ArchiveReader` checks
+the root digest on opening and a commit's digest the first time it reads below one of its groups; a mismatch is one
+:class:`ArchiveError` naming the entry and the commit. A resume recomputes a damaged commit
+(:meth:`Archive.damaged`). Archives of schema 3 have no digests: they are read unverified (the reader's
+:attr:`ArchiveReader.integrity_note` says so) and upgraded to version 4 (digests of their current contents) when a
+run resumes one.
+
 Atomicity: each commit is one transaction (:meth:`Archive.commit`). The writer copies the archive to
 ``<name>.tmp``, writes the commit there, flushes and fsyncs it, and renames it over the archive (an atomic replace on
 POSIX). Whatever kills the process, the file at the archive's path is the previous complete version or the new one.
@@ -123,9 +136,9 @@ POSIX). Whatever kills the process, the file at the archive's path is the previo
 
 from __future__ import annotations
 
+import io
 import json
 import os
-import shutil
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -136,12 +149,15 @@ import h5py
 import numpy as np
 
 from .h5tree import read_tree
+from .integrity import H5_ERRORS, ROOT_DIGEST, Damaged, check_commit, check_root, commit_digests, root_digest
+from .safefile import exclusive_tmp, is_disk_full, tmp_path, write_error
 
 SCHEMA_VERSION = 4
 """Version 4 added the resampling axis of the protocol grid (cell groups ``<norm>@<upsample>``; a group ``<norm>``
-is a :data:`LEGACY_UPSAMPLE` cell, which every cell of a version-3 archive is), and ``metrics`` attributes on
-``drift/<arch>``. Version 3 renamed two attributes (root ``stages`` -> ``commits``, ``stages`` -> ``phases`` on the
-``baselines`` groups). Earlier archives are read as they are and upgraded in place, atomically, when a run resumes
+is a :data:`LEGACY_UPSAMPLE` cell, which every cell of a version-3 archive is), ``metrics`` attributes on
+``drift/<arch>``, and checksums (root ``digest``, a ``digest`` per commit, Fletcher32 on numeric datasets); version 3
+renamed two attributes (root ``stages`` -> ``commits``, ``stages`` -> ``phases`` on the ``baselines`` groups).
+Version-2 and -3 archives are read as they are (unverified) and upgraded in place, atomically, when a run resumes
 one."""
 _RENAMED_V2 = {"stages": "commits"}
 _RENAMED_V2_BASELINES = {"stages": "phases"}
@@ -204,15 +220,26 @@ def _open_checked(path: Path, mode: str = "r") -> h5py.File:
         raise ArchiveError(f"archive not found: {path}")
     try:
         f = h5py.File(path, mode)
-    except OSError as exc:
+    except H5_ERRORS as exc:
         raise ArchiveError(f"{path} is not a readable HDF5 archive ({exc})") from None
-    version = f.attrs.get("schema_version")
+    try:
+        version = f.attrs.get("schema_version")
+        version = None if version is None else int(version)
+    except H5_ERRORS as exc:
+        f.close()
+        raise ArchiveError(f"{path}: root attributes damaged ({exc}); the archive cannot be trusted") from None
     if version is None:
         f.close()
         raise ArchiveError(f"{path} has no schema_version attribute: not a drift archive")
     if int(version) > SCHEMA_VERSION:
         f.close()
         raise ArchiveError(f"{path} has schema version {int(version)}; this drift reads up to {SCHEMA_VERSION}")
+    try:
+        check_root(f, str(path))
+    except Damaged as exc:
+        f.close()
+        raise ArchiveError(f"{exc.entry} damaged: {exc.why}; the archive cannot be trusted (restore a copy, "
+                           "or start over with --fresh)") from None
     return f
 
 
@@ -242,9 +269,11 @@ class Archive:
                  provenance: Mapping[str, Any] | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = self.path.with_name(self.path.name + ".tmp")
+        self._tmp = tmp_path(self.path)
         self._config_text = ""
-        if self._tmp.exists():  # a commit that died mid-write; the archive itself is intact
+        self._provenance = {k: v if isinstance(v, (str, int, float, bool)) else json.dumps(v)
+                            for k, v in (provenance or {}).items()}
+        if os.path.lexists(self._tmp):  # a commit that died mid-write (the archive is intact), or a planted link
             self._tmp.unlink()
         if self.path.exists():
             with _open_checked(self.path) as f:
@@ -262,15 +291,13 @@ class Archive:
                 )
             self._config_text = config_text
             return
-        with h5py.File(self._tmp, "w") as f:
+        with self._transaction(new=True) as f:
             f.attrs["schema_version"] = SCHEMA_VERSION
             f.attrs["config"] = config_text
             f.attrs["science_hash"] = science_hash
             f.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
             f.attrs["commits"] = "[]"
-            for k, v in (provenance or {}).items():
-                f.attrs[k] = v if isinstance(v, (str, int, float, bool)) else json.dumps(v)
-        self._commit()
+            f.attrs.update(self._provenance)
 
     def _commit(self) -> None:
         with open(self._tmp, "rb") as fh:
@@ -283,28 +310,68 @@ class Archive:
             os.close(dir_fd)
 
     @contextmanager
-    def _transaction(self) -> Iterator[h5py.File]:
-        """Yield a copy of the archive open for writing; on success it replaces the archive atomically, on any
-        exception it is deleted and the archive stays as it was."""
-        shutil.copyfile(self.path, self._tmp)
+    def _transaction(self, new: bool = False) -> Iterator[h5py.File]:
+        """Yield a copy of the archive (an empty file when ``new``) open for writing; on success it replaces the
+        archive atomically, on any exception it is deleted and the archive stays as it was.
+
+        The copy is created exclusively, never through a link (:func:`drift.safefile.exclusive_tmp`). A write
+        that fails for want of space (in the copy, in HDF5's writes or its final flush) is one
+        :class:`OutputError` naming the archive and "no space left on device"; HDF5's file is closed before the
+        copy is removed, so no half-written state is ever touched again.
+        """
+        _, fd = exclusive_tmp(self.path)
         try:
-            with h5py.File(self._tmp, "a") as f:
-                yield f
-                f.flush()
+            # HDF5 writes the commit into memory (h5py's file-object driver over a BytesIO) and Python writes the
+            # result to the exclusive .tmp: a full disk is then a Python OSError on a plain write, never a failure
+            # inside HDF5's own driver (which, on a full disk, ends in a segmentation fault when h5py frees the
+            # file's objects). The cost is one copy of the archive in memory while a commit is written.
+            with os.fdopen(fd, "wb") as fh:
+                buf = io.BytesIO(b"" if new else self.path.read_bytes())
+                with h5py.File(buf, "w" if new else "r+") as f:
+                    yield f
+                    f.attrs[ROOT_DIGEST] = root_digest(f)  # last: it covers every other root attribute
+                    f.flush()
+                fh.write(buf.getbuffer())
+                fh.flush()
+            self._commit()
+        except (OSError, RuntimeError, ValueError, KeyError) as exc:
+            self._tmp.unlink(missing_ok=True)
+            if is_disk_full(exc):
+                raise write_error(self.path, exc, "archive") from None
+            raise
         except BaseException:
             self._tmp.unlink(missing_ok=True)
             raise
-        self._commit()
 
     def _upgrade(self, version: int) -> None:
         """Bring a version-2 or -3 archive to the current version, in one transaction: version 2's attributes
-        renamed; a version-3 layout is already version 4's (its cells are :data:`LEGACY_UPSAMPLE` cells)."""
+        renamed; a version-3 layout is already version 4's (its cells are :data:`LEGACY_UPSAMPLE` cells); the
+        digests of its contents as they are now (what was stored before cannot be verified)."""
         with self._transaction() as f:
             if version == 2:
                 _rename_attrs(f, _RENAMED_V2)
                 if "baselines" in f:
                     f["baselines"].visititems(lambda _, g: _rename_attrs(g, _RENAMED_V2_BASELINES))
+            # No checksums before version 4: the digests of the current contents (earlier states cannot be
+            # verified).
+            commits = commit_records(f.attrs)
+            for entry in commits:
+                entry["digest"] = commit_digests(f, (entry["name"],))
+            f.attrs["commits"] = json.dumps(commits)
             f.attrs["schema_version"] = SCHEMA_VERSION
+
+    def damaged(self, name: str) -> str | None:
+        """Why commit ``name``'s stored groups cannot be trusted (a checksum mismatch, an unreadable entry), or
+        None when they check out (or carry no digest)."""
+        entry = self.entry(name)
+        if entry is None:
+            return None
+        try:
+            with _open_checked(self.path) as f:
+                check_commit(f, entry)
+        except Damaged as exc:
+            return str(exc)
+        return None
 
     def commits(self) -> list[str]:
         """Names of the commits, in order."""
@@ -355,11 +422,18 @@ class Archive:
                 entry["fingerprint"] = fingerprint
             if inputs:
                 entry["inputs"] = dict(inputs)
+            versions = getattr(self, "_provenance", {}).get("versions")
+            if versions:
+                entry["versions"] = json.loads(versions)
+            entry["digest"] = commit_digests(f, (*replace, name))
             commits.append(entry)
             f.attrs["commits"] = json.dumps(commits)
             if self._config_text:
                 # A resume under changed analysis settings: the root config is the one of the newest commit.
                 f.attrs["config"] = self._config_text
+            # The root provenance (versions, git commit, device) says what computed the newest commit; each
+            # commit's own record keeps the versions that computed it.
+            f.attrs.update(getattr(self, "_provenance", {}))
 
 
 class ArchiveReader:
@@ -371,7 +445,46 @@ class ArchiveReader:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         with _open_checked(self.path) as f:
-            self.attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+            try:
+                self.attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+            except H5_ERRORS as exc:
+                raise ArchiveError(f"{self.path}: root attributes damaged ({exc}); the archive cannot be trusted"
+                                   ) from None
+        self._verified: set[str] = set()
+
+    @property
+    def integrity_note(self) -> str:
+        """Empty for an archive whose checksums are verified on reading; else a sentence saying its contents are
+        not (schema 3 or older, written before checksums)."""
+        version = int(self.attrs.get("schema_version", 0))
+        if version >= 4:
+            return ""
+        return (f"{self.path} has schema version {version}, written before archives carried checksums: its "
+                "contents are read unverified (a resumed run upgrades it)")
+
+    def _verify(self, f: h5py.File, path: str) -> None:
+        """Check the digest of every commit whose groups overlap ``path`` (each once per reader)."""
+        p = path.strip("/")
+        for entry in self.commits:
+            name = entry["name"]
+            if name in self._verified:
+                continue
+            groups = list((entry.get("digest") or {}).keys())
+            if not any(not p or p == g or p.startswith(g + "/") or g.startswith(p + "/") for g in groups):
+                continue
+            try:
+                check_commit(f, entry)
+            except Damaged as exc:
+                raise ArchiveError(f"{self.path}: {exc.entry} (commit {name!r}) is damaged: {exc.why}; "
+                                   "re-run the run to recompute it, or restore a copy of the archive") from None
+            self._verified.add(name)
+
+    def _owner(self, path: str) -> str:
+        p = path.strip("/")
+        for entry in reversed(self.commits):
+            if any(p == g or p.startswith(g + "/") for g in (entry.get("digest") or {entry["name"]: ""})):
+                return entry["name"]
+        return "none"
 
     # ---- provenance
     @property
@@ -391,19 +504,33 @@ class ArchiveReader:
 
     def has(self, path: str) -> bool:
         with _open_checked(self.path) as f:
-            return path in f
+            try:
+                return path in f
+            except H5_ERRORS as exc:
+                raise self._damaged(path, exc) from None
+
+    def _damaged(self, path: str, exc: BaseException) -> ArchiveError:
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return ArchiveError(f"{self.path}: {path} (commit {self._owner(path)!r}) is damaged: {why}")
 
     def read(self, path: str = "/") -> Any:
         """Everything below ``path`` as nested dicts of numpy arrays and attributes."""
         with _open_checked(self.path) as f:
-            if path not in f:
+            if not self.has(path):
                 raise KeyError(f"{self.path}: no {path!r} in the archive (committed: "
                                f"{[s['name'] for s in self.commits]})")
-            return read_tree(f[path])
+            self._verify(f, path)
+            try:
+                return read_tree(f[path])
+            except H5_ERRORS as exc:  # damage HDF5 notices (Fletcher32, headers)
+                raise self._damaged(path, exc) from None
 
     def keys(self, path: str = "/") -> list[str]:
         with _open_checked(self.path) as f:
-            return list(f[path].keys()) if path in f else []
+            try:
+                return list(f[path].keys()) if path in f else []
+            except H5_ERRORS as exc:
+                raise self._damaged(path, exc) from None
 
     # ---- study views
     @property

@@ -149,10 +149,11 @@ def _config(args):
     from . import config
 
     overrides = list(args.set)
+    # Option values are taken literally: a path such as 'runs\\new' is a path, never a TOML escape sequence.
     if args.out:
-        overrides.append(f'run.out="{args.out}"')
+        overrides.append(f"run.out={config.toml_string(args.out)}")
     if args.device:
-        overrides.append(f'run.device="{args.device}"')
+        overrides.append(f"run.device={config.toml_string(args.device)}")
     if args.no_progress:
         overrides.append("run.progress=false")
     return config.load(args.config, overrides)
@@ -174,11 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except (ConfigError, ArchiveError, FileNotFoundError, ValueError, RankFailed) as exc:
-        print(f"drift {args.command}: error: {exc}", file=sys.stderr)
+        print(f"drift {args.command}: error: {printable(str(exc))}", file=sys.stderr)
         return 2
     except OSError as exc:  # a read-only or full output folder met outside the pipeline (report, compare, bench)
         where = f": {exc.filename}" if exc.filename else ""
-        print(f"drift {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        print(f"drift {args.command}: error: {printable(f'{exc.strerror or exc}{where}')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
         how = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
@@ -186,6 +187,12 @@ def main(argv: list[str] | None = None) -> int:
         return 143 if isinstance(exc, Terminated) else 130
     finally:
         _on_sigterm(previous)
+
+
+def printable(text: str) -> str:
+    """``text`` as one printable line: control characters (newline, tab, escape, ...) in names from the user or
+    the data are shown escaped (``\\n``, ``\\x1b``), so a message is one line and cannot move the terminal."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
 
 
 class Terminated(KeyboardInterrupt):

@@ -288,15 +288,24 @@ class Config:
         bars, thread count, or the analysis settings, whose changes a resume recomputes: :meth:`step_hash`)."""
         return self.part_hash("run", "data", "model", "source", "train")
 
-    def part_hash(self, *sections: str) -> str:
-        """Hash of the named config sections (``run`` without out, progress and threads)."""
+    def hashed_settings(self, *sections: str) -> dict[str, Any]:
+        """The values :meth:`part_hash` hashes: the named sections without the settings that only locate or run
+        things (``run.out``, ``run.progress``, ``run.threads``, ``run.device``: the device type and thread count
+        are part of the environment fingerprint instead; ``data.path``: the data fingerprint covers the data
+        wherever they lie; ``model.cache_dir``: a cache's location)."""
         d = self.to_dict()
-        for k in ("out", "progress", "threads"):
+        for k in ("out", "progress", "threads", "device"):
             d["run"].pop(k)
+        d["data"].pop("path")
+        d["model"].pop("cache_dir")
         for phase in d["train"].values():  # sync_bn off: the hash of configs written before it existed
             if not phase.get("sync_bn", True):
                 phase.pop("sync_bn")
-        return hashlib.sha256(json.dumps({k: d[k] for k in sections}, sort_keys=True).encode()).hexdigest()[:16]
+        return {k: d[k] for k in sections}
+
+    def part_hash(self, *sections: str) -> str:
+        """Hash of the named config sections (:meth:`hashed_settings`)."""
+        return hashlib.sha256(json.dumps(self.hashed_settings(*sections), sort_keys=True).encode()).hexdigest()[:16]
 
     def step_hash(self, step: str) -> str:
         """Fingerprint of the settings a pipeline step's results depend on: a committed step whose fingerprint
@@ -461,3 +470,9 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def toml_string(text: str) -> str:
+    """``text`` as a TOML basic string that reads back as exactly ``text`` (backslashes, quotes and control
+    characters escaped): how the command line passes a path option as a ``key=value`` override."""
+    return json.dumps(str(text), ensure_ascii=False).replace("\x7f", "\\u007f")

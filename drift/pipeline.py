@@ -28,7 +28,17 @@ from .archive import ArchiveReader
 from .config import PHASES, Config
 from .h5tree import as_tree, write_tree
 from .models import LEGACY_PREPROCESSING, Classifier, build, get_spec
-from .rundir import RunLock, log, make_out, nothing_finished, provenance
+from .rundir import (
+    RunLock,
+    drift_version,
+    log,
+    make_out,
+    nothing_finished,
+    provenance,
+    science_hash_to_resume,
+    setting_changes,
+    stored_config,
+)
 from .train import (
     BN_CALIBRATION_IMAGES,
     Evaluation,
@@ -80,8 +90,12 @@ class Pipeline:
             self.device = distributed.local_device(resolve_device(cfg.run.device))
             if cfg.run.threads:
                 torch.set_num_threads(cfg.run.threads)
-            self.archive = distributed.open_archive(self.path, cfg.to_toml(), cfg.science_hash(),
-                                                    provenance(cfg, self.device))
+            # The config the archive was written under, before this run's first commit replaces it: what a resume
+            # names when it recomputes a step for changed settings.
+            self._old_cfg = stored_config(self.path) if self.path.exists() else None
+            science = (science_hash_to_resume(self.path, cfg) if distributed.is_main() and self.path.exists()
+                       else cfg.science_hash())
+            self.archive = distributed.open_archive(self.path, cfg.to_toml(), science, provenance(cfg, self.device))
             self.environment = self._environment()
         except BaseException:
             self.lock.release()
@@ -101,7 +115,11 @@ class Pipeline:
             return True
         stamp = self._stamp(step)
         if self.archive.done(name, stamp["fingerprint"]):
-            return False
+            damage = self.archive.damaged(name)
+            if damage is None:
+                return False
+            log(f"{name}: damaged in the archive ({damage}); computing it again")
+            return True
         entry = self.archive.entry(name)
         if entry is not None:
             old = entry.get("inputs") or {}
@@ -109,9 +127,15 @@ class Pipeline:
             if "data" in changed:
                 what = "the data changed (images added, removed, relabelled or modified)"
             elif "settings" in changed or not changed:
-                what = "settings changed"
+                from .config import STEP_SECTIONS
+
+                old_cfg = getattr(self, "_old_cfg", None)
+                diff = setting_changes(old_cfg, self.cfg, STEP_SECTIONS[step]) if old_cfg is not None else []
+                what = f"settings changed ({'; '.join(diff)})" if diff else "settings changed"
             else:
                 what = ", ".join(f"{k} changed ({old[k]} -> {stamp['inputs'][k]})" for k in changed)
+            if "drift" not in old and "data" not in changed:
+                what = "it was computed by an earlier drift, which recorded no version"
             log(f"{name}: {what} since it was computed; computing it again")
         return True
 
@@ -158,9 +182,10 @@ class Pipeline:
         return self._data_fingerprint
 
     def _stamp(self, step: str) -> dict:
-        """``fingerprint`` and ``inputs`` of a step (see :meth:`drift.archive.Archive.commit`): its settings and the
-        data, and from training on the environment (:meth:`_environment`)."""
-        inputs = {"settings": self.cfg.step_hash(step), "data": self.data_fingerprint}
+        """``fingerprint`` and ``inputs`` of a step (see :meth:`drift.archive.Archive.commit`): its settings, the
+        data and drift's own version (and git commit when run from a checkout), and from training on the
+        environment (:meth:`_environment`)."""
+        inputs = {"settings": self.cfg.step_hash(step), "data": self.data_fingerprint, "drift": drift_version()}
         if step != "data":
             inputs.update(self.environment)
         fingerprint = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
@@ -203,6 +228,10 @@ class Pipeline:
         t0 = time.perf_counter()
         if "data" in steps:
             self.step_data()
+        if "train" in steps and self.cfg.data.source != "synthetic":
+            from .validate import check_batches
+
+            check_batches(self.cfg, len(self.splits.train))  # the batch sizes against the data, before training
         # Data (drawn or read on first use) and both training phases of every backbone, the later steps excluded.
         self.timings["data+training"] = time.perf_counter() - t0
         for arch in self.cfg.run.archs:

@@ -328,6 +328,8 @@ def summary_text(path: str | os.PathLike) -> str:
         out += part(r, h)
     if not h["stored"] and out:
         out = ["(the statistics step has not run: headline numbers computed on reading)", "", *out]
+    if r.integrity_note:  # an archive written before checksums
+        out = [f"({r.integrity_note})", "", *out]
     return "\n".join(out)
 
 

@@ -194,10 +194,25 @@ def _optimizer(params, cfg: PhaseConfig, device: torch.device) -> torch.optim.Op
     return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
 
 
+class TrainingDiverged(ValueError):
+    """Training produced a non-finite loss or non-finite weights: one line naming the phase, epoch and setting."""
+
+
+def _diverged(desc: str, key: str, cfg: PhaseConfig, epoch: int, what: str) -> str:
+    where = f"{key}." if key else ""
+    return (f"{desc}: training diverged in epoch {epoch + 1} ({what}); nothing of this phase was saved. "
+            f"Likely cause: the learning rate {where}lr = {cfg.lr!r} (also check {where}weight_decay = "
+            f"{cfg.weight_decay!r} and the input images)")
+
+
 def fit(module: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], train: Dataset, val: Dataset | None,
         cfg: PhaseConfig, device: torch.device, seed: int, progress: bool = True, desc: str = "train",
-        keep: nn.Module | None = None) -> TrainResult:
+        keep: nn.Module | None = None, key: str = "") -> TrainResult:
     """Train ``module``'s trainable parameters with cross-entropy through ``forward``.
+
+    A non-finite training loss, or trainable weights that are no longer finite at the end of an epoch, stop
+    training with :class:`TrainingDiverged` naming ``desc``, the epoch and step and the likely setting (the
+    learning rate ``<key>.lr``), before anything of the phase is returned (so before any checkpoint is written).
 
     Keeps the state of ``keep`` (default ``module``) at the epoch with the best validation macro AUC and
     restores it at the end; stops after ``cfg.patience`` epochs without improvement. ``cfg.schedule = "onecycle"``
@@ -233,9 +248,12 @@ def fit(module: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], trai
             module.train()
             total, count = 0.0, 0
             bar = tqdm(loader, desc=f"{desc} epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
-            for x, y in bar:
+            for step, (x, y) in enumerate(bar, start=1):
                 y = torch.as_tensor(y).to(device)
                 loss = dp.loss(dp.forward(prepare(x)).float(), y)
+                if not bool(torch.isfinite(loss.detach())):
+                    raise TrainingDiverged(_diverged(desc, key, cfg, epoch, f"step {step}: the training loss is "
+                                                                           f"{loss.item()}"))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -245,6 +263,8 @@ def fit(module: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], trai
                 count += len(y)
                 bar.set_postfix(loss=f"{total / count:.3f}")
             total, count = dp.epoch_sums(total, count)
+            if not all(bool(torch.isfinite(p.detach()).all()) for p in params):
+                raise TrainingDiverged(_diverged(desc, key, cfg, epoch, "the weights are no longer finite"))
             module.eval()
             val_loss = val_acc = val_auc = float("nan")
             if val is not None and len(val):
@@ -366,7 +386,8 @@ def train_transfer(model: Classifier, train: Dataset, val: Dataset, cfg: PhaseCo
     fval = pooled_features(model, val, device, progress=progress, precision=cfg.precision) if val is not None else None
     head_tail = model.head[2:]  # dropout -> linear, on pooled features
     torch.manual_seed(seed)
-    res = fit(head_tail, head_tail, _DeviceTensors(ftrain), fval, cfg, device, seed, progress, desc, keep=model.head)
+    res = fit(head_tail, head_tail, _DeviceTensors(ftrain), fval, cfg, device, seed, progress, desc, keep=model.head,
+              key="train.transfer")
     res.seconds = time.perf_counter() - t0
     model.eval()
     return res
@@ -385,7 +406,7 @@ def train_finetune(model: Classifier, train: Dataset, val: Dataset, cfg: PhaseCo
     unfreeze(model, cfg.bn_frozen)
     model.to(device)
     torch.manual_seed(seed)
-    res = fit(model, model, train, val, cfg, device, seed, progress, desc)
+    res = fit(model, model, train, val, cfg, device, seed, progress, desc, key="train.finetune")
     if not cfg.bn_frozen:
         t0 = time.perf_counter()
         calibrate_bn(model, train, device, progress=progress, precision=cfg.precision,
@@ -438,7 +459,7 @@ def pretrain_source(model: Classifier, source: Dataset, n_classes: int, cfg: Pha
             return self.temp(self.model.features(x))
 
     net = _Net()
-    res = fit(net, net, source, None, cfg, device, seed, progress, desc)
+    res = fit(net, net, source, None, cfg, device, seed, progress, desc, key="source")
     t0 = time.perf_counter()
     calibrate_bn(model, source if calibration is None else calibration, device, progress=progress,
                  precision=cfg.precision, max_images=BN_CALIBRATION_IMAGES)

@@ -78,6 +78,9 @@ def validate(cfg: Config) -> None:
         if not 32 <= side <= 1024:
             raise ConfigError(f"model.input_scale.{arch} = {scale} gives {side} px at data.image_size = "
                               f"{cfg.data.image_size}; the input side must be in [32, 1024]")
+    _check_model(cfg)
+    if cfg.data.source == "synthetic":
+        check_batches(cfg, cfg.data.n_train)
     for name in PHASES:
         st = getattr(cfg.train, name)
         _check_phase(st, f"train.{name}")
@@ -247,6 +250,62 @@ def _check_list(values: list, key: str, allowed: tuple[str, ...] | None) -> None
                 raise ConfigError(f"{key}: {v!r} is not one of {', '.join(allowed)}")
 
 
+WEIGHTS = ("synthetic-source", "none", "imagenet")
+"""The named values of ``model.weights``; any other value is the path of a checkpoint or weights file."""
+
+
+def _check_model(cfg: Config) -> None:
+    """``model.dropout`` in [0, 1), ``model.weights`` a known name or an existing file (a near miss of a name gets
+    a did-you-mean), and the synthetic-source pretraining settings."""
+    import difflib
+    from pathlib import Path
+
+    m = cfg.model
+    if isinstance(m.dropout, bool) or not isinstance(m.dropout, (int, float)) or not 0 <= m.dropout < 1:
+        raise ConfigError(f"model.dropout must be a probability in [0, 1), got {m.dropout!r}")
+    w = m.weights
+    if not isinstance(w, str) or not w:
+        raise ConfigError(f"model.weights must be one of {', '.join(WEIGHTS)} or the path of a weights file, "
+                          f"got {w!r}")
+    if w not in WEIGHTS and not Path(w).is_file():
+        near = difflib.get_close_matches(w.lower(), WEIGHTS, n=1, cutoff=0.6)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        raise ConfigError(f"model.weights = {w!r} is neither one of {', '.join(WEIGHTS)} nor an existing weights "
+                          f"file{hint}")
+    if m.weights_file and not Path(m.weights_file).is_file():
+        raise ConfigError(f"model.weights_file = {m.weights_file!r}: no such file")
+    src = cfg.source
+    if w == "synthetic-source":
+        _int_at_least(src.epochs, "source.epochs", 1)
+        _int_at_least(src.batch_size, "source.batch_size", 1)
+        _int_at_least(src.n_train, "source.n_train", 1)
+        _int_at_least(src.n_val, "source.n_val", 1)
+        _finite_positive(src.lr, "source.lr")
+        if src.batch_size > src.n_train:
+            raise ConfigError(f"source.batch_size = {src.batch_size} is larger than source.n_train = {src.n_train}: "
+                              "every step would be one smaller batch; lower the batch size")
+
+
+def _finite_positive(value: Any, key: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{key} must be a finite number > 0, got {value!r}")
+
+
+def check_batches(cfg: Config, n_train: int) -> None:
+    """The training batch sizes against the ``n_train`` training images: a batch larger than the training set
+    would silently be one smaller batch per epoch (another batch size than the configured one, and another
+    learning-rate schedule). Checked at configuration time for synthetic data and once real data are read,
+    before any training."""
+    for name in PHASES:
+        st = getattr(cfg.train, name)
+        for arch in cfg.run.archs:
+            s = st.for_arch(arch, f"train.{name}")
+            if isinstance(s.batch_size, int) and s.batch_size > n_train:
+                key = f"train.{name}" + (f".per_arch.{arch}" if arch in st.per_arch else "")
+                raise ConfigError(f"{key}.batch_size = {s.batch_size} is larger than the {n_train} training images: "
+                                  "every epoch would be one smaller batch; lower the batch size")
+
+
 def _check_phase(st: PhaseConfig, where: str) -> None:
     if st.optimizer not in ("adam", "adamw", "sgd"):
         raise ConfigError(f"{where}.optimizer must be adam, adamw or sgd, got {st.optimizer!r}")
@@ -254,5 +313,10 @@ def _check_phase(st: PhaseConfig, where: str) -> None:
         raise ConfigError(f"{where}.schedule must be constant or onecycle, got {st.schedule!r}")
     if st.precision not in ("fp32", "bf16", "auto"):
         raise ConfigError(f"{where}.precision must be fp32, bf16 or auto, got {st.precision!r}")
-    if st.epochs < 1 or st.batch_size < 1 or st.lr <= 0:
-        raise ConfigError(f"{where}: epochs, batch_size and lr must be positive")
+    _int_at_least(st.epochs, f"{where}.epochs", 1)
+    _int_at_least(st.batch_size, f"{where}.batch_size", 1)
+    _int_at_least(st.patience, f"{where}.patience", 1)
+    _finite_positive(st.lr, f"{where}.lr")
+    if (isinstance(st.weight_decay, bool) or not isinstance(st.weight_decay, (int, float))
+            or not math.isfinite(st.weight_decay) or st.weight_decay < 0):
+        raise ConfigError(f"{where}.weight_decay must be a finite number >= 0, got {st.weight_decay!r}")

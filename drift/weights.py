@@ -26,22 +26,24 @@ def save_checkpoint(model: Classifier, path: str | os.PathLike, meta: dict | Non
     """Write the model's state (tensors and plain metadata only) atomically; returns the file's sha256."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     payload = {"arch": model.arch, "num_classes": model.num_classes, "input_size": model.input_size,
                "state_dict": model.state_dict()}
     payload["meta"] = {k: str(v) for k, v in (meta or {}).items()}
+    from .safefile import RecordingWriter, exclusive_tmp, write_error
+
+    tmp, fd = exclusive_tmp(path)  # never through a link planted at <name>.tmp
+    writer = None
     try:
-        torch.save(payload, tmp)
+        with os.fdopen(fd, "wb") as fh:
+            writer = RecordingWriter(fh)  # torch's zip writer hides the OSError of a full disk: remember it
+            torch.save(payload, writer)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except (OSError, RuntimeError) as exc:
-        # Disk full, quota, read-only folder (torch's zip writer reports these as RuntimeError): no partial file
-        # is left under either name.
+        # Disk full, quota, read-only folder: no partial file is left under either name.
         tmp.unlink(missing_ok=True)
-        from .archive import OutputError
-
-        lines = str(exc).strip().splitlines()
-        why = getattr(exc, "strerror", None) or (lines[-1] if lines else type(exc).__name__)
-        raise OutputError(f"cannot write checkpoint {path}: {why}") from None
+        raise write_error(path, (writer and writer.error) or exc, "checkpoint") from None
     return sha256_file(path)
 
 

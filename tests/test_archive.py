@@ -1,3 +1,4 @@
+import json
 import os
 import signal
 import subprocess
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from drift.archive import Archive, ArchiveError, ArchiveReader, open_archive
+from drift.archive import SCHEMA_VERSION, Archive, ArchiveError, ArchiveReader, open_archive
 from drift.h5tree import read_tree, write_tree
 
 
@@ -142,10 +143,10 @@ def test_version_2_archive_is_read_and_upgraded_in_place_on_resume(tmp_path, rng
         g = f.require_group("baselines/arch/resnet18")
         g.attrs["phases"] = '["finetune"]'
         f.require_group("baselines/ranking/finetune").attrs["phases"] = '["finetune"]'
-    records = ArchiveReader(path).commits
-    with h5py.File(path, "a") as f:  # what version 2 wrote
-        f.attrs["stages"] = f.attrs["commits"]
-        del f.attrs["commits"]
+    records = [{k: v for k, v in c.items() if k != "digest"} for c in ArchiveReader(path).commits]
+    with h5py.File(path, "a") as f:  # what version 2 wrote: no checksums
+        f.attrs["stages"] = json.dumps(records)
+        del f.attrs["commits"], f.attrs["digest"]
         for g in ("baselines/arch/resnet18", "baselines/ranking/finetune"):
             f[g].attrs["stages"] = f[g].attrs["phases"]
             del f[g].attrs["phases"]
@@ -155,7 +156,7 @@ def test_version_2_archive_is_read_and_upgraded_in_place_on_resume(tmp_path, rng
     a = Archive(path, "seed = 1\n", "h")
     assert a.commits() == ["data", "baselines"] and a.done("data")
     with h5py.File(path) as f:
-        assert int(f.attrs["schema_version"]) == 4 and "stages" not in f.attrs
+        assert int(f.attrs["schema_version"]) == SCHEMA_VERSION and "stages" not in f.attrs
         for g in ("baselines/arch/resnet18", "baselines/ranking/finetune"):
             assert f[g].attrs["phases"] == '["finetune"]' and "stages" not in f[g].attrs
         np.testing.assert_array_equal(f["data/v"][()], values)

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from drift.data.base import DataError, Splits, check_int
+from drift.data.identity import check_class_folders, file_key, find_on_disk, merge_linked_files, nfc
 from drift.data.images import decode_image
 from drift.data.splits import SPLIT_NAMES, build_splits, check_fractions
 
@@ -113,6 +114,7 @@ def _class_folders(folder: Path, root: Path | None = None,
     recorded in ``skipped`` as ``(path relative to root, reason)``: a missing image is never silent.
     """
     dirs = sorted(p for p in folder.iterdir() if p.is_dir() and _visible(p))
+    check_class_folders(dirs, root or folder)
     if not dirs:
         raise DataError(f"{folder}: no class sub-folders found; expected {folder}/<class>/<image files>")
     stray = [p.name for p in folder.iterdir() if p.is_file() and _visible(p)]
@@ -131,8 +133,13 @@ def _class_folders(folder: Path, root: Path | None = None,
         files = sorted(p for p in entries if p.is_file())
         if not files:
             raise DataError(f"class folder {d} is empty: class {d.name!r} has no image files")
-        out[d.name] = files
+        out[nfc(d.name)] = files  # compared in NFC; display spellings: _display_names
     return out
+
+
+def _display_names(folder: Path) -> dict[str, str]:
+    """``{NFC name: the folder's own spelling}`` of the class folders of ``folder``."""
+    return {nfc(p.name): p.name for p in sorted(folder.iterdir()) if p.is_dir() and _visible(p)}
 
 
 def load_folder(root: str | os.PathLike, size: int, seed: int, val_fraction: float = 0.15,
@@ -212,28 +219,36 @@ def load_folder(root: str | os.PathLike, size: int, seed: int, val_fraction: flo
             if extra:
                 raise DataError(f"split {name!r} ({root / folder_of[name]}) has class(es) "
                                 f"{', '.join(map(repr, extra))} that train lacks")
-    class_names = tuple(sorted(next(iter(layout.values()))))
+    # Class identities are NFC names (one class, whatever Unicode form a folder or data.classes spells it in).
+    keys = tuple(sorted(next(iter(layout.values()))))
+    shown = _display_names(root if None in layout else root / folder_of["train"])
+    class_names = tuple(shown.get(k, k) for k in keys)
     if classes is not None:
         expected = tuple(str(c) for c in classes)
-        if len(set(expected)) != len(expected):
+        if len({nfc(c) for c in expected}) != len(expected):
             raise ValueError(f"classes has duplicate names: {expected}")
         for s, by_class in layout.items():
             where = root if s is None else root / folder_of[s]
-            extra = [name for name in sorted(by_class) if name not in expected]
+            names = _display_names(where)
+            extra = [name for name in sorted(by_class) if name not in {nfc(c) for c in expected}]
             if extra:
-                raise DataError(f"{where}: class folder(s) {', '.join(repr(str(where / e)) for e in extra)} not in "
-                                f"the expected classes ({', '.join(expected)}); fix the folder name or data.classes")
-            missing = [name for name in expected if name not in by_class]
+                raise DataError(f"{where}: class folder(s) {', '.join(repr(str(where / names[e])) for e in extra)} "
+                                f"not in the expected classes ({', '.join(expected)}); fix the folder name or "
+                                "data.classes")
+            missing = [name for name in expected if nfc(name) not in by_class]
             if missing:
                 raise DataError(f"{where}: no folder for expected class(es) {', '.join(map(repr, missing))}")
-        class_names = expected
+        keys, class_names = tuple(nfc(c) for c in expected), expected
     _check_classes(class_names, np.arange(len(class_names)), str(root))
     paths, labels, split_of = [], [], []
     for s, by_class in layout.items():
-        for c, name in enumerate(class_names):
-            paths += by_class[name]
-            labels += [c] * len(by_class[name])
-            split_of += [-1 if s is None else SPLIT_NAMES.index(s)] * len(by_class[name])
+        for c, key in enumerate(keys):
+            paths += by_class[key]
+            labels += [c] * len(by_class[key])
+            split_of += [-1 if s is None else SPLIT_NAMES.index(s)] * len(by_class[key])
+    # One file under two names (a link into another class or split) never gets two labels.
+    one = merge_linked_files(paths, labels, split_of, class_names, SPLIT_NAMES)
+    paths, labels, split_of = [paths[i] for i in one], [labels[i] for i in one], [split_of[i] for i in one]
     ids = [p.relative_to(root).as_posix() for p in paths]
     keep = _drop_bad(paths, ids, skip_bad, skipped)
     paths = [p for p, k in zip(paths, keep) if k]
@@ -299,7 +314,9 @@ def load_csv(manifest: str | os.PathLike, size: int, seed: int, val_fraction: fl
     if not manifest.is_file():
         raise DataError(f"manifest {manifest} does not exist" if not manifest.exists()
                         else f"manifest {manifest} is not a file")
-    base = manifest.parent if root is None else Path(root)
+    # Paths are resolved against the manifest's real location (or root's), whatever form data.path has, so a
+    # file listed once relative and once absolute is one file.
+    base = (manifest.parent if root is None else Path(root)).resolve()
     if not base.is_dir():
         raise DataError(f"data root {base} does not exist or is not a folder")
     try:
@@ -318,6 +335,7 @@ def load_csv(manifest: str | os.PathLike, size: int, seed: int, val_fraction: fl
         raise DataError(f"manifest {manifest} repeats column(s) {', '.join(dup)}")
     col = {name: header.index(name) for name in ("path", "label", "split", "patient_id") if name in header}
     records = []
+    shown: dict[str, str] = {}
     seen: dict[str, tuple[int, str]] = {}
     for line, row in enumerate(rows[1:], start=2):
         if not any(cell.strip() for cell in row):
@@ -332,7 +350,8 @@ def load_csv(manifest: str | os.PathLike, size: int, seed: int, val_fraction: fl
         # could put the image in two splits: compare the normalised paths.
         given = rec["path"]
         rec["path"] = posixpath.normpath(given)
-        key = os.path.normpath(os.path.join(base, rec["path"]))
+        rec["file"] = find_on_disk(base / rec["path"])  # an NFC path finds a file stored NFD, and the reverse
+        key = file_key(rec["file"])
         if key in seen:
             first_line, first = seen[key]
             same = "" if first == given else f" as {first!r} (the same file)"
@@ -345,20 +364,24 @@ def load_csv(manifest: str | os.PathLike, size: int, seed: int, val_fraction: fl
                 raise DataError(f"{manifest} line {line}: unknown split {rec['split']!r}; expected train, val or test")
             rec["split"] = alias
         rec["line"] = line
+        shown.setdefault(nfc(rec["label"]), rec["label"])  # the first spelling of a label is the one shown
+        rec["label"] = nfc(rec["label"])
         records.append(rec)
     if not records:
         raise DataError(f"manifest {manifest} lists no images")
     if classes is not None:
         class_names = tuple(str(c) for c in classes)
-        if len(set(class_names)) != len(class_names):
+        keys = tuple(nfc(c) for c in class_names)
+        if len(set(keys)) != len(class_names):
             raise ValueError(f"classes has duplicate names: {class_names}")
         for rec in records:
-            if rec["label"] not in class_names:
-                raise DataError(f"{manifest} line {rec['line']}: unknown label {rec['label']!r}; expected one of "
-                                f"{', '.join(class_names)}")
+            if rec["label"] not in keys:
+                raise DataError(f"{manifest} line {rec['line']}: unknown label {shown[rec['label']]!r}; expected "
+                                f"one of {', '.join(class_names)}")
     else:
-        class_names = tuple(sorted({rec["label"] for rec in records}, key=_label_order))
-    _check_classes(class_names, np.unique([class_names.index(r["label"]) for r in records]), str(manifest))
+        keys = tuple(sorted({rec["label"] for rec in records}, key=_label_order))
+        class_names = tuple(shown[k] for k in keys)
+    _check_classes(class_names, np.unique([keys.index(r["label"]) for r in records]), str(manifest))
     has_split, has_patient = "split" in col, "patient_id" in col
     if has_split and has_patient:
         where: dict[str, tuple[str, int]] = {}
@@ -367,14 +390,14 @@ def load_csv(manifest: str | os.PathLike, size: int, seed: int, val_fraction: fl
             if first[0] != rec["split"]:
                 raise DataError(f"{manifest}: patient {rec['patient_id']!r} is in split {first[0]!r} (line {first[1]}) "
                                 f"and in split {rec['split']!r} (line {rec['line']})")
-    paths = [Path(r["path"]) if Path(r["path"]).is_absolute() else base / r["path"] for r in records]
+    paths = [r["file"] for r in records]
     ids = [Path(r["path"]).as_posix() for r in records]
     skipped: list[tuple[str, str]] = []
     keep = _drop_bad(paths, ids, skip_bad, skipped)
     records = [r for r, k in zip(records, keep) if k]
     paths = [p for p, k in zip(paths, keep) if k]
     ids = [i for i, k in zip(ids, keep) if k]
-    labels = np.array([class_names.index(r["label"]) for r in records], dtype=np.int64)
+    labels = np.array([keys.index(r["label"]) for r in records], dtype=np.int64)
     _check_classes(class_names, labels, str(manifest))
     patients = [r["patient_id"] for r in records] if has_patient else None
     split_of = np.array([SPLIT_NAMES.index(r["split"]) for r in records], dtype=np.int64) if has_split else None

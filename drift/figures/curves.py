@@ -39,6 +39,10 @@ class CurvePanel:
     logy: bool = False
 
 
+def _has_positive(arrays) -> bool:
+    return any(np.any(np.isfinite(a) & (a > 0)) for a in (np.asarray(v, dtype=np.float64) for v in arrays))
+
+
 def curve_grid(panels: Sequence[CurvePanel], ncols: int = 3) -> Figure:
     """Mean curves over samples with 95% bands (:func:`mean_band`), one panel per :class:`CurvePanel`.
 
@@ -65,13 +69,16 @@ def curve_grid(panels: Sequence[CurvePanel], ncols: int = 3) -> Figure:
                 labels.append(lab)
     for ax, p in zip(axes, panels):
         x = np.asarray(p.x, dtype=np.float64)
+        # A log y axis needs a positive value to show; a collapsed model (all-zero KLs, constant curves) has
+        # none, and is drawn on a linear axis, saying so, rather than failing inside matplotlib.
+        logy = p.logy and _has_positive([*p.series.values(), *p.references.values()])
         for lab, v in p.series.items():
             v = np.atleast_2d(np.asarray(v, dtype=np.float64))
             if v.shape[-1] != x.size:
                 raise ValueError(f"panel {p.title!r}: series {lab!r} has {v.shape[-1]} points, x has {x.size}")
             mean, lo, hi = mean_band(v)
             c = color(labels.index(lab))
-            if p.logy:
+            if logy:
                 # A log axis cannot show a band reaching zero or below: clip it at a tenth of the smallest mean.
                 pos = mean[np.isfinite(mean) & (mean > 0)]
                 floor = pos.min() / 10 if pos.size else 1e-12
@@ -90,8 +97,11 @@ def curve_grid(panels: Sequence[CurvePanel], ncols: int = 3) -> Figure:
                     linewidth=1.2, label=lab)
         if p.logx and np.all(x > 0):
             ax.set_xscale("log")
-        if p.logy:
+        if logy:
             ax.set_yscale("log")
+        elif p.logy:
+            ax.text(0.5, 0.5, "no positive value: linear axis", transform=ax.transAxes, ha="center", fontsize=7,
+                    color="0.4")
         if x.size == 1:
             ax.set_xticks(x)
         ax.set_title(p.title, fontsize=9)
@@ -154,4 +164,8 @@ def training_history(histories: Mapping[str, Mapping[str, Mapping[str, np.ndarra
             ax.tick_params(labelsize=7)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=6.5)
+            curves = [ln for ln in ax.get_lines() if not ln.get_label().startswith("_")]  # not the phase divider
+            if not any(np.isfinite(np.asarray(ln.get_ydata(), dtype=float)).any() for ln in curves):
+                # e.g. the validation AUC of a model that predicts one class: plotted as what it is
+                ax.text(0.5, 0.5, "no finite value", transform=ax.transAxes, ha="center", fontsize=7, color="0.4")
     return fig

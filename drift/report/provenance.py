@@ -63,14 +63,26 @@ def _provenance(run: Run) -> Section:
     s.blocks.append(Table("tbl-provenance", "Provenance of the run", ["item", "value"], rows))
     commits = run.reader.commits
     if commits:
-        rows = [[c.get("name", "?"), fmt(c.get("seconds")), str(c.get("finished", "-"))] for c in commits]
-        rows.append(["total", fmt(sum(float(c.get("seconds", 0) or 0) for c in commits)), ""])
-        s.blocks.append(Table("tbl-commits", "The archive's commits, in order, with the seconds recorded for each "
-                              "and when it finished (training time per phase is in the classification table)",
-                              ["commit", "seconds", "finished"], rows))
+        rows = [[c.get("name", "?"), fmt(c.get("seconds")), str(c.get("finished", "-")), _versions(c)]
+                for c in commits]
+        rows.append(["total", fmt(sum(float(c.get("seconds", 0) or 0) for c in commits)), "", ""])
+        s.blocks.append(Table("tbl-commits", "The archive's commits, in order, with the seconds recorded for each, "
+                              "when it finished and the versions that computed it (training time per phase is in "
+                              "the classification table)", ["commit", "seconds", "finished", "computed by"], rows))
+        if run.reader.integrity_note:
+            s.blocks.append(Text(run.reader.integrity_note, "note"))
     else:
         s.blocks.append(Text("Nothing has been committed to this archive yet.", "note"))
     return s
+
+
+def _versions(commit: dict) -> str:
+    """The versions recorded with a commit (drift with its git commit, torch, timm, ...), '-' when the archive
+    predates that record."""
+    v = commit.get("versions")
+    if not isinstance(v, dict):
+        return "-"
+    return ", ".join(f"{k} {v[k]}" for k in ("drift", "torch", "timm", "numpy", "h5py", "python") if k in v)
 
 
 def _data(run: Run) -> Section:

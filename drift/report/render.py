@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import html
-import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -143,7 +142,10 @@ def render_markdown(sections: Sequence[Section], title: str, figure_dir: str = "
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    """Write a report file through an exclusive ``<name>.tmp`` (never through a link) and an atomic rename; a
+    failed write (disk full, read-only) removes the ``.tmp`` and raises one line naming the file
+    (:func:`drift.safefile.write_atomic`)."""
+    from ..safefile import write_atomic as write
+
+    write(path, data, "report file")
 
