@@ -49,6 +49,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .metrics import pearson, spearman, ssim
+from .train import cumulative_bn
 
 MapsFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], dict[tuple[str, str], dict[str, torch.Tensor]]]
 """(model, images, targets) -> {(layer, score): {method: maps (B, h, w)}}, e.g. :func:`drift.attribution.cams_multi`
@@ -174,21 +175,9 @@ def recalibrate_bn(model: nn.Module, modules: Sequence[str], batches: Iterable[t
     bns = [named[n] for n in modules if isinstance(named.get(n), _BatchNorm)]
     if not bns:
         return 0
-    modes = [(m, m.training) for m in model.modules()]
-    momenta = [m.momentum for m in bns]
-    model.eval()
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-        m.train()
-    try:
+    with cumulative_bn(model, bns):
         for x in batches:
             model(x)
-    finally:
-        for m, momentum in zip(bns, momenta):
-            m.momentum = momentum
-        for m, mode in modes:
-            m.training = mode
     return len(bns)
 
 

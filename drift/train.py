@@ -18,7 +18,7 @@ import contextlib
 import copy
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -328,6 +328,21 @@ def calibrate_bn(model: nn.Module, data: Dataset, device: torch.device, batch_si
     bns = [m for m in model.modules() if isinstance(m, _BatchNorm)]
     if not bns:
         return 0
+    forward = forward or getattr(model, "features", model)  # a Classifier: the backbone on prepared input
+    with cumulative_bn(model, bns), fast_layout(model, precision, device) as prepare:
+        subset = torch.utils.data.Subset(data, calibration_subset(len(data), max_images).tolist())
+        for x, _ in tqdm(DataLoader(subset, batch_size=batch_size), desc="BatchNorm statistics",
+                         disable=not progress, leave=False):
+            forward(prepare(x))
+    return len(bns)
+
+
+@contextlib.contextmanager
+def cumulative_bn(model: nn.Module, bns: Sequence[_BatchNorm]) -> Iterator[None]:
+    """Inside: the BatchNorm layers ``bns`` reset and in training mode with a cumulative average
+    (``momentum=None``: each layer's statistics become the mean over batches of its batch mean and unbiased batch
+    variance), every other layer of ``model`` in inference mode; afterwards every layer's mode and momentum as
+    before."""
     modes = [(m, m.training) for m in model.modules()]
     momenta = [m.momentum for m in bns]
     model.eval()
@@ -335,19 +350,13 @@ def calibrate_bn(model: nn.Module, data: Dataset, device: torch.device, batch_si
         m.reset_running_stats()
         m.momentum = None
         m.train()
-    forward = forward or getattr(model, "features", model)  # a Classifier: the backbone on prepared input
     try:
-        with fast_layout(model, precision, device) as prepare:
-            subset = torch.utils.data.Subset(data, calibration_subset(len(data), max_images).tolist())
-            for x, _ in tqdm(DataLoader(subset, batch_size=batch_size), desc="BatchNorm statistics",
-                             disable=not progress, leave=False):
-                forward(prepare(x))
+        yield
     finally:
         for m, momentum in zip(bns, momenta):
             m.momentum = momentum
         for m, mode in modes:
             m.training = mode
-    return len(bns)
 
 
 @torch.no_grad()

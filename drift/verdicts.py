@@ -72,15 +72,22 @@ def judge_systematic(entries: dict, labels: np.ndarray | None = None, alpha: flo
     """
     res = {k: systematic_drift(t, f, labels, min_per_class=min_per_class, form=systematic_form(k[2]))
            for k, (t, f) in entries.items()}
-    keys = [k for k, r in res.items() if r.models_resampled and math.isfinite(r.p_value)]
-    adj = dict(zip(keys, holm([res[k].p_value for k in keys]), strict=True))
+    out, n_tests = _holm_family(res, lambda r: r.p_value if r.models_resampled else math.nan, "beyond", alpha)
+    return {"results": out, "sentence": _systematic_sentence(out, alpha, n_tests), "n_tests": n_tests}
+
+
+def _holm_family(res: dict, p_of, flag: str, alpha: float) -> tuple[dict, int]:
+    """Each result as a dict with its Holm-adjusted p (``p_holm``) over the results whose ``p_of`` is finite and
+    ``flag`` = adjusted p <= alpha; the number of tests in the family."""
+    keys = [k for k, r in res.items() if math.isfinite(p_of(r))]
+    adj = dict(zip(keys, holm([p_of(res[k]) for k in keys]), strict=True))
     out = {}
     for k, r in res.items():
         d = r.as_dict()
         d["p_holm"] = adj.get(k, math.nan)
-        d["beyond"] = bool(k in adj and adj[k] <= alpha)
+        d[flag] = bool(k in adj and adj[k] <= alpha)
         out[k] = d
-    return {"results": out, "sentence": _systematic_sentence(out, alpha, len(keys)), "n_tests": len(keys)}
+    return out, len(keys)
 
 
 def _systematic_sentence(out: dict, alpha: float, n_tests: int) -> str:
@@ -312,24 +319,17 @@ def judge_chains(chains: dict, methods: Sequence[str], tops: dict | None = None,
     for (arch, _, _), v in chains.items():
         by_arch.setdefault(arch, []).append(v)
     res = {a: energy_test(*(list(x) for x in zip(*v, strict=True))) for a, v in by_arch.items()}
-    keys = [k for k, r in res.items() if math.isfinite(r.p_value)]
-    adj = dict(zip(keys, holm([res[k].p_value for k in keys]), strict=True))
-    out = {}
-    for k, r in res.items():
-        d = r.as_dict()
-        d["p_holm"] = adj.get(k, math.nan)
-        d["different"] = bool(k in adj and adj[k] <= alpha)
-        out[k] = d
+    out, n_tests = _holm_family(res, lambda r: r.p_value, "different", alpha)
     parts = []
     if out:
         n_chains = max(d["n_chains"] for d in out.values())
         min_p = min(d["min_p"] for d in out.values())
         diff = [a for a, d in out.items() if d["different"]]
         parts.append(f"Whole chains ({n_chains}; energy test over the judged methods and metrics, phase labels "
-                     f"permuted within chains, Holm over {len(keys)} architectures at alpha = {alpha:g}): TL and FT "
+                     f"permuted within chains, Holm over {n_tests} architectures at alpha = {alpha:g}): TL and FT "
                      "maps differ over training seeds for " + (", ".join(diff) if diff else "no architecture")
                      + (f" (with {n_chains} chains the smallest attainable p-value is {min_p:.3g}: no test can "
-                        "reject)" if min_p * len(keys) > alpha else "") + ".")
+                        "reject)" if min_p * n_tests > alpha else "") + ".")
     if tops:
         pairs, _ = judged_pairs(methods)
         for metric, by_method in tops.items():
