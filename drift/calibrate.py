@@ -9,11 +9,10 @@ verdict makes a false claim is its false-positive rate, and the share in which i
 
 The map model (log intensities on an S x S grid, maps = exp): an image's anatomy (a smooth random field shared by
 every model and method), a base pattern (the same for every architecture), a method pattern, a planted TL -> FT
-change (a smooth field per
-architecture and method, scaled to the scenario's size), and seed noise: a model-level field shared by every image
-of one fine-tuned model (what makes replicas differ as a whole) plus image-level noise, each method with its own
-share. Transfer checkpoints carry no seed noise of their own except in the chain scenario: the verdicts on
-replicas are conditional on each architecture's transfer checkpoint, and so is their null.
+change (a smooth field per architecture and method, scaled to the scenario's size), and seed noise: a model-level
+field shared by every image of one fine-tuned model (what makes replicas differ as a whole) plus image-level noise,
+each method with its own share. Transfer checkpoints carry no seed noise of their own except in the chain
+scenario: the verdicts on replicas are conditional on each architecture's transfer checkpoint, and so is their null.
 
 Scenarios (:data:`SCENARIOS`): ``null`` (exchangeable architectures and methods, FT = TL + seed noise),
 ``checkpoint-null`` (no seed noise at the model level, one fine-tuned model: the null of the checkpoint-level
