@@ -35,7 +35,7 @@ from .attribution import normalize
 from .drift_step import masks, pair_tree, sample_mask
 from .h5tree import write_tree
 from .maps import to_grid, upsample
-from .metrics import DEFAULT_FRACTIONS, stability
+from .metrics import DEFAULT_FRACTIONS, pair_metrics, stability
 from .rundir import log
 from .stats.systematic import euclidean_instability, euclidean_label, systematic_form
 
@@ -200,6 +200,17 @@ def _pair(pipe, a: np.ndarray, b: np.ndarray, cell: Cell, size, selected: np.nda
     return pair_tree(pipe, ua, ub, lung, lesion, marker, selected[:n], n=n)
 
 
+def _pair_values(pipe, a: np.ndarray, b: np.ndarray, cell: Cell, size) -> dict[str, np.ndarray]:
+    """Per-image drift metrics of raw maps ``a`` vs ``b`` in ``cell``, as :func:`_pair` scores them but without
+    the masks' metrics and the summaries (what the chains need): ``{metric: (n,), "valid": (n,) bool}``."""
+    mcfg = pipe.cfg.metrics
+    ua = normalize(upsample(torch.as_tensor(a), size, cell.upsample), cell.norm)
+    ub = normalize(upsample(torch.as_tensor(b), size, cell.upsample), cell.norm)
+    per = pair_metrics(ua, ub, fractions=tuple(mcfg.fractions), ties=mcfg.ties, small=True,
+                       centroid_norm=mcfg.centroid_norm)
+    return {k: v.cpu().numpy() for k, v in per.items()}
+
+
 def _arch_step(pipe, arch: str, seeds: list[int], name: str) -> None:
     t0 = time.perf_counter()
     cfg, b = pipe.cfg, pipe.cfg.baselines
@@ -305,7 +316,7 @@ def _chains_step(pipe, chains: list[int]) -> None:
     cell = reader.primary_cell()
     size = tuple(pipe.test_images([0]).shape[-2:])
     ranked = sample_mask(pipe, cfg.run.archs[0], mcfg.ranking_sample_set)
-    everyone = np.ones(len(pipe.splits.test), dtype=bool)
+    n_test = len(pipe.splits.test)
     r = len(chains) + 1
     entries, tops, tree = {}, {}, {}
     for arch in cfg.run.archs:
@@ -320,13 +331,13 @@ def _chains_step(pipe, chains: list[int]) -> None:
         for method in a.methods:
             tl = [m[method] for m in maps["transfer"]]
             ft = [m[method] for m in maps["finetune"]]
-            raw = {k: {key: np.full((r, r, len(everyone)), np.nan) for key in ("tt", "ff", "tf")}
+            raw = {k: {key: np.full((r, r, n_test), np.nan) for key in ("tt", "ff", "tf")}
                    for k in mcfg.ranking_metrics}
             for i in range(r):
                 for j in range(r):
                     todo = [("tf", tl[i], ft[j])] + ([("tt", tl[i], tl[j]), ("ff", ft[i], ft[j])] if i < j else [])
                     for key, x, y in todo:
-                        per = _pair(pipe, x, y, cell, size, everyone)["per_sample"]
+                        per = _pair_values(pipe, x, y, cell, size)
                         for metric in mcfg.ranking_metrics:
                             v = _masked(per, metric, ranked)
                             raw[metric][key][i, j] = v

@@ -189,22 +189,23 @@ def test_whole_chains_are_trained_from_their_own_transfer_model_and_judged(tmp_p
     from drift.pipeline import Pipeline
 
     tiny = [x for x in TINY if not x.startswith(("baselines.replica_seeds", "baselines.randomize"))]
-    cfg = config.load(None, [*tiny, f'run.out="{tmp_path}"', "baselines.chains=2", "baselines.seeds=0"])
+    cfg = config.load(None, [*tiny, f'run.out="{tmp_path}"', "baselines.chains=1", "baselines.seeds=0"])
     Pipeline(cfg).run()
     r = ArchiveReader(tmp_path / "archive.h5")
     seeds = json.loads(r.read("baselines/chains")["chains"])
-    assert seeds == [0, 2000, 2001]
+    assert seeds == [0, 2000]
     for arch in cfg.run.archs:
         for s in seeds[1:]:
             assert r.read(f"replicas/{arch}/chain/seed{s}")["weights"] == f"transfer replica seed {s}"
         node = r.read(f"baselines/chains/pairs/{arch}/layercam/pearson")
         tf = node["raw_tf"]
-        assert tf.shape == (3, 3, cfg.data.n_test)
+        assert tf.shape == (2, 2, cfg.data.n_test)
         # chain 0 is the run's own: its TL vs FT is the drift step's pair
         ok = np.isfinite(tf[0, 0])
         np.testing.assert_allclose(tf[0, 0][ok], r.drift(arch, "layercam")["pearson"][ok], rtol=1e-12)
         np.testing.assert_array_equal(node["raw_tt"], node["raw_tt"].transpose(1, 0, 2))
         energy = r.read(f"baselines/chains/energy/{arch}")
-        assert energy["n_chains"] == 3 and energy["min_p"] == pytest.approx(2 / 8)
+        assert energy["n_chains"] == 2 and energy["min_p"] == pytest.approx(2 / 4)
+        assert np.isfinite(energy["statistic"]) and 0 < energy["p_value"] <= 1
     v = r.read("baselines/chains")["verdict"]
-    assert v.startswith("Whole chains (3;") and "no test can reject" in v and "(a count across seeds, not a test)" in v
+    assert v.startswith("Whole chains (2;") and "no test can reject" in v and "(a count across seeds, not a test)" in v
