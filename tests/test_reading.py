@@ -151,8 +151,12 @@ def test_cell_keys_and_version_3_archives(tmp_path):
         write_tree(f.require_group("drift/m"), {"block": {"logit": {
             "minmax": {"gradcam": {"summary": {}}}, "minmax@zoom-corners": {"gradcam": {"summary": {}}},
             "agreement": {}}}})
+    # A version-3 archive: no checksums (no root digest, no digest per commit).
+    records = [{k: v for k, v in c.items() if k != "digest"} for c in ArchiveReader(path).commits]
     with h5py.File(path, "a") as f:
         f.attrs["schema_version"] = 3
+        f.attrs["commits"] = json.dumps(records)
+        del f.attrs["digest"]
     r = ArchiveReader(path)
     assert r.cells() == [Cell("block", "logit", "minmax"), Cell("block", "logit", "minmax", "zoom-corners")]
     Archive(path, "", "")  # resuming upgrades it in place
