@@ -200,13 +200,14 @@ class FisherConfig:
 class BaselinesConfig:
     """Controls for the drift numbers (:mod:`drift.baselines`); both are off by default.
 
-    The seed floor repeats each training phase in ``phases`` from the same starting point with other training seeds
-    and scores the drift between the run's model and each replica of the same phase (what drift looks like with no
-    change of phase). The randomisation check (cascading model randomisation, Adebayo et al. 2018) re-initialises
-    the fine-tuned model's layers from the head downwards and scores how far its maps move.
+    The seed replicas repeat each training phase in ``phases`` from the same starting point with other training
+    seeds; every pair among the run's model and its replicas is scored, and the systematic drift beyond seed noise
+    is judged from them (:func:`drift.stats.systematic_drift`, :mod:`drift.verdicts`); ``chains`` adds whole
+    chains (both phases retrained). The randomisation check (cascading model randomisation, Adebayo et al. 2018)
+    re-initialises the fine-tuned model's layers from the head downwards and scores how far its maps move.
     """
 
-    seeds: int = 0  # seed replicas per phase; 0 = no seed floor
+    seeds: int = 0  # seed replicas per phase; 0 = none (at least 2 for a verdict on systematic drift)
     replica_seeds: list[int] = field(default_factory=list)  # explicit replica seeds (override ``seeds``)
     phases: list[str] = field(default_factory=lambda: ["finetune"])  # finetune and/or transfer
     # Whole chains beside the run's own: transfer phase with seed run.seed + 2000 + r, then fine-tuning from that

@@ -2,9 +2,9 @@
 (layer x score x normalisation x resampling), their summaries over the selected images, and the agreement between
 methods.
 
-The step scores every test image and records which ones its summaries use (:func:`sample_mask`); the seed floors
-of :mod:`drift.baselines` score their map pairs with the same :func:`pair_tree`. The data step archives the marker
-masks of :func:`marker_masks` that the metrics score against.
+The step scores every test image and records which ones its summaries use (:func:`sample_mask`); the seed
+replicas of :mod:`drift.baselines` score their map pairs with the same :func:`pair_tree`. The data step archives
+the marker masks of :func:`marker_masks` that the metrics score against.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""The controls of the drift numbers: drift beside its seed floor, the randomisation check, and whether the
-reversal exceeds the seed noise (:mod:`drift.baselines`)."""
+"""The controls of the drift numbers: the systematic drift against seed noise with its verdicts, and the
+randomisation check (:mod:`drift.baselines`, :mod:`drift.randomisation`)."""
 
 from __future__ import annotations
 
