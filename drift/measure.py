@@ -194,12 +194,7 @@ class MeasureRun(Pipeline):
         arch = self.name
         for phase in PHASES:
             self.trained(arch, phase)
-        if "attributions" in steps:
-            self.step_attributions(arch)
-        if "drift" in steps:
-            self.step_drift(arch)
-        if "fisher" in steps and self.cfg.fisher.enabled:
-            self.step_fisher(arch)
+        self.arch_steps(arch, steps)
         if "replicas" in steps and self.replicas:
             self.step_replicas()
         if "stats" in steps:

@@ -241,12 +241,7 @@ class Pipeline:
                 for phase in PHASES:
                     self.trained(arch, phase)
                 self.timings["data+training"] += time.perf_counter() - t_train
-            if "attributions" in steps:
-                self.step_attributions(arch)
-            if "drift" in steps:
-                self.step_drift(arch)
-            if "fisher" in steps and self.cfg.fisher.enabled:
-                self.step_fisher(arch)
+            self.arch_steps(arch, steps)
         if "stats" in steps:
             self.step_stats()
         if "baselines" in steps:
@@ -412,6 +407,16 @@ class Pipeline:
         key = (arch, phase) if replica is None else (arch, phase, replica)
         self._models[key] = Trained(model, ev)
         return self._models[key]
+
+    def arch_steps(self, arch: str, steps: tuple[str, ...]) -> None:
+        """The steps of one architecture's trained models, in order: attributions, drift metrics, iFIM (those of
+        ``steps``; iFIM only when ``fisher.enabled``)."""
+        if "attributions" in steps:
+            self.step_attributions(arch)
+        if "drift" in steps:
+            self.step_drift(arch)
+        if "fisher" in steps and self.cfg.fisher.enabled:
+            self.step_fisher(arch)
 
     # ---- attributions, drift metrics
     def step_attributions(self, arch: str) -> None:
