@@ -220,8 +220,7 @@ class Study:
         if m >= 3:
             sysj = judge_systematic(sys_entries, self.labels)
             out["systematic"] = {"claims": any(d["beyond"] for d in sysj["results"].values()),
-                                 "truth": sc.truth.get("systematic", False),
-                                 "power": float(np.mean([d["beyond"] for d in sysj["results"].values()]))}
+                                 "truth": sc.truth.get("systematic", False)}
             rk = judge_ranking(by_arch, self.labels)
             out["ranking"] = {"claims": any(d["claim"] for d in rk["results"].values()),
                               "truth": sc.truth.get("ranking", False)}
@@ -232,7 +231,6 @@ class Study:
 class Rate:
     hits: int = 0
     total: int = 0
-    power_sum: float = 0.0
 
     @property
     def rate(self) -> float:
@@ -244,18 +242,17 @@ class Rate:
         return math.sqrt(p * (1 - p) / self.total) if self.total else math.nan
 
 
-def _chunk(task: tuple) -> dict[str, tuple[int, int, float]]:
-    """Studies of one scenario from one seed sequence: ``{verdict: (claims, studies, power sum)}``."""
+def _chunk(task: tuple) -> dict[str, tuple[int, int]]:
+    """Studies of one scenario from one seed sequence: ``{verdict: (claims, studies)}``."""
     name, n, n_images, side, seq = task
     sc = next(s for s in SCENARIOS if s.name == name)
     rng = np.random.default_rng(seq)
     out: dict[str, list] = {}
     for _ in range(n):
         for verdict, r in Study(sc, n_images, side, rng).judge().items():
-            acc = out.setdefault(verdict, [0, 0, 0.0])
+            acc = out.setdefault(verdict, [0, 0])
             acc[0] += bool(r["claims"])
             acc[1] += 1
-            acc[2] += float(r.get("power", r["claims"]))
     return {k: tuple(v) for k, v in out.items()}
 
 
@@ -292,11 +289,10 @@ def run(n_studies: int = 200, n_images: int = 40, side: int = 16, seed: int = 0,
         parts = [_chunk(t) for t in tasks]
     out: dict = {sc.name: {"rates": {}, "scenario": sc} for sc in scenarios}
     for sc, part in zip(owner, parts, strict=True):
-        for verdict, (hits, total, power) in part.items():
+        for verdict, (hits, total) in part.items():
             rate = out[sc.name]["rates"].setdefault(verdict, Rate())
             rate.hits += hits
             rate.total += total
-            rate.power_sum += power
     return out
 
 
@@ -334,7 +330,7 @@ def markdown(results: dict, seconds: float, n_studies: int, n_images: int, side:
               + (f", {sc.chains} chains" if sc.chains else "") + ")." for sc in SCENARIOS if sc.name in results]
     lines += ["", "Verdicts:", "",
               "- `systematic`: 'systematic drift beyond seed noise' for some (architecture, method, metric) "
-              "(`drift.verdicts.judge_systematic`; its power column is the mean share of entries found).",
+              "(`drift.verdicts.judge_systematic`; its power is the share of studies in which some entry is found).",
               "- `ranking`: 'architecture a drifts less than b' on systematic drift (`judge_ranking`).",
               "- `reversal`: 'the stability order reverses between LayerCAM and Grad-CAM++' in some distinct "
               "testable cell (`judge_reversals`); with one fine-tuned model it is conditional on the checkpoints "
