@@ -37,6 +37,12 @@ class DataConfig:
     n_test: int = 150
     difficulty: float = 0.0
     confounder: float = 0.0  # correlation of a class marker outside the lungs; 0 = off
+    # The transfer phase's training and validation images at their own marker strength (a planted shift: the
+    # marker appears only once fine-tuning starts); -1 = data.confounder. Same patients, plates aside.
+    confounder_transfer: float = -1.0
+    # What the marker masks hold, for the marker_mass metrics: "drawn" (the plates painted) or "slot" (every
+    # test image's class plate region, painted or not, so a study and its null twin score the same pixels).
+    marker_region: str = "drawn"
     val_fraction: float = 0.15
     test_fraction: float = 0.2
     skip_bad: bool = False
@@ -298,6 +304,9 @@ class Config:
         for k in ("out", "progress", "threads", "device"):
             d["run"].pop(k)
         d["data"].pop("path")
+        for k, default in (("confounder_transfer", -1.0), ("marker_region", "drawn")):  # settings added later:
+            if d["data"].get(k) == default:  # at their defaults, the hash of configs written before them
+                d["data"].pop(k)
         d["model"].pop("cache_dir")
         for phase in d["train"].values():  # sync_bn off: the hash of configs written before it existed
             if not phase.get("sync_bn", True):

@@ -102,6 +102,7 @@ class Pipeline:
             raise
         self.force = set(force)
         self._splits = None
+        self._transfer_splits = None
         self._data_fingerprint: str | None = None
         self._models: dict[tuple[str, str], Trained] = {}
         self.timings: dict[str, float] = {}
@@ -199,7 +200,7 @@ class Pipeline:
             d = self.cfg.data
             if d.source == "synthetic":
                 self._splits = data.load_synthetic(d.n_train, d.n_val, d.n_test, d.image_size, self.cfg.data_seed,
-                                                   d.difficulty, d.confounder)
+                                                   d.difficulty, d.confounder, d.marker_region)
             elif d.source == "folder":
                 self._splits = data.load_folder(d.path, d.image_size, self.cfg.data_seed, d.val_fraction,
                                                 d.test_fraction, d.skip_bad, classes=d.classes or None)
@@ -207,6 +208,21 @@ class Pipeline:
                 self._splits = data.load_csv(d.path, d.image_size, self.cfg.data_seed, d.val_fraction,
                                              d.test_fraction, d.skip_bad, classes=d.classes or None)
         return self._splits
+
+    @property
+    def transfer_splits(self):
+        """The transfer phase's training and validation images: :attr:`splits`, or with ``data.confounder_transfer``
+        set apart from ``data.confounder`` the same patients at the transfer strength of the marker (a planted
+        shift); its test split is empty (every phase is evaluated on :attr:`splits`' test images)."""
+        d = self.cfg.data
+        if d.source != "synthetic" or d.confounder_transfer in (-1, d.confounder):
+            return self.splits
+        if self._transfer_splits is None:
+            from . import data
+
+            self._transfer_splits = data.load_synthetic(d.n_train, d.n_val, 0, d.image_size, self.cfg.data_seed,
+                                                        d.difficulty, d.confounder_transfer)
+        return self._transfer_splits
 
     @property
     def class_names(self) -> list[str]:
@@ -275,6 +291,10 @@ class Pipeline:
         s = self.splits
         test = s.test
         log(f"data: {len(s.train)} train / {len(s.val)} val / {len(test)} test images, classes {self.class_names}")
+        if self.transfer_splits is not s:
+            d = self.cfg.data
+            log(f"data: marker plates on {d.confounder_transfer:g} of each class in the transfer phase's images, "
+                f"{d.confounder:g} in the fine-tuning and test images (a planted shift)")
         tree = {"test": {"ids": np.asarray(test.ids), "labels": test.labels}}
         if test.lung_masks is not None:
             tree["test"]["lung_masks"] = test.lung_masks.astype(bool)
@@ -304,7 +324,7 @@ class Pipeline:
             # Random weights carry no BatchNorm statistics worth keeping (mean 0, variance 1 at every layer): a
             # frozen-BatchNorm phase would feed deep layers inputs that grow without bound. Estimate them once on
             # the training images, then keep them as the phase's config says.
-            calibrate_bn(model.to(self.device), self.splits.train, self.device,
+            calibrate_bn(model.to(self.device), self.transfer_splits.train, self.device,
                          precision=cfg.train.transfer.for_arch(arch, "train.transfer").precision,
                          max_images=BN_CALIBRATION_IMAGES)
             return model, "random init (BatchNorm statistics of the training images)"
@@ -377,7 +397,8 @@ class Pipeline:
         if phase == "transfer":
             model, origin = self.initial_model(arch)
             log(f"{what}: weights {origin}")
-            res = train_transfer(model, s.train, s.val, st, self.device, seed, cfg.run.progress, what)
+            fit = self.transfer_splits
+            res = train_transfer(model, fit.train, fit.val, st, self.device, seed, cfg.run.progress, what)
             bn_frozen = True
         else:
             start = replica if phase == "chain" else None  # a chain fine-tunes its own transfer replica

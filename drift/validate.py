@@ -129,6 +129,14 @@ def _check_run_and_data(cfg: Config) -> None:
         v = getattr(d, key)
         if not 0 <= v <= 1:
             raise ConfigError(f"data.{key} must be in [0, 1], got {v!r}")
+    if not (d.confounder_transfer == -1 or 0 <= d.confounder_transfer <= 1):
+        raise ConfigError(f"data.confounder_transfer must be in [0, 1] or -1 (= data.confounder), got "
+                          f"{d.confounder_transfer!r}")
+    if d.marker_region not in ("drawn", "slot"):
+        raise ConfigError(f"data.marker_region must be drawn or slot, got {d.marker_region!r}")
+    if d.source != "synthetic" and (d.confounder_transfer != -1 or d.marker_region != "drawn"):
+        raise ConfigError("data.confounder_transfer and data.marker_region apply to the synthetic task "
+                          "(data.source = synthetic)")
     if d.classes:
         if not all(isinstance(c, str) and c.strip() for c in d.classes):
             raise ConfigError(f"data.classes must list non-empty class names, got {d.classes!r}")

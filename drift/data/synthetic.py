@@ -68,7 +68,7 @@ def _window(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def render_chest(rng: np.random.Generator, size: int, label: int, difficulty: float = 0.5,
-                 marker: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                 marker: bool = False, slot: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Draw one synthetic chest radiograph of class ``label`` from the random stream ``rng``.
 
     The image is ``window(anatomy + distractors + lesion) ** gamma + noise``, clipped to [0, 1], where
@@ -85,9 +85,12 @@ def render_chest(rng: np.random.Generator, size: int, label: int, difficulty: fl
         label: Index into `SYNTHETIC_CLASSES`.
         difficulty: In [0, 1]; see the module docstring.
         marker: Paint the class's tag marker in its slot (`MARKER_SLOTS`).
+        slot: Return the plate's mask even when it is not painted (the region a marker would occupy; the image is
+            the same either way).
 
     Returns:
         ``(image, lung_mask, lesion_mask, marker_mask)``: ``(S, S)`` float32 in [0, 1] and three ``(S, S)`` bool.
+        ``marker_mask`` is the painted plate, or with ``slot`` the class's plate region whether painted or not.
     """
     # Separate child streams for the anatomy, the lesion and the finishing (window, gamma, noise): the same stream
     # drawn as another class, or with the marker, gives the same patient and the same noise, differing only in the
@@ -103,9 +106,10 @@ def render_chest(rng: np.random.Generator, size: int, label: int, difficulty: fl
         img += density
     img = _window(img, finish_rng)
     marker_mask = np.zeros((size, size), dtype=bool)
-    if marker:
+    if marker or slot:
         paint, marker_mask = painter.marker(label)
-        img = np.where(marker_mask, paint, img)
+        if marker:
+            img = np.where(marker_mask, paint, img)
     img += finish_rng.standard_normal((size, size), dtype=np.float32) * np.float32(0.006 + 0.03 * difficulty)
     return np.clip(img, 0.0, 1.0).astype(np.float32, copy=False), painter.lung_mask, lesion_mask, marker_mask
 
@@ -146,18 +150,22 @@ def render_chest_opacity(rng: np.random.Generator, size: int, texture: str, exte
     return np.clip(img, 0.0, 1.0).astype(np.float32, copy=False), painter.lung_mask, mask
 
 
-def _split(seed: int, split: str, n: int, offset: int, size: int, difficulty: float, confounder: float) -> ImageSet:
+MARKER_REGIONS = ("drawn", "slot")
+"""What ``marker_masks`` hold: the plates drawn (``drawn``), or every image's class plate region, drawn or not
+(``slot``: a study with the marker and its twin without it then score the same pixels)."""
+
+
+def _split(seed: int, split: str, n: int, offset: int, size: int, difficulty: float, confounder: float,
+           marker_region: str = "drawn") -> ImageSet:
     code = _SPLIT_CODES[split]
     n_cls = len(SYNTHETIC_CLASSES)
     split_rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_DOMAIN, code, 0)))
     labels = split_rng.permutation(np.arange(n, dtype=np.int64) % n_cls)
     # Exactly round(confounder * n_c) images of each class carry the marker, chosen at random within the class.
     has_marker = np.zeros(n, dtype=bool)
-    if confounder > 0:
-        for c in range(n_cls):
-            members = np.flatnonzero(labels == c)
-            k = int(round(confounder * len(members)))
-            has_marker[split_rng.choice(members, size=k, replace=False)] = True
+    for c in range(n_cls):  # one order per class at every strength: the tagged sets are nested in r
+        members = split_rng.permutation(np.flatnonzero(labels == c))
+        has_marker[members[: int(round(confounder * len(members)))]] = True
     pixels = np.empty((n, size, size), dtype=np.float32)
     lungs = np.empty((n, size, size), dtype=bool)
     lesions = np.empty((n, size, size), dtype=bool)
@@ -166,14 +174,14 @@ def _split(seed: int, split: str, n: int, offset: int, size: int, difficulty: fl
         # One stream per image: an image depends only on (seed, split, index), not on the other splits' sizes.
         rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_DOMAIN, code, 1, i)))
         pixels[i], lungs[i], lesions[i], markers[i] = render_chest(rng, size, int(labels[i]), difficulty,
-                                                                   bool(has_marker[i]))
+                                                                   bool(has_marker[i]), marker_region == "slot")
     ids = [f"syn-{seed}-{offset + i:05d}" for i in range(n)]
     return ImageSet(SYNTHETIC_CLASSES, labels, ids, size=size, pixels=pixels, lung_masks=lungs,
                     lesion_masks=lesions, marker_masks=markers)
 
 
 def load_synthetic(n_train: int, n_val: int, n_test: int, size: int, seed: int, difficulty: float = 0.5,
-                   confounder: float = 0.0) -> Splits:
+                   confounder: float = 0.0, marker_region: str = "drawn") -> Splits:
     """Generate the synthetic chest X-ray task: three class-balanced splits with lung and lesion masks.
 
     Each split is drawn from its own seeded stream (``SeedSequence(seed, spawn_key=(domain, split, ...))``), so the
@@ -183,7 +191,9 @@ def load_synthetic(n_train: int, n_val: int, n_test: int, size: int, seed: int, 
 
     With ``confounder = r > 0``, exactly ``round(r * n_c)`` images of each class ``c`` in each split carry a bright
     tag marker in that class's slot (`MARKER_SLOTS`, outside the lungs); its pixels are in ``marker_masks``, never in
-    ``lesion_masks``.
+    ``lesion_masks``. The images of a seed are the same at every ``confounder`` but for the plates (labels, patients,
+    lesions and noise do not depend on it), and the tagged images are nested: those tagged at r are the first
+    ``round(r n_c)`` of one random order of each class, so a higher r adds plates and never moves one.
 
     Args:
         n_train: Number of training images (>= 0).
@@ -193,6 +203,7 @@ def load_synthetic(n_train: int, n_val: int, n_test: int, size: int, seed: int, 
         seed: Non-negative integer seed.
         difficulty: In [0, 1]: lesion contrast and size shrink, noise and distractors grow with it.
         confounder: In [0, 1]: fraction of images per class that carry the class-correlated marker.
+        marker_region: ``drawn`` or ``slot`` (:data:`MARKER_REGIONS`): what ``marker_masks`` hold.
 
     Returns:
         `Splits` whose ImageSets hold ``(N, S, S)`` float32 images in [0, 1] and ``(N, S, S)`` bool ``lung_masks``,
@@ -210,9 +221,11 @@ def load_synthetic(n_train: int, n_val: int, n_test: int, size: int, seed: int, 
     seed = check_int(seed, "seed", 0)
     difficulty = check_fraction(difficulty, "difficulty")
     confounder = check_fraction(confounder, "confounder")
+    if marker_region not in MARKER_REGIONS:
+        raise ValueError(f"marker_region must be one of {MARKER_REGIONS}, got {marker_region!r}")
     return Splits(
-        train=_split(seed, "train", n_train, 0, size, difficulty, confounder),
-        val=_split(seed, "val", n_val, n_train, size, difficulty, confounder),
-        test=_split(seed, "test", n_test, n_train + n_val, size, difficulty, confounder),
+        train=_split(seed, "train", n_train, 0, size, difficulty, confounder, marker_region),
+        val=_split(seed, "val", n_val, n_train, size, difficulty, confounder, marker_region),
+        test=_split(seed, "test", n_test, n_train + n_val, size, difficulty, confounder, marker_region),
         skipped=[],
     )

@@ -8,13 +8,15 @@ grey scale and by colour-blind readers. Nothing here touches pyplot, so no globa
 Modules: :mod:`drift.figures.style` (palette, :func:`new_figure`, :func:`to_png`, :func:`plain_text`),
 :mod:`drift.figures.overlays` (attribution maps), :mod:`drift.figures.drift_metrics` (drift-metric distributions,
 IoU against k), :mod:`drift.figures.ifim` (iFIM spectra and components), :mod:`drift.figures.curves` (perturbation
-curves, training histories). Every public name is importable from here.
+curves, training histories), :mod:`drift.figures.known_answer` (the planted shift's dose response).
+Every public name is importable from here.
 """
 
 from ..stats import mean_band
 from .curves import CurvePanel, curve_grid, training_history
 from .drift_metrics import iou_against_k, metric_distributions
 from .ifim import ComponentRow, component_panels, fisher_spectra
+from .known_answer import dose_figure
 from .overlays import MapRow, map_overlays, upsample_bilinear
 from .style import DIVERGING, OKABE_ITO, SEQUENTIAL, color, new_figure, plain_text, to_png
 
@@ -28,6 +30,7 @@ __all__ = [
     "color",
     "component_panels",
     "curve_grid",
+    "dose_figure",
     "fisher_spectra",
     "iou_against_k",
     "map_overlays",

@@ -105,7 +105,8 @@ def _data(run: Run) -> Section:
         s.blocks.append(Text(f"The archive stores no class counts per split; the test set has {n} images.", "note"))
     if run.cfg is not None:
         dc = run.cfg.data
-        src = f"synthetic task (seed {run.cfg.data_seed}, difficulty {dc.difficulty}, confounder {dc.confounder})" \
+        src = f"synthetic task (seed {run.cfg.data_seed}, difficulty {dc.difficulty}, confounder {dc.confounder}" + \
+            (f", {dc.confounder_transfer} in the transfer phase" if dc.confounder_transfer != -1 else "") + ")" \
             if dc.source == "synthetic" else f"{dc.source} {dc.path}"
         s.blocks.append(Text(f"Source: {src}; images {dc.image_size} x {dc.image_size} px. Lung and lesion masks: "
                              f"{'yes' if 'lung_masks' in d.get('test', {}) else 'no'}."))

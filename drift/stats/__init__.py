@@ -10,7 +10,9 @@
 * :mod:`~drift.stats.ranking`: rank reversal of architectures between methods (:func:`rank_reversal`), descriptive:
   its probabilities are P(top differs | these checkpoints, image resampling).
 * :mod:`~drift.stats.systematic`: systematic drift against seed noise from replicated fine-tuning
-  (:func:`systematic_drift`, :func:`systematic_contrast`) and the whole-chain energy test (:func:`energy_test`).
+  (:func:`systematic_drift`, :func:`systematic_contrast`), the macro mean of a paired change with its stratified t
+  interval (:func:`macro_mean_test`) and its difference between studies with their fine-tuned models resampled
+  (:func:`model_mean_contrast`) and the whole-chain energy test (:func:`energy_test`).
 * :mod:`~drift.stats.contrast`: architecture contrasts, their interaction with the method, the reversal test and
   Holm's adjustment (the tests behind :mod:`drift.verdicts`).
 
@@ -28,11 +30,14 @@ from .ranking import RankReversal, rank_reversal
 from .sample import SELECTION_RULES, ArrayLike, common_sample, select_samples
 from .systematic import (
     EnergyTest,
+    MacroMean,
     SystematicContrast,
     SystematicDrift,
     energy_test,
     euclidean_instability,
     euclidean_label,
+    macro_mean_test,
+    model_mean_contrast,
     systematic_contrast,
     systematic_drift,
     systematic_form,
@@ -42,6 +47,7 @@ __all__ = [
     "SELECTION_RULES",
     "Aggregate",
     "EnergyTest",
+    "MacroMean",
     "SystematicContrast",
     "SystematicDrift",
     "ArrayLike",
@@ -55,6 +61,8 @@ __all__ = [
     "euclidean_instability",
     "euclidean_label",
     "macro_auc",
+    "macro_mean_test",
+    "model_mean_contrast",
     "macro_auc_rows",
     "mean_band",
     "paired_test",

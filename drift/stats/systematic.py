@@ -298,6 +298,130 @@ def systematic_drift(d_tl: ArrayLike, d_ft: ArrayLike, labels: ArrayLike | None 
 
 
 @dataclass(frozen=True)
+class MacroMean:
+    """A macro mean over classes of per-image values with its t interval and one-sided p-values.
+
+    Attributes: ``estimate``, ``low``, ``high`` (level ``ci``), ``p_lower`` / ``p_higher`` (one-sided p of
+    H0: mean >= 0 resp. mean <= 0), ``se``, ``df``, ``n_images``, ``ci``.
+    """
+
+    estimate: float
+    low: float
+    high: float
+    p_lower: float
+    p_higher: float
+    se: float
+    df: float
+    n_images: int
+    ci: float = 0.95
+
+    @property
+    def p_two_sided(self) -> float:
+        return min(1.0, 2 * min(self.p_lower, self.p_higher))
+
+    def as_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def macro_mean_test(values: ArrayLike, labels: ArrayLike | None = None, ci: float = 0.95,
+                    min_per_class: int = 1) -> MacroMean:
+    """Macro mean over classes (each class with at least ``min_per_class`` finite values weighs the same; a plain
+    mean without labels) of per-image values, with the class-stratified variance sum_c W_c^2 s_c^2 / n_c and a t
+    interval on n - (classes) degrees of freedom: the image part of :func:`systematic_drift`'s interval, for a
+    paired change (FT - TL per image) whose null is 0. Non-finite values are left out."""
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    if not 0 < ci < 1:
+        raise ValueError(f"ci must lie in (0, 1), got {ci}")
+    ok = np.isfinite(v)
+    lab = None
+    if labels is not None:
+        lab = np.asarray(labels).reshape(-1)
+        if lab.size != v.size:
+            raise ValueError(f"labels must have shape (N,) = ({v.size},), got {lab.shape}")
+        lab = lab[ok]
+    v = v[ok]
+    n = int(v.size)
+    nan = math.nan
+    if n < 2:
+        est = float(v.mean()) if n else nan
+        return MacroMean(est, nan, nan, nan, nan, nan, nan, n, ci)
+    w, strata = _weights(lab, n, min_per_class)
+    if not w.any():
+        return MacroMean(nan, nan, nan, nan, nan, nan, nan, n, ci)
+    est = float(w @ v)
+    se = math.sqrt(_stratified_var(v, w, strata))
+    df = float(max(int((w > 0).sum()) - len(np.unique(strata[w > 0])), 1))
+    if se == 0:
+        return MacroMean(est, est, est, float(est >= 0), float(est <= 0), 0.0, df, n, ci)
+    q = float(scipy.stats.t.ppf(0.5 + ci / 2, df))
+    t_stat = est / se
+    return MacroMean(est, est - q * se, est + q * se, float(scipy.stats.t.cdf(t_stat, df)),
+                     float(scipy.stats.t.sf(t_stat, df)), se, df, n, ci)
+
+
+def model_mean_contrast(a: ArrayLike, b: ArrayLike | None = None, labels: ArrayLike | None = None,
+                        ci: float = 0.95, min_per_class: int = 1) -> tuple[MacroMean, bool]:
+    """Difference of two studies' per-image values averaged over each study's fine-tuned models, on shared images:
+    mean_r a[r, i] - mean_s b[s, i], macro-averaged over classes (``b`` None: the one study's mean against 0).
+
+    Images and models are crossed random factors, as in :func:`systematic_drift`: the variance adds the image part
+    (class-stratified variance of the per-image differences) and each study's model part (the variance over its
+    models of their macro means, / M; models of one study are exchangeable seeds, the two studies' independent).
+    The two overlap in the model x image interaction, so the sum errs on the wide side; the t interval takes
+    Welch-Satterthwaite degrees of freedom. With one model in a study its model part cannot be estimated: the
+    interval then covers image resampling only and the second return value (``models_resampled``) is False.
+
+    Args:
+        a, b: (M_a, N), (M_b, N) per-image values per fine-tuned model (a 1-D array is one model). Images with a
+            non-finite value under any model are left out.
+        labels, ci, min_per_class: as for :func:`macro_mean_test`.
+
+    Returns:
+        (:class:`MacroMean` of the difference, models_resampled).
+    """
+    a = np.atleast_2d(np.asarray(a, dtype=np.float64))
+    b = None if b is None else np.atleast_2d(np.asarray(b, dtype=np.float64))
+    n = a.shape[1]
+    if b is not None and b.shape[1] != n:
+        raise ValueError(f"a and b must hold the same images: N = {n} vs {b.shape[1]}")
+    if not 0 < ci < 1:
+        raise ValueError(f"ci must lie in (0, 1), got {ci}")
+    studies = [a] if b is None else [a, b]
+    ok = np.logical_and.reduce([np.isfinite(x).all(0) for x in studies])
+    lab = None if labels is None else np.asarray(labels).reshape(-1)[ok]
+    if lab is not None and lab.size != ok.sum():
+        raise ValueError(f"labels must have shape (N,) = ({n},)")
+    studies = [x[:, ok] for x in studies]
+    m = int(ok.sum())
+    nan = math.nan
+    resampled = all(x.shape[0] >= 2 for x in studies)
+    if m < 2:
+        return MacroMean(nan, nan, nan, nan, nan, nan, nan, m, ci), resampled
+    w, strata = _weights(lab, m, min_per_class)
+    if not w.any():
+        return MacroMean(nan, nan, nan, nan, nan, nan, nan, m, ci), resampled
+    per_image = studies[0].mean(0) - (studies[1].mean(0) if len(studies) > 1 else 0.0)
+    est = float(w @ per_image)
+    var_img = _stratified_var(per_image, w, strata)
+    df_img = max(int((w > 0).sum()) - len(np.unique(strata[w > 0])), 1)
+    parts = [(var_img, df_img)]
+    for x in studies:
+        if x.shape[0] >= 2:
+            means = x @ w
+            parts.append((float(np.var(means, ddof=1)) / x.shape[0], x.shape[0] - 1))
+    var = sum(v for v, _ in parts)
+    den = sum(v * v / d for v, d in parts if v > 0)
+    df = var * var / den if den > 0 else float(df_img)
+    se = math.sqrt(var)
+    if se == 0:
+        return MacroMean(est, est, est, float(est >= 0), float(est <= 0), 0.0, df, m, ci), resampled
+    q = float(scipy.stats.t.ppf(0.5 + ci / 2, df))
+    t_stat = est / se
+    return MacroMean(est, est - q * se, est + q * se, float(scipy.stats.t.cdf(t_stat, df)),
+                     float(scipy.stats.t.sf(t_stat, df)), se, df, m, ci), resampled
+
+
+@dataclass(frozen=True)
 class SystematicContrast:
     """Difference of two architectures' systematic drift, S_a - S_b, on their common images.
 
