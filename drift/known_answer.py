@@ -370,7 +370,7 @@ class KnownAnswerRate:
         return math.sqrt(max(rate * (1 - rate), 1e-12) / self.n_studies)
 
 
-def calibrate(n_studies: int = 400, effects: Sequence[float] = (0.0, 0.25, 0.5, 1.0), seed: int = 0,
+def calibrate(n_studies: int = 400, effects: Sequence[float] = (0.0, 0.5, 1.0, 2.0, 4.0), seed: int = 0,
               n_images: int = 60, alpha: float = ALPHA) -> list[KnownAnswerRate]:
     """Judge ``n_studies`` simulated triples (:func:`simulate`) at every effect with :func:`judge`.
 

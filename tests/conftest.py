@@ -57,3 +57,15 @@ def rng():
 def nrng(rng):
     """A NumPy generator seeded from the logged per-test seed."""
     return np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=rng)))
+
+
+@pytest.fixture(scope="module")
+def reference_kernels():
+    """The kernels' torch references for a whole module (``DRIFT_KERNELS=reference``): end-to-end modules spend most
+    of their time on Triton's interpreter otherwise. The kernels are compared with the references in tests/kernels,
+    and tests/test_pipeline.py runs the pipeline through the interpreted kernels."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("DRIFT_KERNELS", "reference")
+    yield
+    mp.undo()
+

@@ -165,3 +165,8 @@ def test_random_bit_flips_read_back_unchanged_or_stop_with_one_archive_error(tmp
         assert _same(back, good), f"a flipped bit at byte {k} read back as other data"
         outcomes["equal"] += 1
     assert outcomes["error"] > 0
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _torch_references(reference_kernels):
+    """Every test here, module fixtures included, on the kernels' torch references (tests/conftest.py)."""

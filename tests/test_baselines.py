@@ -209,3 +209,8 @@ def test_whole_chains_are_trained_from_their_own_transfer_model_and_judged(tmp_p
         assert np.isfinite(energy["statistic"]) and 0 < energy["p_value"] <= 1
     v = r.read("baselines/chains")["verdict"]
     assert v.startswith("Whole chains (2;") and "no test can reject" in v and "(a count across seeds, not a test)" in v
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _torch_references(reference_kernels):
+    """Every test here, module fixtures included, on the kernels' torch references (tests/conftest.py)."""

@@ -20,3 +20,8 @@ def test_help_explains_itself(capsys):
     text = capsys.readouterr().out
     for cmd in ("run", "attribute", "metrics", "fisher", "report", "compare", "bench"):
         assert cmd in text
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _torch_references(reference_kernels):
+    """Every test here, module fixtures included, on the kernels' torch references (tests/conftest.py)."""

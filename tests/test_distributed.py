@@ -292,3 +292,8 @@ def test_nproc_runs_the_same_command_under_torchrun(monkeypatch, capsys):
     assert main(["run", "--nproc", "2", *rest]) == 2
     assert "--nproc inside a torchrun process" in capsys.readouterr().err
     assert len(seen) == 2
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _torch_references(reference_kernels):
+    """Every test here, module fixtures included, on the kernels' torch references (tests/conftest.py)."""

@@ -215,3 +215,29 @@ def test_two_models_give_no_systematic_verdict(rng):
                and r["expected"] != "0"]
     assert primary and all(r["judged"] for r in primary)  # two models per study: the model part has 1 df
     assert "no verdict" in res["sentence"]
+
+
+def test_dose_response_rows_table_and_figure(rng):
+    """Strengths 0 (the twin), 1 and 4 of simulated studies: one row per (strength, method), the twin without
+    differences in differences, each study's outcome rows equal to judge's own, and a figure that renders."""
+    from drift.figures import dose_figure, to_png
+
+    g = np.random.default_rng(_seed(rng))
+    studies = []
+    p1, twin, _ = ka.simulate(g, 1.0, n_images=37)
+    g2 = np.random.default_rng(_seed(rng))
+    p4, _, _ = ka.simulate(g2, 4.0, n_images=37)
+    p4.labels, p4.ids = twin.labels, twin.ids  # the same images as the twin
+    studies = [twin, p1, p4]
+    rows = ka.dose_response(studies, twin)
+    assert [r["strength"] for r in rows] == [0, 0, 1, 1, 4, 4]
+    assert all(r["marker_mass_change"] is None and r["detected"] is None for r in rows[:2])
+    ref = {(r["method"], r["outcome"]): r for r in ka.judge(p4, twin)["rows"] if r["study"] == "planted"
+           and r["expected"] != "0"}
+    for r in rows[4:]:
+        assert r["lung_mass_change"]["estimate"] == ref[r["method"], "lung_mass_change"]["estimate"]
+        assert r["lung_mass_change"]["found"] == ref[r["method"], "lung_mass_change"]["found"]
+    table = ka.dose_markdown(rows)
+    assert table.count("\n") == len(rows) + 2 and "| twin |" in table
+    png = to_png(dose_figure(rows))
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000

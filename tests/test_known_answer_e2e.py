@@ -22,11 +22,7 @@ REDUCED = [
 
 
 @pytest.fixture(scope="module")
-def triple(tmp_path_factory):
-    # The torch references of the kernels (compared with the kernels in tests/kernels): Triton's interpreter would
-    # spend most of this test's minute on the top-k overlaps of every pair of models.
-    mp = pytest.MonkeyPatch()
-    mp.setenv("DRIFT_KERNELS", "reference")
+def triple(tmp_path_factory, reference_kernels):
     out = tmp_path_factory.mktemp("known")
     paths, seconds = {}, {}
     for name, cfg_file, extra in (("planted", "configs/planted.toml", ["data.confounder=1.0"]),
@@ -36,7 +32,6 @@ def triple(tmp_path_factory):
         cfg = config.load(cfg_file, [*REDUCED, *extra, f'run.out="{out / name}"'])
         paths[name] = Pipeline(cfg).run()
         seconds[name] = time.perf_counter() - t0
-    mp.undo()
     return paths, seconds
 
 

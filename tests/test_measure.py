@@ -286,3 +286,8 @@ def test_bad_models_are_refused_naming_the_file(tmp_path, rng):
     assert state_sha256(net) != state_sha256(twin)
     with pytest.raises(ValueError, match=r"images must be .* got \(4, 2, 33, 33\)"):
         measure(mod.make(), mod.make(), torch.rand(4, 2, 33, 33), y, out=tmp_path / "o5", overrides=FAST)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _torch_references(reference_kernels):
+    """Every test here, module fixtures included, on the kernels' torch references (tests/conftest.py)."""

@@ -352,3 +352,8 @@ def test_a_run_that_finished_no_step_is_replaced(tmp_path, capsys):
     with pytest.raises(ArchiveError, match="other settings .*data.skip_bad: True -> False"):  # a finished step
         Pipeline(config.load(None, args))
     assert not (tmp_path / "o" / ".lock").exists()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _torch_references(reference_kernels):
+    """Every test here, module fixtures included, on the kernels' torch references (tests/conftest.py)."""

@@ -235,3 +235,8 @@ def test_writes_never_follow_a_planted_link(tmp_path):
     assert victim.read_text() == "keep me"
     assert (run / "report.html").read_bytes() == b"<html></html>" and not (run / "report.html").is_symlink()
     assert load_checkpoint(run / "c.pt", "resnet10t", 2, 0.0).arch == "resnet10t"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _torch_references(reference_kernels):
+    """Every test here, module fixtures included, on the kernels' torch references (tests/conftest.py)."""

@@ -164,3 +164,8 @@ def test_drift_version_is_in_every_fingerprint_and_versions_are_recorded(tmp_pat
     (table,) = [b for s in sections(Run.open(r.path)) for b in s.blocks if getattr(b, "id", "") == "tbl-commits"]
     assert table.header[-1] == "computed by" and "drift 99.0+feedface" in table.rows[0][-1]
     assert math.isfinite(float(table.rows[0][1]))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _torch_references(reference_kernels):
+    """Every test here, module fixtures included, on the kernels' torch references (tests/conftest.py)."""

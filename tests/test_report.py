@@ -787,3 +787,8 @@ def test_builder_writes_the_layout_of_a_real_run(tmp_path, rng):
         w = want[p]
         assert g[:-1] == w[:-1], f"{p}: the builder writes {g[:-1]}, a real run {w[:-1]}"
         assert g[-1] <= w[-1], f"{p}: attributes {sorted(g[-1] - w[-1])} are not written by a real run"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _torch_references(reference_kernels):
+    """Every test here, module fixtures included, on the kernels' torch references (tests/conftest.py)."""

@@ -22,7 +22,8 @@ YLABELS = ("S, and its excess over the twin", "(FT - TL) minus the twin's", "(FT
 def dose_figure(rows: list[dict]) -> Figure:
     """Three panels against the marker strength: systematic drift S and its excess over the null twin; the marker
     share's change beyond the twin's; the lung-mass, lesion-energy and pointing changes beyond the twin's. One line
-    per (outcome, method); bars are the 95% intervals, filled markers the outcomes found (Holm within each study).
+    per (outcome, method); bars are the 95% intervals, filled markers the outcomes found (Holm within each study),
+    hollow ones those not found or described (S itself). The twin has no difference in differences (0 by definition).
 
     Args:
         rows: :func:`drift.known_answer.dose_response`'s rows.
@@ -44,13 +45,14 @@ def dose_figure(rows: list[dict]) -> Figure:
                     hi = np.array([v["high"] for _, v in pts])
                     err = np.vstack([np.nan_to_num(y - lo), np.nan_to_num(hi - y)])
                     c = color(k)
-                    ax.errorbar(x, y, yerr=err, color=c, marker=MARKERS[j % len(MARKERS)], markersize=5,
-                                capsize=2, linewidth=1.2, markerfacecolor="white", label=f"{label}, {m}")
+                    mk = MARKERS[j % len(MARKERS)]
+                    ax.errorbar(x, y, yerr=err, color=c, marker="none", capsize=2, linewidth=1.2, zorder=2)
                     found = np.array([bool(v["found"]) for _, v in pts])
-                    ax.plot(x[found], y[found], linestyle="none", marker=MARKERS[j % len(MARKERS)], color=c,
-                            markersize=5)
+                    ax.scatter(x, y, s=30, marker=mk, facecolors=[c if f else "white" for f in found],
+                               edgecolors=c, zorder=3, label=f"{label}, {m}")
                     k += 1
             ax.axhline(0.0, color="0.5", linewidth=0.8)
+            ax.set_xlim(-0.06, 1.06)
             ax.set_title(title, fontsize=10)
             ax.set_xlabel("marker strength (share of each class tagged)")
             ax.set_ylabel(ylabel)
