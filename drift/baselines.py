@@ -180,7 +180,7 @@ def run_step(pipe) -> None:
             pipe.trained(arch, "chain", s)
         if pipe._todo(name, "baselines"):
             _arch_step(pipe, arch, seeds, name)
-    if seeds and len(pipe.cfg.run.archs) > 1 and pipe._todo("baselines/ranking", "baselines"):
+    if seeds and pipe._todo("baselines/ranking", "baselines"):  # one architecture too: its systematic verdict
         _ranking_step(pipe, seeds)
     if chains and pipe._todo("baselines/chains", "baselines"):
         _chains_step(pipe, chains)
@@ -282,7 +282,7 @@ def _ranking_step(pipe, seeds: list[int]) -> None:
         rk = verdicts.judge_ranking(by_arch, **kw)
         out = {"systematic": verdicts.nested(sysj["results"]), "ranking": verdicts.nested(rk["results"])}
         said = [f"{phase} replicas ({len(seeds)}, {primary}):", sysj["sentence"], rk["sentence"]]
-        if phase == "finetune":
+        if phase == "finetune" and len(archs) > 1:  # a reversal orders two architectures or more
             grid: dict = {}
             for (arch, key, method), node in nodes.items():
                 for metric in metrics:

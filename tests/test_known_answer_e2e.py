@@ -59,3 +59,16 @@ def test_planted_and_twin_share_the_transfer_checkpoint(triple):
     paths, _ = triple
     a, b = ArchiveReader(paths["planted"]), ArchiveReader(paths["twin"])
     assert a.read("models/resnet10t/transfer")["sha256"] == b.read("models/resnet10t/transfer")["sha256"]
+
+
+def test_one_architecture_gets_its_systematic_verdict(triple):
+    """A single-architecture run with replicas is judged too (systematic drift beyond seed noise, Holm over its
+    methods and metrics); no reversal is tested with one architecture."""
+    from drift.archive import ArchiveReader
+
+    paths, _ = triple
+    judged = ArchiveReader(paths["planted"]).read("baselines/ranking")
+    ps = [v["p_holm"] for by_metric in judged["finetune"]["systematic"]["resnet10t"].values()
+          for v in by_metric.values()]
+    assert len(ps) == 2 * 3 and all(0 <= p <= 1 for p in ps)
+    assert "reversal" not in judged["finetune"] and "seed noise" in str(judged["verdict"])
