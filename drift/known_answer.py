@@ -41,11 +41,16 @@ share up, lung mass down: the answer the design fixes); the other three are judg
 their direction not guaranteed (see :data:`PRIMARY`). Each study's own TL -> FT changes and its S are reported
 beside them, described (no verdict).
 
-**The null check.** A study with no plate, judged the same way against the twin, must not be detected: a *placebo*
-(the twin's recipe with another training seed, ``configs/null.toml`` with ``run.seed = 1``: another transfer phase,
-other fine-tuning seeds, the same images). Under it the difference in differences has mean 0 and S is the same, so
-"detected" is a false positive; its rate is what :func:`calibrate` measures on simulated triples (:func:`simulate`),
-judged by :func:`judge`, the function that judges archives (``docs/calibration.md``).
+**The null check.** A study with no plate, judged the same way against the twin, must not be detected: a *placebo*,
+the twin's recipe with other fine-tuning seeds (``configs/null.toml`` with ``baselines.replica_seeds = [2000,
+2001]``): the same transfer checkpoint, other fine-tuned models, the same images. Under it the difference in
+differences has mean 0 and S is the same, so "detected" is a false positive; its rate is what :func:`calibrate`
+measures on simulated triples (:func:`simulate`), judged by :func:`judge`, the function that judges archives
+(``docs/known-answer.md``). **Scope:** the planted study and its twin share the transfer checkpoint by construction
+(the transfer phase never sees a plate), so the verdict resamples fine-tuning seeds given that checkpoint. A
+placebo with another transfer phase (``run.seed = 1``: other source weights, another transfer checkpoint) differs
+from the twin by more than that, and the demo-size run of one was "found" on three secondary outcomes
+(``results/planted.md``): a comparison across transfer checkpoints needs whole chains.
 """
 
 from __future__ import annotations
@@ -311,8 +316,7 @@ def simulate(rng: np.random.Generator, effect: float, n_images: int = 60, n_mode
     Pointing changes are differences of two Bernoulli hits; fine-tuning raises the hit probability by 0.1 + a seed
     effect, and the plate lowers it by ``0.3 effect g``. Maps for the systematic drift are ``pixels``-vectors
     FT_r = TL + generic v + effect w + noise eps_r (v the generic change, w the planted one, eps_r each model's seed
-    noise), scored by 1 - Pearson r; the twin shares TL and v with the planted study, the placebo has its own
-    (another transfer phase).
+    noise), scored by 1 - Pearson r; the three share TL and v (one transfer checkpoint).
     """
     labels = rng.permutation(np.arange(n_images) % n_classes)
     ids = np.array([f"sim-{i}" for i in range(n_images)])
@@ -349,9 +353,8 @@ def simulate(rng: np.random.Generator, effect: float, n_images: int = 60, n_mode
             systematic[m] = (d_tl, d_ft)
         return StudyArrays(name, labels, ids, changes, systematic, {"strength": eff})
 
-    other_tl, other_v = rng.standard_normal((n_images, pixels)), rng.standard_normal((n_images, pixels))
     return (study(effect, f"planted effect {effect:g}", tl, v), study(0.0, "null twin", tl, v),
-            study(0.0, "placebo", other_tl, other_v))
+            study(0.0, "placebo", tl, v))
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """A reduced planted / null-twin / placebo triple through the whole pipeline (tiny backbone, small images, about a
 minute on two cores): the planted marker is detected against the twin by both methods (marker share up, lung mass
-down), the placebo (no marker, another seed) is not, and finds no outcome at all."""
+down), the placebo (no marker, other fine-tuning seeds from the same transfer checkpoint) is not, and finds no
+outcome at all."""
 
 import time
 
@@ -27,7 +28,7 @@ def triple(tmp_path_factory, reference_kernels):
     paths, seconds = {}, {}
     for name, cfg_file, extra in (("planted", "configs/planted.toml", ["data.confounder=1.0"]),
                                   ("twin", "configs/null.toml", []),
-                                  ("placebo", "configs/null.toml", ["run.seed=1"])):
+                                  ("placebo", "configs/null.toml", ["baselines.replica_seeds=[2000, 2001]"])):
         t0 = time.perf_counter()
         cfg = config.load(cfg_file, [*REDUCED, *extra, f'run.out="{out / name}"'])
         paths[name] = Pipeline(cfg).run()
