@@ -79,8 +79,8 @@ PRIMARY = ("marker_mass_change", "lung_mass_change")
 plate and off the lungs. A method *detects* the planted shift when both are found. The other outcomes (lesion
 energy, pointing game, S - S twin) are judged in the same Holm family and reported, but their direction is not
 fixed by the design: a lesion can only lose evidence the transfer model gave it, and the plate draws the transfer
-model's maps too (it is in the test images of both phases), which can make the planted study drift *less* than
-its twin (measured in ``results/planted.md``)."""
+model's maps too (it is in the test images of both phases), which made the reduced pair's planted study drift
+*less* than its twin, while on the demo's recipe it drifted more (``results/planted.md``)."""
 
 SYSTEMATIC_METRIC = "pearson"
 """The metric of the systematic-drift outcomes: 1 - Pearson r, whose disattenuated form is the one the calibration
