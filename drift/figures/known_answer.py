@@ -28,6 +28,8 @@ def dose_figure(rows: list[dict]) -> Figure:
     Args:
         rows: :func:`drift.known_answer.dose_response`'s rows.
     """
+    if not any(math.isfinite(r["strength"]) for r in rows):
+        raise ValueError("no marker strength in the rows")
     methods = sorted({r["method"] for r in rows})
     with plain_text():
         fig = new_figure(12.0, 3.6)
@@ -57,6 +59,4 @@ def dose_figure(rows: list[dict]) -> Figure:
             ax.set_xlabel("marker strength (share of each class tagged)")
             ax.set_ylabel(ylabel)
             ax.legend(fontsize=7, frameon=False)
-        if not any(math.isfinite(r["strength"]) for r in rows):
-            raise ValueError("no marker strength in the rows")
     return fig

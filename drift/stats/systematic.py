@@ -323,40 +323,25 @@ class MacroMean:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
+def _t_interval(est: float, se: float, df: float, ci: float) -> tuple[float, float, float, float]:
+    """(low, high, p_lower, p_higher) of est +- t_{df} se: the interval at level ``ci`` and the one-sided p-values of
+    H0: mean >= 0 (``p_lower``) and H0: mean <= 0 (``p_higher``); with se = 0 the interval is the point."""
+    if se == 0:
+        return est, est, float(est >= 0), float(est <= 0)
+    q = float(scipy.stats.t.ppf(0.5 + ci / 2, df))
+    t_stat = est / se
+    return est - q * se, est + q * se, float(scipy.stats.t.cdf(t_stat, df)), float(scipy.stats.t.sf(t_stat, df))
+
+
 def macro_mean_test(values: ArrayLike, labels: ArrayLike | None = None, ci: float = 0.95,
                     min_per_class: int = 1) -> MacroMean:
     """Macro mean over classes (each class with at least ``min_per_class`` finite values weighs the same; a plain
     mean without labels) of per-image values, with the class-stratified variance sum_c W_c^2 s_c^2 / n_c and a t
     interval on n - (classes) degrees of freedom: the image part of :func:`systematic_drift`'s interval, for a
-    paired change (FT - TL per image) whose null is 0. Non-finite values are left out."""
-    v = np.asarray(values, dtype=np.float64).reshape(-1)
-    if not 0 < ci < 1:
-        raise ValueError(f"ci must lie in (0, 1), got {ci}")
-    ok = np.isfinite(v)
-    lab = None
-    if labels is not None:
-        lab = np.asarray(labels).reshape(-1)
-        if lab.size != v.size:
-            raise ValueError(f"labels must have shape (N,) = ({v.size},), got {lab.shape}")
-        lab = lab[ok]
-    v = v[ok]
-    n = int(v.size)
-    nan = math.nan
-    if n < 2:
-        est = float(v.mean()) if n else nan
-        return MacroMean(est, nan, nan, nan, nan, nan, nan, n, ci)
-    w, strata = _weights(lab, n, min_per_class)
-    if not w.any():
-        return MacroMean(nan, nan, nan, nan, nan, nan, nan, n, ci)
-    est = float(w @ v)
-    se = math.sqrt(_stratified_var(v, w, strata))
-    df = float(max(int((w > 0).sum()) - len(np.unique(strata[w > 0])), 1))
-    if se == 0:
-        return MacroMean(est, est, est, float(est >= 0), float(est <= 0), 0.0, df, n, ci)
-    q = float(scipy.stats.t.ppf(0.5 + ci / 2, df))
-    t_stat = est / se
-    return MacroMean(est, est - q * se, est + q * se, float(scipy.stats.t.cdf(t_stat, df)),
-                     float(scipy.stats.t.sf(t_stat, df)), se, df, n, ci)
+    paired change (FT - TL per image) whose null is 0. Non-finite values are left out. (:func:`model_mean_contrast`
+    of one study with one model.)"""
+    return model_mean_contrast(np.asarray(values, dtype=np.float64).reshape(1, -1), None, labels, ci,
+                               min_per_class)[0]
 
 
 def model_mean_contrast(a: ArrayLike, b: ArrayLike | None = None, labels: ArrayLike | None = None,
@@ -378,6 +363,9 @@ def model_mean_contrast(a: ArrayLike, b: ArrayLike | None = None, labels: ArrayL
 
     Returns:
         (:class:`MacroMean` of the difference, models_resampled).
+
+    Raises:
+        ValueError: ``a`` and ``b`` on different numbers of images, labels of another length, ``ci`` outside (0, 1).
     """
     a = np.atleast_2d(np.asarray(a, dtype=np.float64))
     b = None if b is None else np.atleast_2d(np.asarray(b, dtype=np.float64))
@@ -386,21 +374,23 @@ def model_mean_contrast(a: ArrayLike, b: ArrayLike | None = None, labels: ArrayL
         raise ValueError(f"a and b must hold the same images: N = {n} vs {b.shape[1]}")
     if not 0 < ci < 1:
         raise ValueError(f"ci must lie in (0, 1), got {ci}")
+    lab = None if labels is None else np.asarray(labels).reshape(-1)
+    if lab is not None and lab.size != n:
+        raise ValueError(f"labels must have shape (N,) = ({n},), got {lab.shape}")
     studies = [a] if b is None else [a, b]
     ok = np.logical_and.reduce([np.isfinite(x).all(0) for x in studies])
-    lab = None if labels is None else np.asarray(labels).reshape(-1)[ok]
-    if lab is not None and lab.size != ok.sum():
-        raise ValueError(f"labels must have shape (N,) = ({n},)")
+    lab = None if lab is None else lab[ok]
     studies = [x[:, ok] for x in studies]
     m = int(ok.sum())
     nan = math.nan
     resampled = all(x.shape[0] >= 2 for x in studies)
+    per_image = studies[0].mean(0) - (studies[1].mean(0) if len(studies) > 1 else 0.0)
     if m < 2:
-        return MacroMean(nan, nan, nan, nan, nan, nan, nan, m, ci), resampled
+        est = float(per_image.mean()) if m else nan
+        return MacroMean(est, nan, nan, nan, nan, nan, nan, m, ci), resampled
     w, strata = _weights(lab, m, min_per_class)
     if not w.any():
         return MacroMean(nan, nan, nan, nan, nan, nan, nan, m, ci), resampled
-    per_image = studies[0].mean(0) - (studies[1].mean(0) if len(studies) > 1 else 0.0)
     est = float(w @ per_image)
     var_img = _stratified_var(per_image, w, strata)
     df_img = max(int((w > 0).sum()) - len(np.unique(strata[w > 0])), 1)
@@ -413,12 +403,7 @@ def model_mean_contrast(a: ArrayLike, b: ArrayLike | None = None, labels: ArrayL
     den = sum(v * v / d for v, d in parts if v > 0)
     df = var * var / den if den > 0 else float(df_img)
     se = math.sqrt(var)
-    if se == 0:
-        return MacroMean(est, est, est, float(est >= 0), float(est <= 0), 0.0, df, m, ci), resampled
-    q = float(scipy.stats.t.ppf(0.5 + ci / 2, df))
-    t_stat = est / se
-    return MacroMean(est, est - q * se, est + q * se, float(scipy.stats.t.cdf(t_stat, df)),
-                     float(scipy.stats.t.sf(t_stat, df)), se, df, m, ci), resampled
+    return MacroMean(est, *_t_interval(est, se, df, ci), se, df, m, ci), resampled
 
 
 @dataclass(frozen=True)
@@ -484,12 +469,7 @@ def systematic_contrast(a: tuple[ArrayLike, ArrayLike], b: tuple[ArrayLike, Arra
     den = sum(v * v / d for v, d in parts if v > 0)
     df = var * var / den if den > 0 else float(df_img)
     se = math.sqrt(var)
-    if se == 0:
-        return SystematicContrast(est, est, est, float(est >= 0), float(est <= 0), 0.0, df, n, resampled)
-    q = float(scipy.stats.t.ppf(0.5 + ci / 2, df))
-    t_stat = est / se
-    return SystematicContrast(est, est - q * se, est + q * se, float(scipy.stats.t.cdf(t_stat, df)),
-                              float(scipy.stats.t.sf(t_stat, df)), se, df, n, resampled)
+    return SystematicContrast(est, *_t_interval(est, se, df, ci), se, df, n, resampled)
 
 
 @dataclass(frozen=True)
