@@ -129,6 +129,11 @@ the root digest on opening and a commit's digest the first time it reads below o
 :attr:`ArchiveReader.integrity_note` says so) and upgraded to version 4 (digests of their current contents) when a
 run resumes one.
 
+The seal (:func:`drift.integrity.seal`): the archive's first 512 bytes are an HDF5 user block holding the sha256 of
+the rest of the file, written by every commit. It is compared before HDF5 parses the file; a file whose seal does
+not match (or an archive written before seals, which has none) is first parsed by a child process with a time
+limit, so that bytes on which HDF5 itself would hang or crash are one :class:`ArchiveError`, not a hung reader.
+
 Atomicity: each commit is one transaction (:meth:`Archive.commit`). The writer copies the archive to
 ``<name>.tmp``, writes the commit there, flushes and fsyncs it, and renames it over the archive (an atomic replace on
 POSIX). Whatever kills the process, the file at the archive's path is the previous complete version or the new one.
@@ -149,7 +154,19 @@ import h5py
 import numpy as np
 
 from .h5tree import read_tree
-from .integrity import H5_ERRORS, ROOT_DIGEST, Damaged, check_commit, check_root, commit_digests, root_digest
+from .integrity import (
+    H5_ERRORS,
+    ROOT_DIGEST,
+    SEAL_BYTES,
+    Damaged,
+    check_commit,
+    check_root,
+    commit_digests,
+    probe,
+    root_digest,
+    seal,
+    seal_state,
+)
 from .safefile import exclusive_tmp, is_disk_full, tmp_path, write_error
 
 SCHEMA_VERSION = 4
@@ -215,9 +232,34 @@ class OutputError(ArchiveError):
     is full. The message is one line naming the path."""
 
 
+_PARSEABLE: dict[tuple, str] = {}
+"""Files found safe for HDF5 to parse, by (device, inode, size, mtime): a commit replaces the file (a new inode),
+so an entry never outlives the bytes it was found for."""
+
+
+def _check_parseable(path: Path) -> None:
+    """Refuse, before HDF5 parses it, a file whose bytes HDF5 could not parse to the end (:mod:`drift.integrity`,
+    the seal): an intact seal passes at once; any other file is first parsed by a child process."""
+    st = path.stat()
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if key in _PARSEABLE:
+        return
+    state = seal_state(path)
+    if state != "intact":
+        why = probe(path)
+        if why is not None:
+            seal_says = "it has no seal" if state == "unsealed" else "its seal does not match its bytes"
+            raise ArchiveError(f"{path} is damaged: {seal_says} and {why}; the archive cannot be read (restore a "
+                               "copy, or start over with --fresh)")
+    if len(_PARSEABLE) > 256:
+        _PARSEABLE.clear()
+    _PARSEABLE[key] = state
+
+
 def _open_checked(path: Path, mode: str = "r") -> h5py.File:
     if not path.is_file():
         raise ArchiveError(f"archive not found: {path}")
+    _check_parseable(path)
     try:
         f = h5py.File(path, mode)
     except H5_ERRORS as exc:
@@ -327,11 +369,13 @@ class Archive:
             # file's objects). The cost is one copy of the archive in memory while a commit is written.
             with os.fdopen(fd, "wb") as fh:
                 buf = io.BytesIO(b"" if new else self.path.read_bytes())
-                with h5py.File(buf, "w" if new else "r+") as f:
+                with h5py.File(buf, "w", userblock_size=SEAL_BYTES) if new else h5py.File(buf, "r+") as f:
                     yield f
                     f.attrs[ROOT_DIGEST] = root_digest(f)  # last: it covers every other root attribute
                     f.flush()
-                fh.write(buf.getbuffer())
+                data = buf.getbuffer()
+                seal(data)  # after HDF5 closed the file: the seal covers its final bytes (none before seals)
+                fh.write(data)
                 fh.flush()
             self._commit()
         except (OSError, RuntimeError, ValueError, KeyError) as exc:
@@ -634,3 +678,9 @@ class ArchiveReader:
 def open_archive(path: str | os.PathLike) -> ArchiveReader:
     """Open an archive for reading (validates it first)."""
     return ArchiveReader(path)
+
+
+def open_h5(path: str | os.PathLike) -> h5py.File:
+    """The archive as an h5py file, read-only, after the checks every reader makes (the seal or the probe, the
+    schema version, the root digest); for code that walks the whole tree (:func:`drift.export.tidy_rows`)."""
+    return _open_checked(Path(path))

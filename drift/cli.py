@@ -102,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--placebo", help="archive of a study without the marker (the twin's recipe, another seed)")
     p.add_argument("--dose", nargs="+", default=[], metavar="ARCHIVE", help="archives of a strength series")
     p.add_argument("--arch", help="architecture (default: the archive's first)")
+    p.add_argument("--layer", help="CAM layer of the verdict (default: the config's first, attribution.layers)")
     p.add_argument("--out", help="also write the verdicts (and dose table) as Markdown here")
     p.add_argument("--figure", help="write the dose-response figure (PNG) here")
     p.add_argument("--calibrate", type=int, metavar="N", help="simulate N study triples per effect instead")
@@ -176,12 +177,27 @@ def _known_answer(args) -> int:
         return 1 if bad else 0
     if not (args.planted and args.twin):
         raise ValueError("known-answer needs the planted study's and its null twin's archives (or --calibrate N)")
-    planted, twin = ka.read_study(args.planted, args.arch), ka.read_study(args.twin, args.arch)
-    placebo = ka.read_study(args.placebo, args.arch) if args.placebo else None
+    def study(path):
+        return ka.read_study(path, args.arch, layer=args.layer)
+
+    planted, twin = study(args.planted), study(args.twin)
+    placebo = study(args.placebo) if args.placebo else None
     res = ka.judge(planted, twin, placebo)
     text = ka.verdict_markdown(res)
+    # Every layer both studies hold, so the record says how much the verdict depends on the layer.
+    layers = [la for la in planted.info["layers"] if la in twin.info["layers"]]
+    if len(layers) > 1:
+        readings = {}
+        for la in layers:
+            def at(path, la=la):
+                return ka.read_study(path, args.arch, layer=la)
+
+            readings[la] = res if la == planted.info["layer"] else ka.judge(
+                at(args.planted), at(args.twin), at(args.placebo) if args.placebo else None)
+        text += f"\nThe verdict at every CAM layer of the archives (above: {planted.info['layer']}):\n\n"
+        text += ka.layers_markdown(readings)
     if args.dose:
-        rows = ka.dose_response([twin if a == args.twin else ka.read_study(a, args.arch) for a in args.dose], twin)
+        rows = ka.dose_response([twin if a == args.twin else study(a) for a in args.dose], twin)
         text += "\n" + ka.dose_markdown(rows)
         if args.figure:
             from .figures import dose_figure, to_png

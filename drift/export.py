@@ -145,7 +145,9 @@ def open_metrics(archive: str | os.PathLike, arch: str):
 def tidy_rows(archive: str | os.PathLike) -> Iterator[dict]:
     """One row per (image, architecture, layer, score, normalization, method, metric) of the archive's
     ``drift/`` groups, with the columns of :data:`COLUMNS`."""
-    with h5py.File(archive, "r") as f:
+    from .archive import open_h5
+
+    with open_h5(archive) as f:
         if "drift" not in f:
             raise ValueError(f"{archive}: no drift metrics (the drift step has not run)")
         for arch in _keys(f["drift"]):

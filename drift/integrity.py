@@ -11,13 +11,27 @@ Two layers (schema version 4, :mod:`drift.archive`):
 
 The sha256 of a group (:func:`group_digest`) hashes, in sorted order and recursively, the path, dtype, shape and
 the bytes of each dataset and the name and value of each attribute, so any change of any stored value changes it.
+
+Both layers are checked *by HDF5's parsing*: a flipped bit in HDF5's own metadata (an object header, a heap, a
+B-tree) is met while the library parses the file, before any digest can be compared, and some such bits send the
+library into a loop that never returns (one flipped bit in the global heap of a variable-length string attribute
+did so). Hence a third layer, the **seal**: every archive drift writes starts with a 512-byte HDF5 user block
+(which the library skips), holding the sha256 of every byte after it (:func:`seal`). A reader compares it before
+HDF5 sees the file (:func:`seal_state`). An intact seal means the bytes are exactly those drift wrote, which HDF5
+parses. Any other state (a broken seal, or an archive written before seals) is first parsed in a child process
+with a time limit (:func:`probe`), reading every attribute and dataset: a file on which the child hangs or crashes
+is refused as damaged; one it reads to the end is then read here, where the digests find which commit is damaged,
+so the undamaged commits are kept.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import h5py
@@ -173,3 +187,109 @@ def check_commit(f: h5py.File, record: Mapping[str, Any]) -> None:
             raise Damaged(path, "missing")
         if group_digest(node) != expected:
             raise Damaged(path, "checksum mismatch (its stored values changed since they were committed)")
+
+
+SEAL_BYTES = 512
+"""Size of the user block at the start of every archive drift writes: the seal, then zero bytes."""
+SEAL_MAGIC = b"drift archive seal; sha256 of the bytes after 512: "
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def seal(data: memoryview | bytearray) -> bool:
+    """Write the seal of an archive's bytes ``data`` into its user block, in place; False (nothing written) when
+    the file has no user block (an archive created before seals: HDF5's signature at byte 0)."""
+    if bytes(data[SEAL_BYTES:SEAL_BYTES + len(HDF5_SIGNATURE)]) != HDF5_SIGNATURE:
+        return False
+    head = SEAL_MAGIC + hashlib.sha256(data[SEAL_BYTES:]).hexdigest().encode() + b"\n"
+    data[:SEAL_BYTES] = head.ljust(SEAL_BYTES, b"\0")
+    return True
+
+
+def seal_state(path: str | Path) -> str:
+    """``intact`` (the seal matches every byte after the user block), ``unsealed`` (HDF5's signature at byte 0: an
+    archive written before seals, or not by drift) or ``broken`` (anything else: a damaged seal, damaged bytes, a
+    file that is not HDF5). Reads the file once, in 1 MiB pieces."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        head = fh.read(SEAL_BYTES)
+        if head.startswith(HDF5_SIGNATURE):
+            return "unsealed"
+        while piece := fh.read(1 << 20):
+            h.update(piece)
+    want = SEAL_MAGIC + h.hexdigest().encode() + b"\n"
+    return "intact" if head == want.ljust(SEAL_BYTES, b"\0") else "broken"
+
+
+PROBE_SECONDS = 20.0
+"""The child's time limit in :func:`probe`, plus one second per 50 MB of archive."""
+
+_PROBE = r"""
+import sys
+import h5py
+
+seen = set()
+
+
+def walk(obj):
+    try:
+        info = h5py.h5o.get_info(obj.id)
+        key = (info.fileno, info.addr)
+    except Exception:
+        return
+    if key in seen:
+        return
+    seen.add(key)
+    try:
+        names = list(obj.attrs)
+    except Exception:
+        names = []
+    for k in names:
+        try:
+            obj.attrs[k]
+        except Exception:
+            pass
+    if isinstance(obj, h5py.Dataset):
+        try:
+            if obj.size * obj.dtype.itemsize <= limit:
+                obj[()]
+        except Exception:
+            pass
+        return
+    try:
+        keys = list(obj.keys())
+    except Exception:
+        return
+    for k in keys:
+        try:
+            child = obj[k]
+        except Exception:
+            continue
+        walk(child)
+
+
+limit = 8 * int(sys.argv[2]) + (1 << 20)
+try:
+    f = h5py.File(sys.argv[1], "r")
+except Exception:
+    sys.exit(0)
+walk(f)
+"""
+
+
+def probe(path: str | Path, seconds: float | None = None) -> str | None:
+    """Parse the archive at ``path`` in a child process, reading every attribute and dataset (errors are fine):
+    None when the child finishes within ``seconds`` (default :data:`PROBE_SECONDS` plus a second per 50 MB), else
+    why it did not (it hung, or HDF5 crashed it)."""
+    size = Path(path).stat().st_size
+    limit = (PROBE_SECONDS + size / 50e6) if seconds is None else seconds
+    try:
+        run = subprocess.run([sys.executable, "-c", _PROBE, str(path), str(size)], capture_output=True,
+                             timeout=limit, check=False)
+    except subprocess.TimeoutExpired:
+        return f"HDF5 did not finish parsing it within {limit:.0f} s"
+    if run.returncode < 0:
+        return f"HDF5 crashed parsing it (signal {-run.returncode})"
+    if run.returncode != 0:
+        tail = run.stderr.decode(errors="replace").strip().splitlines()
+        return f"HDF5 failed parsing it ({tail[-1] if tail else f'exit status {run.returncode}'})"
+    return None

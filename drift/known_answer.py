@@ -57,7 +57,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -110,8 +110,9 @@ class StudyArrays:
 
 
 def read_study(path, arch: str | None = None, cell=None, methods: Sequence[str] | None = None,
-               metric: str = SYSTEMATIC_METRIC) -> StudyArrays:
-    """The per-image outcomes of a run archive (:class:`StudyArrays`), at ``cell`` (default: the primary cell).
+               metric: str = SYSTEMATIC_METRIC, layer: str | None = None) -> StudyArrays:
+    """The per-image outcomes of a run archive (:class:`StudyArrays`), at ``cell`` (default: the primary cell), or
+    at the primary cell's score, normalisation and resampling on CAM layer ``layer``.
 
     Raises:
         ValueError: the archive lacks drift metrics for ``arch``, the marker masks (``data.marker_region``), or the
@@ -128,6 +129,11 @@ def read_study(path, arch: str | None = None, cell=None, methods: Sequence[str] 
     if arch not in archs:
         raise ValueError(f"{path}: no drift metrics for {arch!r} (has {archs})")
     cell = cell or r.primary_cell()
+    if layer is not None:
+        stored = r.layers(arch)
+        if layer not in stored:
+            raise ValueError(f"{path}: no maps of {arch} at layer {layer!r} (has {stored})")
+        cell = cell._replace(layer=layer)
     methods = list(methods or r.methods(arch, cell))
     changes, systematic = {}, {}
     labels = ids = None
@@ -161,7 +167,7 @@ def read_study(path, arch: str | None = None, cell=None, methods: Sequence[str] 
     ev = {ph: r.evaluation(arch, ph)["accuracy"] for ph in ("transfer", "finetune")
           if r.has(f"models/{arch}/{ph}")}
     d = cfg.data
-    info = {"arch": arch, "cell": str(cell), "strength": d.confounder,
+    info = {"arch": arch, "cell": str(cell), "layer": cell.layer, "layers": r.layers(arch), "strength": d.confounder,
             "strength_transfer": d.confounder if d.confounder_transfer == -1 else d.confounder_transfer,
             "marker_region": d.marker_region, "accuracy": ev, "metric": metric}
     return StudyArrays(str(path), labels, ids, changes, systematic, info)
@@ -456,6 +462,7 @@ def dose_response(studies: Sequence[StudyArrays], twin: StudyArrays, alpha: floa
                   and (r["expected"] != "0" or r["outcome"] == "systematic")}
         for m in st.changes:
             row = {"strength": float(st.info.get("strength", math.nan)), "method": m, "study": st.name,
+                   "cell": st.info.get("cell", ""),
                    "accuracy": st.info.get("accuracy", {}).get("finetune", math.nan),
                    "detected": res["detected"].get(m)}
             for key, _ in DOSE_COLUMNS:
@@ -480,6 +487,20 @@ def dose_markdown(rows: list[dict]) -> str:
         det = "twin" if r["detected"] is None else ("yes" if r["detected"] else "no")
         lines.append(f"| {r['strength']:g} | {r['method']} | {r['accuracy']:.3f} | " + " | ".join(cells)
                      + f" | {det} |")
+    where = sorted({str(r["cell"]) for r in rows if r.get("cell")})
+    return ("Dose response at " + "; ".join(where) + ":\n\n" if where else "") + "\n".join(lines) + "\n"
+
+
+def layers_markdown(readings: Mapping[str, dict]) -> str:
+    """The verdict's dependence on the CAM layer: one line per layer of ``{layer: judge(...) result}``, which
+    methods detect the planted shift there and which detect the placebo."""
+    lines = ["| layer | planted shift detected by | not detected by | placebo detected by |", "|---|---|---|---|"]
+    for layer, res in readings.items():
+        def names(d, want):
+            return ", ".join(m for m, v in d.items() if v == want) or "none"
+
+        lines.append(f"| {layer} | {names(res['detected'], True)} | {names(res['detected'], False)} | "
+                     f"{names(res['placebo_detected'], True) if res['placebo_detected'] else '(no placebo)'} |")
     return "\n".join(lines) + "\n"
 
 

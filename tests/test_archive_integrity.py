@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from drift import integrity
 from drift.archive import SCHEMA_VERSION, Archive, ArchiveError, ArchiveReader, open_archive
 from drift.h5tree import write_tree
-from drift.integrity import group_digest
+from drift.integrity import SEAL_BYTES, group_digest, seal_state
 
 
 def _flip_bit(path, needle: bytes, bit: int = 0) -> None:
@@ -139,20 +140,71 @@ def test_summary_report_compare_stop_on_a_damaged_value_and_a_resume_recomputes_
     assert r.read(f"{name}/test")["accuracy"] == stored  # recomputed: the same training gives the same value
 
 
+def test_the_seal_is_the_sha256_of_the_bytes_after_the_user_block_and_an_intact_one_skips_the_probe(
+        tmp_path, rng, monkeypatch):
+    path, logits, _ = _archive(tmp_path, rng)
+    raw = path.read_bytes()
+    import hashlib
+
+    assert raw[SEAL_BYTES:SEAL_BYTES + 8] == b"\x89HDF\r\n\x1a\n"  # HDF5's superblock after the user block
+    assert hashlib.sha256(raw[SEAL_BYTES:]).hexdigest().encode() in raw[:SEAL_BYTES]
+    assert seal_state(path) == "intact"
+
+    def no_probe(*_):
+        raise AssertionError("an intact seal needs no probe")
+
+    monkeypatch.setattr(integrity, "probe", no_probe)
+    monkeypatch.setattr("drift.archive.probe", no_probe)
+    np.testing.assert_array_equal(open_archive(path).read("models/r/transfer/test/logits"), logits)
+    data = bytearray(raw)
+    data[int(torch.randint(0, len(data), (1,), generator=rng))] ^= 1 << int(torch.randint(0, 8, (1,), generator=rng))
+    path.write_bytes(bytes(data))
+    assert seal_state(path) == "broken"  # any flipped bit, in the seal or after it
+    with h5py.File(tmp_path / "plain.h5", "w") as f:
+        f.attrs["schema_version"] = 4
+    assert seal_state(tmp_path / "plain.h5") == "unsealed"
+
+
+@pytest.mark.parametrize("child, why", [("import time; time.sleep(60)", "did not finish parsing it within 1 s"),
+                                        ("import os, signal; os.kill(os.getpid(), signal.SIGSEGV)",
+                                         "crashed parsing it (signal 11)")])
+def test_a_file_hdf5_cannot_parse_to_the_end_is_one_archive_error_not_a_hang(tmp_path, rng, monkeypatch, child, why):
+    """The probe's verdicts, with the child replaced by one that hangs or crashes as HDF5 can on damaged metadata:
+    the reader stops within the time limit with one ArchiveError naming the file; an undamaged file is read."""
+    import time
+
+    path, logits, _ = _archive(tmp_path, rng)
+    data = bytearray(path.read_bytes())
+    data[int(torch.randint(0, SEAL_BYTES - 100, (1,), generator=rng))] ^= 4  # a broken seal, HDF5's bytes intact
+    path.write_bytes(bytes(data))
+    np.testing.assert_array_equal(open_archive(path).read("models/r/transfer/test/logits"), logits)
+    monkeypatch.setattr("drift.archive._PARSEABLE", {})  # forget that this file was found parseable
+    monkeypatch.setattr(integrity, "_PROBE", child)
+    monkeypatch.setattr(integrity, "PROBE_SECONDS", 1.0)
+    t0 = time.perf_counter()
+    with pytest.raises(ArchiveError) as err:
+        open_archive(path)
+    assert time.perf_counter() - t0 < 30
+    assert str(path) in str(err.value) and why in str(err.value) and "restore a copy" in str(err.value)
+
+
 def _same(a, b) -> bool:
     if isinstance(a, dict):
         return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     return np.array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_random_bit_flips_read_back_unchanged_or_stop_with_one_archive_error(tmp_path, rng):
-    """Any one flipped bit, anywhere in the file: the reader returns exactly what was committed (a bit HDF5 never
-    reads: free space, padding) or raises ArchiveError -- never another value, never a raw h5py error."""
+def test_random_bit_flips_read_back_unchanged_or_stop_with_one_archive_error(tmp_path, rng, monkeypatch):
+    """Any one flipped bit, anywhere in the file (the seal included): the reader returns exactly what was committed
+    (a bit HDF5 never reads: free space, padding) or raises ArchiveError -- never another value, never a raw h5py
+    error, never a hang (some bits in HDF5's global heap send the library into an endless loop: the probe's time
+    limit ends those)."""
+    monkeypatch.setattr(integrity, "PROBE_SECONDS", 5.0)
     path, _, _ = _archive(tmp_path, rng)
     good = open_archive(path).read("/")
     raw = path.read_bytes()
     outcomes = {"equal": 0, "error": 0}
-    for _ in range(150):
+    for _ in range(50):
         data = bytearray(raw)
         k = int(torch.randint(0, len(data), (1,), generator=rng))
         data[k] ^= 1 << int(torch.randint(0, 8, (1,), generator=rng))

@@ -499,7 +499,8 @@ def test_gradcam_plusplus_tfkv_matches_tf_keras_vis_formula_on_hand_made_gradien
     ref32 = _tfkv_reference(_np(A), _np(lone), np.zeros(3))
     got32 = METHODS["gradcam++_tfkv"](A.float(), lone.float(), 0.0).double().numpy()
     assert ref32[2].max() > 0
-    np.testing.assert_allclose(got32, ref32, rtol=1e-5, atol=1e-5 * ref32.max())
+    # float32 sums of g^2 and g^3 over the map, then a ratio: a few hundred ulps (2.3e-5 seen); an underflow is 100%
+    np.testing.assert_allclose(got32, ref32, rtol=1e-4, atol=1e-4 * ref32.max())
     for method in ("gradcam++", "gradcam++_tfkv"):
         assert torch.isfinite(METHODS[method](A.float(), 1e-30 * g.float(), 0.0)).all(), method
     # pytorch-grad-cam's reading is another map (alpha not normalised).

@@ -241,3 +241,36 @@ def test_dose_response_rows_table_and_figure(rng):
     assert table.count("\n") == len(rows) + 2 and "| twin |" in table
     png = to_png(dose_figure(rows))
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_the_cli_reports_the_verdict_at_every_layer_both_studies_hold(rng, monkeypatch, capsys):
+    """``drift known-answer`` judges at ``--layer`` (default the config's first) and ends its record with one line
+    per layer held by both studies: here simulated studies whose plate is resolved at one layer only (effect 6)
+    and not at the other (effect 0), so the lines must differ, each equal to judge's own verdict there."""
+    from drift.cli import main
+
+    g = np.random.default_rng(_seed(rng))
+    n = int(g.integers(31, 50))
+    per_layer = {"fine": ka.simulate(g, 6.0, n_images=n), "coarse": ka.simulate(g, 0.0, n_images=n)}
+    for trio in per_layer.values():
+        for st in trio:
+            st.labels, st.ids = per_layer["fine"][1].labels, per_layer["fine"][1].ids
+
+    def fake_read(path, arch=None, layer=None, **_):
+        layer = layer or "coarse"
+        st = per_layer[layer][("planted", "twin", "placebo").index(path)]
+        st.info.update(layer=layer, layers=["coarse", "fine"], cell=f"{layer}, logit, minmax")
+        return st
+
+    monkeypatch.setattr(ka, "read_study", fake_read)
+    expect = {la: ka.judge(*per_layer[la]) for la in ("coarse", "fine")}  # the archives' order of layers
+    assert all(expect["fine"]["detected"].values()) and not any(expect["coarse"]["detected"].values())
+    for argv, chosen in ((["planted", "twin", "--placebo", "placebo"], "coarse"),
+                         (["planted", "twin", "--placebo", "placebo", "--layer", "fine"], "fine")):
+        code = main(["known-answer", *argv])
+        out = capsys.readouterr().out
+        assert code == (0 if chosen == "fine" else 1)
+        assert f"(above: {chosen})" in out and expect[chosen]["sentence"] in out
+        assert out[out.index("| layer |"):].strip() == ka.layers_markdown(expect).strip()
+        assert "| fine | gradcam++, layercam | none | none |" in out
+        assert "| coarse | none | gradcam++, layercam | none |" in out

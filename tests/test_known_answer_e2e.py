@@ -73,3 +73,17 @@ def test_one_architecture_gets_its_systematic_verdict(triple):
           for v in by_metric.values()]
     assert len(ps) == 2 * 3 and all(0 <= p <= 1 for p in ps)
     assert "reversal" not in judged["finetune"] and "seed noise" in str(judged["verdict"])
+
+
+def test_the_verdicts_layer_is_chosen_and_a_missing_one_named(triple):
+    """``read_study(layer=...)`` reads that CAM layer's cell (here the one stored, so the same arrays as the
+    primary cell); a layer the run did not compute is refused, naming the archive and the layers it has."""
+    paths, _ = triple
+    default, chosen = ka.read_study(paths["planted"]), ka.read_study(paths["planted"], layer="stride16")
+    assert default.info["layer"] == "stride16" and default.info["layers"] == ["stride16"]
+    assert chosen.info["cell"] == default.info["cell"] and "stride16" in chosen.info["cell"]
+    for m in default.changes:
+        for k in default.changes[m]:
+            np.testing.assert_array_equal(chosen.changes[m][k], default.changes[m][k])
+    with pytest.raises(ValueError, match=r"layer 'last-conv'.*stride16"):
+        ka.read_study(paths["planted"], layer="last-conv")

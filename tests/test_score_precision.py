@@ -69,7 +69,9 @@ def test_softmax_cams_at_a_large_margin_equal_float64(rng, margin):
                 assert float(got[m].abs().max()) == 0, m
                 continue
             err = (got[m].double() - want[m]).flatten(1).abs().amax(1) / scale
-            assert float(err.max()) <= 1e-6, (m, err)
+            # drift's maps are float32 sums over the channels, which cancel: a few float32 ulps of the largest
+            # term, relative to the map's maximum, can reach 1e-5 (3e-6 seen); the float32 softmax is off by > 1e-2
+            assert float(err.max()) <= 1e-4, (m, err)
             wrong = (naive[m] - want[m]).flatten(1).abs().amax(1) / scale
             assert float(wrong.max()) > 1e-2 or not bool(naive[m].isfinite().all()), (m, wrong)
 

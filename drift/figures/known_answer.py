@@ -59,4 +59,7 @@ def dose_figure(rows: list[dict]) -> Figure:
             ax.set_xlabel("marker strength (share of each class tagged)")
             ax.set_ylabel(ylabel)
             ax.legend(fontsize=7, frameon=False)
+        cells = sorted({str(r["cell"]) for r in rows if r.get("cell")})
+        if cells:  # the CAM cell the numbers were read at: a known-answer verdict depends on the layer
+            fig.suptitle(f"CAM cell: {'; '.join(cells)}", fontsize=9)
     return fig
