@@ -232,7 +232,7 @@ class OutputError(ArchiveError):
     is full. The message is one line naming the path."""
 
 
-_PARSEABLE: dict[tuple, str] = {}
+_PARSEABLE: set[tuple] = set()
 """Files found safe for HDF5 to parse, by (device, inode, size, mtime): a commit replaces the file (a new inode),
 so an entry never outlives the bytes it was found for."""
 
@@ -253,7 +253,7 @@ def _check_parseable(path: Path) -> None:
                                "copy, or start over with --fresh)")
     if len(_PARSEABLE) > 256:
         _PARSEABLE.clear()
-    _PARSEABLE[key] = state
+    _PARSEABLE.add(key)
 
 
 def _open_checked(path: Path, mode: str = "r") -> h5py.File:

@@ -177,23 +177,18 @@ def _known_answer(args) -> int:
         return 1 if bad else 0
     if not (args.planted and args.twin):
         raise ValueError("known-answer needs the planted study's and its null twin's archives (or --calibrate N)")
-    def study(path):
-        return ka.read_study(path, args.arch, layer=args.layer)
+    def study(path, layer=args.layer):
+        return ka.read_study(path, args.arch, layer=layer) if path else None
 
-    planted, twin = study(args.planted), study(args.twin)
-    placebo = study(args.placebo) if args.placebo else None
+    planted, twin, placebo = study(args.planted), study(args.twin), study(args.placebo)
     res = ka.judge(planted, twin, placebo)
     text = ka.verdict_markdown(res)
     # Every layer both studies hold, so the record says how much the verdict depends on the layer.
     layers = [la for la in planted.info["layers"] if la in twin.info["layers"]]
     if len(layers) > 1:
-        readings = {}
-        for la in layers:
-            def at(path, la=la):
-                return ka.read_study(path, args.arch, layer=la)
-
-            readings[la] = res if la == planted.info["layer"] else ka.judge(
-                at(args.planted), at(args.twin), at(args.placebo) if args.placebo else None)
+        readings = {la: res if la == planted.info["layer"] else
+                    ka.judge(study(args.planted, la), study(args.twin, la), study(args.placebo, la))
+                    for la in layers}
         text += f"\nThe verdict at every CAM layer of the archives (above: {planted.info['layer']}):\n\n"
         text += ka.layers_markdown(readings)
     if args.dose:

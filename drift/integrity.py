@@ -195,13 +195,17 @@ SEAL_MAGIC = b"drift archive seal; sha256 of the bytes after 512: "
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 
+def _seal_block(sha256_hex: str) -> bytes:
+    """The user block of a seal: the magic, the hex digest, a newline, zero bytes up to :data:`SEAL_BYTES`."""
+    return (SEAL_MAGIC + sha256_hex.encode() + b"\n").ljust(SEAL_BYTES, b"\0")
+
+
 def seal(data: memoryview | bytearray) -> bool:
     """Write the seal of an archive's bytes ``data`` into its user block, in place; False (nothing written) when
     the file has no user block (an archive created before seals: HDF5's signature at byte 0)."""
     if bytes(data[SEAL_BYTES:SEAL_BYTES + len(HDF5_SIGNATURE)]) != HDF5_SIGNATURE:
         return False
-    head = SEAL_MAGIC + hashlib.sha256(data[SEAL_BYTES:]).hexdigest().encode() + b"\n"
-    data[:SEAL_BYTES] = head.ljust(SEAL_BYTES, b"\0")
+    data[:SEAL_BYTES] = _seal_block(hashlib.sha256(data[SEAL_BYTES:]).hexdigest())
     return True
 
 
@@ -216,8 +220,7 @@ def seal_state(path: str | Path) -> str:
             return "unsealed"
         while piece := fh.read(1 << 20):
             h.update(piece)
-    want = SEAL_MAGIC + h.hexdigest().encode() + b"\n"
-    return "intact" if head == want.ljust(SEAL_BYTES, b"\0") else "broken"
+    return "intact" if head == _seal_block(h.hexdigest()) else "broken"
 
 
 PROBE_SECONDS = 20.0

@@ -178,7 +178,7 @@ def test_a_file_hdf5_cannot_parse_to_the_end_is_one_archive_error_not_a_hang(tmp
     data[int(torch.randint(0, SEAL_BYTES - 100, (1,), generator=rng))] ^= 4  # a broken seal, HDF5's bytes intact
     path.write_bytes(bytes(data))
     np.testing.assert_array_equal(open_archive(path).read("models/r/transfer/test/logits"), logits)
-    monkeypatch.setattr("drift.archive._PARSEABLE", {})  # forget that this file was found parseable
+    monkeypatch.setattr("drift.archive._PARSEABLE", set())  # forget that this file was found parseable
     monkeypatch.setattr(integrity, "_PROBE", child)
     monkeypatch.setattr(integrity, "PROBE_SECONDS", 1.0)
     t0 = time.perf_counter()

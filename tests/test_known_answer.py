@@ -107,7 +107,7 @@ def test_macro_mean_test_against_scipy_and_the_stratified_formula(rng):
     var = sum(v[ok & (labels == c)].var(ddof=1) / (ok & (labels == c)).sum() for c in range(3)) / 9
     assert t.estimate == pytest.approx(np.mean(means), rel=1e-12)
     assert t.se == pytest.approx(math.sqrt(var), rel=1e-12)
-    assert t.df == pytest.approx(ok.sum() - 3, rel=1e-12) and t.n_images == ok.sum()
+    assert t.df == ok.sum() - 3 and t.n_images == ok.sum()
     assert t.p_lower + t.p_higher == pytest.approx(1.0)
 
 

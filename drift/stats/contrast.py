@@ -22,9 +22,8 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.stats
 
-from .systematic import _stratified_var, _weights
+from .systematic import _stratified_var, _t_interval, _weights, _welch
 
 
 @dataclass(frozen=True)
@@ -98,16 +97,10 @@ def contrast(terms: list[tuple], labels: np.ndarray | None = None, ci: float = 0
             if u.size < 2:
                 continue
             parts.append((float(np.var(u, ddof=1)) / u.size, u.size - 1))
-    var = sum(v for v, _ in parts)
+    var, df = _welch(parts, df_img)
     se = math.sqrt(var)
-    den = sum(v * v / d for v, d in parts if v > 0)
-    df = var * var / den if den > 0 else float(df_img)
-    if se == 0:
-        return Contrast(est, est, est, 0.0, df, float(est >= 0), float(est <= 0), nn, resampled)
-    q = float(scipy.stats.t.ppf(0.5 + ci / 2, df))
-    t = est / se
-    return Contrast(est, est - q * se, est + q * se, se, df, float(scipy.stats.t.cdf(t, df)),
-                    float(scipy.stats.t.sf(t, df)), nn, resampled)
+    lo, hi, p_lower, p_higher = _t_interval(est, se, df, ci)
+    return Contrast(est, lo, hi, se, df, p_lower, p_higher, nn, resampled)
 
 
 def holm(pvalues) -> np.ndarray:

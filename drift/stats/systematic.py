@@ -323,6 +323,18 @@ class MacroMean:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
+def _welch(parts: list[tuple[float, float]], df_img: float) -> tuple[float, float]:
+    """(variance, df) of a sum of independent variance parts ``[(variance, df), ...]``: Welch-Satterthwaite degrees
+    of freedom, which for one positive part are that part's own (returned exactly); ``df_img`` when none is
+    positive."""
+    var = sum(v for v, _ in parts)
+    positive = [(v, d) for v, d in parts if v > 0]
+    if len(positive) == 1:
+        return var, float(positive[0][1])
+    den = sum(v * v / d for v, d in positive)
+    return var, (var * var / den if den > 0 else float(df_img))
+
+
 def _t_interval(est: float, se: float, df: float, ci: float) -> tuple[float, float, float, float]:
     """(low, high, p_lower, p_higher) of est +- t_{df} se: the interval at level ``ci`` and the one-sided p-values of
     H0: mean >= 0 (``p_lower``) and H0: mean <= 0 (``p_higher``); with se = 0 the interval is the point."""
@@ -399,9 +411,7 @@ def model_mean_contrast(a: ArrayLike, b: ArrayLike | None = None, labels: ArrayL
         if x.shape[0] >= 2:
             means = x @ w
             parts.append((float(np.var(means, ddof=1)) / x.shape[0], x.shape[0] - 1))
-    var = sum(v for v, _ in parts)
-    den = sum(v * v / d for v, d in parts if v > 0)
-    df = var * var / den if den > 0 else float(df_img)
+    var, df = _welch(parts, df_img)
     se = math.sqrt(var)
     return MacroMean(est, *_t_interval(est, se, df, ci), se, df, m, ci), resampled
 
@@ -463,11 +473,9 @@ def systematic_contrast(a: tuple[ArrayLike, ArrayLike], b: tuple[ArrayLike, Arra
     df_img = max(n - len(np.unique(strata[w > 0])), 1)
     parts = [(var_img, df_img)] + [(v, t.shape[0] - 1) for v, t in ((va, ta), (vb, tb)) if math.isfinite(v)]
     resampled = math.isfinite(va) and math.isfinite(vb)
-    var = sum(v for v, _ in parts)
+    var, df = _welch(parts, df_img)
     if not (math.isfinite(est) and math.isfinite(var)):
         return SystematicContrast(nan, nan, nan, nan, nan, nan, nan, n, resampled)
-    den = sum(v * v / d for v, d in parts if v > 0)
-    df = var * var / den if den > 0 else float(df_img)
     se = math.sqrt(var)
     return SystematicContrast(est, *_t_interval(est, se, df, ci), se, df, n, resampled)
 
