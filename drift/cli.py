@@ -183,8 +183,8 @@ def _known_answer(args) -> int:
     planted, twin, placebo = study(args.planted), study(args.twin), study(args.placebo)
     res = ka.judge(planted, twin, placebo)
     text = ka.verdict_markdown(res)
-    # Every layer both studies hold, so the record says how much the verdict depends on the layer.
-    layers = [la for la in planted.info["layers"] if la in twin.info["layers"]]
+    # Every layer all the studies hold, so the record says how much the verdict depends on the layer.
+    layers = [la for la in planted.info["layers"] if all(la in s.info["layers"] for s in (twin, placebo) if s)]
     if len(layers) > 1:
         readings = {la: res if la == planted.info["layer"] else
                     ka.judge(study(args.planted, la), study(args.twin, la), study(args.placebo, la))

@@ -274,3 +274,16 @@ def test_the_cli_reports_the_verdict_at_every_layer_both_studies_hold(rng, monke
         assert out[out.index("| layer |"):].strip() == ka.layers_markdown(expect).strip()
         assert "| fine | gradcam++, layercam | none | none |" in out
         assert "| coarse | none | gradcam++, layercam | none |" in out
+    # A placebo without the other layer: that layer is left out of the table, the verdict above it is printed.
+    real_read = fake_read
+
+    def placebo_coarse_only(path, arch=None, layer=None, **kw):
+        st = real_read(path, arch, layer, **kw)
+        if path == "placebo":
+            st.info["layers"] = ["coarse"]
+        return st
+
+    monkeypatch.setattr(ka, "read_study", placebo_coarse_only)
+    assert main(["known-answer", "planted", "twin", "--placebo", "placebo"]) == 1
+    out = capsys.readouterr().out
+    assert expect["coarse"]["sentence"] in out and "| layer |" not in out
